@@ -1,0 +1,54 @@
+"""The population atlas of Atlas-ISTN (Sec. 2.3, Eqs. 15-16): labelmap and image on the model grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .data.io import write_image
+from .data.preprocessing import indices_to_values
+from .spatial.grid import Grid
+
+
+def atlas_init(labelmaps: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 15, t = 0: channel-wise mean of the unaligned training cases.
+    labelmaps: (n, C, *S) one-hot; images: (n, 1, *S). Returns ((1, C, *S), (1, 1, *S))."""
+    return labelmaps.mean(0, keepdim=True), images.mean(0, keepdim=True)
+
+
+def atlas_update(atlas: torch.Tensor, warped_mean: torch.Tensor, eta: float) -> torch.Tensor:
+    """Eq. 15, t >= 1: (1 - eta) z^a_{t-1} + eta * mean_i(z_i o Phi_i) (the mean is Eq. 16)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    return (1.0 - eta) * atlas + eta * warped_mean
+
+
+def atlas_grid(size: Sequence[int], spacing: Sequence[float]) -> Grid:
+    """The atlas's own grid: model size and spacing, centred at the world origin, identity direction."""
+    g = Grid(tuple(size), tuple(spacing))
+    offset = np.asarray(g.spacing) * (np.asarray(g.size_xyz) - 1) / 2.0
+    return Grid(g.size, g.spacing, tuple((-offset).tolist()), None)
+
+
+def save_atlas(labelmap: torch.Tensor, image: torch.Tensor, labels: Sequence[int],
+               spacing: Sequence[float], out_dir: str | Path) -> dict[str, Path]:
+    """Write the atlas as images with their grid: `atlas_labelmap.nii.gz` (argmax, declared label
+    values), `atlas_probabilities.nii.gz` (C-component vector image) and `atlas_image.nii.gz`.
+    labelmap: (1, C, *S); image: (1, 1, *S). Returns the paths."""
+    out_dir = Path(out_dir)
+    grid = atlas_grid(labelmap.shape[2:], spacing)
+    lab = labelmap[0].detach().cpu().float()
+    arg = indices_to_values(lab.argmax(0).numpy(), labels).astype(np.int32)
+    probs = sitk.GetImageFromArray(lab.movedim(0, -1).numpy(), isVector=True)
+    imgs = {"atlas_labelmap.nii.gz": sitk.GetImageFromArray(arg),
+            "atlas_probabilities.nii.gz": probs,
+            "atlas_image.nii.gz": sitk.GetImageFromArray(image[0, 0].detach().cpu().float().numpy())}
+    paths = {}
+    for name, img in imgs.items():
+        grid.copy_information_to(img)
+        paths[name] = write_image(img, out_dir / name)
+    return paths

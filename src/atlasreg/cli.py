@@ -1,0 +1,171 @@
+"""The `atlasreg` command line: train, segment, evaluate, demo, letter-b.
+
+Every bad input ends with one line `atlasreg: error: <file>: <problem>` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import AtlasregError
+
+
+def _refinement_overrides(args) -> dict:
+    out = {}
+    for key, attr in (("iterations", "iterations"), ("beta", "beta"), ("gamma", "gamma"),
+                      ("lambda", "lam"), ("lr", "refine_lr"), ("cases_at_once", "cases_at_once")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def cmd_train(args) -> int:
+    from .config import load_config, parse_set
+    from .models.train import train
+
+    overrides = parse_set(args.set)
+    if args.epochs is not None:
+        overrides.setdefault("training", {})["epochs"] = args.epochs
+    cfg = load_config(args.config, overrides)
+    final = train(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
+    print(f"model: {final}\natlas: {Path(args.out) / 'atlas'}")
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from .models.train import load_module
+    from .segment import segment
+
+    module = load_module(args.checkpoint)
+    written = segment(module, args.inputs, args.out, _refinement_overrides(args), progress=not args.quiet,
+                      image_suffix=args.image_suffix)
+    print(f"{len(written)} case(s) written to {args.out}")
+    return 0
+
+
+def _labels_from(args) -> dict[int, str]:
+    if args.checkpoint:
+        from .models.train import load_module
+        return load_module(args.checkpoint).config["data"]["labels"]
+    if args.config:
+        from .config import load_config
+        return load_config(args.config)["data"]["labels"]
+    raise AtlasregError("evaluate needs --config or --checkpoint to know the declared labels")
+
+
+def _parse_merge(text: str | None) -> dict[int, list[int]] | None:
+    if not text:
+        return None
+    try:
+        target, sources = text.split("=")
+        return {int(target): [int(s) for s in sources.split(",")]}
+    except ValueError:
+        raise AtlasregError(f"--merge expects TARGET=A,B (e.g. 255=1,2), got '{text}'") from None
+
+
+def cmd_evaluate(args) -> int:
+    from .data.dataset import find_pairs
+    from .evaluation.evaluate import evaluate_predictions
+
+    labels = _labels_from(args)
+    merge = _parse_merge(args.merge)
+    refs = {p.name: p.image for p in find_pairs(args.references, image_suffix=args.reference_suffix)}
+    per_case, summary = evaluate_predictions(args.predictions, refs, labels, args.out, merge=merge)
+    print(Path(summary).with_suffix(".md").read_text() if Path(summary).suffix != ".md" else Path(summary).read_text())
+    print(f"per-case metrics: {per_case}")
+    return 0
+
+
+def cmd_letter_b(args) -> int:
+    from .data.letter_b import write_letter_b_dataset
+
+    files = write_letter_b_dataset(args.out, args.n, seed=args.seed, corrupt=args.corrupt,
+                                   start_index=args.start)
+    print(f"{len(files)} files written to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, n_train=args.train_cases, n_test=args.test_cases,
+             progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="atlasreg", description="Atlas-ISTN: joint segmentation, registration "
+                                "and atlas construction (Sinclair et al. 2022).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train Atlas-ISTN from a YAML config (resumes if interrupted)")
+    t.add_argument("config", help="experiment YAML, e.g. configs/letter_b.yaml")
+    t.add_argument("--out", required=True, help="output folder (checkpoints, atlas, logs)")
+    t.add_argument("--epochs", type=int, help="override training.epochs")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. "
+                   "training.lambda=0.2 (repeatable)")
+    t.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("segment", help="ITN, 1-pass and refined segmentation of images or folders")
+    s.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    s.add_argument("--checkpoint", required=True, help="model.ckpt written by `atlasreg train`")
+    s.add_argument("--out", required=True, help="output folder, one subfolder per case")
+    s.add_argument("--image-suffix", default="", help="in folders, take only images named <case><suffix>.<ext>, "
+                   "e.g. _img for Letter-B (B901_img.png -> case B901)")
+    s.add_argument("--iterations", type=int, help="refinement iterations K (default from the config: 50)")
+    s.add_argument("--beta", type=float, help="weight of L*_a2s (Eq. 17)")
+    s.add_argument("--gamma", type=float, help="weight of L*_s2a (Eq. 18)")
+    s.add_argument("--lambda", dest="lam", type=float, help="regularisation weight lambda* (world units)")
+    s.add_argument("--refine-lr", type=float, help="Adam learning rate of the refinement")
+    s.add_argument("--cases-at-once", type=int, help="cases refined together, each with its own STN copy")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_segment)
+
+    e = sub.add_parser("evaluate", help="Dice, HD, HD95, ASD per structure for ITN, 1-pass, refine, atlas")
+    e.add_argument("predictions", help="output folder of `atlasreg segment`")
+    e.add_argument("--references", required=True, help="folder of reference labelmaps named like the cases")
+    e.add_argument("--reference-suffix", default="", help="suffix of reference files, e.g. _seg")
+    e.add_argument("--checkpoint", help="checkpoint whose config declares the labels")
+    e.add_argument("--config", help="config that declares the labels")
+    e.add_argument("--merge", help="merge labels before evaluating, e.g. 255=1,2 (lungs)")
+    e.add_argument("--out", required=True, help="folder for metrics_per_case.csv and summary tables")
+    e.set_defaults(func=cmd_evaluate)
+
+    g = sub.add_parser("letter-b", help="generate synthetic Letter-B pairs (paper Sec. 3.1)")
+    g.add_argument("--out", required=True)
+    g.add_argument("--n", type=int, default=100)
+    g.add_argument("--start", type=int, default=1, help="index of the first case (B<start>)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--corrupt", action="store_true", help="add clutter and missing pieces")
+    g.set_defaults(func=cmd_letter_b)
+
+    d = sub.add_parser("demo", help="generate Letter-B, train, segment and evaluate (no external data)")
+    d.add_argument("--out", default="demo_output")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--train-cases", type=int, default=None)
+    d.add_argument("--test-cases", type=int, default=None)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AtlasregError as e:
+        print(f"atlasreg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("atlasreg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Spatial augmentation (Atlas-ISTN Sec. 3.2: translation +-8 voxels, rotation +-15 degrees, scaling
+0.9-1.1) with MONAI's RandAffine, applied identically to the image and its one-hot labelmap."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from monai.transforms import RandAffine
+
+
+def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float]) -> Callable:
+    """Returns f(image (N, 1, *S), labelmap (N, C, *S)) -> augmented pair (a new random affine per case).
+
+    cfg: {translation_voxels, rotation_degrees, scale: [lo, hi], probability}. Translation is in voxels
+    of the model grid; 3D rotations use the same range about every axis."""
+    rot = math.radians(float(cfg["rotation_degrees"]))
+    lo, hi = cfg["scale"]
+    tr = float(cfg["translation_voxels"])
+    rand = RandAffine(
+        prob=float(cfg.get("probability", 1.0)),
+        rotate_range=(rot,) if ndim == 2 else (rot, rot, rot),
+        translate_range=(tr,) * ndim,
+        scale_range=((lo - 1.0, hi - 1.0),) * ndim,
+        mode="bilinear",
+        padding_mode="border",
+    )
+
+    def augment(image: torch.Tensor, labelmap: torch.Tensor):
+        both = torch.cat([image, labelmap], dim=1)
+        out = torch.stack([_plain(rand(x)) for x in both])
+        return out[:, :1].contiguous(), out[:, 1:].contiguous()
+
+    return augment
+
+
+def _plain(x) -> torch.Tensor:
+    """MONAI returns MetaTensors; strip the metadata so Lightning and autograd see plain tensors."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)

@@ -1,0 +1,99 @@
+"""From files to model-grid tensors: read (with geometry), validate, normalise, one-hot, resample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import SimpleITK as sitk
+import torch
+
+from ..errors import AtlasregError
+from ..spatial.grid import Grid
+from .dataset import CasePair, find_pairs, select_cases
+from .io import check_dimension, read_image, read_labelmap
+from .preprocessing import one_hot, to_model_grid, values_to_indices, zero_mean_unit_variance
+
+
+@dataclass
+class Case:
+    """One case on the model grid. image: (1, 1, *size) normalised; labelmap: (1, C, *size) soft
+    one-hot or None; grid: the file's own grid (for writing outputs back); source: the sitk image."""
+
+    name: str
+    image: torch.Tensor
+    labelmap: torch.Tensor | None
+    grid: Grid
+    source: sitk.Image
+    path: str
+
+
+def _apply_spacing(image: sitk.Image, spacing) -> sitk.Image:
+    if spacing is not None:
+        image.SetSpacing(tuple(float(s) for s in spacing))
+    return image
+
+
+def load_case(image_path, label_path, labels: Sequence[int], model_size, model_spacing, ndim: int,
+              spacing_override=None, require_foreground: bool = True, name: str | None = None) -> Case:
+    """Read one image (and labelmap), check them, and resample to the model grid.
+    Raises AtlasregError naming the file for every bad input."""
+    image = _apply_spacing(read_image(image_path), spacing_override)
+    check_dimension(image, ndim, image_path)
+    grid = Grid.from_sitk(image)
+    arr = zero_mean_unit_variance(sitk.GetArrayFromImage(image))
+    img_t = to_model_grid(torch.from_numpy(arr)[None, None], grid, model_size, model_spacing)
+    lab_t = None
+    if label_path is not None:
+        lab = _apply_spacing(read_labelmap(label_path, labels, reference=image if spacing_override is None
+                                           else None, reference_path=image_path,
+                                           require_foreground=require_foreground), spacing_override)
+        if lab.GetSize() != image.GetSize():
+            raise AtlasregError(f"size {lab.GetSize()} differs from image {image_path} {image.GetSize()}",
+                                label_path)
+        idx = values_to_indices(sitk.GetArrayFromImage(lab), labels)
+        oh = one_hot(torch.from_numpy(idx)[None], len(labels))
+        lab_t = to_model_grid(oh, grid, model_size, model_spacing)
+    return Case(name or case_name(image_path), img_t, lab_t, grid, image, str(image_path))
+
+
+def case_name(path) -> str:
+    """File name without its image extension (handles .nii.gz)."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii", ".png", ".nrrd", ".mha", ".mhd"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(path).stem
+
+
+def pairs_from_spec(spec: dict, need_labels: bool = True) -> list[CasePair]:
+    """Pairs described by a config data section {images, labels?, csv?, image_suffix?, label_suffix?, cases?}."""
+    if not spec:
+        raise AtlasregError("no data section given")
+    pairs = find_pairs(spec.get("images"), spec.get("labels"), spec.get("csv"),
+                       spec.get("image_suffix", ""), spec.get("label_suffix", ""))
+    pairs = select_cases(pairs, spec.get("cases"))
+    if need_labels:
+        missing = [p.image for p in pairs if p.label is None]
+        if missing:
+            raise AtlasregError("no labelmap for this image", missing[0])
+    return pairs
+
+
+def load_training_tensors(cfg: dict, section: str = "train", progress: bool = True):
+    """Load a config data section as stacked tensors: images (n, 1, *size), labelmaps (n, C, *size),
+    and the case names."""
+    from tqdm import tqdm
+
+    labels = list(cfg["data"]["labels"].keys())
+    m = cfg["model"]
+    pairs = pairs_from_spec(cfg["data"][section])
+    images, labelmaps, names = [], [], []
+    for p in tqdm(pairs, desc=f"loading {section}", disable=not progress, leave=False):
+        c = load_case(p.image, p.label, labels, m["size"], m["spacing"], m["ndim"], cfg["data"]["spacing"])
+        images.append(c.image)
+        labelmaps.append(c.labelmap)
+        names.append(p.name)
+    return torch.cat(images), torch.cat(labelmaps), names
+

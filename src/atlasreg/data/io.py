@@ -1,0 +1,431 @@
+"""Image and labelmap file I/O through SimpleITK (PNG, NIfTI .nii/.nii.gz, NRRD, MetaImage .mha/.mhd).
+
+Every bad input raises :class:`~atlasreg.errors.AtlasregError` with a one-line message that names the
+file and the problem. Writes are atomic: a reader never sees a half-written file or output folder.
+
+Geometry follows ITK: ``size``, ``spacing`` and ``origin`` are in ITK order ``(x, y[, z])``;
+spacing and origin are in world units (mm); ``direction`` is the row-major ``D x D`` direction
+cosine matrix, flattened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import re
+import secrets
+import shutil
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import AtlasregError
+
+__all__ = [
+    "read_image",
+    "read_labelmap",
+    "check_dimension",
+    "write_image",
+    "atomic_directory",
+    "image_geometry",
+    "same_geometry",
+]
+
+# Rec. 601 luma weights (as PIL's "L" conversion).
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+_INTEGER_IDS = {
+    sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
+    sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
+}
+_FLOAT_IDS = {sitk.sitkFloat32, sitk.sitkFloat64}
+_PNG_IDS = {sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkVectorUInt8, sitk.sitkVectorUInt16}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _size_str(size: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in size)
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+
+
+def _short_reason(exc: Exception) -> str:
+    """One line out of SimpleITK's multi-line exception text."""
+    text = str(exc)
+    if "Unable to determine ImageIO reader" in text:
+        return "unrecognised or corrupt file format"
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("Exception thrown in SimpleITK"):
+            continue
+        line = re.sub(r"^(sitk::ERROR:|ITK ERROR:)\s*", "", line)
+        line = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", line)  # "PNGImageIO(0x55..): "
+        line = re.sub(r"^\[\w+\]\s*", "", line)  # "[nrrd] "
+        if line:
+            lines.append(line)
+    reason = lines[-1] if lines else (text.strip() or type(exc).__name__)
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def _read(path) -> sitk.Image:
+    """Read any image file, mapping every failure to an AtlasregError naming ``path``."""
+    p = Path(path)
+    if not p.exists():
+        raise AtlasregError("file not found", p)
+    if p.is_dir():
+        raise AtlasregError("is a folder, not an image file", p)
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise AtlasregError(f"cannot read image: {_short_reason(exc)}", p) from None
+    except OSError as exc:  # pragma: no cover - e.g. permission denied on some platforms
+        raise AtlasregError(f"cannot read image: {exc.strerror or exc}", p) from None
+
+
+def _is_nifti(path) -> bool:
+    name = Path(path).name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _nifti_has_nonfinite(path) -> bool:
+    """True when a NIfTI-1/2 file stores float data containing NaN or +-Inf.
+
+    Needed because ITK 5.x's NIfTI reader silently replaces non-finite voxels by 0 (fixed in ITK 6,
+    InsightSoftwareConsortium/ITK#6683), so the check must look at the bytes on disk.
+    """
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            hdr = fh.read(540)
+            if len(hdr) < 348:
+                return False
+            for endian in ("<", ">"):
+                sizeof_hdr = struct.unpack(endian + "i", hdr[:4])[0]
+                if sizeof_hdr in (348, 540):
+                    break
+            else:
+                return False
+            if sizeof_hdr == 348:
+                datatype = struct.unpack(endian + "h", hdr[70:72])[0]
+                vox_offset = int(struct.unpack(endian + "f", hdr[108:112])[0])
+            else:
+                if len(hdr) < 540:
+                    return False
+                datatype = struct.unpack(endian + "h", hdr[12:14])[0]
+                vox_offset = int(struct.unpack(endian + "q", hdr[168:176])[0])
+            # float32, complex64 (2 x float32), float64, complex128 (2 x float64)
+            base = {16: "f4", 32: "f4", 64: "f8", 1792: "f8"}.get(datatype)
+            if base is None:
+                return False
+            dtype = np.dtype(endian + base)
+            fh.seek(max(vox_offset, sizeof_hdr + 4 if sizeof_hdr == 348 else sizeof_hdr))
+            chunk = (1 << 24) // dtype.itemsize * dtype.itemsize
+            tail = b""
+            while True:
+                buf = fh.read(chunk)
+                if not buf:
+                    return False
+                buf = tail + buf
+                usable = len(buf) // dtype.itemsize * dtype.itemsize
+                tail = buf[usable:]
+                if not np.all(np.isfinite(np.frombuffer(buf[:usable], dtype=dtype))):
+                    return True
+    except (OSError, EOFError, struct.error, zlib.error):
+        return False  # SimpleITK could read it; leave the judgement to the decoded pixels
+
+
+def _scalar_from_array(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(arr, isVector=False)
+    out.SetSpacing(like.GetSpacing())
+    out.SetOrigin(like.GetOrigin())
+    out.SetDirection(like.GetDirection())
+    return out
+
+
+def _close(a: Sequence[float], b: Sequence[float], tol: float, floor: float) -> bool:
+    """Elementwise ``|a - b| <= tol * max(|a|, |b|, floor)``."""
+    if len(a) != len(b):
+        return False
+    a_ = np.asarray(a, dtype=np.float64)
+    b_ = np.asarray(b, dtype=np.float64)
+    scale = np.maximum(floor, np.maximum(np.abs(a_), np.abs(b_)))
+    return bool(np.all(np.abs(a_ - b_) <= tol * scale))
+
+
+def _geometry_difference(a: sitk.Image, b: sitk.Image, tol: float) -> str | None:
+    """Describe the first geometry difference between a and b (None when they agree).
+
+    Relative tolerance ``tol``: spacing relative to its magnitude; origin relative to its magnitude
+    but at least to the largest voxel spacing (so an origin near 0 is compared in voxels); direction
+    cosines absolutely.
+    """
+    if a.GetSize() != b.GetSize():
+        return f"size {_size_str(a.GetSize())} vs {_size_str(b.GetSize())}"
+    spacing_scale = float(max(max(a.GetSpacing()), max(b.GetSpacing())))
+    checks = (("spacing", a.GetSpacing(), b.GetSpacing(), 0.0),
+              ("origin", a.GetOrigin(), b.GetOrigin(), spacing_scale),
+              ("direction", a.GetDirection(), b.GetDirection(), 1.0))
+    for what, va, vb, floor in checks:
+        if not _close(va, vb, tol, floor):
+            return f"{what} {_fmt(va)} vs {_fmt(vb)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_image(path) -> sitk.Image:
+    """Read an intensity image (2D or 3D) from PNG, NIfTI, NRRD or MetaImage.
+
+    RGB/RGBA images are converted to greyscale (Rec. 601 luminance, alpha ignored); a two-component
+    image (grey + alpha) keeps its first channel.
+
+    Returns a scalar ``sitkFloat32`` image with the file's size, spacing (mm), origin (mm) and
+    direction.
+
+    Raises AtlasregError (naming ``path``): "file not found"; "cannot read image: <reason>" for
+    unreadable or corrupt files; unsupported component count; "contains NaN or infinite
+    intensities".
+    """
+    img = _read(path)
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise AtlasregError("has complex-valued pixels; expected a real intensity image", path)
+    if ncomp == 1:
+        out = sitk.Cast(img, sitk.sitkFloat32)
+    else:
+        arr = sitk.GetArrayViewFromImage(img)
+        if ncomp in (3, 4):
+            grey = arr[..., :3].astype(np.float64) @ _LUMA
+        elif ncomp == 2:
+            grey = arr[..., 0]
+        else:
+            raise AtlasregError(
+                f"has {ncomp} components per pixel; expected greyscale, grey+alpha, RGB or RGBA", path)
+        out = _scalar_from_array(np.ascontiguousarray(grey, dtype=np.float32), img)
+    if img.GetPixelID() not in _INTEGER_IDS or ncomp in (3, 4):
+        if not np.all(np.isfinite(sitk.GetArrayViewFromImage(out))) or (
+                _is_nifti(path) and _nifti_has_nonfinite(path)):
+            raise AtlasregError("contains NaN or infinite intensities", path)
+    return out
+
+
+def read_labelmap(path, labels: Sequence[int], reference: sitk.Image | None = None, reference_path=None,
+                  require_foreground: bool = True) -> sitk.Image:
+    """Read an integer labelmap (2D or 3D) and check it.
+
+    ``labels``: the declared label values; ``labels[0]`` is the background. A multi-component file
+    (e.g. an RGB PNG) keeps its first channel. Float files are accepted when every value is an
+    integer.
+
+    ``reference``: the image this labelmap belongs to (``reference_path`` is its file, used in
+    messages); its size and geometry (spacing, origin, direction; relative tolerance 1e-4) must
+    match.
+
+    Returns a scalar ``sitkUInt16`` image (``sitkInt32`` when a declared label is negative or above
+    65535) with the file's geometry.
+
+    Raises AtlasregError (naming ``path``): "file not found"; "cannot read image: <reason>";
+    non-integer or non-finite values; "label values [7, 9] are not in the declared label list
+    [0, 1, 2, 3]"; "size 128x128 differs from image <reference_path> 256x256"; geometry mismatch
+    (naming both files); "has no foreground (only label 0)" when ``require_foreground``.
+    """
+    labels = [int(v) for v in labels]
+    if not labels:
+        raise AtlasregError("the declared label list is empty", path)
+    img = _read(path)
+    if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise AtlasregError("has complex-valued pixels; expected integer labels", path)
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        img = sitk.VectorIndexSelectionCast(img, 0)
+
+    if reference is not None:
+        ref_name = reference_path if reference_path is not None else "the reference image"
+        if img.GetSize() != reference.GetSize():
+            raise AtlasregError(
+                f"size {_size_str(img.GetSize())} differs from image {ref_name} "
+                f"{_size_str(reference.GetSize())}", path)
+        diff = _geometry_difference(img, reference, 1e-4)
+        if diff is not None:
+            raise AtlasregError(f"geometry differs from image {ref_name}: {diff}", path)
+
+    arr = sitk.GetArrayViewFromImage(img)
+    if img.GetPixelID() not in _INTEGER_IDS:
+        if not np.all(np.isfinite(arr)) or (_is_nifti(path) and _nifti_has_nonfinite(path)):
+            raise AtlasregError("contains NaN or infinite values; a labelmap must hold integer labels", path)
+        frac = arr != np.round(arr)
+        if np.any(frac):
+            example = float(arr[frac].flat[0])
+            raise AtlasregError(
+                f"contains non-integer values (e.g. {example:g}); a labelmap must hold integer labels", path)
+
+    values = [int(v) for v in np.unique(arr)]
+    declared = set(labels)
+    unknown = [v for v in values if v not in declared]
+    if unknown:
+        shown = ", ".join(str(v) for v in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        raise AtlasregError(
+            f"label values [{shown}] are not in the declared label list {labels}", path)
+    if require_foreground and all(v == labels[0] for v in values):
+        raise AtlasregError(f"has no foreground (only label {labels[0]})", path)
+
+    out_id = sitk.sitkUInt16 if min(labels) >= 0 and max(labels) <= 65535 else sitk.sitkInt32
+    return sitk.Cast(img, out_id)
+
+
+def check_dimension(image: sitk.Image, expected_ndim: int, path) -> None:
+    """Raise AtlasregError naming ``path`` ("is 3D but the model is 2D (size ...)") when the image's
+    number of spatial dimensions differs from ``expected_ndim``."""
+    ndim = image.GetDimension()
+    if ndim != int(expected_ndim):
+        raise AtlasregError(
+            f"image is {ndim}D but the model is {int(expected_ndim)}D (size {_size_str(image.GetSize())})",
+            path)
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    """("case.nii.gz") -> ("case", ".nii.gz"); handles the double extension."""
+    lower = name.lower()
+    if lower.endswith(".nii.gz"):
+        return name[:-7], name[-7:]
+    stem, dot, ext = name.rpartition(".")
+    return (stem, dot + ext) if dot and stem else (name, "")
+
+
+def write_image(image: sitk.Image, path, compress: bool = True) -> Path:
+    """Write ``image`` to ``path`` atomically and return the path.
+
+    The file is first written to a hidden temporary file beside the target (``.tmp-<random>-<name>``,
+    keeping the real extension so SimpleITK picks the right writer) and then moved into place with
+    ``os.replace``; MetaImage ``.mhd`` (header + data file) is written in a temporary folder and both
+    files are moved, header last. Parent folders are created. ``compress`` enables the format's
+    compression (gzip for NIfTI/NRRD/MetaImage, zlib level for PNG).
+
+    Raises ValueError when writing anything but a 2D 8/16-bit unsigned integer image (scalar, RGB
+    or RGBA) to ``.png``; AtlasregError (naming ``path``) when the file cannot be written.
+    """
+    path = Path(path)
+    _, suffix = _split_suffix(path.name)
+    if suffix.lower() == ".png":
+        if image.GetDimension() != 2 or image.GetPixelID() not in _PNG_IDS:
+            raise ValueError(
+                f"{path}: PNG can only store 2D 8/16-bit unsigned integer images, got a "
+                f"{image.GetDimension()}D {image.GetPixelIDTypeAsString()} image; cast it or write "
+                ".nii.gz instead")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AtlasregError(f"cannot create folder {path.parent}: {exc.strerror or exc}", path) from None
+
+    token = secrets.token_hex(4)
+    if suffix.lower() == ".mhd":
+        _write_mhd(image, path, compress, token)
+        return path
+    tmp = path.with_name(f".tmp-{token}-{path.name}")
+    try:
+        sitk.WriteImage(image, str(tmp), bool(compress))
+        os.replace(tmp, path)
+    except RuntimeError as exc:
+        raise AtlasregError(f"cannot write image: {_short_reason(exc)}", path) from None
+    except OSError as exc:
+        raise AtlasregError(f"cannot write image: {exc.strerror or exc}", path) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return path
+
+
+def _write_mhd(image: sitk.Image, path: Path, compress: bool, token: str) -> None:
+    tmp_dir = path.with_name(f".tmp-{token}-{path.name}.d")
+    try:
+        tmp_dir.mkdir()
+        sitk.WriteImage(image, str(tmp_dir / path.name), bool(compress))
+        header = tmp_dir / path.name
+        for f in sorted(tmp_dir.iterdir()):  # data file(s) first, header last
+            if f != header:
+                os.replace(f, path.parent / f.name)
+        os.replace(header, path)
+    except RuntimeError as exc:
+        raise AtlasregError(f"cannot write image: {_short_reason(exc)}", path) from None
+    except OSError as exc:
+        raise AtlasregError(f"cannot write image: {exc.strerror or exc}", path) from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir) -> Iterator[Path]:
+    """Build a folder all-or-nothing.
+
+    Yields a new hidden temporary sibling folder (``.tmp-<random>-<name>``). When the ``with`` block
+    succeeds it replaces ``final_dir`` (an existing ``final_dir`` is removed); when it raises, the
+    temporary folder is deleted, any old ``final_dir`` is left untouched and the exception
+    propagates.
+
+    Raises AtlasregError (naming ``final_dir``) when it exists but is not a folder.
+    """
+    final_dir = Path(final_dir)
+    if final_dir.exists() and not final_dir.is_dir():
+        raise AtlasregError("exists and is not a folder", final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    tmp = final_dir.with_name(f".tmp-{token}-{final_dir.name}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final_dir.with_name(f".old-{token}-{final_dir.name}")
+    moved_old = False
+    try:
+        if final_dir.exists():
+            os.replace(final_dir, old)
+            moved_old = True
+        os.replace(tmp, final_dir)
+    except BaseException:
+        if moved_old and not final_dir.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, final_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if moved_old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry
+
+
+def image_geometry(image: sitk.Image) -> dict:
+    """Geometry of a SimpleITK image as plain tuples, in ITK order:
+    ``{"size": (x, y[, z]) voxels, "spacing": mm, "origin": mm, "direction": row-major D*D}``."""
+    return {
+        "size": tuple(int(s) for s in image.GetSize()),
+        "spacing": tuple(float(s) for s in image.GetSpacing()),
+        "origin": tuple(float(o) for o in image.GetOrigin()),
+        "direction": tuple(float(d) for d in image.GetDirection()),
+    }
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    """True when a and b have the same size and, within relative tolerance ``tol``, the same
+    spacing (``|x - y| <= tol * max(|x|, |y|)``), origin (same, but relative to at least the
+    largest voxel spacing) and direction (absolute ``tol``)."""
+    return _geometry_difference(a, b, tol) is None

@@ -1,0 +1,64 @@
+"""Preprocessing: intensity normalisation, one-hot over a declared label list, and resampling between
+an image's own grid and the model grid (same centre and direction, model size and spacing).
+
+Resampling is done with linear interpolation of images and of one-hot labelmaps (soft labels), so that
+a round trip model grid -> native grid loses little (the reference resamples labels by nearest
+neighbour and writes its outputs at model resolution). Written in torch because the same sampler is
+differentiable and used by the transforms.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..spatial.grid import Grid, identity_points
+from ..spatial.transforms import sample
+
+
+def zero_mean_unit_variance(array: np.ndarray) -> np.ndarray:
+    """(x - mean) / std over the whole image; a constant image maps to zeros."""
+    array = array.astype(np.float32)
+    std = float(array.std())
+    return (array - float(array.mean())) / (std if std > 0 else 1.0)
+
+
+def one_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Label indices (N, *spatial) int64 in [0, C) -> one-hot (N, C, *spatial) float32."""
+    return torch.nn.functional.one_hot(indices.long(), num_classes).movedim(-1, 1).float()
+
+
+def values_to_indices(labelmap: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Map declared label values (e.g. 0, 255) to channel indices 0..C-1. Values must be declared
+    (checked by the reader); unknown values raise ValueError."""
+    lut = {int(v): i for i, v in enumerate(labels)}
+    out = np.zeros(labelmap.shape, dtype=np.int64)
+    present = np.unique(labelmap)
+    unknown = [int(v) for v in present if int(v) not in lut]
+    if unknown:
+        raise ValueError(f"label values {unknown} are not in the declared list {list(labels)}")
+    for v in present:
+        out[labelmap == v] = lut[int(v)]
+    return out
+
+
+def indices_to_values(indices: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Channel indices 0..C-1 -> declared label values."""
+    return np.asarray(labels)[indices]
+
+
+def to_model_grid(tensor: torch.Tensor, native: Grid, size: Sequence[int], spacing: Sequence[float],
+                  mode: str = "bilinear") -> torch.Tensor:
+    """Resample (N, C, *native.size) onto the model grid (size array order, spacing ITK mm) with the
+    same centre and direction. Returns (N, C, *size)."""
+    pts = identity_points(size, spacing, device=tensor.device, dtype=tensor.dtype)
+    return sample(tensor, pts, native.spacing, mode=mode, padding="border")
+
+
+def to_native_grid(tensor: torch.Tensor, model_spacing: Sequence[float], native: Grid,
+                   mode: str = "bilinear") -> torch.Tensor:
+    """Resample (N, C, *model_size) from the model grid back onto the native grid (N, C, *native.size)."""
+    pts = identity_points(native.size, native.spacing, device=tensor.device, dtype=tensor.dtype)
+    return sample(tensor, pts, model_spacing, mode=mode, padding="border")

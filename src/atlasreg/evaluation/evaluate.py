@@ -1,0 +1,285 @@
+"""Evaluate the labelmaps written by ``atlasreg segment`` against reference labelmaps.
+
+File contract (input, written by ``atlasreg segment``): for each case name ``<case>`` a folder
+``<prediction_dir>/<case>/`` holding
+
+- ``itn_labelmap<ext>``: the ITN (segmentation network) output,
+- ``onepass_labelmap<ext>``: the atlas warped by the one-pass registration,
+- ``refine_labelmap<ext>``: the atlas warped after test-time refinement,
+- ``atlas_labelmap<ext>``: the undeformed atlas (identity, "Id"),
+
+where ``<ext>`` is ``.png`` or ``.nii.gz`` (the input image's extension). Voxel values are the declared
+label values. A missing method file is skipped (that method has no rows for the case).
+
+Output files in ``out_dir`` (each written atomically):
+
+- ``metrics_per_case.csv``: columns ``case, method, label, structure, dice, hd, hd95, asd, components``;
+  one row per case, method and evaluated foreground structure. Distances are in world units of the
+  reference image (mm when its spacing is in mm); ``components`` is the number of connected components
+  of the structure in the prediction (full connectivity).
+- ``summary.csv``: one row per (method, structure): ``method, label, structure, n, dice_mean, dice_std,
+  hd_mean, hd_std, hd95_mean, hd95_std, asd_mean, asd_std, components_mean, single_component_fraction``
+  (NaN-ignoring mean and population standard deviation over cases; ``n`` is the number of cases).
+- ``summary.md``: the same numbers as a Markdown table with ``mean ± std`` cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from atlasreg.errors import AtlasregError
+from atlasreg.evaluation.metrics import METRIC_NAMES, labelmap_connected_components, segmentation_metrics
+
+__all__ = ["METHODS", "LABELMAP_EXTENSIONS", "evaluate_predictions", "find_prediction"]
+
+METHODS = ("itn", "onepass", "refine", "atlas")
+LABELMAP_EXTENSIONS = (".png", ".nii.gz")
+BACKGROUND = 0
+
+PER_CASE_COLUMNS = ("case", "method", "label", "structure", "dice", "hd", "hd95", "asd", "components")
+SUMMARY_COLUMNS = ("method", "label", "structure", "n",
+                   "dice_mean", "dice_std", "hd_mean", "hd_std", "hd95_mean", "hd95_std",
+                   "asd_mean", "asd_std", "components_mean", "single_component_fraction")
+
+
+def find_prediction(case_dir: Path, method: str, prefer: str | None = None) -> Path | None:
+    """``case_dir/<method>_labelmap<ext>`` for the first existing ``<ext>`` in ``LABELMAP_EXTENSIONS``
+    (``prefer`` first, if given), or None if there is none."""
+    extensions = list(LABELMAP_EXTENSIONS)
+    if prefer in extensions:
+        extensions.remove(prefer)
+        extensions.insert(0, prefer)
+    for ext in extensions:
+        path = Path(case_dir) / f"{method}_labelmap{ext}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _extension(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _read_labelmap(path: Path, kind: str):
+    """Read a labelmap with SimpleITK: (int64 array in numpy order, image). AtlasregError on failure."""
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except Exception as error:  # SimpleITK raises RuntimeError for missing/corrupt files
+        detail = str(error).strip().splitlines()
+        reason = detail[-1].strip().removeprefix("sitk::ERROR:").strip() if detail else type(error).__name__
+        raise AtlasregError(f"cannot read {kind} labelmap ({reason})", path) from error
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        # e.g. an RGB(A) PNG: accept only if it is grey (all colour channels equal)
+        channels = array[..., :3] if array.shape[-1] >= 3 else array
+        if not np.all(channels == channels[..., :1]):
+            raise AtlasregError(f"{kind} labelmap has {image.GetNumberOfComponentsPerPixel()} colour "
+                                "channels; expected a single-channel labelmap", path)
+        array = channels[..., 0]
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise AtlasregError(f"{kind} labelmap has non-integer values; expected label values", path)
+    return array.astype(np.int64), image
+
+
+def _apply_merge(array: np.ndarray, merge: Mapping[int, Sequence[int]]) -> np.ndarray:
+    """Map each merge source value (and the key itself) to the key; every other value to background."""
+    out = np.full_like(array, BACKGROUND)
+    for key, sources in merge.items():
+        out[np.isin(array, [int(key), *map(int, sources)])] = int(key)
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, object]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _nan_stats(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    if array.size == 0 or np.all(np.isnan(array)):
+        return math.nan, math.nan
+    return float(np.nanmean(array)), float(np.nanstd(array))
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[str, str | Path],
+                         labels: Mapping[int, str], out_dir: str | Path,
+                         merge: Mapping[int, Sequence[int]] | None = None,
+                         methods: Sequence[str] = METHODS) -> tuple[Path, Path]:
+    """Compute per-case, per-method, per-structure metrics and write CSV and Markdown summaries.
+
+    Parameters
+    ----------
+    prediction_dir:
+        Folder written by ``atlasreg segment`` (see the module docstring for the layout).
+    reference_paths:
+        Case name -> reference labelmap file (any format SimpleITK reads). Spacing for the distances
+        comes from the reference image.
+    labels:
+        Declared label values -> structure names; value 0 is the background and is not evaluated.
+    out_dir:
+        Output folder (created if needed).
+    merge:
+        Optional relabelling applied to both prediction and reference before the metrics, e.g.
+        ``{255: [1, 2]}`` maps values 1 and 2 (and 255 itself) to 255. When given, only the merge keys
+        are evaluated and every other value becomes background. Reference values may then be label
+        values or merge keys. The structure name of a key is ``labels[key]`` if declared, else the
+        source names joined with ``+``.
+    methods:
+        Method names to look for (``<method>_labelmap<ext>``); default :data:`METHODS`.
+
+    Returns
+    -------
+    ``(out_dir / "metrics_per_case.csv", out_dir / "summary.md")``; ``out_dir / "summary.csv"`` is written
+    too.
+
+    Raises
+    ------
+    AtlasregError
+        If a reference or prediction cannot be read, their sizes differ, the reference holds values
+        that are not declared labels (or merge keys), or no prediction file is found at all.
+    """
+    prediction_dir = Path(prediction_dir)
+    out_dir = Path(out_dir)
+    labels = {int(k): str(v) for k, v in labels.items()}
+    if not reference_paths:
+        raise AtlasregError("no reference labelmaps given")
+    if merge is not None:
+        merge = {int(k): [int(s) for s in v] for k, v in merge.items()}
+        if not merge:
+            raise AtlasregError("merge is empty")
+        evaluated = sorted(k for k in merge if k != BACKGROUND)
+        names = {k: labels.get(k) or "+".join(labels.get(s, str(s)) for s in merge[k]) for k in evaluated}
+        allowed = set(labels) | set(merge) | {BACKGROUND}
+    else:
+        evaluated = sorted(k for k in labels if k != BACKGROUND)
+        names = {k: labels[k] for k in evaluated}
+        allowed = set(labels) | {BACKGROUND}
+    if not evaluated:
+        raise AtlasregError("no foreground labels to evaluate")
+
+    rows: list[dict[str, object]] = []
+    found_any = False
+    for case in sorted(reference_paths):
+        reference_path = Path(reference_paths[case])
+        reference, reference_image = _read_labelmap(reference_path, "reference")
+        unknown = sorted(set(np.unique(reference).tolist()) - allowed)
+        if unknown:
+            raise AtlasregError(f"reference labelmap holds values {unknown} that are not declared labels "
+                                f"{sorted(allowed)}", reference_path)
+        spacing = reference_image.GetSpacing()
+        if merge is not None:
+            reference = _apply_merge(reference, merge)
+        case_dir = prediction_dir / case
+        if not case_dir.is_dir():
+            warnings.warn(f"{case_dir}: no prediction folder for case {case!r}; skipped", UserWarning,
+                          stacklevel=2)
+            continue
+        for method in methods:
+            prediction_path = find_prediction(case_dir, method, prefer=_extension(reference_path))
+            if prediction_path is None:
+                continue
+            found_any = True
+            prediction, prediction_image = _read_labelmap(prediction_path, "prediction")
+            if prediction.shape != reference.shape:
+                raise AtlasregError(f"prediction size {prediction_image.GetSize()} differs from the "
+                                    f"reference size {reference_image.GetSize()} ({reference_path})",
+                                    prediction_path)
+            if not np.allclose(prediction_image.GetSpacing(), spacing, rtol=1e-3, atol=1e-6):
+                warnings.warn(f"{prediction_path}: spacing {prediction_image.GetSpacing()} differs from the "
+                              f"reference spacing {spacing}; using the reference spacing", UserWarning,
+                              stacklevel=2)
+            if merge is not None:
+                prediction = _apply_merge(prediction, merge)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                metrics = segmentation_metrics(prediction, reference, [BACKGROUND, *evaluated],
+                                               spacing=spacing)
+            for warning in caught:
+                warnings.warn(f"case {case!r}, method {method!r}: {warning.message}", UserWarning,
+                              stacklevel=2)
+            for label in evaluated:
+                rows.append({"case": case, "method": method, "label": label, "structure": names[label],
+                             **{name: metrics[label][name] for name in METRIC_NAMES},
+                             "components": labelmap_connected_components(prediction, label)})
+    if not found_any:
+        raise AtlasregError(f"no prediction labelmaps (<method>_labelmap.png / .nii.gz for methods "
+                            f"{list(methods)}) found for any case", prediction_dir)
+
+    summary: list[dict[str, object]] = []
+    for method in methods:
+        for label in evaluated:
+            group = [r for r in rows if r["method"] == method and r["label"] == label]
+            if not group:
+                continue
+            entry: dict[str, object] = {"method": method, "label": label, "structure": names[label],
+                                        "n": len(group)}
+            for name in METRIC_NAMES:
+                entry[f"{name}_mean"], entry[f"{name}_std"] = _nan_stats([r[name] for r in group])
+            components = np.asarray([r["components"] for r in group], dtype=float)
+            entry["components_mean"] = float(components.mean())
+            entry["single_component_fraction"] = float(np.mean(components == 1))
+            summary.append(entry)
+
+    lines = [
+        "# Segmentation metrics",
+        "",
+        "Mean ± standard deviation over cases (NaN-ignoring). HD, HD95 and ASD in world units of the "
+        "reference images (mm when their spacing is in mm). Components: mean number of connected "
+        "components of the predicted structure; 1 comp.: fraction of cases with exactly one.",
+        "",
+        "| Method | Structure | n | Dice | HD | HD95 | ASD | Components | 1 comp. |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in summary:
+        lines.append(
+            f"| {e['method']} | {e['structure']} | {e['n']} | {_fmt(e['dice_mean'], e['dice_std'], 3)} | "
+            f"{_fmt(e['hd_mean'], e['hd_std'], 2)} | {_fmt(e['hd95_mean'], e['hd95_std'], 2)} | "
+            f"{_fmt(e['asd_mean'], e['asd_std'], 2)} | {e['components_mean']:.2f} | "
+            f"{e['single_component_fraction']:.2f} |")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_case_path = out_dir / "metrics_per_case.csv"
+    summary_csv_path = out_dir / "summary.csv"
+    summary_md_path = out_dir / "summary.md"
+    _atomic_write(per_case_path, _csv_text(PER_CASE_COLUMNS, rows))
+    _atomic_write(summary_csv_path, _csv_text(SUMMARY_COLUMNS, summary))
+    _atomic_write(summary_md_path, "\n".join(lines) + "\n")
+    return per_case_path, summary_md_path

@@ -1,0 +1,132 @@
+"""Per-structure segmentation metrics on integer labelmaps, in world units.
+
+Overlap and surface distances come from MONAI's maintained implementations
+(``monai.metrics.compute_dice``, ``compute_hausdorff_distance`` with ``percentile`` and ``spacing``,
+``compute_average_surface_distance`` with ``symmetric=True``); this module only converts labelmaps to
+binary masks, converts the spacing from ITK order to array order, and handles empty structures.
+Topology is checked with :func:`labelmap_connected_components` (``scipy.ndimage.label``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["segmentation_metrics", "labelmap_connected_components", "METRIC_NAMES"]
+
+METRIC_NAMES = ("dice", "hd", "hd95", "asd")
+
+
+def _array_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    """ITK-order spacing (x, y[, z]) -> array-order spacing ([z,] y, x); None -> all ones."""
+    if spacing is None:
+        return (1.0,) * ndim
+    spacing = tuple(float(s) for s in np.asarray(spacing, dtype=float).ravel())
+    if len(spacing) != ndim:
+        raise ValueError(f"spacing has {len(spacing)} values for a {ndim}-D labelmap (expected {ndim}, "
+                         f"in ITK order x, y{', z' if ndim == 3 else ''})")
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be positive and finite, got {spacing}")
+    return tuple(reversed(spacing))
+
+
+def segmentation_metrics(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int],
+                         spacing: Sequence[float] | None = None,
+                         include_background: bool = False) -> dict[int, dict[str, float]]:
+    """Dice, Hausdorff distance, 95th-percentile Hausdorff distance and average surface distance per label.
+
+    Parameters
+    ----------
+    prediction, reference:
+        Integer labelmaps of identical shape in numpy array order, (z, y, x) for 3-D or (y, x) for 2-D.
+        Voxel values are the declared label values (e.g. 0 and 255), not class indices.
+    labels:
+        Declared label values, background first (``labels[0]`` is the background).
+    spacing:
+        Voxel size in ITK order (x, y[, z]), as ``SimpleITK.Image.GetSpacing()`` reports it; it is reversed
+        to array order internally. ``None`` means unit spacing (distances in voxels).
+    include_background:
+        Also evaluate ``labels[0]``.
+
+    Returns
+    -------
+    ``{label_value: {"dice", "hd", "hd95", "asd"}}`` for every foreground label (and the background when
+    ``include_background``), as Python floats. Distances are in world units (mm when the spacing is in
+    mm):
+
+    - ``dice``: ``monai.metrics.compute_dice``, 2|P∩R| / (|P| + |R|).
+    - ``hd``: ``monai.metrics.compute_hausdorff_distance`` (symmetric, maximum over surface points).
+    - ``hd95``: the same with ``percentile=95`` (so ``hd95 <= hd``).
+    - ``asd``: ``monai.metrics.compute_average_surface_distance`` with ``symmetric=True``: the mean of the
+      distances of the surface points of both masks to the other surface.
+
+    Empty structures: if the label is absent from both prediction and reference, dice = 1.0 (perfect
+    agreement on absence) and the distances are NaN; if it is absent from exactly one, dice = 0.0 and
+    the distances are NaN. Either case emits a ``UserWarning`` naming the label; MONAI's own warnings are
+    suppressed.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ, the labelmaps are not 2-D or 3-D, ``labels`` is empty, or ``spacing`` has
+        the wrong length or non-positive values.
+    """
+    prediction = np.asarray(prediction)
+    reference = np.asarray(reference)
+    if prediction.shape != reference.shape:
+        raise ValueError(f"shape mismatch: prediction {prediction.shape} vs reference {reference.shape}")
+    if prediction.ndim not in (2, 3):
+        raise ValueError(f"labelmaps must be 2-D or 3-D, got shape {prediction.shape}")
+    labels = [int(v) for v in labels]
+    if not labels:
+        raise ValueError("labels is empty (expected the background value first)")
+    array_spacing = _array_spacing(spacing, prediction.ndim)
+
+    import torch  # local imports: MONAI takes seconds to import
+    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+
+    evaluated = labels if include_background else labels[1:]
+    results: dict[int, dict[str, float]] = {}
+    for value in evaluated:
+        pred_mask = prediction == value
+        ref_mask = reference == value
+        pred_any, ref_any = bool(pred_mask.any()), bool(ref_mask.any())
+        if not (pred_any and ref_any):
+            dice = 1.0 if not (pred_any or ref_any) else 0.0
+            which = ("prediction and reference" if not (pred_any or ref_any)
+                     else "prediction" if not pred_any else "reference")
+            warnings.warn(f"label {value} is empty in the {which}: dice = {dice}, distances are NaN",
+                          UserWarning, stacklevel=2)
+            results[value] = {"dice": dice, "hd": math.nan, "hd95": math.nan, "asd": math.nan}
+            continue
+        # (batch=1, channel=1, *spatial) binary masks; one channel so include_background=True keeps it.
+        p = torch.from_numpy(pred_mask[None, None].astype(np.float32))
+        r = torch.from_numpy(ref_mask[None, None].astype(np.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dice = compute_dice(p, r, include_background=True, ignore_empty=False)
+            hd = compute_hausdorff_distance(p, r, include_background=True, spacing=array_spacing)
+            hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95,
+                                              spacing=array_spacing)
+            asd = compute_average_surface_distance(p, r, include_background=True, symmetric=True,
+                                                   spacing=array_spacing)
+        results[value] = {"dice": float(dice.item()), "hd": float(hd.item()), "hd95": float(hd95.item()),
+                          "asd": float(asd.item())}
+    return results
+
+
+def labelmap_connected_components(labelmap: np.ndarray, label: int) -> int:
+    """Number of connected components of the structure ``labelmap == label``.
+
+    Uses ``scipy.ndimage.label`` with full connectivity (8-neighbourhood in 2-D, 26 in 3-D), so
+    diagonally touching voxels belong to one component. Returns 0 if the label is absent. Used to check
+    topology (a well-formed single organ has exactly one component).
+    """
+    mask = np.asarray(labelmap) == label
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    _, count = ndimage.label(mask, structure=structure)
+    return int(count)

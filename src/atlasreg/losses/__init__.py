@@ -1,0 +1,3 @@
+"""Losses: label MSE (Atlas-ISTN Eqs. 10-12) and regularisers (Eq. 13)."""
+from .labels import label_mse
+from .regularisers import bending_energy, diffusion_regulariser, DiffusionRegulariser

@@ -1,0 +1,178 @@
+"""Atlas-ISTN (Sinclair et al. 2022): ITN + STN + transformation computation, losses of Eq. 14.
+
+:class:`AtlasISTN` is the stateless network (Eq. 9). :class:`AtlasISTNModule` is the Lightning module
+that trains it and owns the atlas (Eqs. 15-16) as buffers, so checkpoints hold weights, optimiser,
+atlas and the full config together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..atlas import atlas_init, atlas_update
+from ..losses import diffusion_regulariser, label_mse
+from ..nets.stn import STN
+from ..nets.unet import UNet
+from ..spatial.transforms import SpatialTransform, compose_transform, warp
+
+
+class AtlasISTN(nn.Module):
+    """ITN S (U-Net, Eq. 4), STN D (Eq. 5) and C (Eq. 6), without state.
+
+    ndim: 2/3; num_classes: C incl. background; size/spacing: model grid (array order / ITK mm).
+    forward(image (N, 1, *size), atlas_labelmap (1 or N, C, *size)) -> (logits (N, C, *size),
+    SpatialTransform).
+    """
+
+    def __init__(self, ndim: int, num_classes: int, size: Sequence[int], spacing: Sequence[float],
+                 itn_channels=(8, 16, 32, 64), stn_channels=(16, 32, 32), stn_variant: str = "affine_svf",
+                 integration_steps: int = 6):
+        super().__init__()
+        self.ndim, self.num_classes = ndim, num_classes
+        self.size, self.spacing = tuple(int(s) for s in size), tuple(float(s) for s in spacing)
+        self.steps = integration_steps
+        self.itn = UNet(ndim, 1, num_classes, itn_channels)
+        self.stn = STN(ndim, 2 * (num_classes - 1), self.size, self.spacing, stn_variant, stn_channels)
+
+    @staticmethod
+    def stn_input(logits: torch.Tensor, atlas_labelmap: torch.Tensor) -> torch.Tensor:
+        """Foreground channels of the ITN logits and of the atlas labelmap: (N, 2(C-1), *size)."""
+        atlas = atlas_labelmap[:, 1:]
+        atlas = atlas.expand(logits.shape[0], *atlas.shape[1:])
+        return torch.cat([logits[:, 1:], atlas], dim=1)
+
+    def transform(self, stn_input: torch.Tensor, use_affine: bool = True) -> SpatialTransform:
+        out = self.stn(stn_input, use_affine=use_affine)
+        return compose_transform(out["svf"], out["A"], out["t"], self.size, self.spacing, self.steps)
+
+    def forward(self, image: torch.Tensor, atlas_labelmap: torch.Tensor, use_affine: bool = True):
+        logits = self.itn(image)
+        return logits, self.transform(self.stn_input(logits, atlas_labelmap), use_affine)
+
+
+def fade_in_weight(epoch: int, fade_in: dict | None) -> float:
+    """w of Eq. 14 by the schedule of Eq. 24: 1 / (1 + exp(-(epoch - e0) / tau)); 1 without fade-in."""
+    if not fade_in:
+        return 1.0
+    return 1.0 / (1.0 + math.exp(-(epoch - fade_in["e0"]) / fade_in["tau"]))
+
+
+def deformation_losses(transform: SpatialTransform, labelmap: torch.Tensor, atlas_labelmap: torch.Tensor,
+                       reduction: str = "mean", with_s2a: bool = True) -> dict:
+    """L_a2s (Eq. 11), L_s2a (Eq. 12) and L_reg (Eq. 13) for one-hot/logit `labelmap` (N, C, *S)
+    against the atlas labelmap (1, C, *S); foreground channels only. reduction: 'mean' or 'per_case'.
+
+    The regulariser acts on the non-rigid part only (the displacement of phi at SVF resolution)."""
+    n = labelmap.shape[0]
+    atlas = atlas_labelmap.expand(n, *atlas_labelmap.shape[1:])
+    out = {"a2s": label_mse(warp(atlas, transform.inverse_points(), transform.spacing), labelmap, True, reduction)}
+    if with_s2a:
+        out["s2a"] = label_mse(warp(labelmap, transform.forward_points(), transform.spacing), atlas, True,
+                               reduction)
+    if transform.u_half is not None:
+        out["reg"] = diffusion_regulariser(transform.u_half, transform.spacing_half, reduction)
+    else:
+        out["reg"] = labelmap.new_zeros(n if reduction == "per_case" else ())
+    return out
+
+
+class AtlasISTNModule(L.LightningModule):
+    """Training of Atlas-ISTN with Lightning: loss of Eq. 14 with fade-in (Eq. 24) or delayed affine
+    start, atlas initialisation and update at every epoch end (Eqs. 15-16).
+
+    config: the full merged config (stored in the checkpoint as hyper-parameters).
+    The atlas (labelmap (1, C, *S), image (1, 1, *S)) lives in buffers, so it is checkpointed.
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.config = config
+        m = config["model"]
+        labels = list(config["data"]["labels"].keys())
+        self.net = AtlasISTN(m["ndim"], len(labels), m["size"], m["spacing"], m["itn_channels"],
+                             m["stn_channels"], m["stn_variant"], m["integration_steps"])
+        size = tuple(m["size"])
+        self.register_buffer("atlas_labelmap", torch.zeros(1, len(labels), *size))
+        self.register_buffer("atlas_image", torch.zeros(1, 1, *size))
+        self.register_buffer("atlas_ready", torch.zeros((), dtype=torch.bool))
+        self.train_images: torch.Tensor | None = None
+        self.train_labelmaps: torch.Tensor | None = None
+        self._augment = None
+
+    # ---------------------------------------------------------------- data held in memory
+    def set_training_data(self, images: torch.Tensor, labelmaps: torch.Tensor) -> None:
+        """Unaugmented model-grid tensors of all training cases, used for the atlas (Eqs. 15-16)."""
+        self.train_images, self.train_labelmaps = images, labelmaps
+
+    def on_fit_start(self) -> None:
+        if not bool(self.atlas_ready):
+            if self.train_images is None:
+                raise RuntimeError("set_training_data() must be called before fit")
+            lab, img = atlas_init(self.train_labelmaps, self.train_images)
+            self.atlas_labelmap.copy_(lab)
+            self.atlas_image.copy_(img)
+            self.atlas_ready.fill_(True)
+        aug = self.config["training"]["augmentation"]
+        if aug.get("enabled"):
+            from ..data.augmentation import make_spatial_augmentation
+            self._augment = make_spatial_augmentation(aug, self.config["model"]["ndim"],
+                                                      self.config["model"]["spacing"])
+
+    # ---------------------------------------------------------------- training
+    def use_affine(self) -> bool:
+        return self.current_epoch >= int(self.config["training"]["affine_start_epoch"])
+
+    def training_step(self, batch, batch_idx):
+        image, labelmap = batch
+        if self._augment is not None:
+            image, labelmap = self._augment(image, labelmap)
+        t = self.config["training"]
+        logits, transform = self.net(image, self.atlas_labelmap, self.use_affine())
+        l_s = label_mse(logits, labelmap)
+        d = deformation_losses(transform, labelmap, self.atlas_labelmap)
+        w = fade_in_weight(self.current_epoch, t["fade_in"])
+        loss = l_s + w * (d["a2s"] + d["s2a"] + t["lambda"] * d["reg"])
+        n = image.shape[0]
+        self.log_dict({"loss/total": loss, "loss/seg": l_s, "loss/a2s": d["a2s"], "loss/s2a": d["s2a"],
+                       "loss/reg": d["reg"]}, on_step=False, on_epoch=True, batch_size=n)
+        self.log("w", w, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    @torch.no_grad()
+    def warp_to_atlas(self, images: torch.Tensor, labelmaps: torch.Tensor, batch_size: int = 100):
+        """Forward pass without augmentation warping every case to atlas space (Eq. 16):
+        returns the means of z_i o Phi_i for labelmaps (1, C, *S) and images (1, 1, *S)."""
+        sum_lab = torch.zeros_like(self.atlas_labelmap)
+        sum_img = torch.zeros_like(self.atlas_image)
+        for i in range(0, images.shape[0], batch_size):
+            img = images[i:i + batch_size].to(self.device)
+            lab = labelmaps[i:i + batch_size].to(self.device)
+            _, tr = self.net(img, self.atlas_labelmap, self.use_affine())
+            pts = tr.forward_points()
+            sum_lab += warp(lab, pts, tr.spacing).sum(0, keepdim=True)
+            sum_img += warp(img, pts, tr.spacing).sum(0, keepdim=True)
+        n = images.shape[0]
+        return sum_lab / n, sum_img / n
+
+    def on_train_epoch_end(self) -> None:
+        eta = float(self.config["training"]["atlas_eta"])
+        was_training = self.net.training
+        self.net.eval()
+        mean_lab, mean_img = self.warp_to_atlas(self.train_images, self.train_labelmaps,
+                                                int(self.config["training"]["atlas_batch_size"]))
+        self.net.train(was_training)
+        self.atlas_labelmap.copy_(atlas_update(self.atlas_labelmap, mean_lab, eta))
+        self.atlas_image.copy_(atlas_update(self.atlas_image, mean_img, eta))
+
+    def configure_optimizers(self):
+        t = self.config["training"]
+        opt = torch.optim.Adam(self.net.parameters(), lr=float(t["lr"]))
+        gamma = 0.5 ** (1.0 / float(t["lr_halving_epochs"]))
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -1,0 +1,118 @@
+"""Training entry point: Lightning Trainer with TensorBoard logging, a progress bar, atomic checkpoints
+holding weights, optimiser, atlas and config, and resume from the last checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..atlas import save_atlas
+from ..data.cases import load_training_tensors
+from ..errors import AtlasregError
+from .atlas_istn import AtlasISTNModule
+
+FINAL_CHECKPOINT = "model.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file in the same folder, then renames it into place, so an
+    interruption never leaves a truncated checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+class EpochTimer(Callback):
+    """Logs seconds per epoch for training and for the atlas update separately."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._t1 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # Callbacks' on_train_epoch_end runs after the module's (atlas update) hook.
+        now = time.perf_counter()
+        pl_module.log("time/train_s", self._t1 - self._t0)
+        pl_module.log("time/atlas_s", now - self._t1)
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True) -> Path:
+    """Train Atlas-ISTN on `config['data']['train']`; writes into out_dir:
+    `config.yaml`, `checkpoints/last.ckpt` (every epoch), `model.ckpt` (final), `atlas/` (atlas
+    labelmap, probabilities and image with their grid), `logs/` (TensorBoard).
+    Resumes from `checkpoints/last.ckpt` if present and `resume`. Returns the final checkpoint path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = config["training"]
+    if t.get("threads"):
+        torch.set_num_threads(int(t["threads"]))
+    L.seed_everything(int(t["seed"]), workers=True, verbose=False)
+    images, labelmaps, names = load_training_tensors(config, "train", progress)
+    if len(names) == 0:
+        raise AtlasregError("the training set is empty")
+    _write_atomic_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    module = AtlasISTNModule(config)
+    module.set_training_data(images, labelmaps)
+    loader = DataLoader(TensorDataset(images, labelmaps), batch_size=int(t["batch_size"]), shuffle=True,
+                        drop_last=False, num_workers=0)
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+    trainer = L.Trainer(
+        max_epochs=int(t["epochs"]), accelerator="auto", devices=1, logger=TensorBoardLogger(out_dir, name="logs"),
+        callbacks=[checkpoint, EpochTimer()], plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+        num_sanity_val_steps=0, deterministic=False)
+    ckpt_path = str(last) if (resume and last.is_file()) else None
+    if ckpt_path and progress:
+        print(f"resuming from {ckpt_path}")
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+
+    final = out_dir / FINAL_CHECKPOINT
+    trainer.save_checkpoint(final)
+    save_atlas(module.atlas_labelmap, module.atlas_image, list(config["data"]["labels"].keys()),
+               config["model"]["spacing"], out_dir / "atlas")
+    return final
+
+
+def load_module(checkpoint: str | Path, map_location="cpu") -> AtlasISTNModule:
+    """Load a trained module (with its config and atlas) from a checkpoint; AtlasregError if unreadable."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise AtlasregError("checkpoint not found", checkpoint)
+    try:
+        module = AtlasISTNModule.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means an unusable file
+        raise AtlasregError(f"cannot load checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                            checkpoint) from None
+    module.eval()
+    return module
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

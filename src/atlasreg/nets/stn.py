@@ -1,0 +1,94 @@
+"""The STN of Atlas-ISTN (Sec. 2.2, Eq. 5, Figs. 3-4): affine + SVF heads on an encoder-decoder.
+
+The STN takes the foreground channels of the ITN logits and of the atlas labelmap (2(C-1) channels),
+and returns the parameters of the transform; it keeps no state. The transform itself is computed by
+:func:`atlasreg.spatial.transforms.compose_transform`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..spatial.transforms import affine_trs
+from .layers import conv, conv_relu, memory_format, to_memory_format, upsample
+
+VARIANTS = ("affine_svf", "svf", "affine")
+
+
+class STN(nn.Module):
+    """Encoder-decoder predicting an SVF at half resolution and/or bounded affine parameters.
+
+    ndim: 2 or 3; in_channels: 2(C-1); size: model grid size (array order); spacing: model grid
+    spacing (ITK order, mm); variant: 'affine_svf' (default), 'svf' or 'affine';
+    channels: features at 1/2, 1/4, 1/8 resolution. The first convolution has stride 2, so the SVF
+    head is at half resolution. Affine heads are zero-initialised (identity at start) and bounded:
+    |translation| <= half the field of view, |rotation| <= pi/4 per angle, scale in [1/e, e]. The SVF
+    head is zero-initialised; its output unit is one full-resolution voxel, converted to mm.
+
+    forward(x: (N, in_channels, *size)) -> dict with 'svf' (N, D, *size/2) mm or None, and
+    'A' (N, D, D), 't' (N, D) mm or None.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, size: Sequence[int], spacing: Sequence[float],
+                 variant: str = "affine_svf", channels: Sequence[int] = (16, 32, 32), pool: int = 4):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown STN variant {variant!r}; choose one of {VARIANTS}")
+        if len(size) != ndim or len(spacing) != ndim:
+            raise ValueError(f"size {size} and spacing {spacing} must have {ndim} entries")
+        if any(s % 8 for s in size):
+            raise ValueError(f"STN input size {tuple(size)} must be divisible by 8")
+        self.ndim, self.variant = ndim, variant
+        c1, c2, c3 = channels
+        self.register_buffer("voxel_mm", torch.tensor([float(s) for s in spacing]).view(1, ndim, *[1] * ndim),
+                             persistent=False)
+        self.register_buffer("half_fov", torch.tensor([n * s / 2.0 for n, s in zip(reversed(size), spacing)]),
+                             persistent=False)
+        self.enc1 = nn.Sequential(conv_relu(ndim, in_channels, c1, stride=2), conv_relu(ndim, c1, c1))
+        self.enc2 = nn.Sequential(conv_relu(ndim, c1, c2, stride=2), conv_relu(ndim, c2, c2))
+        self.enc3 = nn.Sequential(conv_relu(ndim, c2, c3, stride=2), conv_relu(ndim, c3, c3))
+        self.up = upsample(ndim)
+        self.has_svf = variant in ("affine_svf", "svf")
+        self.has_affine = variant in ("affine_svf", "affine")
+        if self.has_svf:
+            self.dec2 = conv_relu(ndim, c3 + c2, c2)
+            self.dec1 = nn.Sequential(conv_relu(ndim, c2 + c1, c1), conv_relu(ndim, c1, max(c1 // 2, ndim)))
+            self.svf_head = conv(ndim, max(c1 // 2, ndim), ndim)
+            nn.init.zeros_(self.svf_head.weight)
+            nn.init.zeros_(self.svf_head.bias)
+        if self.has_affine:
+            self.pool_size = pool
+            self.fc = nn.Sequential(nn.Linear(c3 * pool ** ndim, 32), nn.ReLU(inplace=True))
+            n_angles = 1 if ndim == 2 else 3
+            self.translation = nn.Linear(32, ndim)
+            self.rotation = nn.Linear(32, n_angles)
+            self.log_scale = nn.Linear(32, ndim)
+            for head in (self.translation, self.rotation, self.log_scale):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+        self.to(memory_format=memory_format(ndim))
+
+    def forward(self, x: torch.Tensor, use_affine: bool = True) -> dict:
+        """use_affine=False forces the affine part to the identity (delayed start of the affine part)."""
+        h1 = self.enc1(to_memory_format(x))
+        h2 = self.enc2(h1)
+        h3 = self.enc3(h2)
+        out = {"svf": None, "A": None, "t": None}
+        if self.has_svf:
+            d = self.dec2(torch.cat([self.up(h3), h2], 1))
+            d = self.dec1(torch.cat([self.up(d), h1], 1))
+            out["svf"] = self.svf_head(d) * self.voxel_mm
+        if self.has_affine and use_affine:
+            pooled = F.adaptive_avg_pool2d(h3, self.pool_size) if self.ndim == 2 else \
+                F.adaptive_avg_pool3d(h3, self.pool_size)
+            f = self.fc(pooled.flatten(1))
+            t = torch.tanh(self.translation(f)) * self.half_fov
+            angles = torch.tanh(self.rotation(f)) * (math.pi / 4)
+            log_s = torch.tanh(self.log_scale(f))
+            out["A"], out["t"] = affine_trs(t, angles, log_s)
+        return out

@@ -1,0 +1,170 @@
+"""Segmentation of new images with a trained Atlas-ISTN: ITN, 1-pass and refined labelmaps, transforms
+and the deformed atlas image, all written on each input's own grid and geometry.
+
+Output contract, one folder per case ``<out>/<case>/`` (written all or nothing):
+  itn_labelmap<ext>, onepass_labelmap<ext>, refine_labelmap<ext>, atlas_labelmap<ext>  (declared label
+  values; <ext> = the input's extension, .png or .nii.gz...), deformed_atlas_image.nii.gz (float),
+  forward_displacement.nii.gz and inverse_displacement.nii.gz (refined transform; vector images in world
+  units along the world axes, ITK displacement-field convention: a point p of the input grid maps to
+  p + d(p)). The inverse field maps input (subject) points into atlas space, so it is the field that
+  resamples the atlas onto the input (Phi^-1, Eq. 8); the forward field Phi (Eq. 7) maps atlas points
+  into the subject, with the atlas placed on the input's grid (same centre and direction).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from .data.cases import Case, case_name, load_case
+from .data.dataset import find_pairs
+from .data.io import atomic_directory, write_image
+from .data.preprocessing import indices_to_values, to_native_grid
+from .errors import AtlasregError
+from .models.atlas_istn import AtlasISTNModule
+from .models.refine import refine_transforms
+from .spatial.grid import identity_points
+from .spatial.transforms import warp
+
+LABELMAP_OUTPUTS = ("itn", "onepass", "refine", "atlas")
+
+
+def _extension(path: str) -> str:
+    name = path.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(path).suffix.lower()
+
+
+def collect_inputs(inputs: Sequence[str | Path], image_suffix: str = "") -> list[tuple[str, Path]]:
+    """(case name, image file) for a list of files and/or folders. In folders, every image file whose
+    name ends with `image_suffix` before the extension (e.g. '_img'); the suffix is dropped from the
+    case name. Raises AtlasregError for a missing path, no images, or colliding case names."""
+    found: list[tuple[str, Path]] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found.extend((p.name, p.image) for p in find_pairs(item, image_suffix=image_suffix))
+        elif item.exists():
+            name = case_name(item)
+            if image_suffix and name.endswith(image_suffix):
+                name = name[: -len(image_suffix)]
+            found.append((name, item))
+        else:
+            raise AtlasregError("file not found", item)
+    if not found:
+        raise AtlasregError("no input images given")
+    names = [n for n, _ in found]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AtlasregError(f"several inputs share the case name(s) {dup[:5]}; outputs would collide")
+    return found
+
+
+def _labelmap_image(probs_native: torch.Tensor, labels: Sequence[int], case: Case, ext: str) -> sitk.Image:
+    values = indices_to_values(probs_native.argmax(0).cpu().numpy(), labels)
+    dtype = np.uint8 if (ext == ".png" and max(labels) < 256) else (np.uint16 if ext == ".png" else np.int16
+                                                                      if max(labels) < 32768 else np.int32)
+    img = sitk.GetImageFromArray(values.astype(dtype))
+    img.CopyInformation(case.source)
+    return img
+
+
+def _displacement_image(points: torch.Tensor, spacing: Sequence[float], case: Case) -> sitk.Image:
+    """points (*size, D) of a transform on the model grid -> displacement on the native grid, world axes."""
+    size = points.shape[:-1]
+    disp = points - identity_points(size, spacing, dtype=points.dtype)[0]
+    native = to_native_grid(disp.movedim(-1, 0)[None], spacing, case.grid)[0]  # (D, *native)
+    world = torch.einsum("ij,j...->i...", torch.as_tensor(case.grid.direction_matrix, dtype=native.dtype), native)
+    img = sitk.GetImageFromArray(world.movedim(0, -1).cpu().numpy().astype(np.float64), isVector=True)
+    img.CopyInformation(case.source)
+    return img
+
+
+def _float_image(array: torch.Tensor, case: Case) -> sitk.Image:
+    img = sitk.GetImageFromArray(array.cpu().numpy().astype(np.float32))
+    img.CopyInformation(case.source)
+    return img
+
+
+def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], spacing: Sequence[float],
+                       probs: dict[str, torch.Tensor], atlas_image: torch.Tensor,
+                       fwd_points: torch.Tensor, inv_points: torch.Tensor) -> Path:
+    """Write one case's outputs atomically (see module docstring). probs: name -> (C, *size) on the
+    model grid; atlas_image: (1, *size) deformed atlas image; points: (*size, D)."""
+    ext = _extension(case.path)
+    final = out_dir / case.name
+    with atomic_directory(final) as tmp:
+        for name, p in probs.items():
+            native = to_native_grid(p[None], spacing, case.grid)[0]
+            write_image(_labelmap_image(native, labels, case, ext), tmp / f"{name}_labelmap{ext}")
+        img_native = to_native_grid(atlas_image[None], spacing, case.grid)[0, 0]
+        write_image(_float_image(img_native, case), tmp / "deformed_atlas_image.nii.gz")
+        write_image(_displacement_image(fwd_points, spacing, case), tmp / "forward_displacement.nii.gz")
+        write_image(_displacement_image(inv_points, spacing, case), tmp / "inverse_displacement.nii.gz")
+    return final
+
+
+def segment_cases(module: AtlasISTNModule, cases: list[Case], refinement: dict) -> dict:
+    """ITN, 1-pass (Eq. 9) and refined (Eqs. 17-21) results for a batch of cases on the model grid.
+    Returns dict of tensors: itn/onepass/refine/atlas probabilities (B, C, *S), deformed atlas image,
+    forward/inverse points of the refined transform, refinement loss history (K+1, B)."""
+    net = module.net
+    atlas_lab, atlas_img = module.atlas_labelmap, module.atlas_image
+    images = torch.cat([c.image for c in cases])
+    with torch.no_grad():
+        logits = net.itn(images)
+        onepass = net.transform(net.stn_input(logits, atlas_lab))
+        b = images.shape[0]
+        out = {"itn": torch.softmax(logits, 1),
+               "onepass": warp(atlas_lab.expand(b, -1, *atlas_lab.shape[2:]), onepass.inverse_points(), net.spacing),
+               "atlas": atlas_lab.expand(b, -1, *atlas_lab.shape[2:])}
+    refined, history = refine_transforms(net, logits, atlas_lab, int(refinement["iterations"]),
+                                         float(refinement["lr"]), float(refinement["beta"]),
+                                         float(refinement["gamma"]), float(refinement["lambda"]))
+    with torch.no_grad():
+        inv = refined.inverse_points()
+        out["refine"] = warp(atlas_lab.expand(b, -1, *atlas_lab.shape[2:]), inv, net.spacing)
+        out["deformed_atlas_image"] = warp(atlas_img.expand(b, -1, *atlas_img.shape[2:]), inv, net.spacing)
+        out["inverse_points"] = inv
+        out["forward_points"] = refined.forward_points()
+    out["history"] = history
+    return out
+
+
+def segment(module: AtlasISTNModule, inputs: Iterable[str | Path], out_dir: str | Path,
+            refinement: dict | None = None, progress: bool = True, image_suffix: str = "") -> list[Path]:
+    """Segment every input image (files or folders) and write the outputs under out_dir.
+
+    All inputs are read and checked before anything is written; a bad input raises AtlasregError
+    naming the file. refinement: overrides of config['refinement'] (iterations, lr, beta, gamma,
+    lambda, cases_at_once). Returns the case output folders."""
+    cfg = module.config
+    ref = dict(cfg["refinement"], **(refinement or {}))
+    labels = list(cfg["data"]["labels"].keys())
+    m = cfg["model"]
+    files = collect_inputs(list(inputs), image_suffix)
+    cases = [load_case(f, None, labels, m["size"], m["spacing"], m["ndim"], cfg["data"]["spacing"], name=n)
+             for n, f in tqdm(files, desc="reading", disable=not progress, leave=False)]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    chunk = max(1, int(ref["cases_at_once"]))
+    bar = tqdm(total=len(cases), desc="segmenting", unit="case", disable=not progress)
+    for i in range(0, len(cases), chunk):
+        group = cases[i:i + chunk]
+        res = segment_cases(module, group, ref)
+        for j, case in enumerate(group):
+            probs = {k: res[k][j] for k in LABELMAP_OUTPUTS}
+            written.append(write_case_outputs(out_dir, case, labels, m["spacing"], probs,
+                                              res["deformed_atlas_image"][j], res["forward_points"][j],
+                                              res["inverse_points"][j]))
+        bar.update(len(group))
+    bar.close()
+    return written
+
+
+

@@ -1,0 +1,49 @@
+import SimpleITK as sitk
+import torch
+
+from atlasreg.atlas import atlas_init, atlas_update, save_atlas
+from atlasreg.config import load_config
+from atlasreg.models.atlas_istn import AtlasISTNModule
+
+
+def test_atlas_init_and_update_follow_eq_15():
+    labs = torch.rand(4, 3, 8, 8)
+    imgs = torch.rand(4, 1, 8, 8)
+    lab0, img0 = atlas_init(labs, imgs)
+    assert torch.allclose(lab0, labs.mean(0, keepdim=True))
+    new_mean = torch.rand(1, 3, 8, 8)
+    upd = atlas_update(lab0, new_mean, 0.01)
+    assert torch.allclose(upd, 0.99 * lab0 + 0.01 * new_mean)
+
+
+def test_module_atlas_update_is_eq_15_with_warped_mean():
+    """One epoch-end update of the Lightning module equals Eq. 15 with the mean of z_i o Phi_i (Eq. 16):
+    at initialisation Phi is the identity, so the warped mean is the plain mean."""
+    cfg = load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}}, "model": {"size": [16, 16]},
+                             "training": {"atlas_eta": 0.25}})
+    m = AtlasISTNModule(cfg)
+    labs = torch.zeros(5, 2, 16, 16)
+    labs[:, 1, 4:12, 4:12] = 1
+    labs[:, 0] = 1 - labs[:, 1]
+    imgs = torch.randn(5, 1, 16, 16)
+    m.set_training_data(imgs, labs)
+    m.atlas_labelmap.copy_(torch.full((1, 2, 16, 16), 0.5))
+    m.atlas_image.zero_()
+    m.on_train_epoch_end = AtlasISTNModule.on_train_epoch_end.__get__(m)
+    m.on_train_epoch_end()
+    assert torch.allclose(m.atlas_labelmap, 0.75 * 0.5 + 0.25 * labs.mean(0, keepdim=True), atol=1e-5)
+    assert torch.allclose(m.atlas_image, 0.25 * imgs.mean(0, keepdim=True), atol=1e-5)
+
+
+def test_save_atlas_writes_images_with_grid(tmp_path):
+    lab = torch.zeros(1, 2, 8, 16)
+    lab[:, 1, 2:6, 4:12] = 1
+    lab[:, 0] = 1 - lab[:, 1]
+    paths = save_atlas(lab, torch.rand(1, 1, 8, 16), [0, 255], (2.0, 3.0), tmp_path)
+    img = sitk.ReadImage(str(paths["atlas_labelmap.nii.gz"]))
+    assert img.GetSize() == (16, 8) and img.GetSpacing() == (2.0, 3.0)
+    arr = sitk.GetArrayFromImage(img)
+    assert set(arr.ravel().tolist()) == {0, 255} and (arr == 255).sum() == 32
+    # Centred: the centre of the field of view is the world origin.
+    assert abs(img.GetOrigin()[0] + 15.0) < 1e-6 and abs(img.GetOrigin()[1] + 10.5) < 1e-6
+    assert sitk.ReadImage(str(paths["atlas_probabilities.nii.gz"])).GetNumberOfComponentsPerPixel() == 2

@@ -1,0 +1,247 @@
+"""Tests for atlasreg.data.dataset: finding image/label pairs and selecting cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from atlasreg.data.dataset import CasePair, find_pairs, natural_key, select_cases
+from atlasreg.errors import AtlasregError
+
+# find_pairs only looks at file names, so empty files suffice.
+
+
+def _touch(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).write_bytes(b"")
+
+
+def _names(pairs):
+    return [p.name for p in pairs]
+
+
+# --------------------------------------------------------------------------------------- two folders
+
+
+def test_two_folders_by_name(tmp_path):
+    _touch(tmp_path / "images", "JPCLN002.png", "JPCLN001.png", "notes.txt", ".tmp-ab-JPCLN003.png")
+    _touch(tmp_path / "labels", "JPCLN001.png", "JPCLN002.png", "extra.png")
+    pairs = find_pairs(tmp_path / "images", tmp_path / "labels")
+    assert pairs == [
+        CasePair("JPCLN001", tmp_path / "images" / "JPCLN001.png", tmp_path / "labels" / "JPCLN001.png"),
+        CasePair("JPCLN002", tmp_path / "images" / "JPCLN002.png", tmp_path / "labels" / "JPCLN002.png"),
+    ]
+
+
+def test_two_folders_with_suffixes_and_double_extension(tmp_path):
+    _touch(tmp_path / "img", "p1_0000.nii.gz", "p2_0000.nii.gz")
+    _touch(tmp_path / "lab", "p1_seg.nrrd", "p2_seg.nii.gz")
+    pairs = find_pairs(str(tmp_path / "img"), str(tmp_path / "lab"), image_suffix="_0000",
+                       label_suffix="_seg")
+    assert _names(pairs) == ["p1", "p2"]
+    assert pairs[0].label.name == "p1_seg.nrrd" and pairs[1].label.name == "p2_seg.nii.gz"
+
+
+def test_two_folders_missing_label(tmp_path):
+    _touch(tmp_path / "images", "a.png", "b.png", "c.png")
+    _touch(tmp_path / "labels", "a.png")
+    with pytest.raises(AtlasregError, match="no labelmap for image") as ei:
+        find_pairs(tmp_path / "images", tmp_path / "labels")
+    msg = str(ei.value)
+    assert str(tmp_path / "images" / "b.png") in msg and "1 more" in msg
+
+
+def test_two_folders_ambiguous_label(tmp_path):
+    _touch(tmp_path / "images", "a.png")
+    _touch(tmp_path / "labels", "a.png", "a.nii.gz")
+    with pytest.raises(AtlasregError, match="more than one labelmap"):
+        find_pairs(tmp_path / "images", tmp_path / "labels")
+
+
+def test_folder_missing(tmp_path):
+    with pytest.raises(AtlasregError, match="folder not found") as ei:
+        find_pairs(tmp_path / "nothere")
+    assert "nothere" in str(ei.value)
+    _touch(tmp_path / "images", "a.png")
+    with pytest.raises(AtlasregError, match="labels folder not found"):
+        find_pairs(tmp_path / "images", tmp_path / "nolabels")
+
+
+def test_no_images(tmp_path):
+    _touch(tmp_path / "images", "readme.txt")
+    with pytest.raises(AtlasregError, match="no images found") as ei:
+        find_pairs(tmp_path / "images")
+    assert "images" in str(ei.value)
+
+
+# ---------------------------------------------------------------------------------------- one folder
+
+
+def test_one_folder_suffixes_natural_order(tmp_path):
+    d = tmp_path / "letter"
+    _touch(d, *[f"B{i}_img.png" for i in (10, 2, 1, 100)], *[f"B{i}_seg.png" for i in (1, 2, 10, 100)])
+    pairs = find_pairs(d, image_suffix="_img", label_suffix="_seg")
+    assert _names(pairs) == ["B1", "B2", "B10", "B100"]
+    assert pairs[1] == CasePair("B2", d / "B2_img.png", d / "B2_seg.png")
+    # same result when the labels folder is given as the same folder
+    assert find_pairs(d, d, image_suffix="_img", label_suffix="_seg") == pairs
+
+
+def test_one_folder_empty_image_suffix(tmp_path):
+    d = tmp_path / "data"
+    _touch(d, "c1.nii.gz", "c1_seg.nii.gz", "c2.mha", "c2_seg.mha")
+    pairs = find_pairs(d, label_suffix="_seg")
+    assert _names(pairs) == ["c1", "c2"]
+    assert pairs[0].label.name == "c1_seg.nii.gz"
+
+
+def test_one_folder_missing_label(tmp_path):
+    d = tmp_path / "data"
+    _touch(d, "B1_img.png", "B1_seg.png", "B2_img.png")
+    with pytest.raises(AtlasregError, match="no labelmap for image") as ei:
+        find_pairs(d, image_suffix="_img", label_suffix="_seg")
+    assert "B2_img.png" in str(ei.value)
+
+
+def test_one_folder_needs_distinct_suffixes(tmp_path):
+    d = tmp_path / "data"
+    _touch(d, "a.png")
+    with pytest.raises(AtlasregError, match="label_suffix"):
+        find_pairs(d, d)
+    with pytest.raises(AtlasregError, match="must differ"):
+        find_pairs(d, image_suffix="_x", label_suffix="_x")
+
+
+def test_images_only(tmp_path):
+    d = tmp_path / "test"
+    _touch(d, "B3_img.png", "B1_img.png", "B1_seg.png", "other.mhd", "other.raw")
+    pairs = find_pairs(d, image_suffix="_img")
+    assert pairs == [CasePair("B1", d / "B1_img.png", None), CasePair("B3", d / "B3_img.png", None)]
+    assert _names(find_pairs(d)) == ["B1_img", "B1_seg", "B3_img", "other"]
+
+
+# ----------------------------------------------------------------------------------------------- CSV
+
+
+def test_csv_relative_and_absolute(tmp_path):
+    _touch(tmp_path / "data" / "imgs", "x10.png", "x2.png")
+    _touch(tmp_path / "data" / "segs", "x10.png", "x2.png")
+    csv = tmp_path / "data" / "cases.csv"
+    csv.write_text("image,label\n"
+                   "imgs/x10.png,segs/x10.png\n"
+                   f"{tmp_path / 'data' / 'imgs' / 'x2.png'},segs/x2.png\n\n")
+    pairs = find_pairs(csv=csv)
+    assert pairs == [
+        CasePair("x2", tmp_path / "data" / "imgs" / "x2.png", tmp_path / "data" / "segs" / "x2.png"),
+        CasePair("x10", tmp_path / "data" / "imgs" / "x10.png", tmp_path / "data" / "segs" / "x10.png"),
+    ]
+
+
+def test_csv_name_column_and_no_labels(tmp_path):
+    _touch(tmp_path, "a_img.nii.gz", "b_img.nii.gz")
+    csv = tmp_path / "list.csv"
+    csv.write_text("name,image\nalpha,a_img.nii.gz\n,b_img.nii.gz\n")
+    pairs = find_pairs(csv=csv, image_suffix="_img")
+    assert pairs == [CasePair("alpha", tmp_path / "a_img.nii.gz", None),
+                     CasePair("b", tmp_path / "b_img.nii.gz", None)]
+
+
+def test_csv_errors(tmp_path):
+    _touch(tmp_path, "a.png", "a_seg.png", "b.png")
+    with pytest.raises(AtlasregError, match="CSV file not found"):
+        find_pairs(csv=tmp_path / "missing.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("img,seg\na.png,a_seg.png\n")
+    with pytest.raises(AtlasregError, match="no 'image' column") as ei:
+        find_pairs(csv=bad)
+    assert "bad.csv" in str(ei.value)
+    partial = tmp_path / "partial.csv"
+    partial.write_text("image,label\na.png,a_seg.png\nb.png,\n")
+    with pytest.raises(AtlasregError, match="no labelmap for image") as ei:
+        find_pairs(csv=partial)
+    assert "b.png" in str(ei.value) and "partial.csv" in str(ei.value)
+    gone = tmp_path / "gone.csv"
+    gone.write_text("image,label\nzzz.png,a_seg.png\n")
+    with pytest.raises(AtlasregError, match="zzz.png"):
+        find_pairs(csv=gone)
+    dup = tmp_path / "dup.csv"
+    dup.write_text("image,name\na.png,x\nb.png,x\n")
+    with pytest.raises(AtlasregError, match="already used"):
+        find_pairs(csv=dup)
+    with pytest.raises(AtlasregError, match="not both"):
+        find_pairs(tmp_path, csv=partial)
+
+
+# ------------------------------------------------------------------------------------------ ordering
+
+
+def test_natural_key():
+    names = ["B10", "b2", "B1", "B100", "A3", "B2x", "case_01", "case_1"]
+    assert sorted(names, key=natural_key) == ["A3", "B1", "b2", "B2x", "B10", "B100", "case_01", "case_1"]
+
+
+# ---------------------------------------------------------------------------------------- select_cases
+
+
+def _pairs(n=20, prefix="B"):
+    return [CasePair(f"{prefix}{i}", Path(f"{prefix}{i}_img.png"), Path(f"{prefix}{i}_seg.png"))
+            for i in range(1, n + 1)]
+
+
+def test_select_none_and_range():
+    pairs = _pairs(20)
+    assert select_cases(pairs, None) == pairs
+    assert _names(select_cases(pairs, "B3-B12")) == [f"B{i}" for i in range(3, 13)]
+    assert _names(select_cases(pairs, "B18-25")) == ["B18", "B19", "B20"]
+    assert _names(select_cases(pairs, "B7")) == ["B7"]
+    with pytest.raises(AtlasregError, match="matches none"):
+        select_cases(pairs, "C1-C5")
+    with pytest.raises(AtlasregError, match="after end"):
+        select_cases(pairs, "B9-B3")
+    # range parts with digits/hyphens in the prefix
+    odd = [CasePair(n, Path(n), None) for n in ("sub-01", "sub-02", "sub-10", "other-02")]
+    assert _names(select_cases(odd, "sub-1-sub-2")) == ["sub-01", "sub-02"]
+
+
+def test_select_list():
+    pairs = _pairs(10)
+    assert _names(select_cases(pairs, ["B5", "B2", "B5"])) == ["B5", "B2"]
+    with pytest.raises(AtlasregError, match="unknown case names") as ei:
+        select_cases(pairs, ["B1", "X1", "X2", "X3", "X4", "X5", "X6", "X7"])
+    msg = str(ei.value)
+    assert "X1, X2, X3, X4, X5" in msg and "X6" not in msg and "2 more" in msg
+
+
+def test_select_fraction_disjoint_covering_deterministic():
+    pairs = _pairs(37)
+    train = select_cases(pairs, {"fraction": [0, 0.8], "seed": 0})
+    val = select_cases(pairs, {"fraction": [0.8, 1.0], "seed": 0})
+    assert len(train) == round(0.8 * 37) and len(train) + len(val) == 37
+    assert not set(_names(train)) & set(_names(val))
+    assert set(_names(train)) | set(_names(val)) == set(_names(pairs))
+    # deterministic, independent of input order, returned in input order
+    assert select_cases(pairs, {"fraction": [0, 0.8], "seed": 0}) == train
+    assert set(_names(select_cases(pairs[::-1], {"fraction": [0, 0.8], "seed": 0}))) == set(_names(train))
+    assert train == [p for p in pairs if p in train]
+    # a random split, not the first 80 %; another seed gives another split
+    assert _names(train) != _names(pairs[: len(train)])
+    other = select_cases(pairs, {"fraction": [0, 0.8], "seed": 1})
+    assert _names(other) != _names(train)
+    # three-way split covers everything once
+    parts = [select_cases(pairs, {"fraction": f, "seed": 3}) for f in ([0, 0.5], [0.5, 0.75], [0.75, 1])]
+    flat = [n for part in parts for n in _names(part)]
+    assert sorted(flat) == sorted(_names(pairs))
+
+
+def test_select_bad_specs():
+    pairs = _pairs(5)
+    with pytest.raises(AtlasregError):
+        select_cases(pairs, {"fraction": [0.5, 0.2]})
+    with pytest.raises(AtlasregError):
+        select_cases(pairs, {"fraction": [0.0, 0.05]})  # selects nothing
+    with pytest.raises(AtlasregError):
+        select_cases(pairs, {"frac": [0, 1]})
+    with pytest.raises(AtlasregError):
+        select_cases(pairs, 3.5)

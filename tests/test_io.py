@@ -1,0 +1,352 @@
+"""Tests for atlasreg.data.io: reading/validating images and labelmaps, atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from atlasreg.data.io import (atomic_directory, check_dimension, image_geometry, read_image, read_labelmap,
+                              same_geometry, write_image)
+from atlasreg.errors import AtlasregError
+
+LETTER_B = Path("/work/shared/data/letter-b/clean")
+
+
+def _img(arr, spacing=None, origin=None, vector=False) -> sitk.Image:
+    im = sitk.GetImageFromArray(np.asarray(arr), isVector=vector)
+    if spacing is not None:
+        im.SetSpacing(spacing)
+    if origin is not None:
+        im.SetOrigin(origin)
+    return im
+
+
+def _label_arr(shape=(8, 8), values=(0, 1)):
+    a = np.zeros(shape, np.uint8)
+    a[2:5, 2:5] = values[1]
+    return a
+
+
+def _only_visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+@pytest.mark.parametrize("ext", [".png", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd"])
+def test_read_image_roundtrip_formats(tmp_path, ext):
+    arr = (np.arange(48).reshape(6, 8) * 5).astype(np.uint8)
+    src = _img(arr)
+    if ext != ".png":
+        src.SetSpacing((0.5, 2.0))
+        src.SetOrigin((3.0, -1.0))
+    p = write_image(src, tmp_path / f"case{ext}")
+    assert p == tmp_path / f"case{ext}" and p.exists()
+    im = read_image(p)
+    assert im.GetPixelID() == sitk.sitkFloat32
+    assert im.GetSize() == (8, 6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(im), arr.astype(np.float32))
+    if ext != ".png":
+        assert same_geometry(im, src)
+
+
+def test_read_image_3d_keeps_geometry(tmp_path):
+    src = _img(np.random.default_rng(0).random((3, 4, 5)).astype(np.float64), spacing=(1.0, 2.0, 3.0),
+               origin=(10.0, 20.0, 30.0))
+    src.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    p = write_image(src, tmp_path / "vol.nii.gz")
+    im = read_image(p)
+    g = image_geometry(im)
+    assert g["size"] == (5, 4, 3)
+    assert g["spacing"] == pytest.approx((1.0, 2.0, 3.0))
+    assert g["origin"] == pytest.approx((10.0, 20.0, 30.0))
+    assert g["direction"] == pytest.approx((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    assert im.GetPixelID() == sitk.sitkFloat32
+
+
+def test_read_image_rgb_png_to_luminance(tmp_path):
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 0] = 100
+    rgb[..., 1] = 200
+    rgb[..., 2] = 50
+    write_image(_img(rgb, vector=True), tmp_path / "rgb.png")
+    im = read_image(tmp_path / "rgb.png")
+    assert im.GetNumberOfComponentsPerPixel() == 1 and im.GetPixelID() == sitk.sitkFloat32
+    assert im.GetSize() == (5, 4)
+    expected = 0.299 * 100 + 0.587 * 200 + 0.114 * 50
+    np.testing.assert_allclose(sitk.GetArrayFromImage(im), expected, rtol=1e-5)
+
+
+def test_read_image_missing(tmp_path):
+    with pytest.raises(AtlasregError, match="file not found") as ei:
+        read_image(tmp_path / "nope.png")
+    assert "nope.png" in str(ei.value)
+
+
+def test_read_image_corrupt(tmp_path):
+    p = tmp_path / "x.png"
+    p.write_bytes(b"this is not a png at all \x00\x01\x02")
+    with pytest.raises(AtlasregError, match="cannot read image") as ei:
+        read_image(p)
+    msg = str(ei.value)
+    assert "x.png" in msg and "\n" not in msg
+
+
+def test_read_image_truncated_png(tmp_path):
+    good = write_image(_img(np.random.default_rng(1).integers(0, 255, (64, 64)).astype(np.uint8)),
+                       tmp_path / "good.png")
+    bad = tmp_path / "trunc.png"
+    bad.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(AtlasregError, match="cannot read image") as ei:
+        read_image(bad)
+    assert "trunc.png" in str(ei.value) and "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_read_image_nan(tmp_path, ext, bad, dtype):
+    # ITK 5's NIfTI reader silently turns NaN/Inf into 0; read_image must still notice.
+    a = np.ones((3, 4, 4), dtype)
+    a[1, 2, 3] = bad
+    p = write_image(_img(a), tmp_path / f"nan{ext}")
+    with pytest.raises(AtlasregError, match="contains NaN or infinite intensities") as ei:
+        read_image(p)
+    assert f"nan{ext}" in str(ei.value)
+
+
+def test_read_image_finite_float_nifti_ok(tmp_path):
+    a = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+    p = write_image(_img(a), tmp_path / "ok.nii.gz")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(p)), a)
+
+
+def test_read_image_folder(tmp_path):
+    (tmp_path / "d.png").mkdir()
+    with pytest.raises(AtlasregError, match="d.png"):
+        read_image(tmp_path / "d.png")
+
+
+# ---------------------------------------------------------------------------------------- labelmaps
+
+
+def test_read_labelmap_ok(tmp_path):
+    img = write_image(_img(np.zeros((8, 8), np.uint8)), tmp_path / "img.png")
+    lab = write_image(_img(_label_arr(values=(0, 2))), tmp_path / "lab.png")
+    ref = read_image(img)
+    out = read_labelmap(lab, [0, 1, 2, 3], reference=ref, reference_path=img)
+    assert out.GetPixelID() == sitk.sitkUInt16
+    assert same_geometry(out, ref)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), _label_arr(values=(0, 2)))
+
+
+def test_read_labelmap_negative_labels_int32(tmp_path):
+    a = np.zeros((4, 4), np.int16)
+    a[0, 0] = -1
+    p = write_image(_img(a), tmp_path / "neg.nii.gz")
+    out = read_labelmap(p, [0, -1])
+    assert out.GetPixelID() == sitk.sitkInt32
+    assert sitk.GetArrayFromImage(out)[0, 0] == -1
+
+
+def test_read_labelmap_rgb_png_first_channel(tmp_path):
+    rgb = np.zeros((6, 6, 3), np.uint8)
+    rgb[1:3, 1:3, :] = 255
+    p = write_image(_img(rgb, vector=True), tmp_path / "seg.png")
+    out = read_labelmap(p, [0, 255])
+    assert out.GetNumberOfComponentsPerPixel() == 1
+    assert sorted(np.unique(sitk.GetArrayFromImage(out))) == [0, 255]
+
+
+def test_read_labelmap_float_integral_accepted(tmp_path):
+    p = write_image(_img(_label_arr().astype(np.float32)), tmp_path / "f.nii.gz")
+    out = read_labelmap(p, [0, 1])
+    assert out.GetPixelID() == sitk.sitkUInt16
+
+
+def test_read_labelmap_non_integer(tmp_path):
+    a = _label_arr().astype(np.float32)
+    a[0, 0] = 0.5
+    p = write_image(_img(a), tmp_path / "frac.nii.gz")
+    with pytest.raises(AtlasregError, match="non-integer") as ei:
+        read_labelmap(p, [0, 1])
+    assert "frac.nii.gz" in str(ei.value)
+
+
+def test_read_labelmap_nan_nifti(tmp_path):
+    a = _label_arr().astype(np.float32)
+    a[0, 0] = np.nan
+    p = write_image(_img(a), tmp_path / "nanlab.nii.gz")
+    with pytest.raises(AtlasregError, match="NaN or infinite") as ei:
+        read_labelmap(p, [0, 1])
+    assert "nanlab.nii.gz" in str(ei.value)
+
+
+def test_read_labelmap_missing_and_corrupt(tmp_path):
+    with pytest.raises(AtlasregError, match="file not found") as ei:
+        read_labelmap(tmp_path / "nolab.png", [0, 1])
+    assert "nolab.png" in str(ei.value)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(AtlasregError, match="cannot read image") as ei:
+        read_labelmap(bad, [0, 1])
+    assert "bad.nii.gz" in str(ei.value)
+
+
+def test_read_labelmap_values_not_declared(tmp_path):
+    a = _label_arr(values=(0, 1))
+    a[0, 0] = 7
+    a[0, 1] = 9
+    p = write_image(_img(a), tmp_path / "lab.png")
+    with pytest.raises(AtlasregError) as ei:
+        read_labelmap(p, [0, 1, 2, 3])
+    msg = str(ei.value)
+    assert "lab.png" in msg
+    assert "label values [7, 9] are not in the declared label list [0, 1, 2, 3]" in msg
+
+
+def test_read_labelmap_size_mismatch(tmp_path):
+    img = write_image(_img(np.zeros((16, 16), np.uint8)), tmp_path / "image.png")
+    lab = write_image(_img(_label_arr((8, 8))), tmp_path / "label.png")
+    with pytest.raises(AtlasregError) as ei:
+        read_labelmap(lab, [0, 1], reference=read_image(img), reference_path=img)
+    msg = str(ei.value)
+    assert msg.startswith(str(lab))
+    assert f"size 8x8 differs from image {img} 16x16" in msg
+
+
+def test_read_labelmap_geometry_mismatch(tmp_path):
+    img = write_image(_img(np.zeros((8, 8), np.float32), spacing=(1.0, 1.0)), tmp_path / "image.nii.gz")
+    lab = write_image(_img(_label_arr(), spacing=(2.0, 1.0)), tmp_path / "label.nii.gz")
+    with pytest.raises(AtlasregError, match="spacing") as ei:
+        read_labelmap(lab, [0, 1], reference=read_image(img), reference_path=img)
+    msg = str(ei.value)
+    assert "label.nii.gz" in msg and "image.nii.gz" in msg and "geometry differs" in msg
+    # within tolerance (1e-4 relative) is accepted
+    lab2 = write_image(_img(_label_arr(), spacing=(1.00001, 1.0)), tmp_path / "label2.nii.gz")
+    read_labelmap(lab2, [0, 1], reference=read_image(img), reference_path=img)
+    # origin differences are detected too
+    lab3 = write_image(_img(_label_arr(), origin=(0.0, 5.0)), tmp_path / "label3.nii.gz")
+    with pytest.raises(AtlasregError, match="origin"):
+        read_labelmap(lab3, [0, 1], reference=read_image(img), reference_path=img)
+
+
+def test_read_labelmap_no_foreground(tmp_path):
+    p = write_image(_img(np.zeros((8, 8), np.uint8)), tmp_path / "empty.png")
+    with pytest.raises(AtlasregError, match=r"has no foreground \(only label 0\)") as ei:
+        read_labelmap(p, [0, 1])
+    assert "empty.png" in str(ei.value)
+    out = read_labelmap(p, [0, 1], require_foreground=False)
+    assert out.GetSize() == (8, 8)
+
+
+def test_check_dimension(tmp_path):
+    vol = _img(np.zeros((2, 3, 4), np.float32))
+    check_dimension(vol, 3, "vol.nii.gz")
+    with pytest.raises(AtlasregError, match="is 3D but the model is 2D") as ei:
+        check_dimension(vol, 2, tmp_path / "vol.nii.gz")
+    assert "vol.nii.gz" in str(ei.value)
+    with pytest.raises(AtlasregError, match="is 2D but the model is 3D"):
+        check_dimension(_img(np.zeros((3, 4), np.float32)), 3, "a.png")
+
+
+@pytest.mark.skipif(not (LETTER_B / "B1_img.png").exists(), reason="Letter-B data not available")
+def test_read_real_letter_b_pair():
+    img_path, lab_path = LETTER_B / "B1_img.png", LETTER_B / "B1_seg.png"
+    img = read_image(img_path)
+    lab = read_labelmap(lab_path, [0, 255], reference=img, reference_path=img_path)
+    assert img.GetSize() == lab.GetSize() == (128, 128)
+    assert img.GetPixelID() == sitk.sitkFloat32
+    assert set(np.unique(sitk.GetArrayFromImage(lab)).tolist()) == {0, 255}
+    with pytest.raises(AtlasregError, match=r"label values \[255\]"):
+        read_labelmap(lab_path, [0, 1])
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def test_write_image_atomic_no_temp_files(tmp_path):
+    out = tmp_path / "a" / "b"
+    write_image(_img(np.zeros((4, 4), np.float32)), out / "x.nii.gz")
+    write_image(_img(np.ones((4, 4), np.float32)), out / "x.nii.gz")  # overwrite
+    write_image(_img(np.zeros((4, 4), np.uint8)), out / "y.png")
+    write_image(_img(np.zeros((2, 4, 4), np.int16)), out / "z.mhd")
+    assert _only_visible(out) == ["x.nii.gz", "y.png", "z.mhd", "z.zraw"]
+    assert sitk.GetArrayFromImage(read_image(out / "x.nii.gz")).max() == 1.0
+    assert read_image(out / "z.mhd").GetSize() == (4, 4, 2)
+
+
+def test_write_image_float_png_raises(tmp_path):
+    with pytest.raises(ValueError, match="PNG"):
+        write_image(_img(np.zeros((4, 4), np.float32)), tmp_path / "f.png")
+    with pytest.raises(ValueError):
+        write_image(_img(np.zeros((2, 4, 4), np.uint8)), tmp_path / "vol.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_image_failure_leaves_nothing(tmp_path):
+    with pytest.raises(AtlasregError, match="cannot write image") as ei:
+        write_image(_img(np.zeros((4, 4), np.float32)), tmp_path / "x.unknownext")
+    assert "x.unknownext" in str(ei.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_success_replaces(tmp_path):
+    final = tmp_path / "case1"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with atomic_directory(final) as tmp:
+        assert tmp.parent == tmp_path and tmp != final
+        (tmp / "new.txt").write_text("new")
+        assert (final / "old.txt").exists()  # old output still visible while writing
+    assert _only_visible(final) == ["new.txt"]
+    assert _only_visible(tmp_path) == ["case1"]
+
+
+def test_atomic_directory_exception_keeps_old(tmp_path):
+    final = tmp_path / "case1"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(final) as tmp:
+            (tmp / "partial.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert _only_visible(final) == ["old.txt"]
+    assert _only_visible(tmp_path) == ["case1"]
+
+
+def test_atomic_directory_new_and_failed_new(tmp_path):
+    with atomic_directory(tmp_path / "deep" / "out") as tmp:
+        write_image(_img(np.zeros((4, 4), np.uint8)), tmp / "seg.png")
+    assert _only_visible(tmp_path / "deep" / "out") == ["seg.png"]
+    with pytest.raises(KeyError):
+        with atomic_directory(tmp_path / "never"):
+            raise KeyError("x")
+    assert not (tmp_path / "never").exists()
+    assert _only_visible(tmp_path) == ["deep"]
+
+
+def test_geometry_helpers():
+    a = _img(np.zeros((3, 4), np.float32), spacing=(1.0, 2.0), origin=(0.0, 0.0))
+    b = _img(np.zeros((3, 4), np.float32), spacing=(1.0, 2.0), origin=(0.0, 0.0))
+    assert image_geometry(a) == {"size": (4, 3), "spacing": (1.0, 2.0), "origin": (0.0, 0.0),
+                                 "direction": (1.0, 0.0, 0.0, 1.0)}
+    assert same_geometry(a, b)
+    b.SetOrigin((0.0, 1e-6))
+    assert same_geometry(a, b)
+    b.SetOrigin((0.0, 1e-2))
+    assert not same_geometry(a, b)
+    assert not same_geometry(a, _img(np.zeros((4, 4), np.float32), spacing=(1.0, 2.0)))
+    assert not same_geometry(a, _img(np.zeros((1, 3, 4), np.float32)))
+
+
+def test_same_geometry_small_spacing_is_relative():
+    a = _img(np.zeros((3, 4), np.float32), spacing=(0.01, 0.01))
+    b = _img(np.zeros((3, 4), np.float32), spacing=(0.0101, 0.01))  # 1 % off: different
+    assert not same_geometry(a, b)
+    b.SetSpacing((0.0100001, 0.01))  # 1e-5 relative: same
+    assert same_geometry(a, b)
