@@ -29,8 +29,7 @@ def test_module_atlas_update_is_eq_15_with_warped_mean():
     m.set_training_data(imgs, labs)
     m.atlas_labelmap.copy_(torch.full((1, 2, 16, 16), 0.5))
     m.atlas_image.zero_()
-    m.on_train_epoch_end = AtlasISTNModule.on_train_epoch_end.__get__(m)
-    m.on_train_epoch_end()
+    m.update_atlas()
     assert torch.allclose(m.atlas_labelmap, 0.75 * 0.5 + 0.25 * labs.mean(0, keepdim=True), atol=1e-5)
     assert torch.allclose(m.atlas_image, 0.25 * imgs.mean(0, keepdim=True), atol=1e-5)
 

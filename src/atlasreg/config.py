@@ -19,14 +19,14 @@ DEFAULTS: dict[str, Any] = {
         "train": None,        # {images, labels?, csv?, image_suffix?, label_suffix?, cases?}
         "validation": None,   # same keys; never used for training
         "labels": {0: "background"},  # declared label list: value -> name (value order = channels)
-        "spacing": None,      # override of the files' spacing (ITK order), e.g. for PNG without one
+        "spacing": None,      # spacing (ITK order) for formats that store none (PNG, JPEG, BMP, TIFF)
     },
     "model": {
         "ndim": 2,
         "size": [64, 64],            # model grid, array order
         "spacing": [2.0, 2.0],       # model grid spacing, ITK order, world units
         "itn_channels": [8, 16, 32, 64],
-        "stn_channels": [16, 32, 32],
+        "stn_channels": [16, 16, 32],
         "stn_variant": "affine_svf",  # affine_svf | svf | affine
         "integration_steps": 6,
     },

@@ -12,7 +12,7 @@ import torch
 from ..errors import AtlasregError
 from ..spatial.grid import Grid
 from .dataset import CasePair, find_pairs, select_cases
-from .io import check_dimension, read_image, read_labelmap
+from .io import check_dimension, read_image, read_labelmap, same_geometry
 from .preprocessing import one_hot, to_model_grid, values_to_indices, zero_mean_unit_variance
 
 
@@ -29,8 +29,13 @@ class Case:
     path: str
 
 
-def _apply_spacing(image: sitk.Image, spacing) -> sitk.Image:
-    if spacing is not None:
+NO_GEOMETRY_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _apply_spacing(image: sitk.Image, spacing, path) -> sitk.Image:
+    """Set the configured spacing (config data.spacing) on images from formats that store none
+    (PNG, JPEG, BMP, TIFF); files with real geometry (NIfTI, NRRD, MHA) keep their own."""
+    if spacing is not None and str(path).lower().endswith(NO_GEOMETRY_FORMATS):
         image.SetSpacing(tuple(float(s) for s in spacing))
     return image
 
@@ -39,20 +44,25 @@ def load_case(image_path, label_path, labels: Sequence[int], model_size, model_s
               spacing_override=None, require_foreground: bool = True, name: str | None = None) -> Case:
     """Read one image (and labelmap), check them, and resample to the model grid.
     Raises AtlasregError naming the file for every bad input."""
-    image = _apply_spacing(read_image(image_path), spacing_override)
+    image = _apply_spacing(read_image(image_path), spacing_override, image_path)
     check_dimension(image, ndim, image_path)
     grid = Grid.from_sitk(image)
     arr = zero_mean_unit_variance(sitk.GetArrayFromImage(image))
     img_t = to_model_grid(torch.from_numpy(arr)[None, None], grid, model_size, model_spacing)
     lab_t = None
     if label_path is not None:
-        lab = _apply_spacing(read_labelmap(label_path, labels, reference=image if spacing_override is None
-                                           else None, reference_path=image_path,
-                                           require_foreground=require_foreground), spacing_override)
+        # Size and geometry are compared after the configured spacing is applied to both files.
+        lab = _apply_spacing(read_labelmap(label_path, labels, require_foreground=False), spacing_override,
+                             label_path)
         if lab.GetSize() != image.GetSize():
             raise AtlasregError(f"size {lab.GetSize()} differs from image {image_path} {image.GetSize()}",
                                 label_path)
+        if not same_geometry(lab, image):
+            raise AtlasregError(f"geometry (spacing, origin or direction) differs from image {image_path}",
+                                label_path)
         idx = values_to_indices(sitk.GetArrayFromImage(lab), labels)
+        if require_foreground and not idx.any():
+            raise AtlasregError(f"has no foreground (only label {labels[0]})", label_path)
         oh = one_hot(torch.from_numpy(idx)[None], len(labels))
         lab_t = to_model_grid(oh, grid, model_size, model_spacing)
     return Case(name or case_name(image_path), img_t, lab_t, grid, image, str(image_path))

@@ -8,6 +8,7 @@ atlas and the full config together.
 from __future__ import annotations
 
 import math
+import time
 from typing import Sequence
 
 import lightning as L
@@ -30,7 +31,7 @@ class AtlasISTN(nn.Module):
     """
 
     def __init__(self, ndim: int, num_classes: int, size: Sequence[int], spacing: Sequence[float],
-                 itn_channels=(8, 16, 32, 64), stn_channels=(16, 32, 32), stn_variant: str = "affine_svf",
+                 itn_channels=(8, 16, 32, 64), stn_channels=(16, 16, 32), stn_variant: str = "affine_svf",
                  integration_steps: int = 6):
         super().__init__()
         self.ndim, self.num_classes = ndim, num_classes
@@ -104,6 +105,7 @@ class AtlasISTNModule(L.LightningModule):
         self.train_images: torch.Tensor | None = None
         self.train_labelmaps: torch.Tensor | None = None
         self._augment = None
+        self.atlas_update_seconds = 0.0
 
     # ---------------------------------------------------------------- data held in memory
     def set_training_data(self, images: torch.Tensor, labelmaps: torch.Tensor) -> None:
@@ -160,7 +162,10 @@ class AtlasISTNModule(L.LightningModule):
         n = images.shape[0]
         return sum_lab / n, sum_img / n
 
-    def on_train_epoch_end(self) -> None:
+    def update_atlas(self) -> None:
+        """Eqs. 15-16 at the end of an epoch. Called by the AtlasUpdate callback, which Lightning runs
+        before ModelCheckpoint, so every checkpoint holds the updated atlas."""
+        t0 = time.perf_counter()
         eta = float(self.config["training"]["atlas_eta"])
         was_training = self.net.training
         self.net.eval()
@@ -169,6 +174,8 @@ class AtlasISTNModule(L.LightningModule):
         self.net.train(was_training)
         self.atlas_labelmap.copy_(atlas_update(self.atlas_labelmap, mean_lab, eta))
         self.atlas_image.copy_(atlas_update(self.atlas_image, mean_img, eta))
+        self.atlas_update_seconds = time.perf_counter() - t0
+        self.log("time/atlas_s", self.atlas_update_seconds)
 
     def configure_optimizers(self):
         t = self.config["training"]

@@ -4,7 +4,6 @@ holding weights, optimiser, atlas and config, and resume from the last checkpoin
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -37,7 +36,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class EpochTimer(Callback):
-    """Logs seconds per epoch for training and for the atlas update separately."""
+    """Logs seconds per epoch of training (the atlas update is timed by the module itself); keeps
+    (train_s, atlas_s) per epoch in `self.times`, and prints one line per epoch if `verbose`."""
+
+    def __init__(self, verbose: bool = False):
+        self.times: list[tuple[float, float]] = []
+        self.verbose = verbose
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0 = time.perf_counter()
@@ -46,10 +50,23 @@ class EpochTimer(Callback):
         self._t1 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        # Callbacks' on_train_epoch_end runs after the module's (atlas update) hook.
-        now = time.perf_counter()
         pl_module.log("time/train_s", self._t1 - self._t0)
-        pl_module.log("time/atlas_s", now - self._t1)
+        self.times.append((self._t1 - self._t0, pl_module.atlas_update_seconds))
+        if self.verbose:
+            m = trainer.callback_metrics
+            print(f"epoch {trainer.current_epoch:4d}  loss {float(m.get('loss/total', float('nan'))):.4f}  "
+                  f"seg {float(m.get('loss/seg', float('nan'))):.4f}  a2s {float(m.get('loss/a2s', float('nan'))):.4f}  "
+                  f"s2a {float(m.get('loss/s2a', float('nan'))):.4f}  reg {float(m.get('loss/reg', float('nan'))):.4f}  "
+                  f"w {float(m.get('w', float('nan'))):.3f}  train {self.times[-1][0]:.1f}s  "
+                  f"atlas {self.times[-1][1]:.1f}s", flush=True)
+
+
+class AtlasUpdate(Callback):
+    """Atlas update at every epoch end (Eqs. 15-16). As a callback it runs before ModelCheckpoint
+    (Lightning orders checkpoint callbacks last), so checkpoints and resumed runs see the new atlas."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pl_module.update_atlas()
 
 
 def _write_atomic_text(path: Path, text: str) -> None:
@@ -58,7 +75,8 @@ def _write_atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True) -> Path:
+def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True,
+          timer: EpochTimer | None = None) -> Path:
     """Train Atlas-ISTN on `config['data']['train']`; writes into out_dir:
     `config.yaml`, `checkpoints/last.ckpt` (every epoch), `model.ckpt` (final), `atlas/` (atlas
     labelmap, probabilities and image with their grid), `logs/` (TensorBoard).
@@ -83,12 +101,12 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1)
     trainer = L.Trainer(
         max_epochs=int(t["epochs"]), accelerator="auto", devices=1, logger=TensorBoardLogger(out_dir, name="logs"),
-        callbacks=[checkpoint, EpochTimer()], plugins=[AtomicCheckpointIO()],
+        callbacks=[AtlasUpdate(), timer or EpochTimer(verbose=not progress), checkpoint], plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
         num_sanity_val_steps=0, deterministic=False)
     ckpt_path = str(last) if (resume and last.is_file()) else None
-    if ckpt_path and progress:
-        print(f"resuming from {ckpt_path}")
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}", flush=True)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
 
     final = out_dir / FINAL_CHECKPOINT
@@ -111,8 +129,3 @@ def load_module(checkpoint: str | Path, map_location="cpu") -> AtlasISTNModule:
     module.eval()
     return module
 
-
-def copy_checkpoint(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)

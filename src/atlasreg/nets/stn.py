@@ -25,8 +25,9 @@ class STN(nn.Module):
 
     ndim: 2 or 3; in_channels: 2(C-1); size: model grid size (array order); spacing: model grid
     spacing (ITK order, mm); variant: 'affine_svf' (default), 'svf' or 'affine';
-    channels: features at 1/2, 1/4, 1/8 resolution. The first convolution has stride 2, so the SVF
-    head is at half resolution. Affine heads are zero-initialised (identity at start) and bounded:
+    channels: features at 1/2, 1/4, 1/8 resolution (reference: 16, 16, 32). The first convolution has
+    stride 2, so the SVF head is at half resolution; coarser scales use strided (linear) convolutions
+    followed by convolution + ReLU, and the SVF decoder one convolution + ReLU per scale. Affine heads are zero-initialised (identity at start) and bounded:
     |translation| <= half the field of view, |rotation| <= pi/4 per angle, scale in [1/e, e]. The SVF
     head is zero-initialised; its output unit is one full-resolution voxel, converted to mm.
 
@@ -35,7 +36,7 @@ class STN(nn.Module):
     """
 
     def __init__(self, ndim: int, in_channels: int, size: Sequence[int], spacing: Sequence[float],
-                 variant: str = "affine_svf", channels: Sequence[int] = (16, 32, 32), pool: int = 4):
+                 variant: str = "affine_svf", channels: Sequence[int] = (16, 16, 32), pool: int = 4):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown STN variant {variant!r}; choose one of {VARIANTS}")
@@ -49,9 +50,10 @@ class STN(nn.Module):
                              persistent=False)
         self.register_buffer("half_fov", torch.tensor([n * s / 2.0 for n, s in zip(reversed(size), spacing)]),
                              persistent=False)
-        self.enc1 = nn.Sequential(conv_relu(ndim, in_channels, c1, stride=2), conv_relu(ndim, c1, c1))
-        self.enc2 = nn.Sequential(conv_relu(ndim, c1, c2, stride=2), conv_relu(ndim, c2, c2))
-        self.enc3 = nn.Sequential(conv_relu(ndim, c2, c3, stride=2), conv_relu(ndim, c3, c3))
+        self.enc1 = nn.Sequential(conv(ndim, in_channels, c1, stride=2), nn.ReLU(inplace=True),
+                                  conv_relu(ndim, c1, c1))
+        self.enc2 = nn.Sequential(conv(ndim, c1, c2, stride=2), conv_relu(ndim, c2, c2))
+        self.enc3 = nn.Sequential(conv(ndim, c2, c3, stride=2), conv_relu(ndim, c3, c3))
         self.up = upsample(ndim)
         self.has_svf = variant in ("affine_svf", "svf")
         self.has_affine = variant in ("affine_svf", "affine")

@@ -13,6 +13,10 @@ from .layers import conv, conv_relu, memory_format, to_memory_format, upsample
 class UNet(nn.Module):
     """U-Net with strided convolutions down, linear upsampling up, ReLU, no batch normalisation.
 
+    Layout of the reference 2D/3D U-Net of Atlas-ISTN: two convolutions at full resolution; per
+    coarser scale a strided (linear) convolution and one convolution + ReLU; per decoder scale one
+    convolution + ReLU on [upsampled, skip]; a 1x1 convolution to the logits.
+
     ndim: 2 or 3; in_channels: image channels; num_classes: C including background;
     channels: features per scale (reference for 2D letter B: 8, 16, 32, 64).
     forward(x: (N, in_channels, *spatial)) -> raw logits (N, C, *spatial) (no softmax; Eq. 4).
@@ -28,12 +32,10 @@ class UNet(nn.Module):
         c = list(channels)
         self.inc = nn.Sequential(conv_relu(ndim, in_channels, c[0]), conv_relu(ndim, c[0], c[0]))
         self.down = nn.ModuleList(
-            nn.Sequential(conv_relu(ndim, c[i], c[i + 1], stride=2), conv_relu(ndim, c[i + 1], c[i + 1]))
+            nn.Sequential(conv(ndim, c[i], c[i + 1], stride=2), conv_relu(ndim, c[i + 1], c[i + 1]))
             for i in range(self.depth))
         self.up = upsample(ndim)
-        self.dec = nn.ModuleList(
-            nn.Sequential(conv_relu(ndim, c[i + 1] + c[i], c[i]), conv_relu(ndim, c[i], c[i]))
-            for i in reversed(range(self.depth)))
+        self.dec = nn.ModuleList(conv_relu(ndim, c[i + 1] + c[i], c[i]) for i in reversed(range(self.depth)))
         self.out = conv(ndim, c[0], num_classes, kernel=1)
         self.to(memory_format=memory_format(ndim))
 

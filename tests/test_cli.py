@@ -1,0 +1,182 @@
+"""The command line end to end on tiny generated data, and every bad input of the core issue."""
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from atlasreg.cli import main
+from atlasreg.data.letter_b import write_letter_b_dataset
+
+SIZE = 32  # native image size of the tiny data
+
+
+def tiny_config(tmp, train_dir, epochs=2):
+    cfg = {
+        "name": "tiny",
+        "data": {"train": {"images": str(train_dir), "image_suffix": "_img", "label_suffix": "_seg"},
+                 "labels": {0: "background", 255: "letter"}, "spacing": [1.0, 1.0]},
+        "model": {"ndim": 2, "size": [16, 16], "spacing": [2.0, 2.0], "itn_channels": [4, 8, 8, 8],
+                  "stn_channels": [4, 4, 8]},
+        "training": {"epochs": epochs, "batch_size": 4, "fade_in": None, "atlas_batch_size": 4},
+        "refinement": {"iterations": 3, "cases_at_once": 2},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("cli")
+    write_letter_b_dataset(tmp / "train", 6, seed=0, size=SIZE)
+    write_letter_b_dataset(tmp / "test", 3, seed=1, start_index=101, size=SIZE, corrupt=True)
+    config = tiny_config(tmp, tmp / "train")
+    assert main(["train", str(config), "--out", str(tmp / "run"), "--quiet"]) == 0
+    return tmp
+
+
+def test_train_writes_checkpoint_atlas_and_config(trained):
+    run = trained / "run"
+    assert (run / "model.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "tiny"
+    atlas = sitk.ReadImage(str(run / "atlas" / "atlas_labelmap.nii.gz"))
+    assert atlas.GetSize() == (16, 16) and atlas.GetSpacing() == (2.0, 2.0)
+    ckpt = torch.load(run / "model.ckpt", weights_only=False)
+    assert ckpt["hyper_parameters"]["config"]["model"]["size"] == [16, 16]
+    assert "atlas_labelmap" in ckpt["state_dict"] and ckpt["optimizer_states"]
+
+
+def test_interrupted_training_resumes_from_last_checkpoint(trained, capsys):
+    """A run stopped after 1 of 2 epochs continues from its last checkpoint in the same folder."""
+    out = trained / "resumable"
+    assert main(["train", str(tiny_config(trained, trained / "train", epochs=1)), "--out", str(out), "--quiet"]) == 0
+    before = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert before["global_step"] == 2  # one epoch of two batches (6 cases, batch 4)
+    capsys.readouterr()
+    assert main(["train", str(tiny_config(trained, trained / "train", epochs=2)), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming from" in printed and "epoch    0" not in printed and "epoch    1" in printed
+    after = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert after["global_step"] == before["global_step"] + 2  # only the missing epoch was run
+    assert not torch.equal(after["state_dict"]["atlas_labelmap"], before["state_dict"]["atlas_labelmap"])
+
+
+def test_segment_and_evaluate_end_to_end(trained):
+    out = trained / "seg"
+    assert main(["segment", str(trained / "test"), "--image-suffix", "_img", "--checkpoint",
+                 str(trained / "run" / "model.ckpt"), "--out", str(out), "--quiet"]) == 0
+    case = out / "B101"
+    source = sitk.ReadImage(str(trained / "test" / "B101_img.png"))
+    for name in ("itn", "onepass", "refine", "atlas"):
+        img = sitk.ReadImage(str(case / f"{name}_labelmap.png"))
+        assert img.GetSize() == source.GetSize()  # written on the input's own grid
+        assert set(np.unique(sitk.GetArrayFromImage(img))) <= {0, 255}
+    disp = sitk.ReadImage(str(case / "inverse_displacement.nii.gz"))
+    assert disp.GetNumberOfComponentsPerPixel() == 2 and disp.GetSize() == source.GetSize()
+    assert sitk.ReadImage(str(case / "deformed_atlas_image.nii.gz")).GetSize() == source.GetSize()
+    assert not list(out.glob(".*"))  # no temporary leftovers
+
+    ev = trained / "eval"
+    assert main(["evaluate", str(out), "--references", str(trained / "test"), "--reference-suffix", "_seg",
+                 "--checkpoint", str(trained / "run" / "model.ckpt"), "--out", str(ev)]) == 0
+    rows = list(csv.DictReader(open(ev / "metrics_per_case.csv")))
+    assert {r["method"] for r in rows} == {"itn", "onepass", "refine", "atlas"}
+    assert len({r["case"] for r in rows}) == 3
+    assert "refine" in (ev / "summary.md").read_text()
+
+
+def test_segment_outputs_follow_input_geometry(trained, tmp_path):
+    """A NIfTI input with spacing, origin and direction: outputs carry the same geometry."""
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "test" / "B101_img.png"))).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.9, 1.1))
+    img.SetOrigin((10.0, -5.0))
+    img.SetDirection((0.0, -1.0, 1.0, 0.0))
+    sitk.WriteImage(img, str(tmp_path / "case.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "case.nii.gz"), "--checkpoint", str(trained / "run" / "model.ckpt"),
+                 "--out", str(out), "--quiet"]) == 0
+    for name in ("refine_labelmap.nii.gz", "forward_displacement.nii.gz"):
+        res = sitk.ReadImage(str(out / "case" / name))
+        assert res.GetSize() == img.GetSize()
+        assert np.allclose(res.GetSpacing(), img.GetSpacing())
+        assert np.allclose(res.GetOrigin(), img.GetOrigin())
+        assert np.allclose(res.GetDirection(), img.GetDirection())
+
+
+# ---------------------------------------------------------------- bad input (issue item 9)
+
+def run_fails(argv, capsys, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("atlasreg: error:"), err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def segment_argv(trained, inputs, out):
+    return ["segment", *map(str, inputs), "--checkpoint", str(trained / "run" / "model.ckpt"), "--out", str(out),
+            "--quiet"]
+
+
+def test_missing_file(trained, tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    run_fails(segment_argv(trained, [missing], tmp_path / "o"), capsys, "nope.png", "not found")
+    run_fails(["segment", str(trained / "test"), "--checkpoint", str(tmp_path / "x.ckpt"), "--out",
+               str(tmp_path / "o")], capsys, "x.ckpt")
+
+
+def test_unreadable_file_leaves_no_output(trained, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    good = trained / "test" / "B101_img.png"
+    out = tmp_path / "o"
+    run_fails(segment_argv(trained, [good, bad], out), capsys, "broken.png")
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written, not even the good case
+
+
+def test_nan_intensities(trained, tmp_path, capsys):
+    arr = np.random.rand(SIZE, SIZE).astype(np.float32)
+    arr[3, 4] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "nan.nii.gz"))
+    run_fails(segment_argv(trained, [tmp_path / "nan.nii.gz"], tmp_path / "o"), capsys, "nan.nii.gz", "NaN")
+
+
+def test_dimensionality_mismatch(trained, tmp_path, capsys):
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, SIZE, SIZE).astype(np.float32)),
+                    str(tmp_path / "vol.nii.gz"))
+    run_fails(segment_argv(trained, [tmp_path / "vol.nii.gz"], tmp_path / "o"), capsys, "vol.nii.gz", "3D")
+
+
+def make_training_folder(trained, tmp_path, label_array):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for f in ("B1_img.png", "B2_img.png", "B2_seg.png"):
+        (folder / f).write_bytes((trained / "train" / f).read_bytes())
+    sitk.WriteImage(sitk.GetImageFromArray(label_array), str(folder / "B1_seg.png"))
+    return tiny_config(tmp_path, folder)
+
+
+@pytest.mark.parametrize("label_array, needle", [
+    (np.zeros((SIZE + 2, SIZE), np.uint8), "size"),                 # labelmap of another size
+    (np.full((SIZE, SIZE), 7, np.uint8), "not in the declared"),     # undeclared label value
+    (np.zeros((SIZE, SIZE), np.uint8), "no foreground"),             # a case with no foreground
+])
+def test_bad_training_labelmaps(trained, tmp_path, capsys, label_array, needle):
+    config = make_training_folder(trained, tmp_path, label_array)
+    out = tmp_path / "run"
+    run_fails(["train", str(config), "--out", str(out), "--quiet"], capsys, "B1_seg.png", needle)
+    assert not (out / "model.ckpt").exists()
+
+
+def test_bad_config(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {sise: [64, 64]}\n")
+    run_fails(["train", str(cfg), "--out", str(tmp_path / "o")], capsys, "model.sise")
