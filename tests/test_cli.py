@@ -8,7 +8,11 @@ import SimpleITK as sitk
 import torch
 import yaml
 
+from lightning.pytorch.callbacks import Callback
+
 from atlasreg.cli import main
+from atlasreg.config import load_config
+from atlasreg.models.train import train
 from atlasreg.data.letter_b import write_letter_b_dataset
 
 SIZE = 32  # native image size of the tiny data
@@ -51,17 +55,28 @@ def test_train_writes_checkpoint_atlas_and_config(trained):
     assert "atlas_labelmap" in ckpt["state_dict"] and ckpt["optimizer_states"]
 
 
+class Crash(Callback):
+    """Simulates a run killed at the start of its second epoch."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated interruption")
+
+
 def test_interrupted_training_resumes_from_last_checkpoint(trained, capsys):
-    """A run stopped after 1 of 2 epochs continues from its last checkpoint in the same folder."""
+    """A run killed during epoch 1 of 2 continues from its last checkpoint in the same folder."""
     out = trained / "resumable"
-    assert main(["train", str(tiny_config(trained, trained / "train", epochs=1)), "--out", str(out), "--quiet"]) == 0
+    cfg = load_config(tiny_config(trained, trained / "train", epochs=2))
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(cfg, out, progress=False, callbacks=[Crash()])
+    assert not (out / "model.ckpt").exists()
     before = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert before["global_step"] == 2  # one epoch of two batches (6 cases, batch 4)
+    assert before["global_step"] == 2  # epoch 0 done: two batches (6 cases, batch 4)
     capsys.readouterr()
     assert main(["train", str(tiny_config(trained, trained / "train", epochs=2)), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "resuming from" in printed and "epoch    0" not in printed and "epoch    1" in printed
-    after = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    after = torch.load(out / "model.ckpt", weights_only=False)
     assert after["global_step"] == before["global_step"] + 2  # only the missing epoch was run
     assert not torch.equal(after["state_dict"]["atlas_labelmap"], before["state_dict"]["atlas_labelmap"])
 

@@ -40,19 +40,33 @@ def cmd_segment(args) -> int:
     from .segment import segment
 
     module = load_module(args.checkpoint)
-    written = segment(module, args.inputs, args.out, _refinement_overrides(args), progress=not args.quiet,
+    inputs = list(args.inputs)
+    if args.split:
+        inputs += [p.image for p in _split_pairs(module.config, args.split, need_labels=False)]
+    if not inputs:
+        raise AtlasregError("give input images/folders or --split")
+    written = segment(module, inputs, args.out, _refinement_overrides(args), progress=not args.quiet,
                       image_suffix=args.image_suffix)
     print(f"{len(written)} case(s) written to {args.out}")
     return 0
 
 
-def _labels_from(args) -> dict[int, str]:
+def _split_pairs(config: dict, split: str, need_labels: bool = True):
+    from .data.cases import pairs_from_spec
+
+    spec = config["data"].get(split)
+    if not spec:
+        raise AtlasregError(f"the config has no data split '{split}'")
+    return pairs_from_spec(spec, need_labels=need_labels)
+
+
+def _config_from(args) -> dict:
     if args.checkpoint:
         from .models.train import load_module
-        return load_module(args.checkpoint).config["data"]["labels"]
+        return load_module(args.checkpoint).config
     if args.config:
         from .config import load_config
-        return load_config(args.config)["data"]["labels"]
+        return load_config(args.config)
     raise AtlasregError("evaluate needs --config or --checkpoint to know the declared labels")
 
 
@@ -70,11 +84,17 @@ def cmd_evaluate(args) -> int:
     from .data.dataset import find_pairs
     from .evaluation.evaluate import evaluate_predictions
 
-    labels = _labels_from(args)
+    config = _config_from(args)
+    labels = config["data"]["labels"]
     merge = _parse_merge(args.merge)
-    refs = {p.name: p.image for p in find_pairs(args.references, image_suffix=args.reference_suffix)}
+    if args.split:
+        refs = {p.name: p.label for p in _split_pairs(config, args.split)}
+    elif args.references:
+        refs = {p.name: p.image for p in find_pairs(args.references, image_suffix=args.reference_suffix)}
+    else:
+        raise AtlasregError("evaluate needs --references or --split")
     per_case, summary = evaluate_predictions(args.predictions, refs, labels, args.out, merge=merge)
-    print(Path(summary).with_suffix(".md").read_text() if Path(summary).suffix != ".md" else Path(summary).read_text())
+    print(Path(summary).read_text())
     print(f"per-case metrics: {per_case}")
     return 0
 
@@ -112,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("segment", help="ITN, 1-pass and refined segmentation of images or folders")
-    s.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    s.add_argument("inputs", nargs="*", help="image files and/or folders of images")
+    s.add_argument("--split", help="also segment the images of this data split of the checkpoint's config, "
+                   "e.g. validation")
     s.add_argument("--checkpoint", required=True, help="model.ckpt written by `atlasreg train`")
     s.add_argument("--out", required=True, help="output folder, one subfolder per case")
     s.add_argument("--image-suffix", default="", help="in folders, take only images named <case><suffix>.<ext>, "
@@ -128,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="Dice, HD, HD95, ASD per structure for ITN, 1-pass, refine, atlas")
     e.add_argument("predictions", help="output folder of `atlasreg segment`")
-    e.add_argument("--references", required=True, help="folder of reference labelmaps named like the cases")
+    e.add_argument("--references", help="folder of reference labelmaps named like the cases")
+    e.add_argument("--split", help="take the references from this data split of the config, e.g. validation")
     e.add_argument("--reference-suffix", default="", help="suffix of reference files, e.g. _seg")
     e.add_argument("--checkpoint", help="checkpoint whose config declares the labels")
     e.add_argument("--config", help="config that declares the labels")
@@ -154,7 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"atlasreg: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -76,7 +76,7 @@ def _write_atomic_text(path: Path, text: str) -> None:
 
 
 def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True,
-          timer: EpochTimer | None = None) -> Path:
+          timer: EpochTimer | None = None, callbacks: list[Callback] | None = None) -> Path:
     """Train Atlas-ISTN on `config['data']['train']`; writes into out_dir:
     `config.yaml`, `checkpoints/last.ckpt` (every epoch), `model.ckpt` (final), `atlas/` (atlas
     labelmap, probabilities and image with their grid), `logs/` (TensorBoard).
@@ -98,10 +98,13 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
                         drop_last=False, num_workers=0)
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+    # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes last.ckpt only when it
+    # has saved a top-k checkpoint in that epoch (save_top_k=0 would leave nothing to resume from).
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:04d}", auto_insert_metric_name=False,
+                                 save_last=True, save_top_k=1, every_n_epochs=1)
     trainer = L.Trainer(
         max_epochs=int(t["epochs"]), accelerator="auto", devices=1, logger=TensorBoardLogger(out_dir, name="logs"),
-        callbacks=[AtlasUpdate(), timer or EpochTimer(verbose=not progress), checkpoint], plugins=[AtomicCheckpointIO()],
+        callbacks=[AtlasUpdate(), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
         num_sanity_val_steps=0, deterministic=False)
     ckpt_path = str(last) if (resume and last.is_file()) else None
