@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import load_config
 from .data.dataset import find_pairs
+from .data.io import write_text
 from .data.letter_b import write_letter_b_dataset
 from .evaluation.evaluate import evaluate_predictions
 from .models.train import load_module, train
@@ -59,7 +60,7 @@ def run_demo(out: str | Path = "demo_output", epochs: int | None = None, n_train
         tables.append(f"## {split} test set\n\n" + (Path(summary).parent / "summary.md").read_text())
     text = "# atlasreg demo: Atlas-ISTN on generated Letter-B\n\n" + "\n\n".join(tables)
     summary_path = out / "summary.md"
-    summary_path.write_text(text)
+    write_text(summary_path, text)
     say(text)
     say(f"outputs in {out}; summary table: {summary_path}")
     return summary_path

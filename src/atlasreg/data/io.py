@@ -370,6 +370,29 @@ def _write_mhd(image: sitk.Image, path: Path, compress: bool, token: str) -> Non
 
 
 @contextlib.contextmanager
+def atomic_file(path) -> Iterator[Path]:
+    """Write a file all-or-nothing: yields a hidden temporary path beside ``path`` (same name, so
+    the same suffixes) which is moved onto ``path`` when the block succeeds and deleted when it
+    raises. Creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_text(path, text: str) -> Path:
+    """Write a text file atomically (see :func:`atomic_file`); returns the path."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+@contextlib.contextmanager
 def atomic_directory(final_dir) -> Iterator[Path]:
     """Build a folder all-or-nothing.
 

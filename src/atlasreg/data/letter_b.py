@@ -30,13 +30,12 @@ All functions use the numpy array convention ``array[row, col]`` = ``array[y, x]
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 import SimpleITK as sitk
-from PIL import Image
+
+from .io import write_image
 
 __all__ = [
     "BACKGROUND_INTENSITY",
@@ -274,22 +273,6 @@ def generate_case(rng: np.random.Generator, size: int = 128, corrupt: bool = Fal
     return image, label.astype(np.uint8) * np.uint8(255)
 
 
-def _save_png_atomic(array: np.ndarray, path: pathlib.Path) -> None:
-    """Write an 8-bit greyscale PNG via a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(fh, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_letter_b_dataset(
     out_dir,
     n_cases: int,
@@ -322,7 +305,7 @@ def write_letter_b_dataset(
         image, label = generate_case(rng, size=size, corrupt=corrupt)
         img_path = out / f"B{i}_img.png"
         seg_path = out / f"B{i}_seg.png"
-        _save_png_atomic(image, img_path)
-        _save_png_atomic(label, seg_path)
+        write_image(sitk.GetImageFromArray(image), img_path)
+        write_image(sitk.GetImageFromArray(label), seg_path)
         paths.extend([img_path, seg_path])
     return paths

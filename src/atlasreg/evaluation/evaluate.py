@@ -28,14 +28,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from atlasreg.data.io import write_text
 from atlasreg.errors import AtlasregError
 from atlasreg.evaluation.metrics import METRIC_NAMES, labelmap_connected_components, segmentation_metrics
 
@@ -100,21 +99,6 @@ def _apply_merge(array: np.ndarray, merge: Mapping[int, Sequence[int]]) -> np.nd
     for key, sources in merge.items():
         out[np.isin(array, [int(key), *map(int, sources)])] = int(key)
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, object]]) -> str:
@@ -279,7 +263,7 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
     per_case_path = out_dir / "metrics_per_case.csv"
     summary_csv_path = out_dir / "summary.csv"
     summary_md_path = out_dir / "summary.md"
-    _atomic_write(per_case_path, _csv_text(PER_CASE_COLUMNS, rows))
-    _atomic_write(summary_csv_path, _csv_text(SUMMARY_COLUMNS, summary))
-    _atomic_write(summary_md_path, "\n".join(lines) + "\n")
+    write_text(per_case_path, _csv_text(PER_CASE_COLUMNS, rows))
+    write_text(summary_csv_path, _csv_text(SUMMARY_COLUMNS, summary))
+    write_text(summary_md_path, "\n".join(lines) + "\n")
     return per_case_path, summary_md_path

@@ -3,7 +3,6 @@ holding weights, optimiser, atlas and config, and resume from the last checkpoin
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..atlas import save_atlas
 from ..data.cases import load_training_tensors
+from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
 from .atlas_istn import AtlasISTNModule
 
@@ -28,11 +28,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     interruption never leaves a truncated checkpoint."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 class EpochTimer(Callback):
@@ -56,7 +53,7 @@ class EpochTimer(Callback):
             m = trainer.callback_metrics
             print(f"epoch {trainer.current_epoch:4d}  loss {float(m.get('loss/total', float('nan'))):.4f}  "
                   f"seg {float(m.get('loss/seg', float('nan'))):.4f}  a2s {float(m.get('loss/a2s', float('nan'))):.4f}  "
-                  f"s2a {float(m.get('loss/s2a', float('nan'))):.4f}  reg {float(m.get('loss/reg', float('nan'))):.4f}  "
+                  f"s2a {float(m.get('loss/s2a', float('nan'))):.4f}  reg {float(m.get('loss/reg', float('nan'))):.2e}  "
                   f"w {float(m.get('w', float('nan'))):.3f}  train {self.times[-1][0]:.1f}s  "
                   f"atlas {self.times[-1][1]:.1f}s", flush=True)
 
@@ -67,12 +64,6 @@ class AtlasUpdate(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         pl_module.update_atlas()
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True,
@@ -90,7 +81,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     images, labelmaps, names = load_training_tensors(config, "train", progress)
     if len(names) == 0:
         raise AtlasregError("the training set is empty")
-    _write_atomic_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     module = AtlasISTNModule(config)
     module.set_training_data(images, labelmaps)
