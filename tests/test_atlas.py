@@ -1,3 +1,5 @@
+import math
+
 import SimpleITK as sitk
 import torch
 
@@ -46,3 +48,20 @@ def test_save_atlas_writes_images_with_grid(tmp_path):
     # Centred: the centre of the field of view is the world origin.
     assert abs(img.GetOrigin()[0] + 15.0) < 1e-6 and abs(img.GetOrigin()[1] + 10.5) < 1e-6
     assert sitk.ReadImage(str(paths["atlas_probabilities.nii.gz"])).GetNumberOfComponentsPerPixel() == 2
+
+
+def test_fade_in_weight_follows_eq_24():
+    from atlasreg.models.atlas_istn import fade_in_weight
+
+    assert fade_in_weight(25, {"e0": 25, "tau": 25}) == 0.5
+    assert abs(fade_in_weight(0, {"e0": 25, "tau": 25}) - 1 / (1 + math.exp(1))) < 1e-12
+    assert fade_in_weight(3, None) == 1.0
+
+
+def test_delayed_affine_start_uses_identity_affine():
+    cfg = load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}}, "model": {"size": [16, 16]},
+                             "training": {"affine_start_epoch": 2}})
+    m = AtlasISTNModule(cfg)
+    assert not m.use_affine()  # current_epoch is 0 before training
+    _, tr = m.net(torch.randn(2, 1, 16, 16), torch.rand(1, 2, 16, 16), use_affine=m.use_affine())
+    assert tr.A is None and tr.u is not None
