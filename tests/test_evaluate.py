@@ -58,7 +58,9 @@ def test_per_case_csv_and_summary(tmp_path, png_case_tree):
     assert per_case == tmp_path / "out" / "metrics_per_case.csv"
     assert summary_md == tmp_path / "out" / "summary.md"
     rows = read_csv(per_case)
-    assert list(rows[0]) == ["case", "method", "label", "structure", "dice", "hd", "hd95", "asd", "components"]
+    assert list(rows[0]) == ["case", "method", "label", "structure", "dice", "hd", "hd95", "asd", "components",
+                             "holes", "reference_components", "reference_holes"]
+    assert all(r["holes"] == "0" and r["reference_holes"] == "0" for r in rows)  # filled squares
     key = {(r["case"], r["method"], int(r["label"])): r for r in rows}
     # c1: itn, onepass, atlas (refine missing); c2: itn, onepass; two structures each
     assert len(rows) == (3 + 2) * 2

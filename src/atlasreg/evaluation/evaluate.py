@@ -13,12 +13,14 @@ label values. A missing method file is skipped (that method has no rows for the 
 
 Output files in ``out_dir`` (each written atomically):
 
-- ``metrics_per_case.csv``: columns ``case, method, label, structure, dice, hd, hd95, asd, components``;
+- ``metrics_per_case.csv``: columns ``case, method, label, structure, dice, hd, hd95, asd, components,
+  holes, reference_components, reference_holes``;
   one row per case, method and evaluated foreground structure. Distances are in world units of the
   reference image (mm when its spacing is in mm); ``components`` is the number of connected components
   of the structure in the prediction (full connectivity).
 - ``summary.csv``: one row per (method, structure): ``method, label, structure, n, dice_mean, dice_std,
-  hd_mean, hd_std, hd95_mean, hd95_std, asd_mean, asd_std, components_mean, single_component_fraction``
+  hd_mean, hd_std, hd95_mean, hd95_std, asd_mean, asd_std, components_mean, single_component_fraction,
+  holes_mean, same_topology_fraction``
   (NaN-ignoring mean and population standard deviation over cases; ``n`` is the number of cases).
 - ``summary.md``: the same numbers as a Markdown table with ``mean ± std`` cells.
 """
@@ -37,6 +39,7 @@ import numpy as np
 from atlasreg.data.io import write_text
 from atlasreg.errors import AtlasregError
 from atlasreg.evaluation.metrics import METRIC_NAMES, labelmap_connected_components, segmentation_metrics
+from atlasreg.evaluation.topology import count_holes
 
 __all__ = ["METHODS", "LABELMAP_EXTENSIONS", "evaluate_predictions", "find_prediction"]
 
@@ -44,10 +47,12 @@ METHODS = ("itn", "onepass", "refine", "atlas")
 LABELMAP_EXTENSIONS = (".png", ".nii.gz")
 BACKGROUND = 0
 
-PER_CASE_COLUMNS = ("case", "method", "label", "structure", "dice", "hd", "hd95", "asd", "components")
+PER_CASE_COLUMNS = ("case", "method", "label", "structure", "dice", "hd", "hd95", "asd", "components", "holes",
+                    "reference_components", "reference_holes")
 SUMMARY_COLUMNS = ("method", "label", "structure", "n",
                    "dice_mean", "dice_std", "hd_mean", "hd_std", "hd95_mean", "hd95_std",
-                   "asd_mean", "asd_std", "components_mean", "single_component_fraction")
+                   "asd_mean", "asd_std", "components_mean", "single_component_fraction", "holes_mean",
+                   "same_topology_fraction")
 
 
 def find_prediction(case_dir: Path, method: str, prefer: str | None = None) -> Path | None:
@@ -222,7 +227,10 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
             for label in evaluated:
                 rows.append({"case": case, "method": method, "label": label, "structure": names[label],
                              **{name: metrics[label][name] for name in METRIC_NAMES},
-                             "components": labelmap_connected_components(prediction, label)})
+                             "components": labelmap_connected_components(prediction, label),
+                             "holes": count_holes(prediction == label),
+                             "reference_components": labelmap_connected_components(reference, label),
+                             "reference_holes": count_holes(reference == label)})
     if not found_any:
         raise AtlasregError(f"no prediction labelmaps (<method>_labelmap.png / .nii.gz for methods "
                             f"{list(methods)}) found for any case", prediction_dir)
@@ -240,6 +248,10 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
             components = np.asarray([r["components"] for r in group], dtype=float)
             entry["components_mean"] = float(components.mean())
             entry["single_component_fraction"] = float(np.mean(components == 1))
+            entry["holes_mean"] = float(np.mean([r["holes"] for r in group]))
+            entry["same_topology_fraction"] = float(np.mean(
+                [(r["components"], r["holes"]) == (r["reference_components"], r["reference_holes"])
+                 for r in group]))
             summary.append(entry)
 
     lines = [
@@ -247,17 +259,19 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
         "",
         "Mean ± standard deviation over cases (NaN-ignoring). HD, HD95 and ASD in world units of the "
         "reference images (mm when their spacing is in mm). Components: mean number of connected "
-        "components of the predicted structure; 1 comp.: fraction of cases with exactly one.",
+        "components of the predicted structure; 1 comp.: fraction of cases with exactly one; Holes: mean "
+        "number of holes; Topology = ref.: fraction of cases whose components and holes equal the "
+        "reference's.",
         "",
-        "| Method | Structure | n | Dice | HD | HD95 | ASD | Components | 1 comp. |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Method | Structure | n | Dice | HD | HD95 | ASD | Components | 1 comp. | Holes | Topology = ref. |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in summary:
         lines.append(
             f"| {e['method']} | {e['structure']} | {e['n']} | {_fmt(e['dice_mean'], e['dice_std'], 3)} | "
             f"{_fmt(e['hd_mean'], e['hd_std'], 2)} | {_fmt(e['hd95_mean'], e['hd95_std'], 2)} | "
             f"{_fmt(e['asd_mean'], e['asd_std'], 2)} | {e['components_mean']:.2f} | "
-            f"{e['single_component_fraction']:.2f} |")
+            f"{e['single_component_fraction']:.2f} | {e['holes_mean']:.2f} | {e['same_topology_fraction']:.2f} |")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     per_case_path = out_dir / "metrics_per_case.csv"
