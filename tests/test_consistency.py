@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from fields import smooth_svf
 
 from atlasreg.evaluation.consistency import inverse_consistency
 from atlasreg.spatial.grid import identity_points
@@ -20,19 +21,6 @@ def disc_atlas(size, spacing, radii=(6.0, 12.0)):
     lab[r < radii[1]] = 2
     lab[r < radii[0]] = 1
     return torch.nn.functional.one_hot(lab, 3).movedim(-1, 0)[None].float()
-
-
-def smooth_svf(size, spacing, amplitude, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pts = identity_points(size, spacing)[0]
-    d = len(size)
-    half = torch.tensor([n * s / 2 for n, s in zip(reversed(size), spacing)])
-    v = torch.zeros(d, *size)
-    for c in range(d):
-        for _ in range(2):
-            k = torch.randn(d, generator=g) * math.pi / half
-            v[c] += amplitude * torch.sin((pts * k).sum(-1) + torch.rand(1, generator=g) * 6.28)
-    return v[None]
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -60,7 +48,7 @@ def test_zero_svf_via_compose_transform():
 def test_smooth_svf_is_nearly_inverse_consistent():
     size, spacing = (48, 48), (1.0, 1.0)
     hsize, hsp = half_resolution(size, spacing)
-    v = torch.cat([smooth_svf(hsize, hsp, 1.5, seed=s) for s in (0, 1)])
+    v = torch.cat([smooth_svf(hsize, hsp, 1.5, seed=s, terms=2) for s in (0, 1)])
     A, t = affine_trs(torch.tensor([[1.0, -1.0], [0.0, 0.5]]), torch.tensor([[0.1], [-0.05]]),
                       torch.zeros(2, 2))
     tr = compose_transform(v, A, t, size, spacing)
@@ -99,8 +87,8 @@ def test_composition_order_is_phi_inverse_after_phi():
     deliberately inconsistent pair (u_inv taken from another SVF), for which the two orders differ."""
     size, spacing = (32, 32), (1.0, 1.0)
     hsize, hsp = half_resolution(size, spacing)
-    tr = compose_transform(smooth_svf(hsize, hsp, 1.5, seed=3), None, None, size, spacing)
-    tr.u_inv = compose_transform(smooth_svf(hsize, hsp, 1.5, seed=4), None, None, size, spacing).u
+    tr = compose_transform(smooth_svf(hsize, hsp, 1.5, seed=3, terms=2), None, None, size, spacing)
+    tr.u_inv = compose_transform(smooth_svf(hsize, hsp, 1.5, seed=4, terms=2), None, None, size, spacing).u
     atlas = disc_atlas(size, spacing, radii=(4.0, 8.0))
     mask = (atlas.argmax(1) != 0)[0]
     fwd, inv, ident = tr.forward_points(), tr.inverse_points(), identity_points(size, spacing)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from fields import smooth_svf
 
 from atlasreg.nets.stn import STN
 from atlasreg.spatial.grid import Grid, identity_points
@@ -9,21 +10,6 @@ from atlasreg.spatial.transforms import (
     affine_trs, apply_affine, compose_transform, half_resolution, invert_affine, jacobian_determinant,
     resize_field, scaling_and_squaring, warp,
 )
-
-
-def smooth_svf(size, spacing, amplitude, seed=0):
-    """A smooth velocity field (sum of low-frequency sines) in mm, channels (x, y[, z])."""
-    g = torch.Generator().manual_seed(seed)
-    pts = identity_points(size, spacing)[0]  # (*size, D)
-    d = len(size)
-    half = torch.tensor([n * s / 2 for n, s in zip(reversed(size), spacing)])
-    v = torch.zeros(d, *size)
-    for c in range(d):
-        for _ in range(3):
-            k = torch.randn(d, generator=g) * math.pi / half
-            phase = torch.rand(1, generator=g) * 2 * math.pi
-            v[c] += amplitude * torch.sin((pts * k).sum(-1) + phase)
-    return v[None]
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
