@@ -100,7 +100,7 @@ def test_segment_and_evaluate_end_to_end(trained):
     assert main(["evaluate", str(out), "--references", str(trained / "test"), "--reference-suffix", "_seg",
                  "--checkpoint", str(trained / "run" / "model.ckpt"), "--out", str(ev)]) == 0
     rows = list(csv.DictReader(open(ev / "metrics_per_case.csv")))
-    assert {r["method"] for r in rows} == {"itn", "onepass", "refine", "atlas"}
+    assert {r["method"] for r in rows} == {"itn", "itn_lcc", "onepass", "refine", "atlas"}
     assert len({r["case"] for r in rows}) == 3
     assert "refine" in (ev / "summary.md").read_text()
 

@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
         "spacing": None,      # spacing (ITK order) for formats that store none (PNG, JPEG, BMP, TIFF)
     },
     "model": {
+        "method": "atlas_istn",      # atlas_istn | unet (ITN alone) | vml (STN on image + atlas image)
         "ndim": 2,
         "size": [64, 64],            # model grid, array order
         "spacing": [2.0, 2.0],       # model grid spacing, ITK order, world units
@@ -35,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 10,
         "lr": 1.0e-3,
         "lr_halving_epochs": 300,
+        "seg_weight": 1.0,           # weight of L_s in Eq. 14 (0: the paper's Atlas-ISTN without L_s)
+        "fixed_atlas": None,         # case name: a fixed training-case atlas, never updated ('Fixed')
         "lambda": 0.126,             # world-unit weight; = 500 of the reference (see losses.regularisers)
         "fade_in": {"e0": 25, "tau": 25},  # w = 1 / (1 + exp(-(epoch - e0) / tau)) (Eq. 24); null: w = 1
         "affine_start_epoch": 0,     # alternative to fade-in: identity affine before this epoch
@@ -77,6 +80,8 @@ def validate(cfg: dict) -> dict:
     m = cfg["model"]
     if m["ndim"] not in (2, 3) or len(m["size"]) != m["ndim"] or len(m["spacing"]) != m["ndim"]:
         raise AtlasregError("model.size and model.spacing need model.ndim (2 or 3) entries")
+    if m["method"] not in ("atlas_istn", "unet", "vml"):
+        raise AtlasregError(f"model.method must be atlas_istn, unet or vml, got {m['method']!r}")
     if any(int(s) % 8 for s in m["size"]):
         raise AtlasregError(f"model.size {m['size']} must be divisible by 8")
     return cfg

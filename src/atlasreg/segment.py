@@ -2,11 +2,15 @@
 and the deformed atlas image, all written on each input's own grid and geometry.
 
 Output contract, one folder per case ``<out>/<case>/`` (written all or nothing):
-  itn_labelmap<ext>, onepass_labelmap<ext>, refine_labelmap<ext>, atlas_labelmap<ext>  (declared label
-  values; <ext> = the input's extension, .png or .nii.gz...), deformed_atlas_image.nii.gz (float),
-  forward_displacement.nii.gz and inverse_displacement.nii.gz (refined transform; vector images in world
-  units along the world axes, ITK displacement-field convention: a point p of the input grid maps to
-  p + d(p)). The inverse field maps input (subject) points into atlas space, so it is the field that
+  itn_labelmap<ext>, itn_lcc_labelmap<ext> (largest connected component per structure),
+  onepass_labelmap<ext>, refine_labelmap<ext>, atlas_labelmap<ext>  (declared label values; <ext> = the
+  input's extension, .png or .nii.gz...), deformed_atlas_image.nii.gz (float),
+  forward_displacement.nii.gz and inverse_displacement.nii.gz (refined transform, or the 1-pass one
+  without refinement; vector images in world units along the world axes, ITK displacement-field
+  convention: a point p of the input grid maps to p + d(p)). Which files exist depends on the model's
+  method: Atlas-ISTN writes all; a U-Net writes itn and itn_lcc only, plus onepass (its untrained STN:
+  the identity), refine and atlas when it has a fixed atlas (the paper's 'Independent'); VML has no ITN
+  and writes onepass and atlas. The inverse field maps input (subject) points into atlas space, so it is the field that
   resamples the atlas onto the input (Phi^-1, Eq. 8); the forward field Phi (Eq. 7) maps atlas points
   into the subject, with the atlas placed on the input's grid (same centre and direction).
 """
@@ -24,14 +28,14 @@ from tqdm import tqdm
 from .data.cases import Case, case_name, load_case
 from .data.dataset import find_pairs
 from .data.io import atomic_directory, write_image
-from .data.preprocessing import indices_to_values, to_native_grid
+from .data.preprocessing import indices_to_values, largest_components, to_native_grid
 from .errors import AtlasregError
 from .models.atlas_istn import AtlasISTNModule
 from .models.refine import refine_transforms
 from .spatial.grid import identity_points
 from .spatial.transforms import warp
 
-LABELMAP_OUTPUTS = ("itn", "onepass", "refine", "atlas")
+LABELMAP_OUTPUTS = ("itn", "itn_lcc", "onepass", "refine", "atlas")
 
 
 def _extension(path: str) -> str:
@@ -64,8 +68,8 @@ def collect_inputs(inputs: Sequence[str | Path], image_suffix: str = "") -> list
     return found
 
 
-def _labelmap_image(probs_native: torch.Tensor, labels: Sequence[int], case: Case, ext: str) -> sitk.Image:
-    values = indices_to_values(probs_native.argmax(0).cpu().numpy(), labels)
+def _labelmap_image(indices: np.ndarray, labels: Sequence[int], case: Case, ext: str) -> sitk.Image:
+    values = indices_to_values(indices, labels)
     dtype = np.uint8 if (ext == ".png" and max(labels) < 256) else (np.uint16 if ext == ".png" else np.int16
                                                                       if max(labels) < 32768 else np.int32)
     img = sitk.GetImageFromArray(values.astype(dtype))
@@ -91,47 +95,63 @@ def _float_image(array: torch.Tensor, case: Case) -> sitk.Image:
 
 
 def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], spacing: Sequence[float],
-                       probs: dict[str, torch.Tensor], atlas_image: torch.Tensor,
-                       fwd_points: torch.Tensor, inv_points: torch.Tensor) -> Path:
+                       probs: dict[str, torch.Tensor], atlas_image: torch.Tensor | None = None,
+                       fwd_points: torch.Tensor | None = None, inv_points: torch.Tensor | None = None) -> Path:
     """Write one case's outputs atomically (see module docstring). probs: name -> (C, *size) on the
-    model grid; atlas_image: (1, *size) deformed atlas image; points: (*size, D)."""
+    model grid (an 'itn' entry also gives 'itn_lcc'); atlas_image: (1, *size) deformed atlas image;
+    points: (*size, D). Outputs given as None are not written."""
     ext = _extension(case.path)
     final = out_dir / case.name
     with atomic_directory(final) as tmp:
         for name, p in probs.items():
-            native = to_native_grid(p[None], spacing, case.grid)[0]
-            write_image(_labelmap_image(native, labels, case, ext), tmp / f"{name}_labelmap{ext}")
-        img_native = to_native_grid(atlas_image[None], spacing, case.grid)[0, 0]
-        write_image(_float_image(img_native, case), tmp / "deformed_atlas_image.nii.gz")
-        write_image(_displacement_image(fwd_points, spacing, case), tmp / "forward_displacement.nii.gz")
-        write_image(_displacement_image(inv_points, spacing, case), tmp / "inverse_displacement.nii.gz")
+            indices = to_native_grid(p[None], spacing, case.grid)[0].argmax(0).cpu().numpy()
+            write_image(_labelmap_image(indices, labels, case, ext), tmp / f"{name}_labelmap{ext}")
+            if name == "itn":
+                lcc = largest_components(indices, len(labels))
+                write_image(_labelmap_image(lcc, labels, case, ext), tmp / f"itn_lcc_labelmap{ext}")
+        if atlas_image is not None:
+            img_native = to_native_grid(atlas_image[None], spacing, case.grid)[0, 0]
+            write_image(_float_image(img_native, case), tmp / "deformed_atlas_image.nii.gz")
+        if fwd_points is not None:
+            write_image(_displacement_image(fwd_points, spacing, case), tmp / "forward_displacement.nii.gz")
+        if inv_points is not None:
+            write_image(_displacement_image(inv_points, spacing, case), tmp / "inverse_displacement.nii.gz")
     return final
 
 
 def segment_cases(module: AtlasISTNModule, cases: list[Case], refinement: dict) -> dict:
     """ITN, 1-pass (Eq. 9) and refined (Eqs. 17-21) results for a batch of cases on the model grid.
-    Returns dict of tensors: itn/onepass/refine/atlas probabilities (B, C, *S), deformed atlas image,
-    forward/inverse points of the refined transform, refinement loss history (K+1, B)."""
+    Returns dict of tensors: itn/onepass/refine/atlas probabilities (B, C, *S) (those the model's method
+    has, see the module docstring), deformed atlas image, forward/inverse points of the final (refined,
+    else 1-pass) transform, refinement loss history (K+1, B)."""
     net = module.net
     atlas_lab, atlas_img = module.atlas_labelmap, module.atlas_image
     images = torch.cat([c.image for c in cases])
+    b = images.shape[0]
+    atlas_b = atlas_lab.expand(b, -1, *atlas_lab.shape[2:])
+    registers = module.method != "unet" or module.fixed_atlas() is not None
+    out: dict = {}
+    final = None
     with torch.no_grad():
-        logits = net.itn(images)
-        onepass = net.transform(net.stn_input(logits, atlas_lab))
-        b = images.shape[0]
-        out = {"itn": torch.softmax(logits, 1),
-               "onepass": warp(atlas_lab.expand(b, -1, *atlas_lab.shape[2:]), onepass.inverse_points(), net.spacing),
-               "atlas": atlas_lab.expand(b, -1, *atlas_lab.shape[2:])}
-    refined, history = refine_transforms(net, logits, atlas_lab, int(refinement["iterations"]),
-                                         float(refinement["lr"]), float(refinement["beta"]),
-                                         float(refinement["gamma"]), float(refinement["lambda"]))
-    with torch.no_grad():
-        inv = refined.inverse_points()
-        out["refine"] = warp(atlas_lab.expand(b, -1, *atlas_lab.shape[2:]), inv, net.spacing)
-        out["deformed_atlas_image"] = warp(atlas_img.expand(b, -1, *atlas_img.shape[2:]), inv, net.spacing)
-        out["inverse_points"] = inv
-        out["forward_points"] = refined.forward_points()
-    out["history"] = history
+        logits = net.itn(images) if net.itn is not None else None
+        if logits is not None:
+            out["itn"] = torch.softmax(logits, 1)
+        if registers:
+            final = net.transform(net.stn_input(images, logits, atlas_lab, atlas_img))
+            out["onepass"] = warp(atlas_b, final.inverse_points(), net.spacing)
+            out["atlas"] = atlas_b
+    if registers and logits is not None:
+        final, out["history"] = refine_transforms(
+            net, logits, atlas_lab, int(refinement["iterations"]), float(refinement["lr"]),
+            float(refinement["beta"]), float(refinement["gamma"]), float(refinement["lambda"]))
+        with torch.no_grad():
+            out["refine"] = warp(atlas_b, final.inverse_points(), net.spacing)
+    if final is not None:
+        with torch.no_grad():
+            inv = final.inverse_points()
+            out["deformed_atlas_image"] = warp(atlas_img.expand(b, -1, *atlas_img.shape[2:]), inv, net.spacing)
+            out["inverse_points"] = inv
+            out["forward_points"] = final.forward_points()
     return out
 
 
@@ -158,10 +178,12 @@ def segment(module: AtlasISTNModule, inputs: Iterable[str | Path], out_dir: str 
         group = cases[i:i + chunk]
         res = segment_cases(module, group, ref)
         for j, case in enumerate(group):
-            probs = {k: res[k][j] for k in LABELMAP_OUTPUTS}
+            probs = {k: res[k][j] for k in LABELMAP_OUTPUTS if k in res}
+            extra = {k: res[k][j] if k in res else None
+                     for k in ("deformed_atlas_image", "forward_points", "inverse_points")}
             written.append(write_case_outputs(out_dir, case, labels, m["spacing"], probs,
-                                              res["deformed_atlas_image"][j], res["forward_points"][j],
-                                              res["inverse_points"][j]))
+                                              extra["deformed_atlas_image"], extra["forward_points"],
+                                              extra["inverse_points"]))
         bar.update(len(group))
     bar.close()
     return written

@@ -62,3 +62,18 @@ def to_native_grid(tensor: torch.Tensor, model_spacing: Sequence[float], native:
     """Resample (N, C, *model_size) from the model grid back onto the native grid (N, C, *native.size)."""
     pts = identity_points(native.size, native.spacing, device=tensor.device, dtype=tensor.dtype)
     return sample(tensor, pts, model_spacing, mode=mode, padding="border")
+
+
+def largest_components(indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """Keep the largest connected component of every foreground structure (the paper's U-Net_lcc
+    post-processing, Sec. 3.2); removed voxels become background (index 0).
+
+    indices: label indices (*spatial) in [0, C). Full connectivity (8 in 2D, 26 in 3D), the same as
+    the component counts of the evaluation. Uses MONAI's KeepLargestConnectedComponent.
+    Returns an array like `indices`."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), is_onehot=False,
+                                         independent=True, connectivity=None)
+    out = keep(torch.as_tensor(np.ascontiguousarray(indices))[None])
+    return np.asarray(out[0]).astype(indices.dtype)

@@ -4,6 +4,7 @@ File contract (input, written by ``atlasreg segment``): for each case name ``<ca
 ``<prediction_dir>/<case>/`` holding
 
 - ``itn_labelmap<ext>``: the ITN (segmentation network) output,
+- ``itn_lcc_labelmap<ext>``: the same with only the largest connected component per structure,
 - ``onepass_labelmap<ext>``: the atlas warped by the one-pass registration,
 - ``refine_labelmap<ext>``: the atlas warped after test-time refinement,
 - ``atlas_labelmap<ext>``: the undeformed atlas (identity, "Id"),
@@ -43,7 +44,7 @@ from atlasreg.evaluation.topology import count_holes
 
 __all__ = ["METHODS", "LABELMAP_EXTENSIONS", "evaluate_predictions", "find_prediction"]
 
-METHODS = ("itn", "onepass", "refine", "atlas")
+METHODS = ("itn", "itn_lcc", "onepass", "refine", "atlas")
 LABELMAP_EXTENSIONS = (".png", ".nii.gz")
 BACKGROUND = 0
 

@@ -16,44 +16,66 @@ import torch
 from torch import nn
 
 from ..atlas import atlas_init, atlas_update
+from ..errors import AtlasregError
 from ..losses import diffusion_regulariser, label_mse
 from ..nets.stn import STN
 from ..nets.unet import UNet
 from ..spatial.transforms import SpatialTransform, compose_transform, warp
 
 
+METHODS = ("atlas_istn", "unet", "vml")
+
+
 class AtlasISTN(nn.Module):
     """ITN S (U-Net, Eq. 4), STN D (Eq. 5) and C (Eq. 6), without state.
 
     ndim: 2/3; num_classes: C incl. background; size/spacing: model grid (array order / ITK mm).
-    forward(image (N, 1, *size), atlas_labelmap (1 or N, C, *size)) -> (logits (N, C, *size),
-    SpatialTransform).
+    method: 'atlas_istn' (the STN sees the ITN logits and the atlas labelmap), 'unet' (same layout;
+    only the ITN is trained, the STN stays at its initialisation for refinement from scratch, the
+    paper's 'Independent') or 'vml' (no ITN; the STN sees the image and the atlas image, the paper's
+    VoxelMorph-like baseline, Sec. 3.2).
+    forward(image (N, 1, *size), atlas_labelmap (1 or N, C, *size), atlas_image (1 or N, 1, *size))
+    -> (logits (N, C, *size) or None for 'vml', SpatialTransform).
+    Raises ValueError for an unknown method.
     """
 
     def __init__(self, ndim: int, num_classes: int, size: Sequence[int], spacing: Sequence[float],
                  itn_channels=(8, 16, 32, 64), stn_channels=(16, 16, 32), stn_variant: str = "affine_svf",
-                 integration_steps: int = 6):
+                 integration_steps: int = 6, method: str = "atlas_istn"):
         super().__init__()
-        self.ndim, self.num_classes = ndim, num_classes
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.ndim, self.num_classes, self.method = ndim, num_classes, method
         self.size, self.spacing = tuple(int(s) for s in size), tuple(float(s) for s in spacing)
         self.steps = integration_steps
-        self.itn = UNet(ndim, 1, num_classes, itn_channels)
-        self.stn = STN(ndim, 2 * (num_classes - 1), self.size, self.spacing, stn_variant, stn_channels)
+        self.itn = UNet(ndim, 1, num_classes, itn_channels) if method != "vml" else None
+        stn_in = 2 if method == "vml" else 2 * (num_classes - 1)
+        self.stn = STN(ndim, stn_in, self.size, self.spacing, stn_variant, stn_channels)
 
     @staticmethod
-    def stn_input(logits: torch.Tensor, atlas_labelmap: torch.Tensor) -> torch.Tensor:
+    def label_stn_input(logits: torch.Tensor, atlas_labelmap: torch.Tensor) -> torch.Tensor:
         """Foreground channels of the ITN logits and of the atlas labelmap: (N, 2(C-1), *size)."""
         atlas = atlas_labelmap[:, 1:]
         atlas = atlas.expand(logits.shape[0], *atlas.shape[1:])
         return torch.cat([logits[:, 1:], atlas], dim=1)
 
+    def stn_input(self, image: torch.Tensor, logits: torch.Tensor | None, atlas_labelmap: torch.Tensor,
+                  atlas_image: torch.Tensor | None) -> torch.Tensor:
+        """The STN's input for this method: label channels (Atlas-ISTN) or (image, atlas image) (VML)."""
+        if self.method == "vml":
+            if atlas_image is None:
+                raise ValueError("the VML method needs the atlas image")
+            return torch.cat([image, atlas_image.expand(image.shape[0], *atlas_image.shape[1:])], dim=1)
+        return self.label_stn_input(logits, atlas_labelmap)
+
     def transform(self, stn_input: torch.Tensor, use_affine: bool = True) -> SpatialTransform:
         out = self.stn(stn_input, use_affine=use_affine)
         return compose_transform(out["svf"], out["A"], out["t"], self.size, self.spacing, self.steps)
 
-    def forward(self, image: torch.Tensor, atlas_labelmap: torch.Tensor, use_affine: bool = True):
-        logits = self.itn(image)
-        return logits, self.transform(self.stn_input(logits, atlas_labelmap), use_affine)
+    def forward(self, image: torch.Tensor, atlas_labelmap: torch.Tensor, atlas_image: torch.Tensor | None = None,
+                use_affine: bool = True):
+        logits = self.itn(image) if self.itn is not None else None
+        return logits, self.transform(self.stn_input(image, logits, atlas_labelmap, atlas_image), use_affine)
 
 
 def fade_in_weight(epoch: int, fade_in: dict | None) -> float:
@@ -97,26 +119,55 @@ class AtlasISTNModule(L.LightningModule):
         m = config["model"]
         labels = list(config["data"]["labels"].keys())
         self.net = AtlasISTN(m["ndim"], len(labels), m["size"], m["spacing"], m["itn_channels"],
-                             m["stn_channels"], m["stn_variant"], m["integration_steps"])
+                             m["stn_channels"], m["stn_variant"], m["integration_steps"],
+                             m.get("method", "atlas_istn"))
         size = tuple(m["size"])
         self.register_buffer("atlas_labelmap", torch.zeros(1, len(labels), *size))
         self.register_buffer("atlas_image", torch.zeros(1, 1, *size))
         self.register_buffer("atlas_ready", torch.zeros((), dtype=torch.bool))
         self.train_images: torch.Tensor | None = None
         self.train_labelmaps: torch.Tensor | None = None
+        self.train_names: list[str] | None = None
         self._augment = None
         self.atlas_update_seconds = 0.0
 
     # ---------------------------------------------------------------- data held in memory
-    def set_training_data(self, images: torch.Tensor, labelmaps: torch.Tensor) -> None:
-        """Unaugmented model-grid tensors of all training cases, used for the atlas (Eqs. 15-16)."""
+    def set_training_data(self, images: torch.Tensor, labelmaps: torch.Tensor,
+                          names: Sequence[str] | None = None) -> None:
+        """Unaugmented model-grid tensors of all training cases, used for the atlas (Eqs. 15-16), and
+        their case names (needed for `training.fixed_atlas`)."""
         self.train_images, self.train_labelmaps = images, labelmaps
+        self.train_names = list(names) if names is not None else None
+
+    @property
+    def method(self) -> str:
+        return self.net.method
+
+    def fixed_atlas(self) -> str | None:
+        """Case name of a fixed training-case atlas (the paper's 'Fixed' and 'Independent'), or None."""
+        return self.config["training"].get("fixed_atlas")
+
+    def atlas_is_learnt(self) -> bool:
+        """True when the atlas is built during training (Eqs. 15-16); False for a fixed atlas or a
+        U-Net, whose training never registers anything."""
+        return self.fixed_atlas() is None and self.method != "unet"
+
+    def _initial_atlas(self) -> tuple[torch.Tensor, torch.Tensor]:
+        name = self.fixed_atlas()
+        if name is None:
+            return atlas_init(self.train_labelmaps, self.train_images)
+        names = self.train_names or []
+        if str(name) not in names:
+            raise AtlasregError(f"training.fixed_atlas: case {name!r} is not in the training set "
+                                f"(first cases: {names[:5]})")
+        i = names.index(str(name))
+        return self.train_labelmaps[i:i + 1].clone(), self.train_images[i:i + 1].clone()
 
     def on_fit_start(self) -> None:
         if not bool(self.atlas_ready):
             if self.train_images is None:
                 raise RuntimeError("set_training_data() must be called before fit")
-            lab, img = atlas_init(self.train_labelmaps, self.train_images)
+            lab, img = self._initial_atlas()
             self.atlas_labelmap.copy_(lab)
             self.atlas_image.copy_(img)
             self.atlas_ready.fill_(True)
@@ -135,14 +186,21 @@ class AtlasISTNModule(L.LightningModule):
         if self._augment is not None:
             image, labelmap = self._augment(image, labelmap)
         t = self.config["training"]
-        logits, transform = self.net(image, self.atlas_labelmap, self.use_affine())
-        l_s = label_mse(logits, labelmap)
+        n = image.shape[0]
+        if self.method == "unet":  # the ITN alone, trained with L_s only (the paper's U-Net baseline)
+            loss = label_mse(self.net.itn(image), labelmap)
+            self.log_dict({"loss/total": loss, "loss/seg": loss}, on_step=False, on_epoch=True, batch_size=n)
+            return loss
+        logits, transform = self.net(image, self.atlas_labelmap, self.atlas_image, self.use_affine())
         d = deformation_losses(transform, labelmap, self.atlas_labelmap)
         w = fade_in_weight(self.current_epoch, t["fade_in"])
-        loss = l_s + w * (d["a2s"] + d["s2a"] + t["lambda"] * d["reg"])
-        n = image.shape[0]
-        self.log_dict({"loss/total": loss, "loss/seg": l_s, "loss/a2s": d["a2s"], "loss/s2a": d["s2a"],
-                       "loss/reg": d["reg"]}, on_step=False, on_epoch=True, batch_size=n)
+        loss = w * (d["a2s"] + d["s2a"] + t["lambda"] * d["reg"])
+        logs = {"loss/a2s": d["a2s"], "loss/s2a": d["s2a"], "loss/reg": d["reg"]}
+        if logits is not None:  # Eq. 14; seg_weight 0 is the paper's Atlas-ISTN without L_s
+            l_s = label_mse(logits, labelmap)
+            loss = loss + float(t.get("seg_weight", 1.0)) * l_s
+            logs["loss/seg"] = l_s
+        self.log_dict({"loss/total": loss, **logs}, on_step=False, on_epoch=True, batch_size=n)
         self.log("w", w, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
@@ -155,7 +213,7 @@ class AtlasISTNModule(L.LightningModule):
         for i in range(0, images.shape[0], batch_size):
             img = images[i:i + batch_size].to(self.device)
             lab = labelmaps[i:i + batch_size].to(self.device)
-            _, tr = self.net(img, self.atlas_labelmap, self.use_affine())
+            _, tr = self.net(img, self.atlas_labelmap, self.atlas_image, self.use_affine())
             pts = tr.forward_points()
             sum_lab += warp(lab, pts, tr.spacing).sum(0, keepdim=True)
             sum_img += warp(img, pts, tr.spacing).sum(0, keepdim=True)
@@ -165,6 +223,9 @@ class AtlasISTNModule(L.LightningModule):
     def update_atlas(self) -> None:
         """Eqs. 15-16 at the end of an epoch. Called by the AtlasUpdate callback, which Lightning runs
         before ModelCheckpoint, so every checkpoint holds the updated atlas."""
+        if not self.atlas_is_learnt():
+            self.atlas_update_seconds = 0.0
+            return
         t0 = time.perf_counter()
         eta = float(self.config["training"]["atlas_eta"])
         was_training = self.net.training

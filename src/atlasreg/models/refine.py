@@ -34,7 +34,7 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     weights = {k: v.detach().unsqueeze(0).repeat(b, *[1] * v.dim()).requires_grad_(True)
                for k, v in stn.named_parameters()}
     buffers = dict(stn.named_buffers())
-    x = AtlasISTN.stn_input(logits, atlas_labelmap)
+    x = AtlasISTN.label_stn_input(logits, atlas_labelmap)
 
     def one_case(params, x_i):
         out = functional_call(stn, (params, buffers), (x_i.unsqueeze(0),), {"use_affine": use_affine})

@@ -84,7 +84,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     module = AtlasISTNModule(config)
-    module.set_training_data(images, labelmaps)
+    module.set_training_data(images, labelmaps, names)
     loader = DataLoader(TensorDataset(images, labelmaps), batch_size=int(t["batch_size"]), shuffle=True,
                         drop_last=False, num_workers=0)
     ckpt_dir = out_dir / "checkpoints"

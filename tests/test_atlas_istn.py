@@ -1,0 +1,93 @@
+"""The paper's baselines and variants (Sec. 3.2) as configs of one model: U-Net, Independent, VML,
+Atlas-ISTN without L_s, Fixed atlas; trained and applied with the same functions."""
+
+import lightning as L
+import pytest
+import torch
+
+from atlasreg.config import load_config
+from atlasreg.data.letter_b import write_letter_b_dataset
+from atlasreg.models.atlas_istn import AtlasISTNModule
+from atlasreg.models.train import load_module, train
+from atlasreg.segment import segment
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("variants")
+    write_letter_b_dataset(tmp / "train", 4, seed=0, size=32)
+    write_letter_b_dataset(tmp / "test", 2, seed=1, start_index=101, size=32, corrupt=True)
+    return tmp
+
+
+def run_variant(data, name, model=None, training=None):
+    cfg = load_config(None, {
+        "data": {"train": {"images": str(data / "train"), "image_suffix": "_img", "label_suffix": "_seg"},
+                 "labels": {0: "background", 255: "letter"}, "spacing": [1.0, 1.0]},
+        "model": {"size": [16, 16], "itn_channels": [4, 4, 4, 4], "stn_channels": [4, 4, 4], **(model or {})},
+        "training": {"epochs": 2, "batch_size": 2, "fade_in": None, **(training or {})},
+        "refinement": {"iterations": 2, "cases_at_once": 2}})
+    ckpt = train(cfg, data / name, resume=False, progress=False)
+    module = load_module(ckpt)
+    out = segment(module, [data / "test"], data / f"{name}_seg", progress=False, image_suffix="_img")
+    return module, {p.name for p in out[0].iterdir()}
+
+
+def initial_weights(config):
+    """The weights train() starts from (it seeds before building the module)."""
+    L.seed_everything(int(config["training"]["seed"]), verbose=False)
+    return AtlasISTNModule(config).net
+
+
+def changed(trained, initial):
+    return any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
+
+
+def test_unet_trains_the_itn_only_and_writes_itn_outputs(data):
+    module, files = run_variant(data, "unet", {"method": "unet"})
+    start = initial_weights(module.config)
+    assert changed(module.net.itn, start.itn) and not changed(module.net.stn, start.stn)
+    assert files == {"itn_labelmap.png", "itn_lcc_labelmap.png"}
+
+
+def test_independent_refines_an_untrained_stn_towards_a_fixed_case(data):
+    module, files = run_variant(data, "independent", {"method": "unet"}, {"fixed_atlas": "B2"})
+    assert {"itn_labelmap.png", "itn_lcc_labelmap.png", "onepass_labelmap.png", "refine_labelmap.png",
+            "atlas_labelmap.png", "inverse_displacement.nii.gz"} <= files
+    start = initial_weights(module.config)
+    assert not changed(module.net.stn, start.stn)  # refinement starts from the untrained STN
+
+
+def test_fixed_atlas_is_the_named_training_case_and_never_changes(data):
+    from atlasreg.data.cases import load_training_tensors
+
+    module, files = run_variant(data, "fixed", training={"fixed_atlas": "B3"})
+    _, labelmaps, names = load_training_tensors(module.config, "train", progress=False)
+    assert torch.allclose(module.atlas_labelmap, labelmaps[names.index("B3")][None])
+    assert "refine_labelmap.png" in files
+
+
+def test_vml_has_no_itn_and_registers_image_to_atlas_image(data):
+    module, files = run_variant(data, "vml", {"method": "vml"})
+    assert module.net.itn is None
+    assert module.net.stn.enc1[0].in_channels == 2  # the image and the atlas image
+    assert files == {"onepass_labelmap.png", "atlas_labelmap.png", "deformed_atlas_image.nii.gz",
+                     "forward_displacement.nii.gz", "inverse_displacement.nii.gz"}
+    assert bool(module.atlas_ready)
+
+
+def test_atlas_istn_without_segmentation_loss_still_trains_the_itn_through_the_stn(data):
+    module, files = run_variant(data, "no_ls", training={"seg_weight": 0.0})
+    start = initial_weights(module.config)
+    assert changed(module.net.itn, start.itn) and changed(module.net.stn, start.stn)
+    assert "refine_labelmap.png" in files and "itn_lcc_labelmap.png" in files
+
+
+def test_unknown_method_and_fixed_case_are_clear_errors(data):
+    from atlasreg.errors import AtlasregError
+
+    with pytest.raises(AtlasregError, match="model.method"):
+        load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}}, "model": {"method": "voxelmorph"}})
+    with pytest.raises(AtlasregError, match="B999"):
+        run_variant(data, "bad_fixed", training={"fixed_atlas": "B999"})
