@@ -87,18 +87,42 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
+def _read_with_bases(path: Path, seen: list[Path]) -> dict:
+    """A YAML config as a dict; a top-level `base: other.yaml` (relative to this file) is read first and
+    this file's keys are merged over it, so a variant config names only what it changes."""
+    if not path.is_file():
+        raise AtlasregError("config file not found", path)
+    if path.resolve() in seen:
+        raise AtlasregError("config bases form a cycle", path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise AtlasregError(f"invalid YAML: {str(e).splitlines()[0]}", path) from None
+    if not isinstance(data, dict):
+        raise AtlasregError("a config must be a YAML mapping", path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_with_bases(path.parent / base, [*seen, path.resolve()])
+    return _merge_free(merged, data)
+
+
+def _merge_free(base: dict, override: dict) -> dict:
+    """Recursive dict merge without key checks (the merge over DEFAULTS checks the keys)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(out.get(key), dict) and isinstance(value, dict) and key != "labels":
+            out[key] = _merge_free(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
     """Read a YAML config, merge it over DEFAULTS and `overrides`; raises AtlasregError naming the file."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise AtlasregError("config file not found", path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise AtlasregError(f"invalid YAML: {str(e).splitlines()[0]}", path) from None
-        cfg = _merge(cfg, data)
+        cfg = _merge(cfg, _read_with_bases(Path(path), []))
     if overrides:
         cfg = _merge(cfg, overrides)
     return validate(cfg)
