@@ -50,6 +50,7 @@ def test_train_writes_checkpoint_atlas_and_config(trained):
     assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "tiny"
     atlas = sitk.ReadImage(str(run / "atlas" / "atlas_labelmap.nii.gz"))
     assert atlas.GetSize() == (16, 16) and atlas.GetSpacing() == (2.0, 2.0)
+    assert (run / "atlas_initial" / "atlas_image.nii.gz").is_file()  # Fig. 9: the atlas at the start
     ckpt = torch.load(run / "model.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["config"]["model"]["size"] == [16, 16]
     assert "atlas_labelmap" in ckpt["state_dict"] and ckpt["optimizer_states"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import yaml
 
 from atlasreg.errors import AtlasregError
 from atlasreg.evaluation.evaluate import evaluate_predictions
@@ -121,6 +122,14 @@ def test_merge_option(tmp_path):
     refine = next(r for r in rows if r["method"] == "refine")
     # union of two 8x8 squares; one shifted by 3 -> overlap 40 + 64 of 128 + 128
     assert float(refine["dice"]) == pytest.approx(2 * (40 + 64) / 256)
+    # quality control on the merged labels: ITN (heart dropped) vs refined, both as 255
+    (qc,) = read_csv(tmp_path / "out" / "quality_control.csv")
+    assert float(qc["dice_itn_refine"]) == pytest.approx(2 * (40 + 64) / 256)
+    assert float(qc["itn_outside_refine"]) == pytest.approx(24 / 128)  # 8x3 strip left by the shift
+    assert float(qc["refine_dice"]) == pytest.approx(2 * (40 + 64) / 256)
+    assert qc["flagged"] == "True"
+    info = yaml.safe_load((tmp_path / "out" / "info.yaml").read_text())
+    assert info["merge"] == {255: [1, 2]} and info["labels"] == labels and info["n_cases"] == 1
     # without merge the 255 reference values are undeclared
     with pytest.raises(AtlasregError, match=r"ref\.png.*255"):
         evaluate_predictions(tmp_path / "pred", refs, labels, tmp_path / "out2")
@@ -179,3 +188,130 @@ def test_empty_structure_warns_with_case_and_nan(tmp_path):
     row = next(r for r in read_csv(per_case) if r["label"] == "1")
     assert float(row["dice"]) == 0.0 and math.isnan(float(row["hd"])) and int(row["components"]) == 0
     assert "| itn | right lung | 1 | 0.000 ± 0.000 | n/a |" in summary_md.read_text()
+
+
+# ---------------------------------------------------------------- info, transform metrics, quality control
+
+TRANSFORM_HEADER = "method,mice_mm,mice_voxels,ic_dsc,nonpositive_jacobian_fraction,std_log_jacobian"
+
+
+@pytest.fixture
+def qc_tree(tmp_path):
+    """Four cases, all with reference == two_squares().
+    c1: itn == refine == reference; transform_metrics.csv with onepass and refine rows.
+    c2: itn = reference + a 16-voxel blob of label 1 at (28:32, 0:4); refine with label 1 shifted by 3;
+        transform_metrics.csv with a onepass row only.
+    c3: itn = reference, refine with label 1 shifted by 1.
+    c4: itn only (no refine, no transform_metrics.csv)."""
+    pred = tmp_path / "pred"
+    refs = {c: write(tmp_path / "refs" / f"{c}.png", two_squares()) for c in ("c1", "c2", "c3", "c4")}
+    blob = two_squares()
+    blob[28:32, 0:4] = 1
+    for case, itn, refine in (("c1", two_squares(), two_squares()), ("c2", blob, two_squares(3)),
+                              ("c3", two_squares(), two_squares(1)), ("c4", two_squares(), None)):
+        write(pred / case / "itn_labelmap.png", itn)
+        if refine is not None:
+            write(pred / case / "refine_labelmap.png", refine)
+    (pred / "c1" / "transform_metrics.csv").write_text(
+        f"{TRANSFORM_HEADER}\nonepass,0.2,0.1,0.99,0.0,0.05\nrefine,0.4,0.2,0.97,0.01,0.15\n")
+    (pred / "c2" / "transform_metrics.csv").write_text(f"{TRANSFORM_HEADER}\nonepass,0.6,0.3,0.95,0.0,0.1\n")
+    return pred, refs
+
+
+def test_info_transforms_and_quality_control(tmp_path, qc_tree):
+    pred, refs = qc_tree
+    out = tmp_path / "out"
+    result = evaluate_predictions(pred, refs, LABELS, out, test_set="clean",
+                                  info={"name": "tiny", "method": "atlas_istn", "checkpoint": tmp_path / "m.ckpt",
+                                        "n_cases": -1})
+    assert result == (out / "metrics_per_case.csv", out / "summary.md")  # return value unchanged
+
+    info = yaml.safe_load((out / "info.yaml").read_text())
+    assert info == {"name": "tiny", "method": "atlas_istn", "checkpoint": str(tmp_path / "m.ckpt"),
+                    "n_cases": 4, "test_set": "clean", "predictions": str(pred.resolve()), "merge": None,
+                    "labels": LABELS}
+
+    text = (out / "transforms_per_case.csv").read_text().splitlines()
+    assert text[0] == "case," + TRANSFORM_HEADER
+    rows = read_csv(out / "transforms_per_case.csv")
+    assert [(r["case"], r["method"]) for r in rows] == [("c1", "onepass"), ("c1", "refine"), ("c2", "onepass")]
+    assert float(rows[2]["mice_voxels"]) == pytest.approx(0.3)
+
+    assert (out / "quality_control.csv").read_text().splitlines()[0] == \
+        "case,dice_itn_refine,itn_outside_refine,qc_score,refine_dice,flagged"
+    qc = {r["case"]: r for r in read_csv(out / "quality_control.csv")}
+    assert sorted(qc) == ["c1", "c2", "c3"]  # c4 has no refined labelmap
+    assert float(qc["c1"]["dice_itn_refine"]) == 1.0 and float(qc["c1"]["qc_score"]) == 0.0
+    assert float(qc["c1"]["itn_outside_refine"]) == 0.0 and float(qc["c1"]["refine_dice"]) == 1.0
+    # c2, label 1: ITN 64 + 16 voxels, refined square shifted by 3 (64), overlap 40; label 2 identical
+    c2_dice = (2 * 40 / (80 + 64) + 1.0) / 2
+    assert float(qc["c2"]["dice_itn_refine"]) == pytest.approx(c2_dice)
+    assert float(qc["c2"]["qc_score"]) == pytest.approx(1 - c2_dice)
+    assert float(qc["c2"]["itn_outside_refine"]) == pytest.approx((16 + 24) / 144)  # blob + 8x3 strip
+    assert float(qc["c2"]["refine_dice"]) == pytest.approx((0.625 + 1.0) / 2)
+    assert float(qc["c3"]["qc_score"]) == pytest.approx(1 - (2 * 56 / 128 + 1.0) / 2)
+    assert [qc[c]["flagged"] for c in ("c1", "c2", "c3")] == ["False", "True", "False"]  # top 10%: 1 of 3
+
+    md = (out / "summary.md").read_text()
+    assert "## Transform metrics" in md
+    assert "| onepass | 2 | 0.2000 ± 0.1000 | 0.4000 ± 0.2000 | 0.9700 ± 0.0200 | 0.00e+00 ± 0.00e+00 | " \
+           "0.075 ± 0.025 |" in md
+    assert "| refine | 1 | 0.2000 ± 0.0000 |" in md
+    assert "## Quality control" in md
+    # qc scores 0, 0.222, 0.0625 against true errors 0, 0.1875, 0.0625: perfectly ranked
+    assert "Spearman rank correlation between QC score and true error: 1.000" in md
+    assert "- Recall at 10%: 1.00 (share of the 1 worst case(s) by true error that are among the 1 flagged)" in md
+    assert f"| c2 | {1 - c2_dice:.3f} | {c2_dice:.3f} | {40 / 144:.3f} | 0.812 |" in md
+    assert "| c1 |" not in md.split("## Quality control")[1]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_no_quality_control_without_refine(tmp_path, png_case_tree):
+    pred, refs = png_case_tree
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "quality_control.csv").write_text("stale\n")
+    evaluate_predictions(pred, refs, LABELS, out)
+    assert not (out / "quality_control.csv").exists()  # no case has refine; the stale file is gone
+    assert (out / "transforms_per_case.csv").read_text() == "case," + TRANSFORM_HEADER + "\n"
+    info = yaml.safe_load((out / "info.yaml").read_text())
+    assert info["test_set"] == "pred" and info["n_cases"] == 2 and info["merge"] is None
+    md = (out / "summary.md").read_text()
+    assert "## Quality control" not in md and "## Transform metrics" not in md
+
+
+def test_quality_control_flags_the_worst_of_many(tmp_path):
+    """ITN == reference (label 1 an 8x16 rectangle), refined label 1 missing its last i = 0..10 columns:
+    qc_score equals the true error, so the ranking is perfect and the 2 flagged (of 11) are the two
+    most truncated cases."""
+    def labelmap(cut=0):
+        out = two_squares()
+        out[out == 1] = 0
+        out[4:12, 2:18 - cut] = 1
+        return out
+
+    refs = {}
+    for i in range(11):
+        case = f"s{i:02d}"
+        refs[case] = write(tmp_path / "refs" / f"{case}.png", labelmap())
+        write(tmp_path / "pred" / case / "itn_labelmap.png", labelmap())
+        write(tmp_path / "pred" / case / "refine_labelmap.png", labelmap(cut=i))
+    evaluate_predictions(tmp_path / "pred", refs, LABELS, tmp_path / "out", methods=("itn", "refine"))
+    qc = read_csv(tmp_path / "out" / "quality_control.csv")
+    for r in qc:
+        assert float(r["qc_score"]) == pytest.approx(1 - float(r["refine_dice"]))
+    assert [r["case"] for r in qc if r["flagged"] == "True"] == ["s09", "s10"]
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "true error: 1.000" in md and "Recall at 10%: 1.00 (share of the 2 worst" in md
+
+
+def test_malformed_transform_metrics_raise(tmp_path, qc_tree):
+    pred, refs = qc_tree
+    bad = pred / "c2" / "transform_metrics.csv"
+    bad.write_text("method,mice_mm\nonepass,0.1\n")
+    with pytest.raises(AtlasregError, match="lacks the column") as info:
+        evaluate_predictions(pred, refs, LABELS, tmp_path / "out")
+    assert info.value.path == str(bad)
+    bad.write_text(f"{TRANSFORM_HEADER}\nonepass,abc,0.1,0.9,0,0.1\n")
+    with pytest.raises(AtlasregError, match="mice_mm"):
+        evaluate_predictions(pred, refs, LABELS, tmp_path / "out")

@@ -13,16 +13,30 @@ Output contract, one folder per case ``<out>/<case>/`` (written all or nothing):
   and writes onepass and atlas. The inverse field maps input (subject) points into atlas space, so it is the field that
   resamples the atlas onto the input (Phi^-1, Eq. 8); the forward field Phi (Eq. 7) maps atlas points
   into the subject, with the atlas placed on the input's grid (same centre and direction).
+  case.yaml: ``image: <absolute path of the input image>`` (always written; the report draws the image
+  from it).
+  transform_metrics.csv: one row per transform the method has (``onepass``: the 1-pass transform of
+  Eq. 9; ``refine``: the refined one of Eq. 21), columns
+  ``method,mice_mm,mice_voxels,ic_dsc,nonpositive_jacobian_fraction,std_log_jacobian``, computed on the
+  model grid (not the input's): MICE in mm and in voxels of the model grid and IC-DSC of the atlas
+  labelmap (paper Sec. 3.2 'Inter-Subject Correspondence', Table 6; see
+  :func:`atlasreg.evaluation.consistency.inverse_consistency`), and the fraction of model-grid voxels
+  with det J(Phi) <= 0 and the standard deviation of log det J(Phi) over the whole grid (forward
+  transform Phi, Eq. 7; :func:`atlasreg.evaluation.topology.jacobian_statistics`). Not written when the
+  method has no transform (a U-Net without a fixed atlas).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
+import yaml
 from tqdm import tqdm
 
 from .data.cases import Case, case_name, load_case
@@ -30,12 +44,16 @@ from .data.dataset import find_pairs
 from .data.io import atomic_directory, write_image
 from .data.preprocessing import indices_to_values, largest_components, to_native_grid
 from .errors import AtlasregError
+from .evaluation.consistency import inverse_consistency
+from .evaluation.evaluate import TRANSFORM_METRIC_COLUMNS
+from .evaluation.topology import jacobian_statistics
 from .models.atlas_istn import AtlasISTNModule
 from .models.refine import refine_transforms
 from .spatial.grid import identity_points
-from .spatial.transforms import warp
+from .spatial.transforms import SpatialTransform, warp
 
 LABELMAP_OUTPUTS = ("itn", "itn_lcc", "onepass", "refine", "atlas")
+TRANSFORM_OUTPUTS = ("onepass", "refine")  # transforms whose statistics go to transform_metrics.csv
 
 
 def _extension(path: str) -> str:
@@ -94,15 +112,40 @@ def _float_image(array: torch.Tensor, case: Case) -> sitk.Image:
     return img
 
 
+def transform_metrics_csv(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """Text of ``transform_metrics.csv``: header ``TRANSFORM_METRIC_COLUMNS`` and one row per
+    transform, ``metrics``: method name -> {column: value} (the columns after ``method``; a missing value
+    is written empty). Floats are written with ``repr`` (full precision, ``nan`` for NaN)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(TRANSFORM_METRIC_COLUMNS)
+    for method, values in metrics.items():
+        writer.writerow([method, *(repr(float(values[c])) if c in values else ""
+                                   for c in TRANSFORM_METRIC_COLUMNS[1:])])
+    return buffer.getvalue()
+
+
 def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], spacing: Sequence[float],
                        probs: dict[str, torch.Tensor], atlas_image: torch.Tensor | None = None,
-                       fwd_points: torch.Tensor | None = None, inv_points: torch.Tensor | None = None) -> Path:
-    """Write one case's outputs atomically (see module docstring). probs: name -> (C, *size) on the
-    model grid (an 'itn' entry also gives 'itn_lcc'); atlas_image: (1, *size) deformed atlas image;
-    points: (*size, D). Outputs given as None are not written."""
+                       fwd_points: torch.Tensor | None = None, inv_points: torch.Tensor | None = None,
+                       transform_metrics: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+    """Write one case's outputs atomically into ``out_dir/<case.name>`` (see the module docstring).
+
+    probs: name -> (C, *size) probabilities on the model grid (an 'itn' entry also gives 'itn_lcc');
+    atlas_image: (1, *size) deformed atlas image; fwd_points / inv_points: (*size, D) points in mm on
+    the model grid; transform_metrics: transform name ('onepass', 'refine') -> {column of
+    ``transform_metrics.csv``: value} for this case (written as ``transform_metrics.csv`` when not
+    None and not empty). ``case.yaml`` (the input image's absolute path) is always written. Outputs
+    given as None are not written. Returns the case folder; on any error nothing of it is written
+    (an older folder of the same name is kept)."""
     ext = _extension(case.path)
     final = out_dir / case.name
     with atomic_directory(final) as tmp:
+        (tmp / "case.yaml").write_text(yaml.safe_dump({"image": str(Path(case.path).resolve())},
+                                                      sort_keys=False), encoding="utf-8")
+        if transform_metrics:
+            (tmp / "transform_metrics.csv").write_text(transform_metrics_csv(transform_metrics),
+                                                       encoding="utf-8")
         for name, p in probs.items():
             indices = to_native_grid(p[None], spacing, case.grid)[0].argmax(0).cpu().numpy()
             write_image(_labelmap_image(indices, labels, case, ext), tmp / f"{name}_labelmap{ext}")
@@ -119,11 +162,33 @@ def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], spacing
     return final
 
 
+def transform_statistics(transform: SpatialTransform, atlas_labelmap: torch.Tensor) -> dict[str, np.ndarray]:
+    """Inverse consistency and regularity of a batch of atlas-to-subject transforms on the model grid.
+
+    transform: batch B, Phi mapping atlas to subject space (Eqs. 7-8); atlas_labelmap: (1 or B, C, *size)
+    one-hot or probabilistic atlas on the same grid. Returns numpy float64 arrays of shape (B,) keyed by
+    the columns of ``transform_metrics.csv``: ``mice_mm`` (mm), ``mice_voxels`` (voxels of the model
+    grid), ``ic_dsc`` (paper Sec. 3.2, Table 6; NaN without atlas foreground), from
+    :func:`~atlasreg.evaluation.consistency.inverse_consistency`; ``nonpositive_jacobian_fraction`` (in
+    [0, 1]) and ``std_log_jacobian`` (dimensionless) of det J(Phi) over the whole grid, from
+    :func:`~atlasreg.evaluation.topology.jacobian_statistics`. Computed without gradients. Raises
+    ValueError if the labelmap does not match the transform grid."""
+    with torch.no_grad():
+        ic = inverse_consistency(transform, atlas_labelmap)
+        jac = jacobian_statistics(transform.forward_points().detach(), transform.spacing)
+    return {"mice_mm": ic["mice_mm"], "mice_voxels": ic["mice_voxels"], "ic_dsc": ic["ic_dsc"],
+            "nonpositive_jacobian_fraction": jac["fraction_nonpositive"],
+            "std_log_jacobian": jac["std_log_jacobian"]}
+
+
 def segment_cases(module: AtlasISTNModule, cases: list[Case], refinement: dict) -> dict:
-    """ITN, 1-pass (Eq. 9) and refined (Eqs. 17-21) results for a batch of cases on the model grid.
-    Returns dict of tensors: itn/onepass/refine/atlas probabilities (B, C, *S) (those the model's method
-    has, see the module docstring), deformed atlas image, forward/inverse points of the final (refined,
-    else 1-pass) transform, refinement loss history (K+1, B)."""
+    """ITN, 1-pass (Eq. 9) and refined (Eqs. 17-21) results for a batch of B cases on the model grid.
+
+    Returns a dict of tensors: itn/onepass/refine/atlas probabilities (B, C, *S) (those the model's
+    method has, see the module docstring), deformed atlas image (B, 1, *S), forward/inverse points
+    (B, *S, D) in mm of the final (refined, else 1-pass) transform, refinement loss history (K+1, B);
+    and ``transform_metrics``: transform name ('onepass', 'refine'; those the method has, none for a
+    U-Net without a fixed atlas) -> :func:`transform_statistics` (numpy arrays (B,))."""
     net = module.net
     atlas_lab, atlas_img = module.atlas_labelmap, module.atlas_image
     images = torch.cat([c.image for c in cases])
@@ -132,20 +197,23 @@ def segment_cases(module: AtlasISTNModule, cases: list[Case], refinement: dict) 
     registers = module.method != "unet" or module.fixed_atlas() is not None
     out: dict = {}
     final = None
+    transforms: dict[str, SpatialTransform] = {}
     with torch.no_grad():
         logits = net.itn(images) if net.itn is not None else None
         if logits is not None:
             out["itn"] = torch.softmax(logits, 1)
         if registers:
-            final = net.transform(net.stn_input(images, logits, atlas_lab, atlas_img))
+            final = transforms["onepass"] = net.transform(net.stn_input(images, logits, atlas_lab, atlas_img))
             out["onepass"] = warp(atlas_b, final.inverse_points(), net.spacing)
             out["atlas"] = atlas_b
     if registers and logits is not None:
         final, out["history"] = refine_transforms(
             net, logits, atlas_lab, int(refinement["iterations"]), float(refinement["lr"]),
             float(refinement["beta"]), float(refinement["gamma"]), float(refinement["lambda"]))
+        transforms["refine"] = final
         with torch.no_grad():
             out["refine"] = warp(atlas_b, final.inverse_points(), net.spacing)
+    out["transform_metrics"] = {name: transform_statistics(tr, atlas_lab) for name, tr in transforms.items()}
     if final is not None:
         with torch.no_grad():
             inv = final.inverse_points()
@@ -181,9 +249,11 @@ def segment(module: AtlasISTNModule, inputs: Iterable[str | Path], out_dir: str 
             probs = {k: res[k][j] for k in LABELMAP_OUTPUTS if k in res}
             extra = {k: res[k][j] if k in res else None
                      for k in ("deformed_atlas_image", "forward_points", "inverse_points")}
+            metrics = {name: {col: float(values[j]) for col, values in stats.items()}
+                       for name, stats in res["transform_metrics"].items()}
             written.append(write_case_outputs(out_dir, case, labels, m["spacing"], probs,
                                               extra["deformed_atlas_image"], extra["forward_points"],
-                                              extra["inverse_points"]))
+                                              extra["inverse_points"], transform_metrics=metrics))
         bar.update(len(group))
     bar.close()
     return written

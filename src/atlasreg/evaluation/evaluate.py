@@ -10,7 +10,9 @@ File contract (input, written by ``atlasreg segment``): for each case name ``<ca
 - ``atlas_labelmap<ext>``: the undeformed atlas (identity, "Id"),
 
 where ``<ext>`` is ``.png`` or ``.nii.gz`` (the input image's extension). Voxel values are the declared
-label values. A missing method file is skipped (that method has no rows for the case).
+label values. A missing method file is skipped (that method has no rows for the case). The folder may
+also hold ``transform_metrics.csv`` (columns :data:`TRANSFORM_METRIC_COLUMNS`, one row per transform:
+``onepass``, ``refine``), gathered into ``transforms_per_case.csv``.
 
 Output files in ``out_dir`` (each written atomically):
 
@@ -23,7 +25,26 @@ Output files in ``out_dir`` (each written atomically):
   hd_mean, hd_std, hd95_mean, hd95_std, asd_mean, asd_std, components_mean, single_component_fraction,
   holes_mean, same_topology_fraction``
   (NaN-ignoring mean and population standard deviation over cases; ``n`` is the number of cases).
-- ``summary.md``: the same numbers as a Markdown table with ``mean ± std`` cells.
+- ``summary.md``: the same numbers as a Markdown table with ``mean ± std`` cells, followed (when
+  there are such rows) by a table of the transform metrics per method and a quality-control section
+  (ranking quality of the QC score and the flagged cases).
+- ``info.yaml``: the ``info`` mapping given to :func:`evaluate_predictions` plus ``test_set``,
+  ``predictions`` (absolute path of the prediction folder), ``merge`` (null or ``{key: [values]}``),
+  ``labels`` (``{value: name}``) and ``n_cases`` (cases with at least one prediction file).
+- ``transforms_per_case.csv``: columns ``case, method, mice_mm, mice_voxels, ic_dsc,
+  nonpositive_jacobian_fraction, std_log_jacobian``, the rows of every evaluated case's
+  ``transform_metrics.csv`` (written by ``atlasreg segment``, see :mod:`atlasreg.segment`) with the case
+  name prepended; header only when no case has that file. MICE in mm and in model-grid voxels and
+  IC-DSC after the paper's Sec. 3.2 (Table 6); fraction of model-grid voxels with det J <= 0 and std of
+  log det J of the forward transform.
+- ``quality_control.csv`` (only when at least one case has both ``itn`` and ``refine`` labelmaps; an
+  older one is removed otherwise): columns ``case, dice_itn_refine, itn_outside_refine, qc_score,
+  refine_dice, flagged``, one row per such case, see :mod:`atlasreg.evaluation.quality`:
+  ``dice_itn_refine`` is the mean over the evaluated structures of the Dice between the ITN and the
+  refined labelmap (no reference used), ``itn_outside_refine`` the fraction of ITN foreground voxels
+  on the refined labelmap's background, ``qc_score = 1 - dice_itn_refine`` (higher: look at this
+  case), ``refine_dice`` the mean Dice of ``refine`` against the reference over the structures (to
+  judge the score), ``flagged`` True for the cases with the 10 % highest scores (at least one).
 """
 
 from __future__ import annotations
@@ -36,13 +57,17 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import yaml
 
 from atlasreg.data.io import write_text
 from atlasreg.errors import AtlasregError
 from atlasreg.evaluation.metrics import METRIC_NAMES, labelmap_connected_components, segmentation_metrics
+from atlasreg.evaluation.quality import flag_top, qc_scores, ranking_quality
 from atlasreg.evaluation.topology import count_holes
 
-__all__ = ["METHODS", "LABELMAP_EXTENSIONS", "evaluate_predictions", "find_prediction"]
+__all__ = ["METHODS", "LABELMAP_EXTENSIONS", "TRANSFORM_METRIC_COLUMNS", "TRANSFORMS_PER_CASE_COLUMNS",
+           "QUALITY_COLUMNS", "QC_FRACTION", "evaluate_predictions", "find_prediction",
+           "read_transform_metrics"]
 
 METHODS = ("itn", "itn_lcc", "onepass", "refine", "atlas")
 LABELMAP_EXTENSIONS = (".png", ".nii.gz")
@@ -54,6 +79,13 @@ SUMMARY_COLUMNS = ("method", "label", "structure", "n",
                    "dice_mean", "dice_std", "hd_mean", "hd_std", "hd95_mean", "hd95_std",
                    "asd_mean", "asd_std", "components_mean", "single_component_fraction", "holes_mean",
                    "same_topology_fraction")
+#: Columns of ``<case>/transform_metrics.csv`` written by ``atlasreg segment``.
+TRANSFORM_METRIC_COLUMNS = ("method", "mice_mm", "mice_voxels", "ic_dsc", "nonpositive_jacobian_fraction",
+                            "std_log_jacobian")
+TRANSFORMS_PER_CASE_COLUMNS = ("case", *TRANSFORM_METRIC_COLUMNS)
+QUALITY_COLUMNS = ("case", "dice_itn_refine", "itn_outside_refine", "qc_score", "refine_dice", "flagged")
+#: Fraction of cases flagged by the quality control (highest qc_score), at least one case.
+QC_FRACTION = 0.1
 
 
 def find_prediction(case_dir: Path, method: str, prefer: str | None = None) -> Path | None:
@@ -129,10 +161,113 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _fmt_e(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.2e} ± {std:.2e}"
+
+
+def _plain(value):
+    """A YAML-safe copy: mappings and sequences recursively, paths as strings, numpy scalars as Python
+    numbers, other unknown objects as their str()."""
+    if isinstance(value, Mapping):
+        return {(k if isinstance(k, (str, int, float, bool)) else str(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def read_transform_metrics(path: str | Path) -> list[dict[str, object]]:
+    """Rows of a ``transform_metrics.csv`` written by ``atlasreg segment``: ``{"method": str, <metric>:
+    float, ...}`` with the metric columns of :data:`TRANSFORM_METRIC_COLUMNS` (an empty cell is NaN;
+    extra columns are ignored). Raises AtlasregError naming the file if it cannot be read, lacks a
+    column or holds a non-numeric value."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in TRANSFORM_METRIC_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise AtlasregError(f"transform metrics file lacks the column(s) {missing}", path)
+            raw = list(reader)
+    except OSError as error:
+        raise AtlasregError(f"cannot read transform metrics ({error.strerror or error})", path) from error
+    rows = []
+    for line, record in enumerate(raw, start=2):
+        row: dict[str, object] = {"method": record["method"]}
+        for column in TRANSFORM_METRIC_COLUMNS[1:]:
+            text = (record[column] or "").strip()
+            try:
+                row[column] = float(text) if text else math.nan
+            except ValueError:
+                raise AtlasregError(f"line {line}: {column} = {text!r} is not a number", path) from None
+        rows.append(row)
+    return rows
+
+
+def _transform_table(rows: Sequence[Mapping[str, object]]) -> list[str]:
+    methods = list(dict.fromkeys(str(r["method"]) for r in rows))
+    lines = [
+        "",
+        "## Transform metrics",
+        "",
+        "Mean ± standard deviation over cases (NaN-ignoring), on the model grid. MICE: masked inverse "
+        "consistency error of the atlas round trip atlas -> subject -> atlas over the atlas structures "
+        "(paper Sec. 3.2, Table 6), in model-grid voxels and in mm; IC-DSC: mean Dice between the atlas "
+        "labelmap and its round trip; det J <= 0: fraction of grid voxels where the forward transform "
+        "folds; SD log det J: standard deviation of log det J over the grid.",
+        "",
+        "| Method | n | MICE (voxels) | MICE (mm) | IC-DSC | det J <= 0 | SD log det J |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method in methods:
+        group = [r for r in rows if r["method"] == method]
+        stats = {c: _nan_stats([float(r[c]) for r in group]) for c in TRANSFORM_METRIC_COLUMNS[1:]}
+        lines.append(f"| {method} | {len(group)} | {_fmt(*stats['mice_voxels'], 4)} | "
+                     f"{_fmt(*stats['mice_mm'], 4)} | {_fmt(*stats['ic_dsc'], 4)} | "
+                     f"{_fmt_e(*stats['nonpositive_jacobian_fraction'])} | {_fmt(*stats['std_log_jacobian'], 3)} |")
+    return lines
+
+
+def _quality_section(rows: Sequence[Mapping[str, object]], ranking: Mapping[str, float]) -> list[str]:
+    def num(value: float, digits: int) -> str:
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+    lines = [
+        "",
+        "## Quality control",
+        "",
+        "QC score = 1 - mean Dice (over the structures) between the ITN and the refined labelmap; it "
+        "needs no reference, higher means the case is more worth a look. Its ranking of the cases is "
+        "judged against the true error 1 - refine Dice (mean over the structures, against the "
+        f"reference) over {ranking['n']} cases:",
+        "",
+        f"- Spearman rank correlation between QC score and true error: {num(ranking['spearman'], 3)} "
+        f"(p = {'n/a' if math.isnan(ranking['spearman_p']) else format(ranking['spearman_p'], '.2g')})",
+        f"- Recall at {QC_FRACTION:.0%}: {num(ranking['recall'], 2)} (share of the {ranking['k']} worst "
+        f"case(s) by true error that are among the {ranking['k']} flagged)",
+        "",
+        "Flagged cases (highest QC scores):",
+        "",
+        "| Case | QC score | Dice ITN-Refine | ITN outside Refine | Refine Dice |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -float(r["qc_score"]))
+    for r in flagged:
+        lines.append(f"| {r['case']} | {num(float(r['qc_score']), 3)} | {num(float(r['dice_itn_refine']), 3)} | "
+                     f"{num(float(r['itn_outside_refine']), 3)} | {num(float(r['refine_dice']), 3)} |")
+    return lines
+
+
 def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[str, str | Path],
                          labels: Mapping[int, str], out_dir: str | Path,
                          merge: Mapping[int, Sequence[int]] | None = None,
-                         methods: Sequence[str] = METHODS) -> tuple[Path, Path]:
+                         methods: Sequence[str] = METHODS, test_set: str | None = None,
+                         info: Mapping | None = None) -> tuple[Path, Path]:
     """Compute per-case, per-method, per-structure metrics and write CSV and Markdown summaries.
 
     Parameters
@@ -153,18 +288,26 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
         values or merge keys. The structure name of a key is ``labels[key]`` if declared, else the
         source names joined with ``+``.
     methods:
-        Method names to look for (``<method>_labelmap<ext>``); default :data:`METHODS`.
+        Method names to look for (``<method>_labelmap<ext>``); default :data:`METHODS`. Quality control
+        needs ``itn`` and ``refine`` among them.
+    test_set:
+        Name of the test set, written to ``info.yaml``; default: the prediction folder's name.
+    info:
+        Extra entries for ``info.yaml`` (e.g. model name, method, STN variant, label; YAML-safe values,
+        paths are written as strings); the keys written by this function take precedence.
 
     Returns
     -------
-    ``(out_dir / "metrics_per_case.csv", out_dir / "summary.md")``; ``out_dir / "summary.csv"`` is written
-    too.
+    ``(out_dir / "metrics_per_case.csv", out_dir / "summary.md")``; ``summary.csv``, ``info.yaml``,
+    ``transforms_per_case.csv`` and (when possible) ``quality_control.csv`` are written too (see the
+    module docstring).
 
     Raises
     ------
     AtlasregError
         If a reference or prediction cannot be read, their sizes differ, the reference holds values
-        that are not declared labels (or merge keys), or no prediction file is found at all.
+        that are not declared labels (or merge keys), no prediction file is found at all, or a case's
+        ``transform_metrics.csv`` is malformed.
     """
     prediction_dir = Path(prediction_dir)
     out_dir = Path(out_dir)
@@ -186,6 +329,9 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
         raise AtlasregError("no foreground labels to evaluate")
 
     rows: list[dict[str, object]] = []
+    transform_rows: list[dict[str, object]] = []
+    quality_rows: list[dict[str, object]] = []
+    evaluated_cases: set[str] = set()
     found_any = False
     for case in sorted(reference_paths):
         reference_path = Path(reference_paths[case])
@@ -202,11 +348,16 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
             warnings.warn(f"{case_dir}: no prediction folder for case {case!r}; skipped", UserWarning,
                           stacklevel=2)
             continue
+        metrics_path = case_dir / "transform_metrics.csv"
+        if metrics_path.is_file():
+            transform_rows.extend({"case": case, **r} for r in read_transform_metrics(metrics_path))
+        kept: dict[str, np.ndarray] = {}  # the ITN and refined labelmaps, for the quality control
         for method in methods:
             prediction_path = find_prediction(case_dir, method, prefer=_extension(reference_path))
             if prediction_path is None:
                 continue
             found_any = True
+            evaluated_cases.add(case)
             prediction, prediction_image = _read_labelmap(prediction_path, "prediction")
             if prediction.shape != reference.shape:
                 raise AtlasregError(f"prediction size {prediction_image.GetSize()} differs from the "
@@ -232,6 +383,14 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
                              "holes": count_holes(prediction == label),
                              "reference_components": labelmap_connected_components(reference, label),
                              "reference_holes": count_holes(reference == label)})
+            if method in ("itn", "refine"):
+                kept[method] = prediction
+        if len(kept) == 2:
+            scores = qc_scores(kept["itn"], kept["refine"], evaluated, background=BACKGROUND)
+            refine_dice, _ = _nan_stats([r["dice"] for r in rows if r["case"] == case and r["method"] == "refine"])
+            quality_rows.append({"case": case, **{k: scores[k] for k in ("dice_itn_refine", "itn_outside_refine",
+                                                                         "qc_score")},
+                                 "refine_dice": refine_dice})
     if not found_any:
         raise AtlasregError(f"no prediction labelmaps (<method>_labelmap.png / .nii.gz for methods "
                             f"{list(methods)}) found for any case", prediction_dir)
@@ -274,11 +433,37 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
             f"{_fmt(e['asd_mean'], e['asd_std'], 2)} | {e['components_mean']:.2f} | "
             f"{e['single_component_fraction']:.2f} | {e['holes_mean']:.2f} | {e['same_topology_fraction']:.2f} |")
 
+    if transform_rows:
+        lines.extend(_transform_table(transform_rows))
+    if quality_rows:
+        flags = flag_top([float(r["qc_score"]) for r in quality_rows], QC_FRACTION)
+        for r, flag in zip(quality_rows, flags):
+            r["flagged"] = bool(flag)
+        ranking = ranking_quality([float(r["qc_score"]) for r in quality_rows],
+                                  [1.0 - float(r["refine_dice"]) for r in quality_rows], QC_FRACTION)
+        lines.extend(_quality_section(quality_rows, ranking))
+
+    info_out = dict(_plain(dict(info or {})))
+    info_out.update({
+        "test_set": str(test_set) if test_set is not None else prediction_dir.resolve().name,
+        "predictions": str(prediction_dir.resolve()),
+        "merge": None if merge is None else {int(k): list(v) for k, v in merge.items()},
+        "labels": dict(labels),
+        "n_cases": len(evaluated_cases),
+    })
+
     out_dir.mkdir(parents=True, exist_ok=True)
     per_case_path = out_dir / "metrics_per_case.csv"
     summary_csv_path = out_dir / "summary.csv"
     summary_md_path = out_dir / "summary.md"
+    quality_path = out_dir / "quality_control.csv"
     write_text(per_case_path, _csv_text(PER_CASE_COLUMNS, rows))
     write_text(summary_csv_path, _csv_text(SUMMARY_COLUMNS, summary))
+    write_text(out_dir / "transforms_per_case.csv", _csv_text(TRANSFORMS_PER_CASE_COLUMNS, transform_rows))
+    if quality_rows:
+        write_text(quality_path, _csv_text(QUALITY_COLUMNS, quality_rows))
+    elif quality_path.is_file():
+        quality_path.unlink()  # a stale file from an earlier evaluation into the same folder
+    write_text(out_dir / "info.yaml", yaml.safe_dump(info_out, sort_keys=False, allow_unicode=True))
     write_text(summary_md_path, "\n".join(lines) + "\n")
     return per_case_path, summary_md_path

@@ -60,7 +60,18 @@ class EpochTimer(Callback):
 
 class AtlasUpdate(Callback):
     """Atlas update at every epoch end (Eqs. 15-16). As a callback it runs before ModelCheckpoint
-    (Lightning orders checkpoint callbacks last), so checkpoints and resumed runs see the new atlas."""
+    (Lightning orders checkpoint callbacks last), so checkpoints and resumed runs see the new atlas.
+    With `initial_dir`, the atlas at the start of training (Eq. 15, t = 0) is saved there once
+    (paper Fig. 9 compares it with the final atlas)."""
+
+    def __init__(self, initial_dir: Path | None = None):
+        self.initial_dir = initial_dir
+
+    def on_train_start(self, trainer, pl_module):
+        if self.initial_dir is not None and not self.initial_dir.exists():
+            save_atlas(pl_module.atlas_labelmap, pl_module.atlas_image,
+                       list(pl_module.config["data"]["labels"].keys()), pl_module.config["model"]["spacing"],
+                       self.initial_dir)
 
     def on_train_epoch_end(self, trainer, pl_module):
         pl_module.update_atlas()
@@ -70,7 +81,8 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
           timer: EpochTimer | None = None, callbacks: list[Callback] | None = None) -> Path:
     """Train Atlas-ISTN on `config['data']['train']`; writes into out_dir:
     `config.yaml`, `checkpoints/last.ckpt` (every epoch), `model.ckpt` (final), `atlas/` (atlas
-    labelmap, probabilities and image with their grid), `logs/` (TensorBoard).
+    labelmap, probabilities and image with their grid), `atlas_initial/` (the same at the start of
+    training), `logs/` (TensorBoard).
     Resumes from `checkpoints/last.ckpt` if present and `resume`. Returns the final checkpoint path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +107,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
                                  save_last=True, save_top_k=1, every_n_epochs=1)
     trainer = L.Trainer(
         max_epochs=int(t["epochs"]), accelerator="auto", devices=1, logger=TensorBoardLogger(out_dir, name="logs"),
-        callbacks=[AtlasUpdate(), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
+        callbacks=[AtlasUpdate(out_dir / "atlas_initial"), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
         num_sanity_val_steps=0, deterministic=False)
     ckpt_path = str(last) if (resume and last.is_file()) else None

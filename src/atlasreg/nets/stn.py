@@ -29,7 +29,10 @@ class STN(nn.Module):
     stride 2, so the SVF head is at half resolution; coarser scales use strided (linear) convolutions
     followed by convolution + ReLU, and the SVF decoder one convolution + ReLU per scale. Affine heads are zero-initialised (identity at start) and bounded:
     |translation| <= half the field of view, |rotation| <= pi/4 per angle, scale in [1/e, e]. The SVF
-    head is zero-initialised; its output unit is one full-resolution voxel, converted to mm.
+    head is zero-initialised; its output unit is half the field of view per axis (the reference's
+    normalised [-1, 1] coordinates), converted to mm. The unit matters: Adam moves the zero-initialised
+    head by about lr per step whatever the gradient's scale, so with a one-voxel unit (32 times smaller
+    on Letter-B) the SVF stayed near zero and the decoder's ReLUs died during training.
 
     forward(x: (N, in_channels, *size)) -> dict with 'svf' (N, D, *size/2) mm or None, and
     'A' (N, D, D), 't' (N, D) mm or None.
@@ -46,8 +49,6 @@ class STN(nn.Module):
             raise ValueError(f"STN input size {tuple(size)} must be divisible by 8")
         self.ndim, self.variant = ndim, variant
         c1, c2, c3 = channels
-        self.register_buffer("voxel_mm", torch.tensor([float(s) for s in spacing]).view(1, ndim, *[1] * ndim),
-                             persistent=False)
         self.register_buffer("half_fov", torch.tensor([n * s / 2.0 for n, s in zip(reversed(size), spacing)]),
                              persistent=False)
         self.enc1 = nn.Sequential(conv(ndim, in_channels, c1, stride=2), nn.ReLU(inplace=True),
@@ -84,7 +85,7 @@ class STN(nn.Module):
         if self.has_svf:
             d = self.dec2(torch.cat([self.up(h3), h2], 1))
             d = self.dec1(torch.cat([self.up(d), h1], 1))
-            out["svf"] = self.svf_head(d) * self.voxel_mm
+            out["svf"] = self.svf_head(d) * self.half_fov.view(1, self.ndim, *[1] * self.ndim)
         if self.has_affine and use_affine:
             pooled = F.adaptive_avg_pool2d(h3, self.pool_size) if self.ndim == 2 else \
                 F.adaptive_avg_pool3d(h3, self.pool_size)

@@ -1,0 +1,185 @@
+"""Report figures with matplotlib (Agg backend, PNG bytes): qualitative panels with contours and the
+deformed grid (paper Figs. 6-7), metric bars per test set (Fig. 8), regularisation-weight sensitivity
+(Figs. 8 and 15), ITN-vs-refine scatter (Fig. 12) and the atlas at the start and end of training
+(Fig. 9). 3-D images are shown by their middle slice along the first array axis.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import yaml  # noqa: E402
+
+from .results import METRIC_TITLES, ResultTable  # noqa: E402
+
+PANEL_OUTPUTS = (("itn", "ITN"), ("onepass", "1-pass"), ("refine", "Refine"))
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _read(path: Path) -> np.ndarray:
+    """Array of an image file; for a 3-D image its middle slice along the first array axis (z).
+    Vector images keep their components as the last axis."""
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    return array[array.shape[0] // 2] if image.GetDimension() == 3 else array
+
+
+def _labelmap(case_dir: Path, output: str) -> Path | None:
+    for ext in (".png", ".nii.gz"):
+        p = case_dir / f"{output}_labelmap{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _contours(ax, labelmap: np.ndarray, colour: str) -> None:
+    for value in np.unique(labelmap):
+        if value != 0:
+            ax.contour(labelmap == value, levels=[0.5], colors=colour, linewidths=0.8)
+
+
+def qualitative_figure(predictions: Path, references: dict, cases: list[str], titles: list[str]) -> bytes | None:
+    """Figs. 6-7: per case a row with the image, the ITN, 1-pass and refined labelmaps as red contours
+    over the image with the reference in green, and the deformed atlas grid (isolines of the atlas
+    coordinates of each subject point, from inverse_displacement.nii.gz). None if no case has an image."""
+    rows = []
+    for case in cases:
+        case_dir = Path(predictions) / case
+        meta = case_dir / "case.yaml"
+        if not meta.is_file():
+            continue
+        image_path = Path((yaml.safe_load(meta.read_text()) or {}).get("image", ""))
+        if not image_path.is_file():
+            continue
+        rows.append((case, case_dir, image_path))
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 5, figsize=(12, 2.6 * len(rows)), squeeze=False)
+    for r, ((case, case_dir, image_path), title) in enumerate(zip(rows, titles)):
+        image = _read(image_path).astype(float)
+        if image.ndim == 3:  # RGB(A) PNG
+            image = image[..., 0]
+        reference = _read(Path(references[case])) if case in references else None
+        axes[r, 0].imshow(image, cmap="gray")
+        axes[r, 0].set_title(f"{case} ({title})", fontsize=8)
+        for k, (output, name) in enumerate(PANEL_OUTPUTS, start=1):
+            ax = axes[r, k]
+            ax.imshow(image, cmap="gray")
+            path = _labelmap(case_dir, output)
+            if reference is not None:
+                _contours(ax, reference, "lime")
+            if path is not None:
+                _contours(ax, _read(path), "red")
+            ax.set_title(name, fontsize=8)
+        ax = axes[r, 4]
+        ax.imshow(image, cmap="gray")
+        inv = case_dir / "inverse_displacement.nii.gz"
+        if inv.is_file():
+            img = sitk.ReadImage(str(inv))
+            disp = _read(inv)
+            h, w = disp.shape[:2]
+            sp = img.GetSpacing()
+            xs, ys = np.meshgrid(np.arange(w) * sp[0], np.arange(h) * sp[1])
+            ax_x, ax_y = xs + disp[..., 0], ys + disp[..., 1]
+            step = max(w, h) * min(sp[:2]) / 16
+            levels_x = np.arange(ax_x.min(), ax_x.max(), step)
+            levels_y = np.arange(ax_y.min(), ax_y.max(), step)
+            ax.contour(ax_x, levels=levels_x, colors="yellow", linewidths=0.5)
+            ax.contour(ax_y, levels=levels_y, colors="yellow", linewidths=0.5)
+        ax.set_title("deformed grid (refine)", fontsize=8)
+        for a in axes[r]:
+            a.set_axis_off()
+    return _png(fig)
+
+
+def bar_figure(table: ResultTable, metrics=("dice", "hd95", "asd")) -> bytes:
+    """Fig. 8: mean ± std of each metric per method, one group of bars per test set (structures pooled)."""
+    sets = table.test_sets()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        all_cols = list(dict.fromkeys(c for s in sets for c in table.columns[s]))
+        width = 0.8 / max(1, len(all_cols))
+        for j, col in enumerate(all_cols):
+            means, stds = [], []
+            for s in sets:
+                vals = [v for per in table.values[s].values() if col in per for v in per[col][metric].values()]
+                vals = np.array(vals, float)
+                means.append(np.nanmean(vals) if vals.size else np.nan)
+                stds.append(np.nanstd(vals) if vals.size else np.nan)
+            ax.bar(np.arange(len(sets)) + j * width, means, width, yerr=stds, label=col, capsize=2)
+        ax.set_xticks(np.arange(len(sets)) + 0.4 - width / 2)
+        ax.set_xticklabels(sets, fontsize=8)
+        ax.set_title(METRIC_TITLES[metric], fontsize=9)
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _png(fig)
+
+
+def sensitivity_figure(points: list[tuple[float, dict]], metrics=("dice", "hd95", "asd")) -> bytes:
+    """Figs. 8/15: refinement result against the regularisation weight lambda*. points: (lambda*,
+    {metric: (mean, std)}) per evaluation, sorted by lambda* here."""
+    points = sorted(points, key=lambda p: p[0])
+    lams = [p[0] for p in points]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        mean = [p[1][metric][0] for p in points]
+        std = [p[1][metric][1] for p in points]
+        ax.errorbar(lams, mean, yerr=std, marker="o", capsize=2)
+        ax.set_xscale("log")
+        ax.set_xlabel("λ* (refinement regularisation weight)", fontsize=8)
+        ax.set_title(f"Refine {METRIC_TITLES[metric]}", fontsize=9)
+    return _png(fig)
+
+
+def scatter_figure(table: ResultTable, test_set: str, x: str = "ITN", y: str = "Refine",
+                   metric: str = "dice") -> bytes | None:
+    """Fig. 12: per-case metric of `y` against `x` (structures pooled), with the diagonal."""
+    xs, ys = [], []
+    for per in table.values[test_set].values():
+        if x in per and y in per:
+            a, b = per[x][metric], per[y][metric]
+            for case in sorted(set(a) & set(b)):
+                xs.append(a[case])
+                ys.append(b[case])
+    if not xs:
+        return None
+    fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    ax.scatter(xs, ys, s=8)
+    lo, hi = np.nanmin(xs + ys), np.nanmax(xs + ys)
+    ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8)
+    ax.set_xlabel(f"{x} {METRIC_TITLES[metric]}", fontsize=8)
+    ax.set_ylabel(f"{y} {METRIC_TITLES[metric]}", fontsize=8)
+    ax.set_title(test_set, fontsize=9)
+    return _png(fig)
+
+
+def atlas_figure(run_dir: Path) -> bytes | None:
+    """Fig. 9: atlas image and labelmap probabilities at the start (atlas_initial/) and the end of
+    training (atlas/). None when the run folder lacks them."""
+    stages = [(name, Path(run_dir) / sub) for name, sub in (("start", "atlas_initial"), ("end", "atlas"))]
+    stages = [(n, d) for n, d in stages if (d / "atlas_image.nii.gz").is_file()]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(2, len(stages), figsize=(3.2 * len(stages), 6.2), squeeze=False)
+    for j, (name, d) in enumerate(stages):
+        axes[0, j].imshow(_read(d / "atlas_image.nii.gz"), cmap="gray")
+        axes[0, j].set_title(f"atlas image ({name})", fontsize=8)
+        probs = _read(d / "atlas_probabilities.nii.gz")
+        fg = 1.0 - probs[..., 0] if probs.ndim == 3 else probs
+        axes[1, j].imshow(fg, cmap="magma", vmin=0, vmax=1)
+        axes[1, j].set_title(f"atlas labelmap, foreground probability ({name})", fontsize=8)
+        for a in axes[:, j]:
+            a.set_axis_off()
+    return _png(fig)

@@ -1,0 +1,167 @@
+"""Loading evaluation folders (written by ``atlasreg evaluate``) into one long table of per-case results,
+with the column (method) names the paper uses.
+
+An evaluation folder holds ``metrics_per_case.csv`` and ``info.yaml`` (model name, model method, STN
+variant, fixed atlas, L_s weight, test set, label), and optionally ``transforms_per_case.csv`` and
+``quality_control.csv``. Each (folder, output) pair becomes one *column* of the report, e.g. the
+Atlas-ISTN folder gives 'ITN', '1-pass', 'Refine' and 'Id'; a U-Net folder 'U-Net', 'U-Net_lcc' and,
+with a fixed atlas, 'Independent'; a VML folder 'VML'.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import AtlasregError
+
+METRICS = ("dice", "hd", "hd95", "asd")
+HIGHER_IS_BETTER = {"dice": True, "hd": False, "hd95": False, "asd": False}
+METRIC_TITLES = {"dice": "DSC ↑", "hd": "HD ↓", "hd95": "HD95 ↓", "asd": "ASD ↓"}
+
+
+def model_label(info: dict) -> str:
+    """Short name of the trained model behind an evaluation folder ('Atlas-ISTN', 'Fixed', 'SVF',
+    'Atlas-ISTN-L_s', 'U-Net', 'VML'), unless info['label'] names it."""
+    if info.get("label"):
+        return str(info["label"])
+    method = info.get("method", "atlas_istn")
+    if method == "unet":
+        return "U-Net"
+    if method == "vml":
+        return "VML"
+    if info.get("fixed_atlas"):
+        return "Fixed"
+    if info.get("stn_variant") == "svf":
+        return "SVF"
+    if float(info.get("seg_weight", 1.0)) == 0.0:
+        return "Atlas-ISTN-L_s"
+    return "Atlas-ISTN"
+
+
+def column_name(info: dict, output: str) -> str | None:
+    """The report column of one output of one model, or None for outputs the paper does not show
+    (e.g. the meaningless 1-pass of an untrained STN)."""
+    method = info.get("method", "atlas_istn")
+    label = model_label(info)
+    if method == "unet":
+        names = {"itn": "U-Net", "itn_lcc": "U-Net_lcc", "refine": "Independent", "atlas": "Identity"}
+        if info.get("label"):
+            names = {k: f"{label} {v}" for k, v in names.items()}
+        return names.get(output)
+    if method == "vml":
+        return {"onepass": label}.get(output)
+    names = {"itn": "ITN", "onepass": "1-pass", "refine": "Refine", "atlas": "Id"}
+    if label == "Atlas-ISTN":
+        return names.get(output)
+    if output in ("onepass", "refine"):
+        return f"{label} {names[output]}"
+    return None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@dataclass
+class Evaluation:
+    """One evaluation folder: its info and its per-case rows (metrics and transform statistics)."""
+
+    path: Path
+    info: dict
+    rows: list[dict]
+    transforms: list[dict] = field(default_factory=list)
+    quality: list[dict] = field(default_factory=list)
+
+    @property
+    def test_set(self) -> str:
+        return str(self.info.get("test_set") or self.path.name)
+
+
+def load_evaluation(path: str | Path) -> Evaluation:
+    """Read an evaluation folder; AtlasregError naming the folder if metrics_per_case.csv is missing."""
+    path = Path(path)
+    metrics = path / "metrics_per_case.csv"
+    if not metrics.is_file():
+        raise AtlasregError("not an evaluation folder (no metrics_per_case.csv)", path)
+    info_path = path / "info.yaml"
+    info = (yaml.safe_load(info_path.read_text()) or {}) if info_path.is_file() else {}
+    rows = _read_csv(metrics)
+    for r in rows:
+        for m in METRICS:
+            r[m] = _float(r[m])
+        for k in ("components", "holes", "reference_components", "reference_holes"):
+            r[k] = int(float(r[k]))
+    transforms = _read_csv(path / "transforms_per_case.csv") if (path / "transforms_per_case.csv").is_file() else []
+    for r in transforms:
+        for k, v in list(r.items()):
+            if k not in ("case", "method"):
+                r[k] = _float(v)
+    quality = _read_csv(path / "quality_control.csv") if (path / "quality_control.csv").is_file() else []
+    return Evaluation(path, info, rows, transforms, quality)
+
+
+@dataclass
+class ResultTable:
+    """Per-case values, indexed [test_set][structure][column][metric] -> {case: value}, plus the
+    transform statistics [test_set][column][stat] -> {case: value}, the topology rows, and for each
+    column the evaluation folder it came from."""
+
+    values: dict = field(default_factory=dict)
+    transforms: dict = field(default_factory=dict)
+    topology: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)   # test_set -> ordered column names
+
+    def test_sets(self) -> list[str]:
+        return list(self.columns)
+
+
+def collect(evaluations: list[Evaluation]) -> ResultTable:
+    """Merge evaluation folders into a ResultTable. A column name seen twice for the same test set
+    raises AtlasregError (give one of the folders a label with `atlasreg evaluate --label`)."""
+    table = ResultTable()
+    for ev in evaluations:
+        ts = ev.test_set
+        cols = table.columns.setdefault(ts, [])
+        seen_here: set[str] = set()
+        for r in ev.rows:
+            col = column_name(ev.info, r["method"])
+            if col is None:
+                continue
+            if col not in seen_here:
+                if col in cols:
+                    raise AtlasregError(f"column {col!r} of test set {ts!r} comes from two evaluation "
+                                        "folders; label one with `atlasreg evaluate --label`", ev.path)
+                cols.append(col)
+                seen_here.add(col)
+                table.source[(ts, col)] = ev
+            cell = table.values.setdefault(ts, {}).setdefault(r["structure"], {}).setdefault(col, {})
+            for m in METRICS:
+                cell.setdefault(m, {})[r["case"]] = r[m]
+            topo = table.topology.setdefault(ts, {}).setdefault(col, {})
+            topo.setdefault("components", []).append(r["components"])
+            topo.setdefault("holes", []).append(r["holes"])
+            topo.setdefault("same_topology", []).append(
+                (r["components"], r["holes"]) == (r["reference_components"], r["reference_holes"]))
+        for r in ev.transforms:
+            col = column_name(ev.info, r["method"])
+            if col is None:
+                continue
+            cell = table.transforms.setdefault(ts, {}).setdefault(col, {})
+            for k, v in r.items():
+                if k not in ("case", "method"):
+                    cell.setdefault(k, {})[r["case"]] = v
+    return table

@@ -1,0 +1,156 @@
+"""Report tables in the layout of the paper's Tables 1, 2 and 7 (metrics as rows, methods as columns,
+mean ± std, best bold and underlined, second best bold, significance marks), the topology and
+transform-regularity table, and the paired comparisons of one method against all others.
+
+A table is a list of rows of :class:`Cell`; :func:`to_markdown` and :func:`to_html` render it.
+Significance: the one-sided paired bootstrap of the mean difference (10,000 repetitions, 98%
+interval, 1% level; :func:`atlasreg.evaluation.statistics.paired_bootstrap`), as in the paper.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..evaluation.statistics import paired_bootstrap
+from .results import HIGHER_IS_BETTER, METRIC_TITLES, METRICS, ResultTable
+
+
+@dataclass
+class Cell:
+    text: str
+    bold: bool = False
+    underline: bool = False
+    header: bool = False
+
+
+def _paired(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
+    cases = sorted(set(a) & set(b))
+    return np.array([a[c] for c in cases], float), np.array([b[c] for c in cases], float)
+
+
+def significantly_better(a: dict, b: dict, metric: str, n_boot: int, alpha: float = 0.01) -> dict | None:
+    """Paired bootstrap that per-case values `a` beat `b` ({case: value}); None if < 2 pairs."""
+    x, y = _paired(a, b)
+    if np.sum(~(np.isnan(x) | np.isnan(y))) < 2:
+        return None
+    return paired_bootstrap(x, y, n_boot=n_boot, alpha=alpha, higher_is_better=HIGHER_IS_BETTER[metric])
+
+
+def _mean_std(values: dict) -> tuple[float, float]:
+    v = np.array(list(values.values()), float)
+    if v.size == 0 or np.all(np.isnan(v)):
+        return math.nan, math.nan
+    return float(np.nanmean(v)), float(np.nanstd(v))
+
+
+def metric_table(table: ResultTable, test_set: str, n_boot: int = 10000, digits: dict | None = None) -> list[list[Cell]]:
+    """Paper Tables 1/2/7 for one test set: a row per (structure, metric), a column per method.
+    Superscript * (†): the best (second best) column is significantly better than this one (p < 0.01)."""
+    digits = digits or {"dice": 3, "hd": 2, "hd95": 2, "asd": 2}
+    cols = table.columns[test_set]
+    rows = [[Cell("Structure", header=True), Cell("Metric", header=True)] + [Cell(c, header=True) for c in cols]]
+    for structure, per_col in table.values[test_set].items():
+        for metric in METRICS:
+            stats = {c: _mean_std(per_col[c][metric]) if c in per_col else (math.nan, math.nan) for c in cols}
+            sign = 1 if HIGHER_IS_BETTER[metric] else -1
+            ranked = sorted((c for c in cols if not math.isnan(stats[c][0])), key=lambda c: -sign * stats[c][0])
+            best = ranked[0] if ranked else None
+            second = ranked[1] if len(ranked) > 1 else None
+            row = [Cell(structure), Cell(METRIC_TITLES[metric])]
+            for c in cols:
+                mean, std = stats[c]
+                if math.isnan(mean):
+                    row.append(Cell("–"))
+                    continue
+                marks = ""
+                for top, mark in ((best, "*"), (second, "†")):
+                    if top is not None and top != c:
+                        res = significantly_better(per_col[top][metric], per_col[c][metric], metric, n_boot)
+                        if res is not None and res["significant"]:
+                            marks += mark
+                d = digits[metric]
+                text = f"{mean:.{d}f} ± {std:.{d}f}" + (f"<sup>{marks}</sup>" if marks else "")
+                row.append(Cell(text, bold=c in (best, second), underline=c == best))
+            rows.append(row)
+    return rows
+
+
+def topology_table(table: ResultTable, test_set: str) -> list[list[Cell]]:
+    """Per method: mean components, fraction with one component, mean holes, fraction with the
+    reference's topology (all structures pooled); and for methods with a transform: fraction of
+    non-positive Jacobian determinants, std of log det J, MICE (voxels, mm) and IC-DSC (Table 6)."""
+    head = ["Method", "Components", "1 comp.", "Holes", "Topology = ref.", "det J ≤ 0", "std log det J",
+            "MICE (voxels)", "MICE (mm)", "IC-DSC"]
+    rows = [[Cell(h, header=True) for h in head]]
+    transforms = table.transforms.get(test_set, {})
+    for col in table.columns[test_set]:
+        topo = table.topology[test_set].get(col)
+        if not topo:
+            continue
+        comps = np.array(topo["components"], float)
+        row = [Cell(col), Cell(f"{comps.mean():.2f}"), Cell(f"{np.mean(comps == 1):.2f}"),
+               Cell(f"{np.mean(topo['holes']):.2f}"), Cell(f"{np.mean(topo['same_topology']):.2f}")]
+        tr = transforms.get(col)
+        for key, fmt in (("nonpositive_jacobian_fraction", ".2e"), ("std_log_jacobian", ".3f"),
+                         ("mice_voxels", ".3f"), ("mice_mm", ".3f"), ("ic_dsc", ".4f")):
+            if tr and key in tr:
+                mean, std = _mean_std(tr[key])
+                row.append(Cell(f"{mean:{fmt}} ± {std:{fmt}}"))
+            else:
+                row.append(Cell("–"))
+        rows.append(row)
+    return rows
+
+
+def comparison_table(table: ResultTable, test_set: str, reference: str, n_boot: int = 10000) -> list[list[Cell]]:
+    """`reference` (e.g. 'Refine') against every other column: mean difference (positive = reference
+    better), 98% bootstrap interval, one-sided p and significance at 1%, per structure and metric."""
+    head = ["Structure", "Metric", "vs", "n", "Mean difference", "98% interval", "p", "Significant"]
+    rows = [[Cell(h, header=True) for h in head]]
+    for structure, per_col in table.values[test_set].items():
+        if reference not in per_col:
+            continue
+        for metric in METRICS:
+            for other in table.columns[test_set]:
+                if other == reference or other not in per_col:
+                    continue
+                res = significantly_better(per_col[reference][metric], per_col[other][metric], metric, n_boot)
+                if res is None:
+                    continue
+                rows.append([Cell(structure), Cell(METRIC_TITLES[metric]), Cell(other), Cell(str(res["n"])),
+                             Cell(f"{res['mean_difference']:+.4f}"),
+                             Cell(f"[{res['ci_low']:+.4f}, {res['ci_high']:+.4f}]"),
+                             Cell(f"{res['p_value']:.4f}"),
+                             Cell("yes" if res["significant"] else "no", bold=res["significant"])])
+    return rows
+
+
+def to_markdown(rows: list[list[Cell]]) -> str:
+    def fmt(c: Cell) -> str:
+        t = c.text.replace("<sup>", "^").replace("</sup>", "").replace("|", "\\|")
+        if c.bold:
+            t = f"**{t}**"
+        if c.underline:
+            t = f"<u>{t}</u>"
+        return t
+    out = ["| " + " | ".join(fmt(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def to_html(rows: list[list[Cell]]) -> str:
+    def fmt(c: Cell) -> str:
+        # Only the <sup> marks we produce are kept as markup; everything else is escaped.
+        t = html.escape(c.text).replace("&lt;sup&gt;", "<sup>").replace("&lt;/sup&gt;", "</sup>")
+        if c.underline:
+            t = f"<u>{t}</u>"
+        if c.bold:
+            t = f"<b>{t}</b>"
+        tag = "th" if c.header else "td"
+        return f"<{tag}>{t}</{tag}>"
+    body = "\n".join("<tr>" + "".join(fmt(c) for c in r) + "</tr>" for r in rows)
+    return f"<table>\n{body}\n</table>"

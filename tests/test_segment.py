@@ -1,0 +1,121 @@
+"""Outputs of atlasreg.segment beyond the labelmaps: transform_metrics.csv (MICE, IC-DSC, Jacobian) and
+case.yaml, on a tiny untrained model (whose STN is the identity at initialisation)."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from atlasreg.config import load_config
+from atlasreg.data.letter_b import write_letter_b_dataset
+from atlasreg.evaluation.evaluate import TRANSFORM_METRIC_COLUMNS, evaluate_predictions
+from atlasreg.models.atlas_istn import AtlasISTNModule
+from atlasreg.segment import segment, transform_metrics_csv, transform_statistics
+from atlasreg.spatial.grid import identity_points
+from atlasreg.spatial.transforms import SpatialTransform
+
+SIZE, SPACING = (16, 16), (2.0, 2.0)
+
+
+def disc_atlas(radius_mm=9.0):
+    """One-hot atlas (1, 2, 16, 16) on the model grid: a disc of `radius_mm` around the centre."""
+    r = identity_points(SIZE, SPACING)[0].norm(dim=-1)
+    return torch.nn.functional.one_hot((r < radius_mm).long(), 2).movedim(-1, 0)[None].float()
+
+
+def tiny_module(method="atlas_istn"):
+    torch.manual_seed(0)
+    cfg = load_config(None, {
+        "data": {"labels": {0: "background", 255: "letter"}, "spacing": [1.0, 1.0]},
+        "model": {"method": method, "ndim": 2, "size": list(SIZE), "spacing": list(SPACING),
+                  "itn_channels": [4, 8, 8, 8], "stn_channels": [4, 4, 8]},
+        "refinement": {"iterations": 2, "cases_at_once": 2},
+    })
+    module = AtlasISTNModule(cfg).eval()
+    module.atlas_labelmap.copy_(disc_atlas())
+    module.atlas_image.copy_(module.atlas_labelmap[:, 1:])
+    return module
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("images")
+    write_letter_b_dataset(folder, 2, seed=0, size=32)
+    return folder
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_segment_writes_transform_metrics_and_case_yaml(images, tmp_path):
+    out = tmp_path / "seg"
+    written = segment(tiny_module(), [images], out, progress=False, image_suffix="_img")
+    assert sorted(p.name for p in written) == ["B1", "B2"]
+    for case in ("B1", "B2"):
+        meta = yaml.safe_load((out / case / "case.yaml").read_text())
+        assert meta == {"image": str((images / f"{case}_img.png").resolve())}
+        rows = read_rows(out / case / "transform_metrics.csv")
+        assert (out / case / "transform_metrics.csv").read_text().splitlines()[0] == \
+            "method,mice_mm,mice_voxels,ic_dsc,nonpositive_jacobian_fraction,std_log_jacobian"
+        assert [r["method"] for r in rows] == ["onepass", "refine"]
+        onepass = {k: float(v) for k, v in rows[0].items() if k != "method"}
+        # zero-initialised STN heads: the 1-pass transform is the identity
+        assert onepass["mice_mm"] == pytest.approx(0.0, abs=1e-4)
+        assert onepass["mice_voxels"] == pytest.approx(0.0, abs=1e-4)
+        assert onepass["ic_dsc"] == pytest.approx(1.0)
+        assert onepass["nonpositive_jacobian_fraction"] == 0.0
+        assert onepass["std_log_jacobian"] == pytest.approx(0.0, abs=1e-5)
+        refine = {k: float(v) for k, v in rows[1].items() if k != "method"}
+        # two small Adam steps from the identity: still nearly inverse consistent, no folding
+        assert 0.0 <= refine["mice_voxels"] < 0.1 and refine["ic_dsc"] > 0.95
+        assert refine["nonpositive_jacobian_fraction"] == 0.0
+        assert math.isfinite(refine["std_log_jacobian"])
+    assert not list(out.glob(".*"))  # no temporary folders left
+
+    # evaluate gathers the per-case files
+    refs = {case: images / f"{case}_seg.png" for case in ("B1", "B2")}
+    evaluate_predictions(out, refs, {0: "background", 255: "letter"}, tmp_path / "eval")
+    gathered = read_rows(tmp_path / "eval" / "transforms_per_case.csv")
+    assert [(r["case"], r["method"]) for r in gathered] == [("B1", "onepass"), ("B1", "refine"),
+                                                            ("B2", "onepass"), ("B2", "refine")]
+    assert float(gathered[0]["ic_dsc"]) == pytest.approx(1.0)
+    assert "## Transform metrics" in (tmp_path / "eval" / "summary.md").read_text()
+
+
+def test_unet_without_transform_writes_no_transform_metrics(images, tmp_path):
+    out = tmp_path / "seg"
+    segment(tiny_module("unet"), [images / "B1_img.png"], out, progress=False)
+    case = out / "B1_img"
+    assert (case / "itn_labelmap.png").is_file() and not (case / "onepass_labelmap.png").exists()
+    assert not (case / "transform_metrics.csv").exists()
+    assert yaml.safe_load((case / "case.yaml").read_text())["image"] == str((images / "B1_img.png").resolve())
+
+
+def test_transform_statistics_known_answers():
+    """Identity: MICE 0, IC-DSC 1, no folding. A reflection x -> -x maps voxel centres onto voxel
+    centres and is its own inverse (MICE 0, IC-DSC 1 for the symmetric disc) but folds everywhere."""
+    eye = torch.eye(2).expand(2, 2, 2).clone()
+    eye[1, 0, 0] = -1.0  # case 1: reflection of the x axis
+    tr = SpatialTransform(SIZE, SPACING, A=eye, t=torch.zeros(2, 2))
+    stats = transform_statistics(tr, disc_atlas())
+    assert set(stats) == set(TRANSFORM_METRIC_COLUMNS[1:])
+    np.testing.assert_allclose(stats["mice_mm"], 0.0, atol=1e-5)
+    np.testing.assert_allclose(stats["mice_voxels"], 0.0, atol=1e-5)
+    np.testing.assert_allclose(stats["ic_dsc"], 1.0)
+    np.testing.assert_allclose(stats["nonpositive_jacobian_fraction"], [0.0, 1.0])
+    assert stats["std_log_jacobian"][0] == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(stats["std_log_jacobian"][1])  # no voxel with det J > 0
+
+
+def test_transform_metrics_csv_format():
+    text = transform_metrics_csv({"onepass": {"mice_mm": 0.5, "mice_voxels": 0.25, "ic_dsc": 0.99,
+                                              "nonpositive_jacobian_fraction": 0.0,
+                                              "std_log_jacobian": math.nan}})
+    assert text.splitlines() == ["method,mice_mm,mice_voxels,ic_dsc,nonpositive_jacobian_fraction,std_log_jacobian",
+                                 "onepass,0.5,0.25,0.99,0.0,nan"]
