@@ -9,6 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
+from .data.io import write_text
 from .errors import AtlasregError
 
 
@@ -45,8 +48,13 @@ def cmd_segment(args) -> int:
         inputs += [p.image for p in _split_pairs(module.config, args.split, need_labels=False)]
     if not inputs:
         raise AtlasregError("give input images/folders or --split")
-    written = segment(module, inputs, args.out, _refinement_overrides(args), progress=not args.quiet,
+    refinement = _refinement_overrides(args)
+    written = segment(module, inputs, args.out, refinement, progress=not args.quiet,
                       image_suffix=args.image_suffix)
+    # The settings of this run, read back by `atlasreg evaluate` (and the report's sensitivity study).
+    write_text(Path(args.out) / "segment.yaml", yaml.safe_dump({
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "refinement": dict(module.config["refinement"], **refinement)}, sort_keys=False))
     print(f"{len(written)} case(s) written to {args.out}")
     return 0
 
@@ -64,6 +72,10 @@ def _config_from(args) -> dict:
     if args.checkpoint:
         from .models.train import load_module
         return load_module(args.checkpoint).config
+    segment_info = Path(args.predictions) / "segment.yaml"
+    if not args.config and segment_info.is_file():
+        from .models.train import load_module
+        return load_module((yaml.safe_load(segment_info.read_text()) or {}).get("checkpoint", "")).config
     if args.config:
         from .config import load_config
         return load_config(args.config)
@@ -80,6 +92,22 @@ def _parse_merge(text: str | None) -> dict[int, list[int]] | None:
         raise AtlasregError(f"--merge expects TARGET=A,B (e.g. 255=1,2), got '{text}'") from None
 
 
+def _evaluation_info(config: dict, args, references: dict) -> dict:
+    """What the report needs to name and draw an evaluation: the model, its method and variant, the
+    refinement settings of the segmentation run, and the reference files."""
+    info = {"model": config.get("name"), "method": config["model"].get("method", "atlas_istn"),
+            "stn_variant": config["model"].get("stn_variant"),
+            "fixed_atlas": config["training"].get("fixed_atlas"),
+            "seg_weight": config["training"].get("seg_weight", 1.0), "label": args.label,
+            "references": {k: str(Path(v).resolve()) for k, v in references.items()}}
+    segment_info = Path(args.predictions) / "segment.yaml"
+    if segment_info.is_file():
+        info.update(yaml.safe_load(segment_info.read_text()) or {})
+    if args.checkpoint:
+        info["checkpoint"] = str(Path(args.checkpoint).resolve())
+    return info
+
+
 def cmd_evaluate(args) -> int:
     from .data.dataset import find_pairs
     from .evaluation.evaluate import evaluate_predictions
@@ -93,9 +121,20 @@ def cmd_evaluate(args) -> int:
         refs = {p.name: p.image for p in find_pairs(args.references, image_suffix=args.reference_suffix)}
     else:
         raise AtlasregError("evaluate needs --references or --split")
-    per_case, summary = evaluate_predictions(args.predictions, refs, labels, args.out, merge=merge)
+    info = _evaluation_info(config, args, refs)
+    per_case, summary = evaluate_predictions(args.predictions, refs, labels, args.out, merge=merge,
+                                             test_set=args.test_set, info=info)
     print(Path(summary).read_text())
     print(f"per-case metrics: {per_case}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    html_path, md_path = build_report(args.evaluations, args.out, sensitivity=args.sensitivity,
+                                      reference=args.reference, title=args.title, n_boot=args.bootstrap)
+    print(f"report: {html_path}\nmarkdown: {md_path}")
     return 0
 
 
@@ -157,7 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="config that declares the labels")
     e.add_argument("--merge", help="merge labels before evaluating, e.g. 255=1,2 (lungs)")
     e.add_argument("--out", required=True, help="folder for metrics_per_case.csv and summary tables")
+    e.add_argument("--test-set", help="name of the test set in the report (default: the predictions folder)")
+    e.add_argument("--label", help="name of the model in the report (default: from its config, e.g. "
+                   "'Atlas-ISTN', 'U-Net', 'VML', 'Fixed', 'SVF')")
     e.set_defaults(func=cmd_evaluate)
+
+    from .correspondence import add_correspond_parser
+    add_correspond_parser(sub)
+
+    r = sub.add_parser("report", help="one HTML page (and Markdown) with tables, statistics and figures "
+                       "from evaluation folders")
+    r.add_argument("evaluations", nargs="+", help="folders written by `atlasreg evaluate`")
+    r.add_argument("--out", required=True, help="folder for report.html, report.md and figures")
+    r.add_argument("--sensitivity", nargs="*", default=[], help="evaluation folders of one model refined "
+                   "with different lambda* (the paper's regularisation study)")
+    r.add_argument("--reference", default="Refine", help="column compared with every other one")
+    r.add_argument("--title", default="atlasreg evaluation report")
+    r.add_argument("--bootstrap", type=int, default=10000, help="bootstrap repetitions (paper: 10,000)")
+    r.set_defaults(func=cmd_report)
 
     g = sub.add_parser("letter-b", help="generate synthetic Letter-B pairs (paper Sec. 3.1)")
     g.add_argument("--out", required=True)

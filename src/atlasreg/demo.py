@@ -2,7 +2,8 @@
 
 Writes under `out/`: data/ (generated train, clean test and corrupt test pairs), model/ (checkpoints,
 atlas, TensorBoard logs), segment/{clean,corrupt}/<case>/ (outputs of `atlasreg segment`),
-evaluation/{clean,corrupt}/ (per-case CSV and summary tables) and summary.md (both tables).
+evaluation/{clean,corrupt}/ (per-case CSV and summary tables), summary.md (both tables) and
+report/report.html (tables with paired statistics and figures, `atlasreg report`).
 The schedule is shortened from the paper's (300 epochs on 1000 cases) to run in minutes on a CPU.
 """
 
@@ -16,6 +17,7 @@ from .data.io import write_text
 from .data.letter_b import write_letter_b_dataset
 from .evaluation.evaluate import evaluate_predictions
 from .models.train import load_module, train
+from .report import build_report
 from .segment import segment
 
 DEMO_SETTINGS = {"epochs": 40, "n_train": 300, "n_test": 30}
@@ -56,11 +58,16 @@ def run_demo(out: str | Path = "demo_output", epochs: int | None = None, n_train
         folder = data / f"test_{split}"
         segment(module, [folder], out / "segment" / split, progress=progress, image_suffix="_img")
         refs = {p.name: p.image for p in find_pairs(folder, image_suffix="_seg")}
-        _, summary = evaluate_predictions(out / "segment" / split, refs, labels, out / "evaluation" / split)
+        info = {"model": cfg["name"], "checkpoint": str(Path(ckpt).resolve()),
+                "references": {k: str(Path(v).resolve()) for k, v in refs.items()}}
+        _, summary = evaluate_predictions(out / "segment" / split, refs, labels, out / "evaluation" / split,
+                                          test_set=split, info=info)
         tables.append(f"## {split} test set\n\n" + (Path(summary).parent / "summary.md").read_text())
     text = "# atlasreg demo: Atlas-ISTN on generated Letter-B\n\n" + "\n\n".join(tables)
     summary_path = out / "summary.md"
     write_text(summary_path, text)
+    html, _ = build_report([out / "evaluation" / s for s in ("clean", "corrupt")], out / "report",
+                           title="atlasreg demo: Atlas-ISTN on generated Letter-B")
     say(text)
-    say(f"outputs in {out}; summary table: {summary_path}")
+    say(f"outputs in {out}; summary table: {summary_path}; report: {html}")
     return summary_path

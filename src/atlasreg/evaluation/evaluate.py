@@ -333,7 +333,11 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
     quality_rows: list[dict[str, object]] = []
     evaluated_cases: set[str] = set()
     found_any = False
+    missing: list[str] = []
     for case in sorted(reference_paths):
+        if not (prediction_dir / case).is_dir():
+            missing.append(case)
+            continue
         reference_path = Path(reference_paths[case])
         reference, reference_image = _read_labelmap(reference_path, "reference")
         unknown = sorted(set(np.unique(reference).tolist()) - allowed)
@@ -344,10 +348,6 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
         if merge is not None:
             reference = _apply_merge(reference, merge)
         case_dir = prediction_dir / case
-        if not case_dir.is_dir():
-            warnings.warn(f"{case_dir}: no prediction folder for case {case!r}; skipped", UserWarning,
-                          stacklevel=2)
-            continue
         metrics_path = case_dir / "transform_metrics.csv"
         if metrics_path.is_file():
             transform_rows.extend({"case": case, **r} for r in read_transform_metrics(metrics_path))
@@ -391,6 +391,9 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
             quality_rows.append({"case": case, **{k: scores[k] for k in ("dice_itn_refine", "itn_outside_refine",
                                                                          "qc_score")},
                                  "refine_dice": refine_dice})
+    if missing:  # one warning: evaluating a subset of a reference folder is common (e.g. B901-B1000)
+        warnings.warn(f"{prediction_dir}: {len(missing)} reference case(s) have no prediction folder and were "
+                      f"skipped (e.g. {', '.join(missing[:3])})", UserWarning, stacklevel=2)
     if not found_any:
         raise AtlasregError(f"no prediction labelmaps (<method>_labelmap.png / .nii.gz for methods "
                             f"{list(methods)}) found for any case", prediction_dir)

@@ -1,0 +1,203 @@
+"""`atlasreg report`: evaluation folders -> one self-contained HTML page (figures embedded, opens
+offline) and the same tables as Markdown (figures as PNG files beside it).
+
+Contents, per test set (paper Sec. 3): accuracy table in the layout of Tables 1, 2 and 7 with
+significance marks; topology, Jacobian and inverse-consistency table (Table 6); paired comparisons of
+one column (default 'Refine') against every other; ITN-vs-refine scatter (Fig. 12); qualitative panels
+for the best, median and worst case (Figs. 6-7); the quality-control ranking. Across test sets: metric
+bars (Fig. 8), the lambda* sensitivity study (Figs. 8, 15) and the atlas at the start and end of
+training (Fig. 9).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..data.io import atomic_file, write_text
+from ..errors import AtlasregError
+from ..evaluation.quality import ranking_quality
+from . import figures
+from .results import METRICS, Evaluation, ResultTable, collect, column_name, load_evaluation
+from .tables import Cell, comparison_table, metric_table, to_html, to_markdown, topology_table
+
+CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.85em}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f0f0f0}
+td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}h2{border-bottom:1px solid #ccc}
+.note{color:#555;font-size:0.9em}"""
+
+
+class _Page:
+    """Collects the report as parallel HTML and Markdown fragments; figures go to both."""
+
+    def __init__(self, out_dir: Path):
+        self.html: list[str] = []
+        self.md: list[str] = []
+        self.fig_dir = out_dir / "figures"
+        self.n_fig = 0
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.md.append(f"{'#' * level} {text}\n")
+
+    def text(self, text: str) -> None:
+        self.html.append(f"<p class='note'>{html.escape(text)}</p>")
+        self.md.append(text + "\n")
+
+    def table(self, rows: list[list[Cell]]) -> None:
+        if len(rows) < 2:
+            return
+        self.html.append(to_html(rows))
+        self.md.append(to_markdown(rows) + "\n")
+
+    def figure(self, png: bytes | None, caption: str) -> None:
+        if png is None:
+            return
+        self.n_fig += 1
+        name = f"figure{self.n_fig:02d}.png"
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.fig_dir / name) as tmp:
+            Path(tmp).write_bytes(png)
+        data = base64.b64encode(png).decode("ascii")
+        self.html.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
+                         f"<figcaption class='note'>{html.escape(caption)}</figcaption></figure>")
+        self.md.append(f"![{caption}](figures/{name})\n\n*{caption}*\n")
+
+
+def _case_means(values: dict, column: str, metric: str = "dice") -> dict[str, float]:
+    """Per case mean over structures of one column's metric."""
+    per_case: dict[str, list[float]] = {}
+    for per_col in values.values():
+        for case, v in per_col.get(column, {}).get(metric, {}).items():
+            per_case.setdefault(case, []).append(v)
+    return {c: float(np.nanmean(v)) for c, v in per_case.items()}
+
+
+def _qualitative(page: _Page, table: ResultTable, test_set: str, column: str) -> None:
+    ev: Evaluation | None = table.source.get((test_set, column))
+    if ev is None:
+        return
+    dice = _case_means(table.values[test_set], column)
+    ranked = sorted((c for c in dice if not math.isnan(dice[c])), key=lambda c: dice[c], reverse=True)
+    if not ranked:
+        return
+    picks = [(ranked[0], f"best {column} DSC"), (ranked[len(ranked) // 2], f"median {column} DSC"),
+             (ranked[-1], f"worst {column} DSC")]
+    predictions = Path(ev.info.get("predictions") or ev.path)
+    png = figures.qualitative_figure(predictions, ev.info.get("references") or {}, [c for c, _ in picks],
+                                     [t for _, t in picks])
+    page.figure(png, f"{test_set}: image; ITN, 1-pass and refine contours (red) with the reference (green); "
+                     "deformed atlas grid after refinement (paper Figs. 6-7).")
+
+
+def _quality(page: _Page, ev: Evaluation) -> None:
+    rows = ev.quality
+    if not rows:
+        return
+    score = np.array([float(r["qc_score"]) for r in rows])
+    error = 1.0 - np.array([float(r["refine_dice"]) for r in rows])
+    res = ranking_quality(score, error)
+    page.text(f"Quality control ({ev.test_set}): score = 1 - DSC(ITN, refine), computed without reference. "
+              f"Spearman correlation with the true refine error (1 - DSC): {res['spearman']:.2f}; "
+              f"of the {res['k']} truly worst cases, {res['recall'] * 100:.0f}% are among the {res['k']} "
+              "flagged ones.")
+    flagged = sorted((r for r in rows if str(r["flagged"]) == "True"), key=lambda r: -float(r["qc_score"]))
+    cells = [[Cell(h, header=True) for h in ("Flagged case", "QC score", "ITN outside refine", "Refine DSC")]]
+    cells += [[Cell(r["case"]), Cell(f"{float(r['qc_score']):.3f}"), Cell(f"{float(r['itn_outside_refine']):.3f}"),
+               Cell(f"{float(r['refine_dice']):.3f}")] for r in flagged]
+    page.table(cells)
+
+
+def _sensitivity(page: _Page, folders: Sequence[str | Path], column: str) -> None:
+    if not folders:
+        return
+    by_set: dict[str, list] = {}
+    for folder in folders:
+        ev = load_evaluation(folder)
+        lam = (ev.info.get("refinement") or {}).get("lambda")
+        if lam is None:
+            raise AtlasregError("no refinement lambda in info.yaml (segment with `atlasreg segment`, "
+                                "which records it)", ev.path)
+        stats = {}
+        for metric in METRICS:
+            v = np.array([r[metric] for r in ev.rows if column_name(ev.info, r["method"]) == column], float)
+            stats[metric] = (float(np.nanmean(v)), float(np.nanstd(v))) if v.size else (math.nan, math.nan)
+        by_set.setdefault(ev.test_set, []).append((float(lam), stats))
+    page.heading("Sensitivity to the refinement regularisation weight λ*")
+    for test_set, points in by_set.items():
+        cells = [[Cell(h, header=True) for h in ("λ*", "DSC ↑", "HD ↓", "HD95 ↓", "ASD ↓")]]
+        for lam, st in sorted(points, key=lambda p: p[0]):
+            cells.append([Cell(f"{lam:g}")] + [Cell(f"{st[m][0]:.3f} ± {st[m][1]:.3f}") for m in METRICS])
+        page.text(f"{test_set}: {column} for each λ* (world units; 0.126 equals the reference's 500).")
+        page.table(cells)
+        page.figure(figures.sensitivity_figure(points), f"{test_set}: refinement against λ* (paper Figs. 8, 15).")
+
+
+def build_report(evaluations: Sequence[str | Path], out_dir: str | Path, sensitivity: Sequence[str | Path] = (),
+                 reference: str = "Refine", title: str = "atlasreg evaluation report",
+                 n_boot: int = 10000) -> tuple[Path, Path]:
+    """Write `report.html` (self-contained) and `report.md` (+ figures/) into out_dir from evaluation
+    folders of `atlasreg evaluate`. Raises AtlasregError for a folder that is not an evaluation or for
+    two folders giving the same column on one test set. Returns (html path, markdown path)."""
+    if not evaluations:
+        raise AtlasregError("no evaluation folders given")
+    with warnings.catch_warnings():  # means of all-NaN columns (e.g. HD of empty outputs) are shown as '–'
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _build(evaluations, out_dir, sensitivity, reference, title, n_boot)
+
+
+def _build(evaluations, out_dir, sensitivity, reference, title, n_boot) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evs = [load_evaluation(p) for p in evaluations]
+    table = collect(evs)
+    page = _Page(out_dir)
+    page.text(f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} from "
+              f"{len(evs)} evaluation folder(s): " + "; ".join(
+                  f"{e.path} ({e.info.get('model', '?')}, {e.test_set}, {len({r['case'] for r in e.rows})} cases)"
+                  for e in evs))
+    page.text("Cells: mean ± standard deviation over cases. Bold: best and second best; underlined: best. "
+              "Superscript * (†): the best (second best) column is significantly better than this one, "
+              f"one-sided paired bootstrap of the mean difference, {n_boot} repetitions, 98% interval, "
+              "1% level (paper Sec. 3). Distances in world units of the references (pixels for PNG).")
+    for test_set in table.test_sets():
+        page.heading(f"Test set: {test_set}")
+        page.heading("Segmentation accuracy (paper Tables 1, 2, 7)", 3)
+        page.table(metric_table(table, test_set, n_boot))
+        page.heading("Topology, transform regularity and inverse consistency (paper Table 6)", 3)
+        page.table(topology_table(table, test_set))
+        if reference in table.columns[test_set]:
+            page.heading(f"Paired comparisons: {reference} against every other column", 3)
+            page.table(comparison_table(table, test_set, reference, n_boot))
+            for x in ("ITN", "U-Net"):
+                if x in table.columns[test_set]:
+                    page.figure(figures.scatter_figure(table, test_set, x, reference),
+                                f"{test_set}: per-case DSC, {reference} against {x} (paper Fig. 12).")
+                    break
+            _qualitative(page, table, test_set, reference)
+            ev = table.source[(test_set, reference)]
+            _quality(page, ev)
+    page.heading("Metrics per method and test set (paper Fig. 8)")
+    page.figure(figures.bar_figure(table), "Mean ± std of DSC, HD95 and ASD per column, structures pooled.")
+    _sensitivity(page, sensitivity, reference)
+    main = next((table.source[k] for k in table.source if k[1] == reference), evs[0])
+    checkpoint = main.info.get("checkpoint")
+    if checkpoint:
+        png = figures.atlas_figure(Path(checkpoint).parent)
+        if png is not None:
+            page.heading("The atlas at the start and end of training (paper Fig. 9)")
+            page.figure(png, "Atlas image and foreground probability of the atlas labelmap.")
+    body = "\n".join(page.html)
+    html_text = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                 f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    html_path = write_text(out_dir / "report.html", html_text)
+    md_path = write_text(out_dir / "report.md", f"# {title}\n\n" + "\n".join(page.md))
+    return Path(html_path), Path(md_path)
