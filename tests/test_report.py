@@ -10,7 +10,7 @@ import yaml
 
 from atlasreg.cli import main
 from atlasreg.report.results import Evaluation, collect, column_name
-from atlasreg.report.tables import metric_table
+from atlasreg.report.tables import metric_table, pairwise_table
 
 CASES = [f"C{i}" for i in range(12)]
 
@@ -35,6 +35,16 @@ def test_best_column_marks_significantly_worse_columns_only():
     assert "<sup>" not in by_col["Refine"].text
     assert by_col["Refine"].bold and by_col["Refine"].underline
     assert by_col["1-pass"].bold and not by_col["1-pass"].underline and not by_col["ITN"].bold
+
+
+def test_pairwise_table_gives_one_sided_p_values():
+    good = 0.9 + 0.01 * np.random.default_rng(0).standard_normal(12)
+    table = collect([Evaluation(Path("e"), {"test_set": "t"}, _rows("refine", good) + _rows("itn", good - 0.2))])
+    rows = pairwise_table(table, "t", "fg", "dice", n_boot=2000)
+    cells = {(r[0].text, h.text): c for r in rows[1:] for h, c in zip(rows[0][1:], r[1:])}
+    assert cells[("Refine", "ITN")].bold and float(cells[("Refine", "ITN")].text) < 0.01
+    assert not cells[("ITN", "Refine")].bold and float(cells[("ITN", "Refine")].text) > 0.99
+    assert cells[("ITN", "ITN")].text == "–"
 
 
 def test_identical_columns_are_not_significantly_different():
@@ -97,7 +107,7 @@ def test_report_command_writes_html_and_markdown(tmp_path):
                  str(tmp_path / "ev_main"), str(tmp_path / "ev_lam"), "--out", str(out), "--bootstrap", "500"]) == 0
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
-    for name in ("ITN", "1-pass", "Refine", "U-Net", "U-Net_lcc", "MICE", "IC-DSC", "λ*"):
+    for name in ("ITN", "1-pass", "Refine", "U-Net", "U-Net_lcc", "MICE", "IC-DSC", "λ*", "row better than column"):
         assert name in html and name in md
     assert html.count("data:image/png;base64,") >= 4  # scatter, qualitative, bars, sensitivity embedded
     assert "src='figures/" not in html and "](figures/figure01.png)" in md

@@ -25,8 +25,9 @@ from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
 from ..evaluation.quality import ranking_quality
 from . import figures
-from .results import METRICS, Evaluation, ResultTable, collect, column_name, load_evaluation
-from .tables import Cell, comparison_table, metric_table, to_html, to_markdown, topology_table
+from .results import METRIC_TITLES, METRICS, Evaluation, ResultTable, collect, column_name, load_evaluation
+from .tables import (Cell, comparison_table, metric_table, pairwise_table, to_html, to_markdown,
+                     topology_table)
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.85em}
@@ -185,6 +186,12 @@ def _build(evaluations, out_dir, sensitivity, reference, title, n_boot) -> tuple
             _qualitative(page, table, test_set, reference)
             ev = table.source[(test_set, reference)]
             _quality(page, ev)
+        page.heading("Every pair of methods: one-sided paired bootstrap p-values", 3)
+        for structure in table.values[test_set]:
+            for metric in METRICS:
+                page.text(f"{structure}, {METRIC_TITLES[metric]}: p that the row method is better than the "
+                          "column method; bold = significant at 1%.")
+                page.table(pairwise_table(table, test_set, structure, metric, n_boot))
     page.heading("Metrics per method and test set (paper Fig. 8)")
     page.figure(figures.bar_figure(table), "Mean ± std of DSC, HD95 and ASD per column, structures pooled.")
     _sensitivity(page, sensitivity, reference)

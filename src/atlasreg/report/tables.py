@@ -154,3 +154,21 @@ def to_html(rows: list[list[Cell]]) -> str:
         return f"<{tag}>{t}</{tag}>"
     body = "\n".join("<tr>" + "".join(fmt(c) for c in r) + "</tr>" for r in rows)
     return f"<table>\n{body}\n</table>"
+
+
+def pairwise_table(table: ResultTable, test_set: str, structure: str, metric: str,
+                   n_boot: int = 10000) -> list[list[Cell]]:
+    """Every pair of methods for one structure and metric: the cell in row a, column b is the one-sided
+    bootstrap p-value that a is better than b (bold when significant at 1%); '–' on the diagonal or
+    without paired cases."""
+    cols = [c for c in table.columns[test_set] if c in table.values[test_set].get(structure, {})]
+    per_col = table.values[test_set][structure]
+    rows = [[Cell(f"{METRIC_TITLES[metric]}: row better than column?", header=True)]
+            + [Cell(c, header=True) for c in cols]]
+    for a in cols:
+        row = [Cell(a)]
+        for b in cols:
+            res = None if a == b else significantly_better(per_col[a][metric], per_col[b][metric], metric, n_boot)
+            row.append(Cell("–") if res is None else Cell(f"{res['p_value']:.3f}", bold=res["significant"]))
+        rows.append(row)
+    return rows
