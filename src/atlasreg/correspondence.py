@@ -57,7 +57,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .data import io as _io
-from .data.io import read_labelmap, write_image, write_text
+from .data.io import read_any, read_labelmap, write_image, write_text
 from .errors import AtlasregError
 from .spatial.grid import Grid
 
@@ -297,20 +297,9 @@ def map_points(points_a, case_a, case_b, warn: bool = True) -> np.ndarray:
 # labelmaps
 
 
-def _read_any(path: Path) -> sitk.Image:
-    if not path.exists():
-        raise AtlasregError("file not found", path)
-    if path.is_dir():
-        raise AtlasregError("is a folder, not an image file", path)
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise AtlasregError(f"cannot read image: {_one_line(exc)}", path) from None
-
-
 def _present_labels(path: Path) -> list[int]:
     """Integer values present in a labelmap file (first channel), for when none are declared."""
-    img = _read_any(path)
+    img = read_any(path)
     if img.GetNumberOfComponentsPerPixel() > 1:
         img = sitk.VectorIndexSelectionCast(img, 0)
     if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):

@@ -78,7 +78,7 @@ def _short_reason(exc: Exception) -> str:
     return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
-def _read(path) -> sitk.Image:
+def read_any(path) -> sitk.Image:
     """Read any image file, mapping every failure to an AtlasregError naming ``path``."""
     p = Path(path)
     if not p.exists():
@@ -199,7 +199,7 @@ def read_image(path) -> sitk.Image:
     unreadable or corrupt files; unsupported component count; "contains NaN or infinite
     intensities".
     """
-    img = _read(path)
+    img = read_any(path)
     ncomp = img.GetNumberOfComponentsPerPixel()
     if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise AtlasregError("has complex-valued pixels; expected a real intensity image", path)
@@ -245,7 +245,7 @@ def read_labelmap(path, labels: Sequence[int], reference: sitk.Image | None = No
     labels = [int(v) for v in labels]
     if not labels:
         raise AtlasregError("the declared label list is empty", path)
-    img = _read(path)
+    img = read_any(path)
     if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise AtlasregError("has complex-valued pixels; expected integer labels", path)
     if img.GetNumberOfComponentsPerPixel() > 1:
