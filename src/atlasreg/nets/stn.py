@@ -29,10 +29,11 @@ class STN(nn.Module):
     stride 2, so the SVF head is at half resolution; coarser scales use strided (linear) convolutions
     followed by convolution + ReLU, and the SVF decoder one convolution + ReLU per scale. Affine heads are zero-initialised (identity at start) and bounded:
     |translation| <= half the field of view, |rotation| <= pi/4 per angle, scale in [1/e, e]. The SVF
-    head is zero-initialised; its output unit is half the field of view per axis (the reference's
-    normalised [-1, 1] coordinates), converted to mm. The unit matters: Adam moves the zero-initialised
-    head by about lr per step whatever the gradient's scale, so with a one-voxel unit (32 times smaller
-    on Letter-B) the SVF stayed near zero and the decoder's ReLUs died during training.
+    head is zero-initialised, so the transform is exactly the identity at initialisation; its output
+    unit is half the field of view per axis, converted to mm. The reference instead leaves its SVF head
+    randomly initialised with a one-voxel unit. With a zero-initialised head and a one-voxel unit (32
+    times smaller on Letter-B), Adam, which moves parameters by about lr per step whatever the
+    gradient's scale, kept the SVF near zero and the decoder's ReLUs died during training.
 
     forward(x: (N, in_channels, *size)) -> dict with 'svf' (N, D, *size/2) mm or None, and
     'A' (N, D, D), 't' (N, D) mm or None.
