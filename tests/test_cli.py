@@ -104,6 +104,18 @@ def test_segment_and_evaluate_end_to_end(trained):
     assert {r["method"] for r in rows} == {"itn", "itn_lcc", "onepass", "refine", "atlas"}
     assert len({r["case"] for r in rows}) == 3
     assert "refine" in (ev / "summary.md").read_text()
+    info = yaml.safe_load((ev / "info.yaml").read_text())
+    assert info["model"] == "tiny" and info["refinement"]["iterations"] == 3  # from segment.yaml
+    assert set(info["references"]) == {"B101", "B102", "B103"}
+
+    # The report reads the evaluation folder; evaluate finds the checkpoint through segment.yaml.
+    ev2 = trained / "eval_named"
+    assert main(["evaluate", str(out), "--references", str(trained / "test"), "--reference-suffix", "_seg",
+                 "--test-set", "corrupt", "--out", str(ev2)]) == 0
+    assert yaml.safe_load((ev2 / "info.yaml").read_text())["test_set"] == "corrupt"
+    assert main(["report", str(ev2), "--out", str(trained / "report"), "--bootstrap", "200"]) == 0
+    md = (trained / "report" / "report.md").read_text()
+    assert "Test set: corrupt" in md and "| letter | DSC" in md
 
 
 def test_segment_outputs_follow_input_geometry(trained, tmp_path):
