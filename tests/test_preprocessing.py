@@ -33,3 +33,21 @@ def test_soft_round_trip_model_grid_loses_little():
     back = to_native_grid(model, (2.0, 2.0), native).argmax(1)[0].numpy()
     dice = 2 * (back & disc).sum() / (back.sum() + disc.sum())
     assert dice > 0.995
+
+
+def test_largest_components_keeps_the_biggest_piece_per_structure():
+    from atlasreg.data.preprocessing import largest_components
+
+    a = np.zeros((12, 12), np.int64)
+    a[1:4, 1:4] = 1          # 9 voxels
+    a[6:10, 6:10] = 1        # 16 voxels: kept
+    a[10, 10] = 1            # touches the big one diagonally: kept with full connectivity
+    a[1:3, 8:11] = 2         # 6 voxels: kept
+    a[10, 0] = 2             # 1 voxel: removed
+    out = largest_components(a, 3)
+    assert (out == 1).sum() == 17 and out[10, 10] == 1 and out[2, 2] == 0
+    assert (out == 2).sum() == 6 and out[10, 0] == 0
+    b = np.zeros((4, 6, 6), np.int64)  # 3D, one structure absent
+    b[0:2, 0:2, 0:2] = 1
+    b[3, 5, 5] = 1
+    assert (largest_components(b, 3) == 1).sum() == 8

@@ -69,11 +69,17 @@ def largest_components(indices: np.ndarray, num_classes: int) -> np.ndarray:
     post-processing, Sec. 3.2); removed voxels become background (index 0).
 
     indices: label indices (*spatial) in [0, C). Full connectivity (8 in 2D, 26 in 3D), the same as
-    the component counts of the evaluation. Uses MONAI's KeepLargestConnectedComponent.
+    the component counts of the evaluation. Uses SimpleITK's ConnectedComponent and RelabelComponent
+    (which sorts components by size), so no extra dependency is needed.
     Returns an array like `indices`."""
-    from monai.transforms import KeepLargestConnectedComponent
+    import SimpleITK as sitk
 
-    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), is_onehot=False,
-                                         independent=True, connectivity=None)
-    out = keep(torch.as_tensor(np.ascontiguousarray(indices))[None])
-    return np.asarray(out[0]).astype(indices.dtype)
+    out = np.zeros_like(indices)
+    for c in range(1, num_classes):
+        mask = indices == c
+        if not mask.any():
+            continue
+        labelled = sitk.RelabelComponent(sitk.ConnectedComponent(
+            sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+        out[sitk.GetArrayFromImage(labelled) == 1] = c
+    return out
