@@ -48,7 +48,7 @@ def test_unet_trains_the_itn_only_and_writes_itn_outputs(data):
     module, files = run_variant(data, "unet", {"method": "unet"})
     start = initial_weights(module.config)
     assert changed(module.net.itn, start.itn) and not changed(module.net.stn, start.stn)
-    assert files == {"itn_labelmap.png", "itn_lcc_labelmap.png"}
+    assert files == {"itn_labelmap.png", "itn_lcc_labelmap.png", "case.yaml"}
 
 
 def test_independent_refines_an_untrained_stn_towards_a_fixed_case(data):
@@ -73,7 +73,7 @@ def test_vml_has_no_itn_and_registers_image_to_atlas_image(data):
     assert module.net.itn is None
     assert module.net.stn.enc1[0].in_channels == 2  # the image and the atlas image
     assert files == {"onepass_labelmap.png", "atlas_labelmap.png", "deformed_atlas_image.nii.gz",
-                     "forward_displacement.nii.gz", "inverse_displacement.nii.gz"}
+                     "forward_displacement.nii.gz", "inverse_displacement.nii.gz", "case.yaml", "transform_metrics.csv"}
     assert bool(module.atlas_ready)
 
 
