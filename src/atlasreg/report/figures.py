@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import yaml  # noqa: E402
 
+from ..data.io import read_any  # noqa: E402
 from .results import METRIC_TITLES, ResultTable  # noqa: E402
 
 PANEL_OUTPUTS = (("itn", "ITN"), ("onepass", "1-pass"), ("refine", "Refine"))
@@ -32,7 +33,7 @@ def _png(fig) -> bytes:
 def _read(path: Path) -> np.ndarray:
     """Array of an image file; for a 3-D image its middle slice along the first array axis (z).
     Vector images keep their components as the last axis."""
-    image = sitk.ReadImage(str(path))
+    image = read_any(path)  # AtlasregError naming the file if it cannot be read
     array = sitk.GetArrayFromImage(image)
     return array[array.shape[0] // 2] if image.GetDimension() == 3 else array
 
