@@ -4,8 +4,10 @@
 # on clean and corrupt B901-B1000; refinement with six regularisation weights; one report.
 # Run by hand from the repository root. Full schedule (EPOCHS=300): about 65 min of training per
 # model on 2 CPU cores, so about 6.5 h in all; every step resumes or is skipped when already done.
-# Usage: bash benchmarks/letter_b_experiment.sh [RUN_DIR] [EPOCHS] [MAIN_RUN]
+# Usage: [MODELS="atlas_istn unet ..."] bash benchmarks/letter_b_experiment.sh [RUN_DIR] [EPOCHS] [MAIN_RUN]
 #   MAIN_RUN: an existing Atlas-ISTN run folder (with model.ckpt) to reuse instead of training one.
+#   MODELS: the models to train and evaluate in this call (default: all); the report covers every
+#   model evaluated so far.
 set -euo pipefail
 RUN=${1:-runs/letter_b_experiment}
 EPOCHS=${2:-300}
@@ -17,7 +19,8 @@ declare -A CONFIGS=([atlas_istn]=configs/letter_b.yaml [unet]=configs/variants/l
   [fixed]=configs/variants/letter_b_fixed.yaml [svf]=configs/variants/letter_b_svf.yaml)
 test_images() { for i in $(seq 901 1000); do echo "$DATA/$1/B${i}_img.png"; done; }
 
-for MODEL in atlas_istn unet vml no_seg_loss fixed svf; do
+for MODEL in ${MODELS:-atlas_istn unet vml fixed no_seg_loss svf}; do
+  [ -n "${CONFIGS[$MODEL]:-}" ] || { echo "unknown model '$MODEL' in MODELS" >&2; exit 2; }
   DIR=$RUN/$MODEL
   [ "$MODEL" = atlas_istn ] && DIR=$MAIN
   [ -f "$DIR/model.ckpt" ] || atlasreg train "${CONFIGS[$MODEL]}" --out "$DIR" --epochs "$EPOCHS" --quiet
