@@ -1,9 +1,11 @@
 """Tests of atlasreg.evaluation.statistics.paired_bootstrap (paper Sec. 3.1, 'Statistical Analyses')."""
 
+import math
+
 import numpy as np
 import pytest
 
-from atlasreg.evaluation.statistics import paired_bootstrap
+from atlasreg.evaluation.statistics import nan_mean_std, paired_bootstrap
 
 
 def test_identical_samples_are_not_significant():
@@ -67,3 +69,10 @@ def test_invalid_input():
         paired_bootstrap([1.0, np.nan], [1.0, 2.0])
     with pytest.raises(ValueError):
         paired_bootstrap([1.0, 2.0], [1.0, 2.0], alpha=0.6)
+
+
+def test_nan_mean_std_ignores_nan_and_reports_all_nan_as_nan():
+    mean, std = nan_mean_std([1.0, float("nan"), 3.0])
+    assert mean == 2.0 and std == 1.0
+    assert all(math.isnan(v) for v in nan_mean_std([float("nan")]))
+    assert all(math.isnan(v) for v in nan_mean_std([]))

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "fade_in": {"e0": 25, "tau": 25},  # w = 1 / (1 + exp(-(epoch - e0) / tau)) (Eq. 24); null: w = 1
         "affine_start_epoch": 0,     # alternative to fade-in: identity affine before this epoch
         "atlas_eta": 0.01,
-        "atlas_batch_size": 100,
+        "atlas_batch_size": 25,        # cases per forward pass of the atlas update (peak memory)
         "augmentation": {"enabled": False, "translation_voxels": 8, "rotation_degrees": 15,
                          "scale": [0.9, 1.1], "probability": 1.0},
         "seed": 0,

@@ -63,6 +63,7 @@ from atlasreg.data.io import write_text
 from atlasreg.errors import AtlasregError
 from atlasreg.evaluation.metrics import METRIC_NAMES, labelmap_connected_components, segmentation_metrics
 from atlasreg.evaluation.quality import flag_top, qc_scores, ranking_quality
+from atlasreg.evaluation.statistics import nan_mean_std
 from atlasreg.evaluation.topology import count_holes
 
 __all__ = ["METHODS", "LABELMAP_EXTENSIONS", "TRANSFORM_METRIC_COLUMNS", "TRANSFORMS_PER_CASE_COLUMNS",
@@ -148,13 +149,6 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, object]]) -> s
     return buffer.getvalue()
 
 
-def _nan_stats(values: Sequence[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    if array.size == 0 or np.all(np.isnan(array)):
-        return math.nan, math.nan
-    return float(np.nanmean(array)), float(np.nanstd(array))
-
-
 def _fmt(mean: float, std: float, digits: int) -> str:
     if math.isnan(mean):
         return "n/a"
@@ -226,7 +220,7 @@ def _transform_table(rows: Sequence[Mapping[str, object]]) -> list[str]:
     ]
     for method in methods:
         group = [r for r in rows if r["method"] == method]
-        stats = {c: _nan_stats([float(r[c]) for r in group]) for c in TRANSFORM_METRIC_COLUMNS[1:]}
+        stats = {c: nan_mean_std([float(r[c]) for r in group]) for c in TRANSFORM_METRIC_COLUMNS[1:]}
         lines.append(f"| {method} | {len(group)} | {_fmt(*stats['mice_voxels'], 4)} | "
                      f"{_fmt(*stats['mice_mm'], 4)} | {_fmt(*stats['ic_dsc'], 4)} | "
                      f"{_fmt_e(*stats['nonpositive_jacobian_fraction'])} | {_fmt(*stats['std_log_jacobian'], 3)} |")
@@ -387,7 +381,7 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
                 kept[method] = prediction
         if len(kept) == 2:
             scores = qc_scores(kept["itn"], kept["refine"], evaluated, background=BACKGROUND)
-            refine_dice, _ = _nan_stats([r["dice"] for r in rows if r["case"] == case and r["method"] == "refine"])
+            refine_dice, _ = nan_mean_std([r["dice"] for r in rows if r["case"] == case and r["method"] == "refine"])
             quality_rows.append({"case": case, **{k: scores[k] for k in ("dice_itn_refine", "itn_outside_refine",
                                                                          "qc_score")},
                                  "refine_dice": refine_dice})
@@ -407,7 +401,7 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
             entry: dict[str, object] = {"method": method, "label": label, "structure": names[label],
                                         "n": len(group)}
             for name in METRIC_NAMES:
-                entry[f"{name}_mean"], entry[f"{name}_std"] = _nan_stats([r[name] for r in group])
+                entry[f"{name}_mean"], entry[f"{name}_std"] = nan_mean_std([r[name] for r in group])
             components = np.asarray([r["components"] for r in group], dtype=float)
             entry["components_mean"] = float(components.mean())
             entry["single_component_fraction"] = float(np.mean(components == 1))

@@ -8,6 +8,9 @@ bootstrap using 10,000 repetitions."
 
 from __future__ import annotations
 
+import math
+from typing import Iterable
+
 import numpy as np
 
 __all__ = ["paired_bootstrap"]
@@ -79,3 +82,12 @@ def paired_bootstrap(a, b, n_boot: int = 10000, alpha: float = 0.01, higher_is_b
         "p_value": float(np.mean(boot <= 0)),
         "n": n,
     }
+
+
+def nan_mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation ignoring NaN entries; (nan, nan) if none is finite.
+    Used for the 'mean +- std' of every summary table."""
+    array = np.asarray(list(values), dtype=float)
+    if array.size == 0 or np.all(np.isnan(array)):
+        return math.nan, math.nan
+    return float(np.nanmean(array)), float(np.nanstd(array))

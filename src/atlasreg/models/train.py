@@ -32,6 +32,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
 
+_LOG_COLUMNS = (("loss", "loss/total", ".4f"), ("seg", "loss/seg", ".4f"), ("a2s", "loss/a2s", ".4f"),
+                ("s2a", "loss/s2a", ".4f"), ("reg", "loss/reg", ".2e"), ("w", "w", ".3f"))
+
+
 class EpochTimer(Callback):
     """Logs seconds per epoch of training (the atlas update is timed by the module itself); keeps
     (train_s, atlas_s) per epoch in `self.times`, and prints one line per epoch if `verbose`."""
@@ -51,10 +55,9 @@ class EpochTimer(Callback):
         self.times.append((self._t1 - self._t0, pl_module.atlas_update_seconds))
         if self.verbose:
             m = trainer.callback_metrics
-            print(f"epoch {trainer.current_epoch:4d}  loss {float(m.get('loss/total', float('nan'))):.4f}  "
-                  f"seg {float(m.get('loss/seg', float('nan'))):.4f}  a2s {float(m.get('loss/a2s', float('nan'))):.4f}  "
-                  f"s2a {float(m.get('loss/s2a', float('nan'))):.4f}  reg {float(m.get('loss/reg', float('nan'))):.2e}  "
-                  f"w {float(m.get('w', float('nan'))):.3f}  train {self.times[-1][0]:.1f}s  "
+            # Only the losses this method has (the U-Net has no a2s/s2a/reg, VML no seg).
+            parts = [f"{name} {float(m[key]):{fmt}}" for name, key, fmt in _LOG_COLUMNS if key in m]
+            print(f"epoch {trainer.current_epoch:4d}  " + "  ".join(parts) + f"  train {self.times[-1][0]:.1f}s  "
                   f"atlas {self.times[-1][1]:.1f}s", flush=True)
 
 

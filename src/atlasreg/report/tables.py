@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..evaluation.statistics import paired_bootstrap
+from ..evaluation.statistics import nan_mean_std, paired_bootstrap
 from .results import HIGHER_IS_BETTER, METRIC_TITLES, METRICS, ResultTable
 
 
@@ -40,13 +40,6 @@ def significantly_better(a: dict, b: dict, metric: str, n_boot: int, alpha: floa
     return paired_bootstrap(x, y, n_boot=n_boot, alpha=alpha, higher_is_better=HIGHER_IS_BETTER[metric])
 
 
-def _mean_std(values: dict) -> tuple[float, float]:
-    v = np.array(list(values.values()), float)
-    if v.size == 0 or np.all(np.isnan(v)):
-        return math.nan, math.nan
-    return float(np.nanmean(v)), float(np.nanstd(v))
-
-
 def metric_table(table: ResultTable, test_set: str, n_boot: int = 10000, digits: dict | None = None) -> list[list[Cell]]:
     """Paper Tables 1/2/7 for one test set: a row per (structure, metric), a column per method.
     Superscript * (†): the best (second best) column is significantly better than this one (p < 0.01)."""
@@ -55,7 +48,7 @@ def metric_table(table: ResultTable, test_set: str, n_boot: int = 10000, digits:
     rows = [[Cell("Structure", header=True), Cell("Metric", header=True)] + [Cell(c, header=True) for c in cols]]
     for structure, per_col in table.values[test_set].items():
         for metric in METRICS:
-            stats = {c: _mean_std(per_col[c][metric]) if c in per_col else (math.nan, math.nan) for c in cols}
+            stats = {c: nan_mean_std(per_col[c][metric].values()) if c in per_col else (math.nan, math.nan) for c in cols}
             sign = 1 if HIGHER_IS_BETTER[metric] else -1
             ranked = sorted((c for c in cols if not math.isnan(stats[c][0])), key=lambda c: -sign * stats[c][0])
             best = ranked[0] if ranked else None
@@ -98,7 +91,7 @@ def topology_table(table: ResultTable, test_set: str) -> list[list[Cell]]:
         for key, fmt in (("nonpositive_jacobian_fraction", ".2e"), ("std_log_jacobian", ".3f"),
                          ("mice_voxels", ".3f"), ("mice_mm", ".3f"), ("ic_dsc", ".4f")):
             if tr and key in tr:
-                mean, std = _mean_std(tr[key])
+                mean, std = nan_mean_std(tr[key].values())
                 row.append(Cell(f"{mean:{fmt}} ± {std:{fmt}}"))
             else:
                 row.append(Cell("–"))
