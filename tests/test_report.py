@@ -10,7 +10,7 @@ import yaml
 
 from atlasreg.cli import main
 from atlasreg.report.results import Evaluation, collect, column_name
-from atlasreg.report.tables import metric_table, pairwise_table
+from atlasreg.report.tables import claims_table, metric_table, pairwise_table
 
 CASES = [f"C{i}" for i in range(12)]
 
@@ -120,3 +120,20 @@ def test_report_command_writes_html_and_markdown(tmp_path):
 def test_report_rejects_a_folder_that_is_not_an_evaluation(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "metrics_per_case.csv" in capsys.readouterr().err
+
+
+def test_claims_table_gives_verdicts_for_present_columns_only():
+    rng = np.random.default_rng(3)
+    good = 0.9 + 0.01 * rng.standard_normal(12)
+    rows = (_rows("refine", good) + _rows("itn", good - 0.2) + _rows("onepass", good + 0.001 * rng.standard_normal(12)))
+    table = collect([Evaluation(Path("e"), {"test_set": "t"}, rows),
+                     Evaluation(Path("f"), {"test_set": "t", "fixed_atlas": "C0"}, _rows("refine", good + 0.1))])
+    claims = {r[0].text: r for r in claims_table(table, "t", n_boot=2000)[1:]}
+    assert set(claims) == {"Refine beats the ITN (Refine vs ITN)", "Refine beats 1-pass (Refine vs 1-pass)",
+                           "A learnt atlas beats a fixed one (refine) (Refine vs Fixed Refine)"}
+    itn = claims["Refine beats the ITN (Refine vs ITN)"]
+    assert itn[-1].text == "holds" and itn[2].text.startswith("+0.200")
+    assert itn[3].text.startswith("+2.000")  # HD 2 lower: positive means better for distances too
+    assert claims["Refine beats 1-pass (Refine vs 1-pass)"][-1].text == "not shown"
+    fixed = claims["A learnt atlas beats a fixed one (refine) (Refine vs Fixed Refine)"]
+    assert fixed[-1].text == "reversed" and "worse" in fixed[2].text

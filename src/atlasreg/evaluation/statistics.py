@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["paired_bootstrap"]
+__all__ = ["nan_mean_std", "paired_bootstrap"]
 
 
 def paired_bootstrap(a, b, n_boot: int = 10000, alpha: float = 0.01, higher_is_better: bool = True,

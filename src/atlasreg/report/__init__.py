@@ -26,7 +26,7 @@ from ..errors import AtlasregError
 from ..evaluation.quality import ranking_quality
 from . import figures
 from .results import METRIC_TITLES, METRICS, Evaluation, ResultTable, collect, column_name, load_evaluation
-from .tables import (Cell, comparison_table, metric_table, pairwise_table, to_html, to_markdown,
+from .tables import (Cell, claims_table, comparison_table, metric_table, pairwise_table, to_html, to_markdown,
                      topology_table)
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
@@ -171,6 +171,12 @@ def _build(evaluations, out_dir, sensitivity, reference, title, n_boot) -> tuple
               "1% level (paper Sec. 3). Distances in world units of the references (pixels for PNG).")
     for test_set in table.test_sets():
         page.heading(f"Test set: {test_set}")
+        claims = claims_table(table, test_set, n_boot)
+        if len(claims) > 1:
+            page.heading("The paper's claims on this test set", 3)
+            page.text("Per metric: mean difference, positive when the first column is better (DSC higher, "
+                      "distances lower), and the one-sided paired bootstrap p-value; bold = significant at 1%.")
+            page.table(claims)
         page.heading("Segmentation accuracy (paper Tables 1, 2, 7)", 3)
         page.table(metric_table(table, test_set, n_boot))
         page.heading("Topology, transform regularity and inverse consistency (paper Table 6)", 3)

@@ -122,6 +122,71 @@ def comparison_table(table: ResultTable, test_set: str, reference: str, n_boot: 
     return rows
 
 
+# The paper's claims as (claim, better column, worse column) pairs; a claim is shown when both columns
+# are in the report (Atlas-ISTN paper Sec. 3: Tables 1-5 and 7, Figs. 8 and 12).
+CLAIMS = (
+    ("Refine beats the ITN", "Refine", "ITN"),
+    ("Refine beats 1-pass", "Refine", "1-pass"),
+    ("Refine beats the U-Net", "Refine", "U-Net"),
+    ("Refine beats U-Net_lcc", "Refine", "U-Net_lcc"),
+    ("Refine beats VML", "Refine", "VML"),
+    ("Refine beats Independent", "Refine", "Independent"),
+    ("A learnt atlas beats a fixed one (refine)", "Refine", "Fixed Refine"),
+    ("A learnt atlas beats a fixed one (1-pass)", "1-pass", "Fixed 1-pass"),
+    ("L_s helps (refine)", "Refine", "Atlas-ISTN-L_s Refine"),
+    ("Affine + SVF beats SVF only (refine)", "Refine", "SVF Refine"),
+)
+
+
+def claims_table(table: ResultTable, test_set: str, n_boot: int = 10000) -> list[list[Cell]]:
+    """The paper's claims (:data:`CLAIMS`) checked on one test set: per claim and structure, for each
+    metric the mean difference (positive = the claimed-better column is better) and whether it is
+    significant either way (one-sided paired bootstrap, 1% level), and a verdict: 'holds' (better on
+    every metric), 'holds on k of 4', 'reversed' (worse on every metric), 'not shown' (no significant
+    difference) or 'mixed'. Empty (header only) if no claim's columns are present."""
+    head = ["Claim", "Structure"] + [METRIC_TITLES[m] for m in METRICS] + ["Verdict"]
+    rows = [[Cell(h, header=True) for h in head]]
+    cols = table.columns.get(test_set, [])
+    for claim, a, b in CLAIMS:
+        if a not in cols or b not in cols:
+            continue
+        for structure, per_col in table.values[test_set].items():
+            if a not in per_col or b not in per_col:
+                continue
+            cells, better, worse = [], 0, 0
+            for metric in METRICS:
+                fwd = significantly_better(per_col[a][metric], per_col[b][metric], metric, n_boot)
+                if fwd is None:
+                    cells.append(Cell("–"))
+                    continue
+                rev = significantly_better(per_col[b][metric], per_col[a][metric], metric, n_boot)
+                diff = fwd["mean_difference"]   # oriented: positive = `a` better, for every metric
+                if fwd["significant"]:
+                    better += 1
+                    cells.append(Cell(f"{diff:+.3f} (p={fwd['p_value']:.3f})", bold=True))
+                elif rev is not None and rev["significant"]:
+                    worse += 1
+                    cells.append(Cell(f"{diff:+.3f} (worse, p={rev['p_value']:.3f})"))
+                else:
+                    cells.append(Cell(f"{diff:+.3f} (n.s.)"))
+            n = sum(c.text != "–" for c in cells)
+            if n == 0:
+                continue
+            if better == n:
+                verdict = "holds"
+            elif worse == n:
+                verdict = "reversed"
+            elif better and not worse:
+                verdict = f"holds on {better} of {n}"
+            elif not better and not worse:
+                verdict = "not shown"
+            else:
+                verdict = f"mixed ({better} better, {worse} worse)"
+            rows.append([Cell(f"{claim} ({a} vs {b})"), Cell(structure), *cells,
+                         Cell(verdict, bold=verdict == "holds")])
+    return rows
+
+
 def to_markdown(rows: list[list[Cell]]) -> str:
     def fmt(c: Cell) -> str:
         t = c.text.replace("<sup>", "^").replace("</sup>", "").replace("|", "\\|")
