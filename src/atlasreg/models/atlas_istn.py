@@ -21,6 +21,7 @@ from ..losses import diffusion_regulariser, label_mse
 from ..nets.stn import STN
 from ..nets.unet import UNet
 from ..spatial.transforms import SpatialTransform, compose_transform, warp
+from .optim import adam
 
 
 METHODS = ("atlas_istn", "unet", "vml")
@@ -240,7 +241,7 @@ class AtlasISTNModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.config["training"]
-        opt = torch.optim.Adam(self.net.parameters(), lr=float(t["lr"]))
+        opt = adam(self.net.parameters(), float(t["lr"]))
         gamma = 0.5 ** (1.0 / float(t["lr_halving_epochs"]))
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

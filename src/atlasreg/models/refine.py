@@ -14,6 +14,7 @@ from torch.func import functional_call, vmap
 
 from ..spatial.transforms import SpatialTransform, compose_transform
 from .atlas_istn import AtlasISTN, deformation_losses
+from .optim import adam
 
 
 def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torch.Tensor,
@@ -52,7 +53,7 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
             loss = loss + gamma * terms["s2a"]
         return loss, tr
 
-    opt = torch.optim.Adam(weights.values(), lr=lr)
+    opt = adam(weights.values(), lr)
     history = []
     with torch.enable_grad():
         for _ in range(iterations):
