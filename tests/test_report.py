@@ -137,3 +137,13 @@ def test_claims_table_gives_verdicts_for_present_columns_only():
     assert claims["Refine beats 1-pass (Refine vs 1-pass)"][-1].text == "not shown"
     fixed = claims["A learnt atlas beats a fixed one (refine) (Refine vs Fixed Refine)"]
     assert fixed[-1].text == "reversed" and "worse" in fixed[2].text
+
+
+def test_claims_verdict_names_partial_reversals():
+    good = 0.9 + 0.01 * np.random.default_rng(4).standard_normal(12)
+    itn = _rows("itn", good)
+    for r in itn:   # same Dice, but a lower HD than refine: worse on one metric only
+        r["hd"] -= 1.0
+    table = collect([Evaluation(Path("e"), {"test_set": "t"}, _rows("refine", good) + itn)])
+    (claim,) = claims_table(table, "t", n_boot=2000)[1:]
+    assert claim[-1].text == "reversed on 1 of 4" and "worse" in claim[3].text

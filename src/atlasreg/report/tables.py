@@ -142,8 +142,8 @@ def claims_table(table: ResultTable, test_set: str, n_boot: int = 10000) -> list
     """The paper's claims (:data:`CLAIMS`) checked on one test set: per claim and structure, for each
     metric the mean difference (positive = the claimed-better column is better) and whether it is
     significant either way (one-sided paired bootstrap, 1% level), and a verdict: 'holds' (better on
-    every metric), 'holds on k of 4', 'reversed' (worse on every metric), 'not shown' (no significant
-    difference) or 'mixed'. Empty (header only) if no claim's columns are present."""
+    every metric), 'holds on k of 4', 'reversed' (worse on every metric), 'reversed on k of 4', 'not
+    shown' (no significant difference) or 'mixed' (better on some, worse on others). Empty (header only) if no claim's columns are present."""
     head = ["Claim", "Structure"] + [METRIC_TITLES[m] for m in METRICS] + ["Verdict"]
     rows = [[Cell(h, header=True) for h in head]]
     cols = table.columns.get(test_set, [])
@@ -178,6 +178,8 @@ def claims_table(table: ResultTable, test_set: str, n_boot: int = 10000) -> list
                 verdict = "reversed"
             elif better and not worse:
                 verdict = f"holds on {better} of {n}"
+            elif worse and not better:
+                verdict = f"reversed on {worse} of {n}"
             elif not better and not worse:
                 verdict = "not shown"
             else:
