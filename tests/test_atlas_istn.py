@@ -91,3 +91,22 @@ def test_unknown_method_and_fixed_case_are_clear_errors(data):
         load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}}, "model": {"method": "voxelmorph"}})
     with pytest.raises(AtlasregError, match="B999"):
         run_variant(data, "bad_fixed", training={"fixed_atlas": "B999"})
+
+
+def test_deformation_losses_are_eqs_11_to_13_on_the_foreground_channels():
+    from atlasreg.losses import diffusion_regulariser, label_mse
+    from atlasreg.models.atlas_istn import deformation_losses
+    from atlasreg.spatial.transforms import compose_transform, warp
+
+    torch.manual_seed(0)
+    size, spacing = (16, 16), (2.0, 2.0)
+    tr = compose_transform(0.5 * torch.randn(2, 2, 8, 8), None, None, size, spacing, 4)
+    labelmap = torch.softmax(torch.randn(2, 3, *size), 1)
+    atlas = torch.softmax(torch.randn(1, 3, *size), 1)
+    out = deformation_losses(tr, labelmap, atlas, reduction="per_case")
+    full_atlas = atlas.expand(2, -1, -1, -1)
+    a2s = label_mse(warp(full_atlas, tr.inverse_points(), tr.spacing), labelmap, True, "per_case")
+    s2a = label_mse(warp(labelmap, tr.forward_points(), tr.spacing), full_atlas, True, "per_case")
+    assert torch.allclose(out["a2s"], a2s) and torch.allclose(out["s2a"], s2a)
+    assert torch.allclose(out["reg"], diffusion_regulariser(tr.u_half, tr.spacing_half, "per_case"))
+    assert (out["a2s"] > 0).all() and (out["reg"] > 0).all()

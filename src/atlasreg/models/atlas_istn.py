@@ -93,10 +93,12 @@ def deformation_losses(transform: SpatialTransform, labelmap: torch.Tensor, atla
 
     The regulariser acts on the non-rigid part only (the displacement of phi at SVF resolution)."""
     n = labelmap.shape[0]
-    atlas = atlas_labelmap.expand(n, *atlas_labelmap.shape[1:])
-    out = {"a2s": label_mse(warp(atlas, transform.inverse_points(), transform.spacing), labelmap, True, reduction)}
+    # Only the foreground channels are warped: the losses never look at the background.
+    atlas = atlas_labelmap[:, 1:].expand(n, -1, *atlas_labelmap.shape[2:])
+    target = labelmap[:, 1:]
+    out = {"a2s": label_mse(warp(atlas, transform.inverse_points(), transform.spacing), target, False, reduction)}
     if with_s2a:
-        out["s2a"] = label_mse(warp(labelmap, transform.forward_points(), transform.spacing), atlas, True,
+        out["s2a"] = label_mse(warp(target, transform.forward_points(), transform.spacing), atlas, False,
                                reduction)
     if transform.u_half is not None:
         out["reg"] = diffusion_regulariser(transform.u_half, transform.spacing_half, reduction)
