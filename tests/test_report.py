@@ -58,6 +58,8 @@ def test_column_names_follow_the_paper():
     assert column_name({"method": "unet", "fixed_atlas": "B1"}, "refine") == "Independent"
     assert column_name({"method": "vml"}, "onepass") == "VML"
     assert column_name({"fixed_atlas": "B1"}, "refine") == "Fixed Refine"
+    assert column_name({"seg_weight": 0.0}, "onepass") == "Atlas-ISTN-L_s 1-pass"
+    assert column_name({"seg_weight": 0.0}, "refine") is None  # refinement towards a non-segmentation
     assert column_name({"stn_variant": "svf"}, "onepass") == "SVF 1-pass"
     assert column_name({}, "atlas") == "Id" and column_name({"method": "unet"}, "onepass") is None
 

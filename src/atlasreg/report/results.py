@@ -45,7 +45,7 @@ def model_label(info: dict) -> str:
 
 def column_name(info: dict, output: str) -> str | None:
     """The report column of one output of one model, or None for outputs the paper does not show
-    (e.g. the meaningless 1-pass of an untrained STN)."""
+    (e.g. the meaningless 1-pass of an untrained STN, or refinement without L_s)."""
     method = info.get("method", "atlas_istn")
     label = model_label(info)
     if method == "unet":
@@ -58,6 +58,10 @@ def column_name(info: dict, output: str) -> str | None:
     names = {"itn": "ITN", "onepass": "1-pass", "refine": "Refine", "atlas": "Id"}
     if label == "Atlas-ISTN":
         return names.get(output)
+    if float(info.get("seg_weight", 1.0)) == 0.0:
+        # Without L_s the ITN output is no segmentation, so refining towards it is meaningless; the
+        # paper compares this model's 1-pass only (Sec. 3.2, Table 3).
+        return f"{label} {names[output]}" if output == "onepass" else None
     if output in ("onepass", "refine"):
         return f"{label} {names[output]}"
     return None

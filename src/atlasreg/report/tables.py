@@ -133,7 +133,7 @@ CLAIMS = (
     ("Refine beats Independent", "Refine", "Independent"),
     ("A learnt atlas beats a fixed one (refine)", "Refine", "Fixed Refine"),
     ("A learnt atlas beats a fixed one (1-pass)", "1-pass", "Fixed 1-pass"),
-    ("L_s helps (refine)", "Refine", "Atlas-ISTN-L_s Refine"),
+    ("L_s helps (1-pass)", "1-pass", "Atlas-ISTN-L_s 1-pass"),
     ("Affine + SVF beats SVF only (refine)", "Refine", "SVF Refine"),
 )
 
