@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _UPSAMPLE = {2: "bilinear", 3: "trilinear"}
@@ -17,9 +18,46 @@ def conv_relu(ndim: int, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(conv(ndim, cin, cout, stride), nn.ReLU(inplace=True))
 
 
+class LinearUpsample(nn.Module):
+    """Linear upsampling by 2 (bilinear/trilinear, align_corners=False, as the paper prefers over
+    transposed convolutions). (N, C, *S) -> (N, C, *2S).
+
+    The backward pass first brings the incoming gradient into the channels_last layout. In a U-Net
+    decoder that gradient is a channel slice of the concatenation's gradient, which suits neither
+    layout, and PyTorch's CPU upsampling backward is then about 3x slower: this makes a whole Letter-B
+    training step about 10% faster (2D and 3D; benchmarks/letter_b_profile.py). Values are unchanged.
+    """
+
+    def __init__(self, ndim: int):
+        super().__init__()
+        self.mode = _UPSAMPLE[ndim]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.interpolate(x, scale_factor=2, mode=self.mode, align_corners=False)
+        return _GradInMemoryFormat.apply(y) if y.requires_grad else y
+
+
+class _GradInMemoryFormat(torch.autograd.Function):
+    """Identity whose backward returns the gradient in the layout of :func:`memory_format`."""
+
+    generate_vmap_rule = True  # usable inside torch.func.vmap (batched refinement)
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return to_memory_format(grad)
+
+
 def upsample(ndim: int) -> nn.Module:
-    """Linear upsampling by 2 (bilinear/trilinear, as the paper prefers over transposed convolutions)."""
-    return nn.Upsample(scale_factor=2, mode=_UPSAMPLE[ndim], align_corners=False)
+    """Linear upsampling by 2: a :class:`LinearUpsample`."""
+    return LinearUpsample(ndim)
 
 
 def memory_format(ndim: int) -> torch.memory_format:
