@@ -66,6 +66,15 @@ def test_fixed_atlas_is_the_named_training_case_and_never_changes(data):
     _, labelmaps, names = load_training_tensors(module.config, "train", progress=False)
     assert torch.allclose(module.atlas_labelmap, labelmaps[names.index("B3")][None])
     assert "refine_labelmap.png" in files
+    # the epoch means of the losses reach TensorBoard once per epoch (2 epochs)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (data / "fixed" / "logs").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss/total", "loss/seg", "loss/a2s", "loss/s2a", "loss/reg", "w", "time/train_s"} <= set(tags)
+    assert len(acc.Scalars("loss/total")) == 2
 
 
 def test_vml_has_no_itn_and_registers_image_to_atlas_image(data):
@@ -91,6 +100,18 @@ def test_unknown_method_and_fixed_case_are_clear_errors(data):
         load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}}, "model": {"method": "voxelmorph"}})
     with pytest.raises(AtlasregError, match="B999"):
         run_variant(data, "bad_fixed", training={"fixed_atlas": "B999"})
+
+
+def test_epoch_losses_are_batch_size_weighted_means_reset_every_epoch():
+    module = AtlasISTNModule(load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}},
+                                                "model": {"size": [16, 16]}}))
+    module.on_train_epoch_start()
+    module._accumulate({"loss/total": torch.tensor(1.0), "w": 0.5}, 10)
+    module._accumulate({"loss/total": torch.tensor(4.0), "w": 0.5}, 5)
+    assert module.epoch_losses() == pytest.approx({"loss/total": 2.0, "w": 0.5})
+    module.on_train_epoch_start()
+    module._accumulate({"loss/seg": torch.tensor(3.0, requires_grad=True) * 1}, 2)
+    assert module.epoch_losses() == {"loss/seg": 3.0}
 
 
 def test_deformation_losses_are_eqs_11_to_13_on_the_foreground_channels():

@@ -54,9 +54,11 @@ class EpochTimer(Callback):
         pl_module.log("time/train_s", self._t1 - self._t0)
         self.times.append((self._t1 - self._t0, pl_module.atlas_update_seconds))
         if self.verbose:
-            m = trainer.callback_metrics
+            # Lightning runs this before the module's own on_train_epoch_end, which logs the epoch
+            # means, so they are read from the module.
+            m = pl_module.epoch_losses()
             # Only the losses this method has (the U-Net has no a2s/s2a/reg, VML no seg).
-            parts = [f"{name} {float(m[key]):{fmt}}" for name, key, fmt in _LOG_COLUMNS if key in m]
+            parts = [f"{name} {m[key]:{fmt}}" for name, key, fmt in _LOG_COLUMNS if key in m]
             print(f"epoch {trainer.current_epoch:4d}  " + "  ".join(parts) + f"  train {self.times[-1][0]:.1f}s  "
                   f"atlas {self.times[-1][1]:.1f}s", flush=True)
 
