@@ -93,6 +93,13 @@ def test_atlas_istn_without_segmentation_loss_still_trains_the_itn_through_the_s
     assert "refine_labelmap.png" in files and "itn_lcc_labelmap.png" in files
 
 
+@pytest.mark.parametrize("variant", ["svf", "affine"])
+def test_stn_ablations_train_segment_and_refine(data, variant):
+    module, files = run_variant(data, variant, {"stn_variant": variant})
+    assert module.net.stn.has_affine == (variant == "affine")
+    assert {"onepass_labelmap.png", "refine_labelmap.png", "itn_labelmap.png"} <= files
+
+
 def test_unknown_method_and_fixed_case_are_clear_errors(data):
     from atlasreg.errors import AtlasregError
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from atlasreg.models.atlas_istn import AtlasISTN
@@ -22,6 +23,19 @@ def test_refinement_lowers_its_loss_and_leaves_the_network_untouched():
     assert (history[-1] < 0.5 * history[0]).all()
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("variant,use_affine", [("svf", True), ("affine", True), ("affine_svf", False)])
+def test_refinement_of_every_stn_variant(variant, use_affine):
+    """SVF only and affine only (paper Table 4 ablations) and the affine part not yet started."""
+    torch.manual_seed(0)
+    net = AtlasISTN(2, 2, (32, 32), (2.0, 2.0), stn_variant=variant)
+    atlas = square(1, (10, 10), (22, 22))
+    target = square(2, (12, 8), (26, 20))
+    tr, history = refine_transforms(net, target, atlas, iterations=30, lr=3e-3, use_affine=use_affine)
+    assert history.shape == (31, 2) and (history[-1] < history[0]).all()
+    assert (tr.u is None) == (variant == "affine")
+    assert (tr.A is None) == (variant == "svf" or not use_affine)
 
 
 def test_batched_refinement_equals_refining_each_case_alone():

@@ -37,15 +37,18 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     buffers = dict(stn.named_buffers())
     x = AtlasISTN.label_stn_input(logits, atlas_labelmap)
 
+    # The parts this STN variant predicts (vmap returns tensors only): the SVF and/or the affine part.
+    parts = (["svf"] if stn.has_svf else []) + (["A", "t"] if stn.has_affine and use_affine else [])
+
     def one_case(params, x_i):
         out = functional_call(stn, (params, buffers), (x_i.unsqueeze(0),), {"use_affine": use_affine})
-        return tuple(v[0] if v is not None else None for v in (out["svf"], out["A"], out["t"]))
+        return tuple(out[k][0] for k in parts)
 
     batched = vmap(one_case)
 
     def loss_of(params):
-        svf, A, t = batched(params, x)
-        tr = compose_transform(svf, A, t, net.size, net.spacing, net.steps)
+        out = dict(zip(parts, batched(params, x)))
+        tr = compose_transform(out.get("svf"), out.get("A"), out.get("t"), net.size, net.spacing, net.steps)
         terms = deformation_losses(tr, logits, atlas_labelmap, reduction="per_case",
                                    with_s2a=gamma != 0.0)
         loss = beta * terms["a2s"] + lam * terms["reg"]
