@@ -123,7 +123,9 @@ def comparison_table(table: ResultTable, test_set: str, reference: str, n_boot: 
 
 
 # The paper's claims as (claim, better column, worse column) pairs; a claim is shown when both columns
-# are in the report (Atlas-ISTN paper Sec. 3: Tables 1-5 and 7, Figs. 8 and 12).
+# are in the report (Atlas-ISTN paper Sec. 3: Tables 1-5 and 7, Figs. 8 and 12). The learnt and the
+# fixed atlas are compared after refinement only: the paper claims no 1-pass advantage for the learnt
+# atlas (its Table 4 has the 1-pass order SVF > Fixed > Atlas-ISTN).
 CLAIMS = (
     ("Refine beats the ITN", "Refine", "ITN"),
     ("Refine beats 1-pass", "Refine", "1-pass"),
@@ -132,7 +134,6 @@ CLAIMS = (
     ("Refine beats VML", "Refine", "VML"),
     ("Refine beats Independent", "Refine", "Independent"),
     ("A learnt atlas beats a fixed one (refine)", "Refine", "Fixed Refine"),
-    ("A learnt atlas beats a fixed one (1-pass)", "1-pass", "Fixed 1-pass"),
     ("L_s helps (1-pass)", "1-pass", "Atlas-ISTN-L_s 1-pass"),
     ("Affine + SVF beats SVF only (refine)", "Refine", "SVF Refine"),
 )
