@@ -25,7 +25,8 @@ class LinearUpsample(nn.Module):
     The backward pass first brings the incoming gradient into the channels_last layout. In a U-Net
     decoder that gradient is a channel slice of the concatenation's gradient, which suits neither
     layout, and PyTorch's CPU upsampling backward is then about 3x slower: this makes a whole Letter-B
-    training step about 10% faster (2D and 3D; benchmarks/letter_b_profile.py). Values are unchanged.
+    training step 3-11% faster (2D and 3D; `benchmarks/letter_b_profile.py --compare-upsample`).
+    Values are unchanged.
     """
 
     def __init__(self, ndim: int):
