@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Chest X-ray across sites, the analogue of the paper's brain MRI study (Table 7): Atlas-ISTN, U-Net
-# (and U-Net_lcc), VML and Fixed (a fixed training-case atlas, paper Table 4) trained on JSRT (80%, seeded split in configs/jsrt.yaml), tested on the JSRT
-# validation split (right lung, left lung, heart) and on Montgomery (lungs: labels 1 and 2 merged).
+# (and U-Net_lcc), VML and Fixed (a fixed training-case atlas, paper Table 4) trained on JSRT (80%,
+# seeded split in configs/jsrt.yaml), tested on the JSRT validation split (right lung, left lung,
+# heart) and on Montgomery (lungs: labels 1 and 2 merged).
 # Run by hand from the repository root; steps already done are skipped.
 # Usage: [MODELS="atlas_istn unet ..."] bash benchmarks/jsrt_experiment.sh [RUN_DIR] [EPOCHS] [MAIN_RUN]
 #   MODELS: the models to train and evaluate in this call (default: all); the report covers every

@@ -42,7 +42,13 @@ def sample(image: torch.Tensor, points: torch.Tensor, spacing: Sequence[float],
     if points.shape[0] != image.shape[0]:
         points = points.expand(image.shape[0], *points.shape[1:])
     half = half_extent_tensor(image.shape[2:], spacing, device=points.device, dtype=points.dtype)
-    return F.grid_sample(image, points / half, mode=mode, padding_mode=padding, align_corners=False)
+    return _grid_sample(image, points / half, mode, padding)
+
+
+def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
+                 padding: str = "border") -> torch.Tensor:
+    """grid_sample with this module's convention (align_corners=False); grid in [-1, 1] units."""
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
 def warp(image: torch.Tensor, points: torch.Tensor, spacing: Sequence[float],
@@ -82,8 +88,7 @@ def scaling_and_squaring(v: torch.Tensor, spacing: Sequence[float], steps: int =
     ident = identity_points(v.shape[2:], spacing, device=v.device, dtype=v.dtype) / half
     u = v / (scale * 2 ** steps)
     for _ in range(steps):
-        u = u + F.grid_sample(u, ident + u.movedim(1, -1), mode="bilinear", padding_mode="border",
-                              align_corners=False)
+        u = u + _grid_sample(u, ident + u.movedim(1, -1))
     return u * scale
 
 
