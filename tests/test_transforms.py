@@ -106,3 +106,19 @@ def test_grid_resampled_keeps_centre():
     m = g.resampled((64, 64), (2.0, 2.0))
     assert m.half_extent == g.half_extent
     assert torch.allclose(torch.tensor(m.centre), torch.tensor(g.centre))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_compose_without_inverse_gives_the_same_forward_map(ndim):
+    size = (16, 16) if ndim == 2 else (8, 8, 8)
+    spacing = (2.0,) * ndim
+    hsize, hsp = half_resolution(size, spacing)
+    v = smooth_svf(hsize, hsp, amplitude=1.0)
+    angles = torch.tensor([[0.2]]) if ndim == 2 else torch.tensor([[0.1, -0.15, 0.2]])
+    A, t = affine_trs(torch.full((1, ndim), 2.0), angles, torch.full((1, ndim), 0.05))
+    full = compose_transform(v, A, t, size, spacing)
+    fwd_only = compose_transform(v, A, t, size, spacing, inverse=False)
+    assert fwd_only.u_inv is None and full.u_inv is not None
+    assert torch.equal(fwd_only.forward_points(), full.forward_points())
+    with pytest.raises(ValueError, match="without its inverse"):
+        fwd_only.inverse_points()

@@ -69,14 +69,17 @@ class AtlasISTN(nn.Module):
             return torch.cat([image, atlas_image.expand(image.shape[0], *atlas_image.shape[1:])], dim=1)
         return self.label_stn_input(logits, atlas_labelmap)
 
-    def transform(self, stn_input: torch.Tensor, use_affine: bool = True) -> SpatialTransform:
+    def transform(self, stn_input: torch.Tensor, use_affine: bool = True, inverse: bool = True) -> SpatialTransform:
+        """STN D and transformation computation C (Eqs. 5-6); inverse=False skips Phi^-1."""
         out = self.stn(stn_input, use_affine=use_affine)
-        return compose_transform(out["svf"], out["A"], out["t"], self.size, self.spacing, self.steps)
+        return compose_transform(out["svf"], out["A"], out["t"], self.size, self.spacing, self.steps,
+                                 inverse)
 
     def forward(self, image: torch.Tensor, atlas_labelmap: torch.Tensor, atlas_image: torch.Tensor | None = None,
-                use_affine: bool = True):
+                use_affine: bool = True, inverse: bool = True):
         logits = self.itn(image) if self.itn is not None else None
-        return logits, self.transform(self.stn_input(image, logits, atlas_labelmap, atlas_image), use_affine)
+        return logits, self.transform(self.stn_input(image, logits, atlas_labelmap, atlas_image), use_affine,
+                                      inverse)
 
 
 def fade_in_weight(epoch: int, fade_in: dict | None) -> float:
@@ -239,10 +242,11 @@ class AtlasISTNModule(L.LightningModule):
         for i in range(0, images.shape[0], batch_size):
             img = images[i:i + batch_size].to(self.device)
             lab = labelmaps[i:i + batch_size].to(self.device)
-            _, tr = self.net(img, self.atlas_labelmap, self.atlas_image, self.use_affine())
-            pts = tr.forward_points()
-            sum_lab += warp(lab, pts, tr.spacing).sum(0, keepdim=True)
-            sum_img += warp(img, pts, tr.spacing).sum(0, keepdim=True)
+            # Only Phi is needed here (z_i o Phi_i), so its inverse is not computed.
+            _, tr = self.net(img, self.atlas_labelmap, self.atlas_image, self.use_affine(), inverse=False)
+            warped = warp(torch.cat([lab, img], 1), tr.forward_points(), tr.spacing).sum(0, keepdim=True)
+            sum_lab += warped[:, :-1]
+            sum_img += warped[:, -1:]
         n = images.shape[0]
         return sum_lab / n, sum_img / n
 

@@ -165,7 +165,8 @@ class SpatialTransform:
       A, t: affine part, (N, D, D) and (N, D) in mm, or None for no affine part;
       u, u_inv: displacements of phi and phi^-1, (N, D, *spatial) mm, or None for no SVF part;
       u_half: displacement of phi at the SVF resolution (what the regulariser acts on, Eq. 13);
-      size, spacing: the grid (array order / ITK order mm) the fields live on.
+      size, spacing: the grid (array order / ITK order mm) the fields live on;
+      has_inverse: False when composed without Phi^-1 (``compose_transform(..., inverse=False)``).
     """
 
     size: tuple[int, ...]
@@ -176,6 +177,7 @@ class SpatialTransform:
     u_inv: torch.Tensor | None = None
     u_half: torch.Tensor | None = None
     spacing_half: tuple[float, ...] | None = None
+    has_inverse: bool = True
 
     def _identity(self, like: torch.Tensor | None) -> torch.Tensor:
         ref = like if like is not None else self.A
@@ -195,7 +197,10 @@ class SpatialTransform:
         return pts.expand(self.batch_size, *pts.shape[1:])
 
     def inverse_points(self) -> torch.Tensor:
-        """Phi^-1(x) = y + u_inv(y), y = T^-1(x). Returns (N, *size, D) mm."""
+        """Phi^-1(x) = y + u_inv(y), y = T^-1(x). Returns (N, *size, D) mm.
+        Raises ValueError if the transform was composed without its inverse."""
+        if not self.has_inverse:
+            raise ValueError("this transform was composed without its inverse (inverse=False)")
         pts = self._identity(self.u)
         if self.A is not None:
             A_inv, t_inv = invert_affine(self.A, self.t)
@@ -206,27 +211,30 @@ class SpatialTransform:
 
 
 def compose_transform(v_half: torch.Tensor | None, A: torch.Tensor | None, t: torch.Tensor | None,
-                      size: Sequence[int], spacing: Sequence[float], steps: int = 6) -> SpatialTransform:
+                      size: Sequence[int], spacing: Sequence[float], steps: int = 6,
+                      inverse: bool = True) -> SpatialTransform:
     """Transformation computation module C(v, T) of Atlas-ISTN (Eq. 6, Fig. 4).
 
     v_half: SVF (N, D, *half_size) mm on the half-resolution grid of (size, spacing), or None;
     A, t: affine part or None. The SVF is integrated by scaling and squaring at half resolution
     (both exp(v) and exp(-v)), then linearly upsampled to `size`. Returns a SpatialTransform.
+    inverse=False skips exp(-v) and the affine inverse, for callers that only warp subjects to the
+    atlas (the atlas update, Eq. 16); the result's inverse_points() then raises ValueError.
     """
     size = tuple(size)
     spacing = tuple(float(s) for s in spacing)
     if v_half is None and A is None:
         raise ValueError("a transform needs an SVF, an affine part, or both")
-    tr = SpatialTransform(size=size, spacing=spacing, A=A, t=t)
+    tr = SpatialTransform(size=size, spacing=spacing, A=A, t=t, has_inverse=inverse)
     if v_half is not None:
         _, sp_half = half_resolution(size, spacing)
         if tuple(v_half.shape[2:]) != half_resolution(size, spacing)[0]:
             raise ValueError(f"SVF of size {tuple(v_half.shape[2:])} is not at half resolution of {size}")
         u_half = scaling_and_squaring(v_half, sp_half, steps)
-        u_inv_half = scaling_and_squaring(-v_half, sp_half, steps)
         tr.u_half, tr.spacing_half = u_half, sp_half
         tr.u = resize_field(u_half, size)
-        tr.u_inv = resize_field(u_inv_half, size)
+        if inverse:
+            tr.u_inv = resize_field(scaling_and_squaring(-v_half, sp_half, steps), size)
     return tr
 
 
