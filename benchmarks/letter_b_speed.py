@@ -4,6 +4,9 @@ Measures: training images per second and seconds per epoch (training and atlas u
 refinement seconds per case (K = 50 iterations, outputs written), and peak resident memory.
 
     python benchmarks/letter_b_speed.py --epochs 3 --threads 2
+
+This machine's speed drifts by up to 40% between runs and days; docs/results.md ("Letter-B speed")
+compares with the authors' reference run back to back on the same day.
 """
 
 from __future__ import annotations
