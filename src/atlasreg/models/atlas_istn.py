@@ -140,10 +140,10 @@ class AtlasISTNModule(L.LightningModule):
         self._epoch_count = 0
 
     # ---------------------------------------------------------------- data held in memory
-    def set_training_data(self, images: torch.Tensor, labelmaps: torch.Tensor,
+    def set_training_data(self, images: torch.Tensor | None, labelmaps: torch.Tensor | None,
                           names: Sequence[str] | None = None) -> None:
         """Unaugmented model-grid tensors of all training cases, used for the atlas (Eqs. 15-16), and
-        their case names (needed for `training.fixed_atlas`)."""
+        their case names (needed for `training.fixed_atlas`). None releases them."""
         self.train_images, self.train_labelmaps = images, labelmaps
         self.train_names = list(names) if names is not None else None
 

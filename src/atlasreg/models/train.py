@@ -3,6 +3,7 @@ holding weights, optimiser, atlas and config, and resume from the last checkpoin
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -124,6 +125,14 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     trainer.save_checkpoint(final)
     save_atlas(module.atlas_labelmap, module.atlas_image, list(config["data"]["labels"].keys()),
                config["model"]["spacing"], out_dir / "atlas")
+    # Lightning leaves the module reachable from every callback (callback.log is module.log), and the
+    # module reaches the trainer, its data loader and the training tensors. A caller that keeps a
+    # callback (e.g. an EpochTimer) and segments next in the same process held them through its peak
+    # (Letter-B: 704 instead of 655 MiB, benchmarks/letter_b_speed.py), so release them here.
+    module.set_training_data(None, None)
+    module.trainer = None
+    del trainer, module, loader, images, labelmaps
+    gc.collect()
     return final
 
 
