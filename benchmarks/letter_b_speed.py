@@ -64,8 +64,8 @@ def main() -> None:
         dt = time.perf_counter() - t0
         print(f"segment + refine (K=50, outputs written): {dt / len(inputs):.3f} s/case "
               f"({len(inputs)} cases, {args.cases_at_once} at once)")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-        print(f"peak resident memory: {peak:.2f} GB")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        print(f"peak resident memory: {peak / 1024 ** 2:.2f} GiB ({peak / 1024:.0f} MiB)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
