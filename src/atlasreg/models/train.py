@@ -128,7 +128,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     # Lightning leaves the module reachable from every callback (callback.log is module.log), and the
     # module reaches the trainer, its data loader and the training tensors. A caller that keeps a
     # callback (e.g. an EpochTimer) and segments next in the same process held them through its peak
-    # (Letter-B: 704 instead of 655 MiB, benchmarks/letter_b_speed.py), so release them here.
+    # (Letter-B: 704 instead of 654 MiB, benchmarks/letter_b_speed.py), so release them here.
     module.set_training_data(None, None)
     module.trainer = None
     del trainer, module, loader, images, labelmaps
