@@ -4,17 +4,17 @@ import math
 
 import torch
 
-from atlasreg.spatial.grid import identity_points
+from atlasreg.spatial.grid import Grid
 
 
-def smooth_svf(size, spacing, amplitude, seed=0, terms=3):
-    """A smooth velocity field (sum of `terms` random low-frequency sines per component) in mm,
-    shape (1, D, *size), channels (x, y[, z])."""
+def smooth_svf(grid: Grid, amplitude, seed=0, terms=3):
+    """A smooth velocity field (sum of `terms` random low-frequency sines per component) in mm on
+    `grid`, shape (1, D, *grid.size), channels (x, y[, z])."""
     g = torch.Generator().manual_seed(seed)
-    pts = identity_points(size, spacing)[0]
-    d = len(size)
-    half = torch.tensor([n * s / 2 for n, s in zip(reversed(size), spacing)])
-    v = torch.zeros(d, *size)
+    pts = grid.points(centred=True)[0]
+    d = grid.ndim
+    half = torch.tensor(grid.half_extent)
+    v = torch.zeros(d, *grid.size)
     for c in range(d):
         for _ in range(terms):
             k = torch.randn(d, generator=g) * math.pi / half

@@ -4,6 +4,7 @@ import SimpleITK as sitk
 import torch
 
 from atlasreg.atlas import atlas_init, atlas_update, save_atlas
+from atlasreg.spatial.grid import Grid
 from atlasreg.config import load_config
 from atlasreg.models.atlas_istn import AtlasISTNModule
 
@@ -40,7 +41,7 @@ def test_save_atlas_writes_images_with_grid(tmp_path):
     lab = torch.zeros(1, 2, 8, 16)
     lab[:, 1, 2:6, 4:12] = 1
     lab[:, 0] = 1 - lab[:, 1]
-    paths = save_atlas(lab, torch.rand(1, 1, 8, 16), [0, 255], (2.0, 3.0), tmp_path)
+    paths = save_atlas(lab, torch.rand(1, 1, 8, 16), [0, 255], Grid.centred((8, 16), (2.0, 3.0)), tmp_path)
     img = sitk.ReadImage(str(paths["atlas_labelmap.nii.gz"]))
     assert img.GetSize() == (16, 8) and img.GetSpacing() == (2.0, 3.0)
     arr = sitk.GetArrayFromImage(img)
@@ -64,4 +65,4 @@ def test_delayed_affine_start_uses_identity_affine():
     m = AtlasISTNModule(cfg)
     assert not m.use_affine()  # current_epoch is 0 before training
     _, tr = m.net(torch.randn(2, 1, 16, 16), torch.rand(1, 2, 16, 16), use_affine=m.use_affine())
-    assert tr.A is None and tr.u is not None
+    assert tr.affine is None and tr.svf is not None

@@ -82,7 +82,8 @@ def test_vml_has_no_itn_and_registers_image_to_atlas_image(data):
     assert module.net.itn is None
     assert module.net.stn.enc1[0].in_channels == 2  # the image and the atlas image
     assert files == {"onepass_labelmap.png", "atlas_labelmap.png", "deformed_atlas_image.nii.gz",
-                     "forward_displacement.nii.gz", "inverse_displacement.nii.gz", "case.yaml", "transform_metrics.csv"}
+                     "forward_displacement.nii.gz", "inverse_displacement.nii.gz", "forward_transform.h5",
+                     "inverse_transform.h5", "case.yaml", "transform_metrics.csv"}
     assert bool(module.atlas_ready)
 
 
@@ -124,19 +125,22 @@ def test_epoch_losses_are_batch_size_weighted_means_reset_every_epoch():
 def test_deformation_losses_are_eqs_11_to_13_on_the_foreground_channels():
     from atlasreg.losses import diffusion_regulariser, label_mse
     from atlasreg.models.atlas_istn import deformation_losses
+    from atlasreg.spatial.grid import Grid
     from atlasreg.spatial.transforms import compose_transform, warp
 
     torch.manual_seed(0)
-    size, spacing = (16, 16), (2.0, 2.0)
-    tr = compose_transform(0.5 * torch.randn(2, 2, 8, 8), None, None, size, spacing, 4)
+    size = (16, 16)
+    grid = Grid.centred(size, (2.0, 2.0))
+    tr = compose_transform(0.5 * torch.randn(2, 2, 8, 8), None, None, grid, 4)
     labelmap = torch.softmax(torch.randn(2, 3, *size), 1)
     atlas = torch.softmax(torch.randn(1, 3, *size), 1)
     out = deformation_losses(tr, labelmap, atlas, reduction="per_case")
     full_atlas = atlas.expand(2, -1, -1, -1)
-    a2s = label_mse(warp(full_atlas, tr.inverse_points(), tr.spacing), labelmap, True, "per_case")
-    s2a = label_mse(warp(labelmap, tr.forward_points(), tr.spacing), full_atlas, True, "per_case")
+    a2s = label_mse(warp(full_atlas, tr.inverse_points(), grid), labelmap, True, "per_case")
+    s2a = label_mse(warp(labelmap, tr.forward_points(), grid), full_atlas, True, "per_case")
     assert torch.allclose(out["a2s"], a2s) and torch.allclose(out["s2a"], s2a)
-    assert torch.allclose(out["reg"], diffusion_regulariser(tr.u_half, tr.spacing_half, "per_case"))
+    u_half = tr.svf.displacement_on_svf_grid
+    assert torch.allclose(out["reg"], diffusion_regulariser(u_half, grid.downsample(2).spacing, "per_case"))
     assert (out["a2s"] > 0).all() and (out["reg"] > 0).all()
 
 

@@ -129,12 +129,17 @@ def test_segment_outputs_follow_input_geometry(trained, tmp_path):
     out = tmp_path / "out"
     assert main(["segment", str(tmp_path / "case.nii.gz"), "--checkpoint", str(trained / "run" / "model.ckpt"),
                  "--out", str(out), "--quiet"]) == 0
-    for name in ("refine_labelmap.nii.gz", "forward_displacement.nii.gz"):
+    for name in ("refine_labelmap.nii.gz", "inverse_displacement.nii.gz", "deformed_atlas_image.nii.gz"):
         res = sitk.ReadImage(str(out / "case" / name))
         assert res.GetSize() == img.GetSize()
         assert np.allclose(res.GetSpacing(), img.GetSpacing())
         assert np.allclose(res.GetOrigin(), img.GetOrigin())
         assert np.allclose(res.GetDirection(), img.GetDirection())
+    # The forward field (atlas -> subject) lives on the saved atlas's grid.
+    fwd = sitk.ReadImage(str(out / "case" / "forward_displacement.nii.gz"))
+    atlas = sitk.ReadImage(str(trained / "run" / "atlas" / "atlas_image.nii.gz"))
+    assert fwd.GetSize() == atlas.GetSize() and np.allclose(fwd.GetOrigin(), atlas.GetOrigin())
+    assert np.allclose(fwd.GetSpacing(), atlas.GetSpacing())
 
 
 # ---------------------------------------------------------------- bad input (issue item 9)

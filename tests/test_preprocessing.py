@@ -29,8 +29,9 @@ def test_soft_round_trip_model_grid_loses_little():
     yy, xx = np.mgrid[:128, :128]
     disc = (((yy - 60) ** 2 + (xx - 70) ** 2) < 30 ** 2).astype(np.int64)
     oh = one_hot(torch.from_numpy(disc)[None], 2)
-    model = to_model_grid(oh, native, (64, 64), (2.0, 2.0))
-    back = to_native_grid(model, (2.0, 2.0), native).argmax(1)[0].numpy()
+    model_grid = Grid.centred((64, 64), (2.0, 2.0))
+    model = to_model_grid(oh, native, model_grid)
+    back = to_native_grid(model, model_grid, native).argmax(1)[0].numpy()
     dice = 2 * (back & disc).sum() / (back.sum() + disc.sum())
     assert dice > 0.995
 

@@ -3,12 +3,12 @@ import math
 import torch
 
 from atlasreg.losses import bending_energy, diffusion_regulariser
-from atlasreg.spatial.grid import identity_points
+from atlasreg.spatial.grid import Grid
 
 
 def physical_field(size, spacing):
     """u(x, y) = (3 sin(2 pi x / 40), 2 cos(2 pi y / 40)) mm on a 64 mm field of view."""
-    p = identity_points(size, spacing)[0]
+    p = Grid.centred(size, spacing).points()[0]
     k = 2 * math.pi / 40.0
     return torch.stack([3 * torch.sin(k * p[..., 0]), 2 * torch.cos(k * p[..., 1])])[None]
 
@@ -35,7 +35,7 @@ def test_regularisers_zero_for_translation_and_per_case_reduction():
 
 
 def test_bending_energy_zero_for_affine_field():
-    p = identity_points((16, 16, 16), (1.0, 2.0, 1.5))[0]
+    p = Grid.centred((16, 16, 16), (1.0, 2.0, 1.5)).points()[0]
     u = (p @ torch.tensor([[0.1, 0.2, 0.0], [0.0, -0.1, 0.3], [0.2, 0.0, 0.1]])).movedim(-1, 0)[None]
     assert float(bending_energy(u, (1.0, 2.0, 1.5))) < 1e-9
     assert float(diffusion_regulariser(u, (1.0, 2.0, 1.5))) > 0

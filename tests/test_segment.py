@@ -14,15 +14,15 @@ from atlasreg.data.letter_b import write_letter_b_dataset
 from atlasreg.evaluation.evaluate import TRANSFORM_METRIC_COLUMNS, evaluate_predictions
 from atlasreg.models.atlas_istn import AtlasISTNModule
 from atlasreg.segment import segment, transform_metrics_csv, transform_statistics
-from atlasreg.spatial.grid import identity_points
-from atlasreg.spatial.transforms import SpatialTransform
+from atlasreg.spatial.grid import Grid
+from atlasreg.spatial.transforms import AffineSVFTransform, AffineTransform
 
 SIZE, SPACING = (16, 16), (2.0, 2.0)
 
 
 def disc_atlas(radius_mm=9.0):
     """One-hot atlas (1, 2, 16, 16) on the model grid: a disc of `radius_mm` around the centre."""
-    r = identity_points(SIZE, SPACING)[0].norm(dim=-1)
+    r = Grid.centred(SIZE, SPACING).points()[0].norm(dim=-1)
     return torch.nn.functional.one_hot((r < radius_mm).long(), 2).movedim(-1, 0)[None].float()
 
 
@@ -102,7 +102,7 @@ def test_transform_statistics_known_answers():
     centres and is its own inverse (MICE 0, IC-DSC 1 for the symmetric disc) but folds everywhere."""
     eye = torch.eye(2).expand(2, 2, 2).clone()
     eye[1, 0, 0] = -1.0  # case 1: reflection of the x axis
-    tr = SpatialTransform(SIZE, SPACING, A=eye, t=torch.zeros(2, 2))
+    tr = AffineSVFTransform((AffineTransform(eye, torch.zeros(2, 2)),), Grid.centred(SIZE, SPACING))
     stats = transform_statistics(tr, disc_atlas())
     assert set(stats) == set(TRANSFORM_METRIC_COLUMNS[1:])
     np.testing.assert_allclose(stats["mice_mm"], 0.0, atol=1e-5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from atlasreg.evaluation.topology import count_holes, jacobian_statistics, topology_per_structure
-from atlasreg.spatial.grid import identity_points
+from atlasreg.spatial.grid import Grid
 from atlasreg.spatial.transforms import compose_transform
 
 
@@ -65,35 +65,36 @@ def test_topology_rejects_bad_input():
 
 
 def test_jacobian_statistics_identity_and_folded_map():
-    size, spacing = (10, 12), (1.5, 2.0)
-    ident = identity_points(size, spacing)
-    stats = jacobian_statistics(ident, spacing)
+    grid = Grid.centred((10, 12), (1.5, 2.0))
+    ident = grid.points()
+    stats = jacobian_statistics(ident, grid)
     assert stats["fraction_nonpositive"].tolist() == [0.0]
     assert stats["std_log_jacobian"][0] == pytest.approx(0.0, abs=1e-6)
     assert stats["n_voxels"][0] == 120
     folded = ident.clone()
     folded[..., 0] = -folded[..., 0]  # mirror x: det J = -1 everywhere
-    stats = jacobian_statistics(torch.cat([ident, folded]), spacing)
+    stats = jacobian_statistics(torch.cat([ident, folded]), grid)
     assert stats["fraction_nonpositive"].tolist() == [0.0, 1.0]
     assert np.isnan(stats["std_log_jacobian"][1])
 
 
 def test_jacobian_statistics_mask_and_smooth_svf():
     size, spacing = (16, 16), (1.0, 1.0)
-    ident = identity_points(size, spacing)
+    grid = Grid.centred(size, spacing)
+    ident = grid.points()
     half = ident.clone()
     half[:, :, :8, 0] = -half[:, :, :8, 0]  # mirror the left half only
     mask = torch.zeros(1, 1, *size, dtype=torch.bool)
     mask[..., :, 10:] = True  # right part, away from the seam
-    stats = jacobian_statistics(half, spacing, mask=mask)
+    stats = jacobian_statistics(half, grid, mask=mask)
     assert stats["fraction_nonpositive"][0] == 0.0 and stats["n_voxels"][0] == 16 * 6
-    empty = jacobian_statistics(half, spacing, mask=torch.zeros(1, *size))
+    empty = jacobian_statistics(half, grid, mask=torch.zeros(1, *size))
     assert np.isnan(empty["fraction_nonpositive"][0])
     with pytest.raises(ValueError):
-        jacobian_statistics(half, spacing, mask=torch.ones(1, 2, *size))
+        jacobian_statistics(half, grid, mask=torch.ones(1, 2, *size))
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
     v = torch.stack([torch.sin(3 * yy), torch.cos(2 * xx)])[None] * 1.5
-    tr = compose_transform(v, None, None, size, spacing)
-    stats = jacobian_statistics(tr.forward_points(), spacing)
+    tr = compose_transform(v, None, None, grid)
+    stats = jacobian_statistics(tr.forward_points(), grid)
     assert stats["fraction_nonpositive"][0] == 0.0
     assert 0.0 < stats["std_log_jacobian"][0] < 1.0

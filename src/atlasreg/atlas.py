@@ -27,20 +27,16 @@ def atlas_update(atlas: torch.Tensor, warped_mean: torch.Tensor, eta: float) -> 
     return (1.0 - eta) * atlas + eta * warped_mean
 
 
-def atlas_grid(size: Sequence[int], spacing: Sequence[float]) -> Grid:
-    """The atlas's own grid: model size and spacing, centred at the world origin, identity direction."""
-    g = Grid(tuple(size), tuple(spacing))
-    offset = np.asarray(g.spacing) * (np.asarray(g.size_xyz) - 1) / 2.0
-    return Grid(g.size, g.spacing, tuple((-offset).tolist()), None)
-
-
-def save_atlas(labelmap: torch.Tensor, image: torch.Tensor, labels: Sequence[int],
-               spacing: Sequence[float], out_dir: str | Path) -> dict[str, Path]:
-    """Write the atlas as images with their grid: `atlas_labelmap.nii.gz` (argmax, declared label
+def save_atlas(labelmap: torch.Tensor, image: torch.Tensor, labels: Sequence[int], grid: Grid,
+               out_dir: str | Path) -> dict[str, Path]:
+    """Write the atlas as images on the model grid `grid` (:meth:`Grid.centred`: centred at the world
+    origin, identity direction; its world coordinates are the model's, so transforms that atlasreg
+    writes apply to these files as they are): `atlas_labelmap.nii.gz` (argmax, declared label
     values), `atlas_probabilities.nii.gz` (C-component vector image) and `atlas_image.nii.gz`.
-    labelmap: (1, C, *S); image: (1, 1, *S). Returns the paths."""
+    labelmap: (1, C, *grid.size); image: (1, 1, *grid.size). Returns the paths."""
     out_dir = Path(out_dir)
-    grid = atlas_grid(labelmap.shape[2:], spacing)
+    if tuple(labelmap.shape[2:]) != grid.size:
+        raise ValueError(f"atlas of shape {tuple(labelmap.shape[2:])} is not on the grid {grid.size}")
     lab = labelmap[0].detach().cpu().float()
     arg = indices_to_values(lab.argmax(0).numpy(), labels).astype(np.int32)
     probs = sitk.GetImageFromArray(lab.movedim(0, -1).numpy(), isVector=True)

@@ -4,15 +4,22 @@ and the deformed atlas image, all written on each input's own grid and geometry.
 Output contract, one folder per case ``<out>/<case>/`` (written all or nothing):
   itn_labelmap<ext>, itn_lcc_labelmap<ext> (largest connected component per structure),
   onepass_labelmap<ext>, refine_labelmap<ext>, atlas_labelmap<ext>  (declared label values; <ext> = the
-  input's extension, .png or .nii.gz...), deformed_atlas_image.nii.gz (float),
-  forward_displacement.nii.gz and inverse_displacement.nii.gz (refined transform, or the 1-pass one
-  without refinement; vector images in world units along the world axes, ITK displacement-field
-  convention: a point p of the input grid maps to p + d(p)). Which files exist depends on the model's
-  method: Atlas-ISTN writes all; a U-Net writes itn and itn_lcc only, plus onepass (its untrained STN:
-  the identity), refine and atlas when it has a fixed atlas (the paper's 'Independent'); VML has no ITN
-  and writes onepass and atlas. The inverse field maps input (subject) points into atlas space, so it is the field that
-  resamples the atlas onto the input (Phi^-1, Eq. 8); the forward field Phi (Eq. 7) maps atlas points
-  into the subject, with the atlas placed on the input's grid (same centre and direction).
+  input's extension, .png or .nii.gz...), deformed_atlas_image.nii.gz (float). The transforms of the
+  final (refined, else 1-pass) registration, consistent as files with the saved atlas
+  (``<model>/atlas/atlas_image.nii.gz``, on the centred model grid) with no hidden re-centring:
+  inverse_displacement.nii.gz: on the input's grid, the ITK displacement field that maps each input
+  (subject) point p to the atlas point p + d(p) (Phi^-1, Eq. 8, with the case's frame); resampling the
+  saved atlas with it onto the input gives the 1-pass/refined segmentation;
+  forward_displacement.nii.gz: on the atlas grid, the field that maps each atlas point q to the subject
+  point q + d(q) (Phi, Eq. 7); it resamples the input into atlas space;
+  inverse_transform.h5 and forward_transform.h5: the same maps as ITK composite transforms (affine
+  part + displacement field on the model grid), for SimpleITK, ANTs, 3D Slicer.
+  Vector images hold world units along the world axes. Outside the model's field of view both maps
+  continue the affine part (the dense part keeps its border value in the NIfTI fields; ITK's
+  displacement-field transform in the .h5 files uses zero there).
+  Which files exist depends on the model's method: Atlas-ISTN writes all; a U-Net writes itn and
+  itn_lcc only, plus onepass (its untrained STN: the identity), refine and atlas when it has a fixed
+  atlas (the paper's 'Independent'); VML has no ITN and writes onepass and atlas.
   case.yaml: ``image: <absolute path of the input image>`` (always written; the report draws the image
   from it).
   transform_metrics.csv: one row per transform the method has (``onepass``: the 1-pass transform of
@@ -49,11 +56,17 @@ from .evaluation.evaluate import TRANSFORM_METRIC_COLUMNS
 from .evaluation.topology import jacobian_statistics
 from .models.atlas_istn import AtlasISTNModule
 from .models.refine import refine_transforms
-from .spatial.grid import identity_points
-from .spatial.transforms import SpatialTransform, warp
+from .spatial.grid import Grid
+from .spatial.itk import field_image, write_transform
+from .spatial.transforms import AffineSVFTransform, AffineTransform, Composite
 
 LABELMAP_OUTPUTS = ("itn", "itn_lcc", "onepass", "refine", "atlas")
 TRANSFORM_OUTPUTS = ("onepass", "refine")  # transforms whose statistics go to transform_metrics.csv
+FORWARD_FIELD = "forward_displacement.nii.gz"
+INVERSE_FIELD = "inverse_displacement.nii.gz"
+FORWARD_TRANSFORM = "forward_transform.h5"
+INVERSE_TRANSFORM = "inverse_transform.h5"
+DEFORMED_ATLAS_IMAGE = "deformed_atlas_image.nii.gz"
 
 
 def _extension(path: str) -> str:
@@ -95,19 +108,8 @@ def _labelmap_image(indices: np.ndarray, labels: Sequence[int], case: Case, ext:
     return img
 
 
-def _displacement_image(points: torch.Tensor, spacing: Sequence[float], case: Case) -> sitk.Image:
-    """points (*size, D) of a transform on the model grid -> displacement on the native grid, world axes."""
-    size = points.shape[:-1]
-    disp = points - identity_points(size, spacing, dtype=points.dtype)[0]
-    native = to_native_grid(disp.movedim(-1, 0)[None], spacing, case.grid)[0]  # (D, *native)
-    world = torch.einsum("ij,j...->i...", torch.as_tensor(case.grid.direction_matrix, dtype=native.dtype), native)
-    img = sitk.GetImageFromArray(world.movedim(0, -1).cpu().numpy().astype(np.float64), isVector=True)
-    img.CopyInformation(case.source)
-    return img
-
-
 def _float_image(array: torch.Tensor, case: Case) -> sitk.Image:
-    img = sitk.GetImageFromArray(array.cpu().numpy().astype(np.float32))
+    img = sitk.GetImageFromArray(array.detach().cpu().numpy().astype(np.float32))
     img.CopyInformation(case.source)
     return img
 
@@ -125,44 +127,73 @@ def transform_metrics_csv(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return buffer.getvalue()
 
 
-def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], spacing: Sequence[float],
-                       probs: dict[str, torch.Tensor], atlas_image: torch.Tensor | None = None,
-                       fwd_points: torch.Tensor | None = None, inv_points: torch.Tensor | None = None,
+def world_transforms(transform: AffineSVFTransform, native: Grid) -> tuple[Composite, Composite]:
+    """A case's atlas-to-subject transform Phi (model frame, batch 1) in world coordinates.
+
+    Returns ``(to_subject, to_atlas)``: ``to_subject`` maps atlas world points (the saved atlas's
+    grid, :meth:`Grid.centred`) to the subject's world points, ``x -> c + R Phi(x)`` with the case
+    grid's centre c and direction R; ``to_atlas`` is its exact inverse ``Phi^-1(R^T (y - c))``. In ITK
+    terms ``to_atlas`` resamples the atlas onto the subject (fixed = subject) and ``to_subject``
+    resamples the subject into atlas space (fixed = atlas)."""
+    frame = AffineTransform.grid_frame(native, dtype=transform._like().dtype)
+    frame = AffineTransform(frame.matrix.to(transform._like().device), frame.translation.to(transform._like().device))
+    return Composite((transform, frame)), Composite((frame.inverse(), transform.inverse()))
+
+
+def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], model_grid: Grid,
+                       itn_probabilities: torch.Tensor | None = None,
+                       transforms: Mapping[str, AffineSVFTransform] | None = None,
+                       atlas_labelmap: torch.Tensor | None = None, atlas_image: torch.Tensor | None = None,
                        transform_metrics: Mapping[str, Mapping[str, float]] | None = None) -> Path:
     """Write one case's outputs atomically into ``out_dir/<case.name>`` (see the module docstring).
 
-    probs: name -> (C, *size) probabilities on the model grid (an 'itn' entry also gives 'itn_lcc');
-    atlas_image: (1, *size) deformed atlas image; fwd_points / inv_points: (*size, D) points in mm on
-    the model grid; transform_metrics: transform name ('onepass', 'refine') -> {column of
-    ``transform_metrics.csv``: value} for this case (written as ``transform_metrics.csv`` when not
-    None and not empty). ``case.yaml`` (the input image's absolute path) is always written. Outputs
-    given as None are not written. Returns the case folder; on any error nothing of it is written
-    (an older folder of the same name is kept)."""
+    itn_probabilities: (C, *model_grid.size) ITN probabilities on the model grid placed on the case
+    (also gives 'itn_lcc'); transforms: 'onepass' and/or 'refine' -> batch-1 Phi in the case's model
+    frame (the last one given is the case's final transform: its fields, ITK files and deformed atlas
+    image are written); atlas_labelmap (1, C, *size) and atlas_image (1, 1, *size): the atlas on
+    `model_grid`; transform_metrics: transform name -> {column of ``transform_metrics.csv``: value}.
+    ``case.yaml`` (the input image's absolute path) is always written. Every output is computed on the
+    input's own grid directly: the atlas is sampled once at ``Phi^-1`` of each input voxel. Returns the
+    case folder; on any error nothing of it is written (an older folder of the same name is kept)."""
     ext = _extension(case.path)
     final = out_dir / case.name
+    transforms = dict(transforms or {})
+    native = case.grid
     with atomic_directory(final) as tmp:
         (tmp / "case.yaml").write_text(yaml.safe_dump({"image": str(Path(case.path).resolve())},
                                                       sort_keys=False), encoding="utf-8")
         if transform_metrics:
             (tmp / "transform_metrics.csv").write_text(transform_metrics_csv(transform_metrics),
                                                        encoding="utf-8")
-        for name, p in probs.items():
-            indices = to_native_grid(p[None], spacing, case.grid)[0].argmax(0).cpu().numpy()
-            write_image(_labelmap_image(indices, labels, case, ext), tmp / f"{name}_labelmap{ext}")
-            if name == "itn":
-                lcc = largest_components(indices, len(labels))
-                write_image(_labelmap_image(lcc, labels, case, ext), tmp / f"itn_lcc_labelmap{ext}")
-        if atlas_image is not None:
-            img_native = to_native_grid(atlas_image[None], spacing, case.grid)[0, 0]
-            write_image(_float_image(img_native, case), tmp / "deformed_atlas_image.nii.gz")
-        if fwd_points is not None:
-            write_image(_displacement_image(fwd_points, spacing, case), tmp / "forward_displacement.nii.gz")
-        if inv_points is not None:
-            write_image(_displacement_image(inv_points, spacing, case), tmp / "inverse_displacement.nii.gz")
+        if itn_probabilities is not None:
+            indices = to_native_grid(itn_probabilities[None], model_grid, native)[0].argmax(0).cpu().numpy()
+            write_image(_labelmap_image(indices, labels, case, ext), tmp / f"itn_labelmap{ext}")
+            lcc = largest_components(indices, len(labels))
+            write_image(_labelmap_image(lcc, labels, case, ext), tmp / f"itn_lcc_labelmap{ext}")
+        if transforms and atlas_labelmap is not None:
+            atlas_native = to_native_grid(atlas_labelmap, model_grid, native)[0].argmax(0).cpu().numpy()
+            write_image(_labelmap_image(atlas_native, labels, case, ext), tmp / f"atlas_labelmap{ext}")
+        to_subject = to_atlas = None
+        for name, transform in transforms.items():
+            to_subject, to_atlas = world_transforms(transform, native)
+            if atlas_labelmap is not None:
+                with torch.no_grad():
+                    probs = to_atlas.warp(atlas_labelmap, model_grid, native)[0]
+                write_image(_labelmap_image(probs.argmax(0).cpu().numpy(), labels, case, ext),
+                            tmp / f"{name}_labelmap{ext}")
+        if to_atlas is not None:
+            with torch.no_grad():
+                if atlas_image is not None:
+                    img = to_atlas.warp(atlas_image, model_grid, native)[0, 0]
+                    write_image(_float_image(img, case), tmp / DEFORMED_ATLAS_IMAGE)
+                write_image(field_image(to_atlas.displacement(native)[0], native), tmp / INVERSE_FIELD)
+                write_image(field_image(to_subject.displacement(model_grid)[0], model_grid), tmp / FORWARD_FIELD)
+                write_transform(to_atlas, tmp / INVERSE_TRANSFORM)
+                write_transform(to_subject, tmp / FORWARD_TRANSFORM)
     return final
 
 
-def transform_statistics(transform: SpatialTransform, atlas_labelmap: torch.Tensor) -> dict[str, np.ndarray]:
+def transform_statistics(transform: AffineSVFTransform, atlas_labelmap: torch.Tensor) -> dict[str, np.ndarray]:
     """Inverse consistency and regularity of a batch of atlas-to-subject transforms on the model grid.
 
     transform: batch B, Phi mapping atlas to subject space (Eqs. 7-8); atlas_labelmap: (1 or B, C, *size)
@@ -175,51 +206,36 @@ def transform_statistics(transform: SpatialTransform, atlas_labelmap: torch.Tens
     ValueError if the labelmap does not match the transform grid."""
     with torch.no_grad():
         ic = inverse_consistency(transform, atlas_labelmap)
-        jac = jacobian_statistics(transform.forward_points().detach(), transform.spacing)
+        jac = jacobian_statistics(transform.forward_points().detach(), transform.grid)
     return {"mice_mm": ic["mice_mm"], "mice_voxels": ic["mice_voxels"], "ic_dsc": ic["ic_dsc"],
             "nonpositive_jacobian_fraction": jac["fraction_nonpositive"],
             "std_log_jacobian": jac["std_log_jacobian"]}
 
 
 def segment_cases(module: AtlasISTNModule, cases: list[Case], refinement: dict) -> dict:
-    """ITN, 1-pass (Eq. 9) and refined (Eqs. 17-21) results for a batch of B cases on the model grid.
+    """ITN, 1-pass (Eq. 9) and refined (Eqs. 17-21) predictions for a batch of B cases on the model grid.
 
-    Returns a dict of tensors: itn/onepass/refine/atlas probabilities (B, C, *S) (those the model's
-    method has, see the module docstring), deformed atlas image (B, 1, *S), forward/inverse points
-    (B, *S, D) in mm of the final (refined, else 1-pass) transform, refinement loss history (K+1, B);
-    and ``transform_metrics``: transform name ('onepass', 'refine'; those the method has, none for a
-    U-Net without a fixed atlas) -> :func:`transform_statistics` (numpy arrays (B,))."""
+    Returns a dict: ``itn`` probabilities (B, C, *S) (methods with an ITN); ``transforms``: 'onepass'
+    and 'refine' -> :class:`AffineSVFTransform` of batch B in the cases' model frames (those the
+    model's method has, see the module docstring; the last is the final one); ``history``: refinement
+    loss history (K+1, B); ``transform_metrics``: transform name -> :func:`transform_statistics`
+    (numpy arrays (B,))."""
     net = module.net
     atlas_lab, atlas_img = module.atlas_labelmap, module.atlas_image
     images = torch.cat([c.image for c in cases])
-    b = images.shape[0]
-    atlas_b = atlas_lab.expand(b, -1, *atlas_lab.shape[2:])
     registers = module.method != "unet" or module.fixed_atlas() is not None
-    out: dict = {}
-    final = None
-    transforms: dict[str, SpatialTransform] = {}
+    out: dict = {"transforms": {}}
     with torch.no_grad():
         logits = net.itn(images) if net.itn is not None else None
         if logits is not None:
             out["itn"] = torch.softmax(logits, 1)
         if registers:
-            final = transforms["onepass"] = net.transform(net.stn_input(images, logits, atlas_lab, atlas_img))
-            out["onepass"] = warp(atlas_b, final.inverse_points(), net.spacing)
-            out["atlas"] = atlas_b
+            out["transforms"]["onepass"] = net.transform(net.stn_input(images, logits, atlas_lab, atlas_img))
     if registers and logits is not None:
-        final, out["history"] = refine_transforms(
+        out["transforms"]["refine"], out["history"] = refine_transforms(
             net, logits, atlas_lab, int(refinement["iterations"]), float(refinement["lr"]),
             float(refinement["beta"]), float(refinement["gamma"]), float(refinement["lambda"]))
-        transforms["refine"] = final
-        with torch.no_grad():
-            out["refine"] = warp(atlas_b, final.inverse_points(), net.spacing)
-    out["transform_metrics"] = {name: transform_statistics(tr, atlas_lab) for name, tr in transforms.items()}
-    if final is not None:
-        with torch.no_grad():
-            inv = final.inverse_points()
-            out["deformed_atlas_image"] = warp(atlas_img.expand(b, -1, *atlas_img.shape[2:]), inv, net.spacing)
-            out["inverse_points"] = inv
-            out["forward_points"] = final.forward_points()
+    out["transform_metrics"] = {name: transform_statistics(tr, atlas_lab) for name, tr in out["transforms"].items()}
     return out
 
 
@@ -233,9 +249,9 @@ def segment(module: AtlasISTNModule, inputs: Iterable[str | Path], out_dir: str 
     cfg = module.config
     ref = dict(cfg["refinement"], **(refinement or {}))
     labels = list(cfg["data"]["labels"].keys())
-    m = cfg["model"]
+    grid = module.net.grid
     files = collect_inputs(list(inputs), image_suffix)
-    cases = [load_case(f, None, labels, m["size"], m["spacing"], m["ndim"], cfg["data"]["spacing"], name=n)
+    cases = [load_case(f, None, labels, grid, cfg["data"]["spacing"], name=n)
              for n, f in tqdm(files, desc="reading", disable=not progress, leave=False)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,14 +262,12 @@ def segment(module: AtlasISTNModule, inputs: Iterable[str | Path], out_dir: str 
         group = cases[i:i + chunk]
         res = segment_cases(module, group, ref)
         for j, case in enumerate(group):
-            probs = {k: res[k][j] for k in LABELMAP_OUTPUTS if k in res}
-            extra = {k: res[k][j] if k in res else None
-                     for k in ("deformed_atlas_image", "forward_points", "inverse_points")}
             metrics = {name: {col: float(values[j]) for col, values in stats.items()}
                        for name, stats in res["transform_metrics"].items()}
-            written.append(write_case_outputs(out_dir, case, labels, m["spacing"], probs,
-                                              extra["deformed_atlas_image"], extra["forward_points"],
-                                              extra["inverse_points"], transform_metrics=metrics))
+            written.append(write_case_outputs(
+                out_dir, case, labels, grid, res["itn"][j] if "itn" in res else None,
+                {name: tr[j] for name, tr in res["transforms"].items()},
+                module.atlas_labelmap, module.atlas_image, transform_metrics=metrics))
         bar.update(len(group))
     bar.close()
     return written

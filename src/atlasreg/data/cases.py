@@ -40,15 +40,16 @@ def _apply_spacing(image: sitk.Image, spacing, path) -> sitk.Image:
     return image
 
 
-def load_case(image_path, label_path, labels: Sequence[int], model_size, model_spacing, ndim: int,
-              spacing_override=None, require_foreground: bool = True, name: str | None = None) -> Case:
-    """Read one image (and labelmap), check them, and resample to the model grid.
+def load_case(image_path, label_path, labels: Sequence[int], model_grid: Grid, spacing_override=None,
+              require_foreground: bool = True, name: str | None = None) -> Case:
+    """Read one image (and labelmap), check them, and resample onto `model_grid` (the centred model
+    grid, :meth:`Grid.centred`) placed on the case (same centre and direction as the file's grid).
     Raises AtlasregError naming the file for every bad input."""
     image = _apply_spacing(read_image(image_path), spacing_override, image_path)
-    check_dimension(image, ndim, image_path)
+    check_dimension(image, model_grid.ndim, image_path)
     grid = Grid.from_sitk(image)
     arr = zero_mean_unit_variance(sitk.GetArrayFromImage(image))
-    img_t = to_model_grid(torch.from_numpy(arr)[None, None], grid, model_size, model_spacing)
+    img_t = to_model_grid(torch.from_numpy(arr)[None, None], grid, model_grid)
     lab_t = None
     if label_path is not None:
         # Size and geometry are compared after the configured spacing is applied to both files.
@@ -64,7 +65,7 @@ def load_case(image_path, label_path, labels: Sequence[int], model_size, model_s
         if require_foreground and not idx.any():
             raise AtlasregError(f"has no foreground (only label {labels[0]})", label_path)
         oh = one_hot(torch.from_numpy(idx)[None], len(labels))
-        lab_t = to_model_grid(oh, grid, model_size, model_spacing)
+        lab_t = to_model_grid(oh, grid, model_grid)
     return Case(name or case_name(image_path), img_t, lab_t, grid, image, str(image_path))
 
 
@@ -75,6 +76,11 @@ def case_name(path) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return Path(path).stem
+
+
+def model_grid(cfg: dict) -> Grid:
+    """The model grid of a config: ``model.size`` and ``model.spacing``, centred (:meth:`Grid.centred`)."""
+    return Grid.centred(cfg["model"]["size"], cfg["model"]["spacing"])
 
 
 def pairs_from_spec(spec: dict, need_labels: bool = True) -> list[CasePair]:
@@ -105,7 +111,7 @@ def load_training_tensors(cfg: dict, section: str = "train", progress: bool = Tr
     names = []
     # Filled in place, not concatenated from a list: holding both would double the peak memory.
     for i, p in enumerate(tqdm(pairs, desc=f"loading {section}", disable=not progress, leave=False)):
-        c = load_case(p.image, p.label, labels, m["size"], m["spacing"], m["ndim"], cfg["data"]["spacing"])
+        c = load_case(p.image, p.label, labels, model_grid(cfg), cfg["data"]["spacing"])
         if i == 0:
             images = c.image.new_empty((n, *c.image.shape[1:]))
             labelmaps = c.labelmap.new_empty((n, *c.labelmap.shape[1:]))

@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..spatial.grid import Grid, identity_points
-from ..spatial.transforms import sample
+from ..spatial.grid import Grid
+from ..spatial.transforms import resample
 
 
 def zero_mean_unit_variance(array: np.ndarray) -> np.ndarray:
@@ -49,19 +49,23 @@ def indices_to_values(indices: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     return np.asarray(labels)[indices]
 
 
-def to_model_grid(tensor: torch.Tensor, native: Grid, size: Sequence[int], spacing: Sequence[float],
-                  mode: str = "bilinear") -> torch.Tensor:
-    """Resample (N, C, *native.size) onto the model grid (size array order, spacing ITK mm) with the
-    same centre and direction. Returns (N, C, *size)."""
-    pts = identity_points(size, spacing, device=tensor.device, dtype=tensor.dtype)
-    return sample(tensor, pts, native.spacing, mode=mode, padding="border")
+def case_model_grid(native: Grid, model: Grid) -> Grid:
+    """The model grid placed on a case: the model's size and spacing with the case grid's centre and
+    direction (:meth:`Grid.resampled`). Model coordinates map to its world coordinates by the case's
+    frame (:meth:`Grid.frame`)."""
+    return native.resampled(model.size, model.spacing)
 
 
-def to_native_grid(tensor: torch.Tensor, model_spacing: Sequence[float], native: Grid,
-                   mode: str = "bilinear") -> torch.Tensor:
-    """Resample (N, C, *model_size) from the model grid back onto the native grid (N, C, *native.size)."""
-    pts = identity_points(native.size, native.spacing, device=tensor.device, dtype=tensor.dtype)
-    return sample(tensor, pts, model_spacing, mode=mode, padding="border")
+def to_model_grid(tensor: torch.Tensor, native: Grid, model: Grid, mode: str = "bilinear") -> torch.Tensor:
+    """Resample (N, C, *native.size) onto the model grid placed on the case (:func:`case_model_grid`).
+    Returns (N, C, *model.size)."""
+    return resample(tensor, native, case_model_grid(native, model), mode=mode, padding="border")
+
+
+def to_native_grid(tensor: torch.Tensor, model: Grid, native: Grid, mode: str = "bilinear") -> torch.Tensor:
+    """Resample (N, C, *model.size) from the model grid placed on the case back onto the case's own
+    grid. Returns (N, C, *native.size)."""
+    return resample(tensor, case_model_grid(native, model), native, mode=mode, padding="border")
 
 
 def largest_components(indices: np.ndarray, num_classes: int) -> np.ndarray:

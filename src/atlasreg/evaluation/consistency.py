@@ -21,21 +21,26 @@ import math
 import numpy as np
 import torch
 
-from atlasreg.spatial.grid import identity_points
-from atlasreg.spatial.transforms import SpatialTransform, warp
+from atlasreg.spatial.grid import Grid
+from atlasreg.spatial.transforms import Transform, warp
 
 __all__ = ["inverse_consistency"]
 
 
-def inverse_consistency(transform: SpatialTransform, atlas_labelmap: torch.Tensor) -> dict[str, np.ndarray]:
+def inverse_consistency(transform: Transform, atlas_labelmap: torch.Tensor, grid: Grid | None = None,
+                        inverse: Transform | None = None) -> dict[str, np.ndarray]:
     """MICE and IC-DSC of a batch of transforms (Atlas-ISTN Sec. 3.2, Table 6).
 
     Parameters
     ----------
     transform:
-        :class:`~atlasreg.spatial.transforms.SpatialTransform` of batch N on the grid
-        ``(transform.size, transform.spacing)`` (array order / ITK order mm); Phi maps atlas to subject
-        space.
+        Any :class:`~atlasreg.spatial.transforms.Transform` Phi of batch N (atlas to subject space),
+        e.g. an :class:`~atlasreg.spatial.transforms.AffineSVFTransform`.
+    grid:
+        The atlas grid on which the error is measured; default ``transform.grid`` (the model grid).
+    inverse:
+        The transform used as Phi^-1; default ``transform.inverse()`` (any transform pair can be
+        checked this way).
     atlas_labelmap:
         Atlas labelmap y^a, one-hot or probabilistic, ``(1 or N, C, *size)`` on the same grid, channel 0
         the background.
@@ -63,8 +68,8 @@ def inverse_consistency(transform: SpatialTransform, atlas_labelmap: torch.Tenso
         If the labelmap's shape does not match the transform grid, it has fewer than 2 channels, or its
         batch is neither 1 nor N.
     """
-    size = tuple(transform.size)
-    spacing = tuple(float(s) for s in transform.spacing)
+    grid = grid if grid is not None else transform.grid
+    size, spacing = grid.size, grid.spacing
     d = len(size)
     if atlas_labelmap.dim() != d + 2 or tuple(atlas_labelmap.shape[2:]) != size:
         raise ValueError(f"atlas labelmap of shape {tuple(atlas_labelmap.shape)} does not match the "
@@ -74,8 +79,8 @@ def inverse_consistency(transform: SpatialTransform, atlas_labelmap: torch.Tenso
         raise ValueError(f"atlas labelmap needs a background and at least one foreground channel, "
                          f"got {channels}")
     with torch.no_grad():
-        fwd = transform.forward_points().detach()
-        inv = transform.inverse_points().detach()
+        fwd = transform.on_grid(grid).detach()
+        inv = (inverse if inverse is not None else transform.inverse()).on_grid(grid).detach()
         n = fwd.shape[0]
         if atlas_labelmap.shape[0] not in (1, n):
             raise ValueError(f"atlas labelmap batch {atlas_labelmap.shape[0]} is neither 1 nor {n}")
@@ -83,10 +88,10 @@ def inverse_consistency(transform: SpatialTransform, atlas_labelmap: torch.Tenso
         y = y.expand(n, *y.shape[1:])
 
         # G: (N, D, *size) image of voxel-centre world coordinates, components (x, y[, z]).
-        grid_pts = identity_points(size, spacing, device=fwd.device, dtype=fwd.dtype)
+        grid_pts = grid.points(fwd.device, fwd.dtype)
         g = grid_pts.movedim(-1, 1).expand(n, *grid_pts.movedim(-1, 1).shape[1:])
-        g_ic = warp(warp(g, inv, spacing), fwd, spacing)          # G(Phi^-1(Phi(x)))
-        y_ic = warp(warp(y, inv, spacing), fwd, spacing)          # y^a(Phi^-1(Phi(x)))
+        g_ic = warp(warp(g, inv, grid), fwd, grid)                # G(Phi^-1(Phi(x)))
+        y_ic = warp(warp(y, inv, grid), fwd, grid)                # y^a(Phi^-1(Phi(x)))
 
         diff = (g - g_ic).movedim(1, -1)                          # (N, *size, D) mm
         sp = torch.tensor(spacing, device=diff.device, dtype=diff.dtype)

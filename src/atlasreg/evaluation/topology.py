@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from atlasreg.spatial.grid import Grid
 from atlasreg.spatial.transforms import jacobian_determinant
 
 __all__ = ["topology_per_structure", "count_holes", "jacobian_statistics"]
@@ -118,17 +119,17 @@ def _broadcast_mask(mask: torch.Tensor, det: torch.Tensor) -> torch.Tensor:
     return mask.bool().expand_as(det)
 
 
-def jacobian_statistics(points: torch.Tensor, spacing: Sequence[float],
+def jacobian_statistics(points: torch.Tensor, grid: Grid,
                         mask: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Folding and log-Jacobian spread of a point map, per case.
 
     Parameters
     ----------
     points:
-        Point map ``(N, *spatial, D)`` in grid-centred world mm, components (x, y[, z]), e.g.
-        ``SpatialTransform.forward_points()`` (Phi) or ``inverse_points()`` (Phi^-1).
-    spacing:
-        Grid spacing in ITK order (x, y[, z]), mm.
+        Point map ``(N, *grid.size, D)`` in mm at the voxel centres of `grid`, components
+        (x, y[, z]), e.g. ``AffineSVFTransform.forward_points()`` (Phi) or ``inverse_points()`` (Phi^-1).
+    grid:
+        The :class:`~atlasreg.spatial.grid.Grid` the points are given on.
     mask:
         Optional region, ``(N or 1, *spatial)`` or ``(N or 1, 1, *spatial)``, nonzero = inside; the
         statistics are then computed over the voxels inside the mask only.
@@ -151,7 +152,7 @@ def jacobian_statistics(points: torch.Tensor, spacing: Sequence[float],
         For a malformed point map, spacing or mask.
     """
     with torch.no_grad():
-        det = jacobian_determinant(points.detach(), spacing).double()  # (N, *spatial)
+        det = jacobian_determinant(points.detach(), grid).double()  # (N, *spatial)
         flat_mask = None if mask is None else _broadcast_mask(mask, det).reshape(det.shape[0], -1)
     det = det.reshape(det.shape[0], -1).cpu().numpy()
     if flat_mask is not None:

@@ -20,7 +20,8 @@ from ..errors import AtlasregError
 from ..losses import diffusion_regulariser, label_mse
 from ..nets.stn import STN
 from ..nets.unet import UNet
-from ..spatial.transforms import SpatialTransform, compose_transform, warp
+from ..spatial.grid import Grid
+from ..spatial.transforms import AffineSVFTransform, compose_transform, warp
 from .optim import adam
 
 
@@ -30,28 +31,31 @@ METHODS = ("atlas_istn", "unet", "vml")
 class AtlasISTN(nn.Module):
     """ITN S (U-Net, Eq. 4), STN D (Eq. 5) and C (Eq. 6), without state.
 
-    ndim: 2/3; num_classes: C incl. background; size/spacing: model grid (array order / ITK mm).
+    ndim: 2/3; num_classes: C incl. background; grid: the model grid (:meth:`Grid.centred`, the atlas's
+    grid).
     method: 'atlas_istn' (the STN sees the ITN logits and the atlas labelmap), 'unet' (same layout;
     only the ITN is trained, the STN stays at its initialisation for refinement from scratch, the
     paper's 'Independent') or 'vml' (no ITN; the STN sees the image and the atlas image, the paper's
     VoxelMorph-like baseline, Sec. 3.2).
     forward(image (N, 1, *size), atlas_labelmap (1 or N, C, *size), atlas_image (1 or N, 1, *size))
-    -> (logits (N, C, *size) or None for 'vml', SpatialTransform).
+    -> (logits (N, C, *size) or None for 'vml', AffineSVFTransform).
     Raises ValueError for an unknown method.
     """
 
-    def __init__(self, ndim: int, num_classes: int, size: Sequence[int], spacing: Sequence[float],
+    def __init__(self, ndim: int, num_classes: int, grid: Grid,
                  itn_channels=(8, 16, 32, 64), stn_channels=(16, 16, 32), stn_variant: str = "affine_svf",
                  integration_steps: int = 6, method: str = "atlas_istn"):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.ndim, self.num_classes, self.method = ndim, num_classes, method
-        self.size, self.spacing = tuple(int(s) for s in size), tuple(float(s) for s in spacing)
+        if not grid.is_centred:
+            raise ValueError("the model grid must be centred at the world origin (Grid.centred)")
+        self.grid = grid
         self.steps = integration_steps
         self.itn = UNet(ndim, 1, num_classes, itn_channels) if method != "vml" else None
         stn_in = 2 if method == "vml" else 2 * (num_classes - 1)
-        self.stn = STN(ndim, stn_in, self.size, self.spacing, stn_variant, stn_channels)
+        self.stn = STN(ndim, stn_in, grid, stn_variant, stn_channels)
 
     @staticmethod
     def label_stn_input(logits: torch.Tensor, atlas_labelmap: torch.Tensor) -> torch.Tensor:
@@ -69,17 +73,15 @@ class AtlasISTN(nn.Module):
             return torch.cat([image, atlas_image.expand(image.shape[0], *atlas_image.shape[1:])], dim=1)
         return self.label_stn_input(logits, atlas_labelmap)
 
-    def transform(self, stn_input: torch.Tensor, use_affine: bool = True, inverse: bool = True) -> SpatialTransform:
-        """STN D and transformation computation C (Eqs. 5-6); inverse=False skips Phi^-1."""
+    def transform(self, stn_input: torch.Tensor, use_affine: bool = True) -> AffineSVFTransform:
+        """STN D and transformation computation C (Eqs. 5-6); Phi^-1 is computed only when asked for."""
         out = self.stn(stn_input, use_affine=use_affine)
-        return compose_transform(out["svf"], out["A"], out["t"], self.size, self.spacing, self.steps,
-                                 inverse)
+        return compose_transform(out["svf"], out["A"], out["t"], self.grid, self.steps)
 
     def forward(self, image: torch.Tensor, atlas_labelmap: torch.Tensor, atlas_image: torch.Tensor | None = None,
-                use_affine: bool = True, inverse: bool = True):
+                use_affine: bool = True):
         logits = self.itn(image) if self.itn is not None else None
-        return logits, self.transform(self.stn_input(image, logits, atlas_labelmap, atlas_image), use_affine,
-                                      inverse)
+        return logits, self.transform(self.stn_input(image, logits, atlas_labelmap, atlas_image), use_affine)
 
 
 def fade_in_weight(epoch: int, fade_in: dict | None) -> float:
@@ -89,7 +91,7 @@ def fade_in_weight(epoch: int, fade_in: dict | None) -> float:
     return 1.0 / (1.0 + math.exp(-(epoch - fade_in["e0"]) / fade_in["tau"]))
 
 
-def deformation_losses(transform: SpatialTransform, labelmap: torch.Tensor, atlas_labelmap: torch.Tensor,
+def deformation_losses(transform: AffineSVFTransform, labelmap: torch.Tensor, atlas_labelmap: torch.Tensor,
                        reduction: str = "mean", with_s2a: bool = True) -> dict:
     """L_a2s (Eq. 11), L_s2a (Eq. 12) and L_reg (Eq. 13) for one-hot/logit `labelmap` (N, C, *S)
     against the atlas labelmap (1, C, *S); foreground channels only. reduction: 'mean' or 'per_case'.
@@ -99,12 +101,13 @@ def deformation_losses(transform: SpatialTransform, labelmap: torch.Tensor, atla
     # Only the foreground channels are warped: the losses never look at the background.
     atlas = atlas_labelmap[:, 1:].expand(n, -1, *atlas_labelmap.shape[2:])
     target = labelmap[:, 1:]
-    out = {"a2s": label_mse(warp(atlas, transform.inverse_points(), transform.spacing), target, False, reduction)}
+    out = {"a2s": label_mse(warp(atlas, transform.inverse_points(), transform.grid), target, False, reduction)}
     if with_s2a:
-        out["s2a"] = label_mse(warp(target, transform.forward_points(), transform.spacing), atlas, False,
+        out["s2a"] = label_mse(warp(target, transform.forward_points(), transform.grid), atlas, False,
                                reduction)
-    if transform.u_half is not None:
-        out["reg"] = diffusion_regulariser(transform.u_half, transform.spacing_half, reduction)
+    svf = transform.svf
+    if svf is not None:
+        out["reg"] = diffusion_regulariser(svf.displacement_on_svf_grid, svf.grid.spacing, reduction)
     else:
         out["reg"] = labelmap.new_zeros(n if reduction == "per_case" else ())
     return out
@@ -124,7 +127,7 @@ class AtlasISTNModule(L.LightningModule):
         self.config = config
         m = config["model"]
         labels = list(config["data"]["labels"].keys())
-        self.net = AtlasISTN(m["ndim"], len(labels), m["size"], m["spacing"], m["itn_channels"],
+        self.net = AtlasISTN(m["ndim"], len(labels), Grid.centred(m["size"], m["spacing"]), m["itn_channels"],
                              m["stn_channels"], m["stn_variant"], m["integration_steps"],
                              m.get("method", "atlas_istn"))
         size = tuple(m["size"])
@@ -242,9 +245,9 @@ class AtlasISTNModule(L.LightningModule):
         for i in range(0, images.shape[0], batch_size):
             img = images[i:i + batch_size].to(self.device)
             lab = labelmaps[i:i + batch_size].to(self.device)
-            # Only Phi is needed here (z_i o Phi_i), so its inverse is not computed.
-            _, tr = self.net(img, self.atlas_labelmap, self.atlas_image, self.use_affine(), inverse=False)
-            warped = warp(torch.cat([lab, img], 1), tr.forward_points(), tr.spacing).sum(0, keepdim=True)
+            # Only Phi is needed here (z_i o Phi_i): its inverse is never asked for, so never computed.
+            _, tr = self.net(img, self.atlas_labelmap, self.atlas_image, self.use_affine())
+            warped = warp(torch.cat([lab, img], 1), tr.forward_points(), tr.grid).sum(0, keepdim=True)
             sum_lab += warped[:, :-1]
             sum_img += warped[:, -1:]
         n = images.shape[0]

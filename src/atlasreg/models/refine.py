@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, vmap
 
-from ..spatial.transforms import SpatialTransform, compose_transform
+from ..spatial.transforms import AffineSVFTransform, compose_transform
 from .atlas_istn import AtlasISTN, deformation_losses
 from .optim import adam
 
 
 def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torch.Tensor,
                       iterations: int = 50, lr: float = 1e-3, beta: float = 1.0, gamma: float = 0.0,
-                      lam: float = 0.126, use_affine: bool = True) -> tuple[SpatialTransform, torch.Tensor]:
+                      lam: float = 0.126, use_affine: bool = True) -> tuple[AffineSVFTransform, torch.Tensor]:
     """Refine the STN per case so that the deformed atlas labelmap fits the ITN logits (Eq. 19:
     L* = beta L*_a2s + gamma L*_s2a + lambda L_reg), K = `iterations` Adam steps.
 
@@ -48,7 +48,7 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
 
     def loss_of(params):
         out = dict(zip(parts, batched(params, x)))
-        tr = compose_transform(out.get("svf"), out.get("A"), out.get("t"), net.size, net.spacing, net.steps)
+        tr = compose_transform(out.get("svf"), out.get("A"), out.get("t"), net.grid, net.steps)
         terms = deformation_losses(tr, logits, atlas_labelmap, reduction="per_case",
                                    with_s2a=gamma != 0.0)
         loss = beta * terms["a2s"] + lam * terms["reg"]

@@ -76,8 +76,7 @@ class AtlasUpdate(Callback):
     def on_train_start(self, trainer, pl_module):
         if self.initial_dir is not None and not self.initial_dir.exists():
             save_atlas(pl_module.atlas_labelmap, pl_module.atlas_image,
-                       list(pl_module.config["data"]["labels"].keys()), pl_module.config["model"]["spacing"],
-                       self.initial_dir)
+                       list(pl_module.config["data"]["labels"].keys()), pl_module.net.grid, self.initial_dir)
 
     def on_train_epoch_end(self, trainer, pl_module):
         pl_module.update_atlas()
@@ -124,7 +123,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     final = out_dir / FINAL_CHECKPOINT
     trainer.save_checkpoint(final)
     save_atlas(module.atlas_labelmap, module.atlas_image, list(config["data"]["labels"].keys()),
-               config["model"]["spacing"], out_dir / "atlas")
+               module.net.grid, out_dir / "atlas")
     # Lightning leaves the module reachable from every callback (callback.log is module.log), and the
     # module reaches the trainer, its data loader and the training tensors. A caller that keeps a
     # callback (e.g. an EpochTimer) and segments next in the same process held them through its peak

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..spatial.grid import Grid
 from ..spatial.transforms import affine_trs
 from .layers import conv, conv_relu, memory_format, to_memory_format, upsample
 
@@ -23,8 +24,8 @@ VARIANTS = ("affine_svf", "svf", "affine")
 class STN(nn.Module):
     """Encoder-decoder predicting an SVF at half resolution and/or bounded affine parameters.
 
-    ndim: 2 or 3; in_channels: 2(C-1); size: model grid size (array order); spacing: model grid
-    spacing (ITK order, mm); variant: 'affine_svf' (default), 'svf' or 'affine';
+    ndim: 2 or 3; in_channels: 2(C-1); grid: the model grid (:class:`~atlasreg.spatial.grid.Grid`,
+    its size and spacing set the SVF's output unit); variant: 'affine_svf' (default), 'svf' or 'affine';
     channels: features at 1/2, 1/4, 1/8 resolution (reference: 16, 16, 32). The first convolution has
     stride 2, so the SVF head is at half resolution; coarser scales use strided (linear) convolutions
     followed by convolution + ReLU, and the SVF decoder one convolution + ReLU per scale. Affine heads are zero-initialised (identity at start) and bounded:
@@ -39,19 +40,18 @@ class STN(nn.Module):
     'A' (N, D, D), 't' (N, D) mm or None.
     """
 
-    def __init__(self, ndim: int, in_channels: int, size: Sequence[int], spacing: Sequence[float],
-                 variant: str = "affine_svf", channels: Sequence[int] = (16, 16, 32), pool: int = 4):
+    def __init__(self, ndim: int, in_channels: int, grid: Grid, variant: str = "affine_svf",
+                 channels: Sequence[int] = (16, 16, 32), pool: int = 4):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown STN variant {variant!r}; choose one of {VARIANTS}")
-        if len(size) != ndim or len(spacing) != ndim:
-            raise ValueError(f"size {size} and spacing {spacing} must have {ndim} entries")
-        if any(s % 8 for s in size):
-            raise ValueError(f"STN input size {tuple(size)} must be divisible by 8")
+        if grid.ndim != ndim:
+            raise ValueError(f"the grid {grid.size} is not {ndim}D")
+        if any(s % 8 for s in grid.size):
+            raise ValueError(f"STN input size {grid.size} must be divisible by 8")
         self.ndim, self.variant = ndim, variant
         c1, c2, c3 = channels
-        self.register_buffer("half_fov", torch.tensor([n * s / 2.0 for n, s in zip(reversed(size), spacing)]),
-                             persistent=False)
+        self.register_buffer("half_fov", grid.half_extent_tensor(), persistent=False)
         self.enc1 = nn.Sequential(conv(ndim, in_channels, c1, stride=2), nn.ReLU(inplace=True),
                                   conv_relu(ndim, c1, c1))
         self.enc2 = nn.Sequential(conv(ndim, c1, c2, stride=2), conv_relu(ndim, c2, c2))
