@@ -126,3 +126,43 @@ def test_inverse_is_computed_lazily_and_once(ndim):
     inv = tr.inverse_points()
     assert "_inverse" in tr.__dict__ and tr.inverse_points() is inv
     assert torch.equal(fwd, tr.forward_points())
+
+
+def test_known_3d_affine_moves_a_dot_on_an_anisotropic_oblique_grid():
+    """A dot at a world point p0 on a grid with anisotropic spacing, a flipped axis, a rotated
+    direction and a non-zero origin; warping by T (image o T) puts the dot at T^-1(p0)."""
+    c, s = math.cos(0.5), math.sin(0.5)
+    direction = torch.tensor([[c, 0, s], [0, -1.0, 0], [-s, 0, c]])
+    grid = Grid((30, 36, 40), (1.2, 1.0, 1.5), (-20.0, 25.0, -15.0), tuple(direction.ravel().tolist()))
+    pts = grid.points(dtype=torch.float64)[0]
+    p0 = pts[15, 18, 20] + torch.tensor([1.1, -0.7, 0.4], dtype=torch.float64)
+    dot = torch.exp(-((pts - p0) ** 2).sum(-1) / (2 * 1.5 ** 2))[None, None].float()
+    T = AffineTransform.from_trs(torch.tensor([[3.0, -2.0, 4.0]]), torch.tensor([[0.2, -0.1, 0.3]]),
+                                 torch.log(torch.tensor([[1.1, 0.9, 1.05]])))
+    out = T.warp(dot, grid)[0, 0]
+    # Sub-voxel peak: centre of mass of the top of the warped dot.
+    w = torch.where(out > 0.5 * out.max(), out, torch.zeros_like(out)).double()
+    peak = (w[..., None] * pts).sum((0, 1, 2)) / w.sum()
+    expected = T.inverse().points(p0.float()[None, None])[0, 0].double()
+    assert (peak - expected).norm() < 0.3  # mm; the dot is symmetric up to the map's small anisotropy
+    det = T.jacobian_determinant(grid)
+    assert torch.allclose(det, torch.full_like(det, 1.1 * 0.9 * 1.05), atol=1e-4)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_composite_of_affine_and_svf_with_its_inverse_is_the_identity(ndim):
+    grid = Grid.centred((48,) * 2 if ndim == 2 else (32,) * 3, (1.5,) * ndim)
+    v = smooth_svf(grid.downsample(2), amplitude=1.5 if ndim == 2 else 1.0, seed=5)  # up to 4-5 mm
+    svf = StationaryVelocityField(v, grid.downsample(2), 7, grid)
+    angles = torch.tensor([[0.3]]) if ndim == 2 else torch.tensor([[0.2, -0.1, 0.25]])
+    T = Composite((svf, AffineTransform.from_trs(torch.full((1, ndim), 3.0), angles, torch.full((1, ndim), 0.1))))
+    x = grid.points()
+    inner = (grid.world_to_normalised(x).abs() < 0.5).all(-1)
+    err = (T.inverse().points(T.points(x)) - x).norm(dim=-1)[inner]
+    # Measured (2026-11-28): mean 0.018 / 0.045 mm, max 0.06 / 0.13 mm (2D / 3D), from integrating
+    # exp(v) and exp(-v) at half resolution and interpolating them.
+    assert err.mean() < 0.05 * grid.spacing[0] and err.max() < 0.3 * grid.spacing[0]
+    with pytest.raises(ValueError, match="no exact inverse"):
+        DisplacementField(torch.zeros(1, ndim, *grid.size), grid).inverse()
+    # Batch selection keeps each part's entry.
+    assert T[0].batch_size == 1 and T.simplified().transforms[-1].matrix.shape == (1, ndim, ndim)
