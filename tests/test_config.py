@@ -328,3 +328,15 @@ def test_train_with_a_bad_set_value_fails_in_one_line_and_leaves_no_folder(tmp_p
     assert code == 2 and err == "atlasreg: error: training.batch_size: expected an integer >= 1, got 0"
     assert not out.exists()
 
+
+def test_train_validates_before_it_creates_its_folder(tmp_path):
+    from atlasreg.models.train import train
+
+    cfg = load_config(None, {**TINY, "training": {**TINY["training"], "batch_size": 2}})
+    with pytest.raises(ConfigError, match="^training.batch_size: expected an integer >= 1, got 0"):
+        train({**cfg, "training": {**cfg["training"], "batch_size": 0}}, tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="^data.train: missing"):
+        train({**cfg, "data": {**cfg["data"], "train": None}}, tmp_path / "b", progress=False)
+    with pytest.raises(AtlasregError, match="images folder not found"):  # data read before the folder is made
+        train(cfg, tmp_path / "c", progress=False)
+    assert not any(tmp_path.iterdir())
