@@ -1,95 +1,510 @@
-"""Experiment configuration: one YAML per experiment, merged over defaults, stored in every checkpoint.
+"""Experiment configuration: one YAML per experiment, merged over the defaults, validated against a
+typed schema at load, stored in every checkpoint.
 
-Paths in the `data` section are relative to the working directory (or absolute).
+Every key, with its type, range and default, is in `SCHEMA` below; `DEFAULTS` is derived from it.
+Sections: `name`; `data` (`train`, `validation`: data splits; `labels`; `spacing`); `model`;
+`training` (with `fade_in` and `augmentation`); `refinement`. A data split is
+`{images, labels, csv, image_suffix, label_suffix, cases}` (see `data.dataset.find_pairs` and
+`select_cases`).
+
+Loading (`load_config`): a YAML file, read after the chain of files its top-level `base:` names (a
+variant states only what it changes), merged over `DEFAULTS`, then `overrides` (`--set`), then
+`validate`. The result is a plain nested dict (`cfg["training"]["lambda"]`), complete and normalised:
+integers given for numbers become floats (1 -> 1.0), label values become ints, paths absolute strings.
+
+Paths: `images`, `labels` and `csv` of a data split are relative to the folder of the YAML file that
+states them (through `base:` chains too); paths in `overrides` (`--set`) or in a dict built in code are
+relative to the current working directory. The validated config holds them absolute, so the
+`config.yaml` written by `atlasreg train` and the checkpoint do too.
+
+Errors: every problem raises one `ConfigError` (an `AtlasregError`) line naming the full key and, for a
+value stated in a file, that file, e.g.
+`configs/x.yaml: training.batch_size: expected an integer >= 1, got 0`.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import math
+import numbers
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from .errors import AtlasregError
 
-DEFAULTS: dict[str, Any] = {
-    "name": "experiment",
-    "data": {
-        "train": None,        # {images, labels?, csv?, image_suffix?, label_suffix?, cases?}
-        "validation": None,   # same keys; never used for training
-        "labels": {0: "background"},  # declared label list: value -> name (value order = channels)
-        "spacing": None,      # spacing (ITK order) for formats that store none (PNG, JPEG, BMP, TIFF)
-    },
-    "model": {
-        "method": "atlas_istn",      # atlas_istn | unet (ITN alone) | vml (STN on image + atlas image)
-        "ndim": 2,
-        "size": [64, 64],            # model grid, array order
-        "spacing": [2.0, 2.0],       # model grid spacing, ITK order, world units
-        "itn_channels": [8, 16, 32, 64],
-        "stn_channels": [16, 16, 32],
-        "stn_variant": "affine_svf",  # affine_svf | svf | affine
-        "integration_steps": 6,
-    },
-    "training": {
-        "epochs": 300,
-        "batch_size": 10,
-        "lr": 1.0e-3,
-        "lr_halving_epochs": 300,
-        "seg_weight": 1.0,           # weight of L_s in Eq. 14 (0: the paper's Atlas-ISTN without L_s)
-        "fixed_atlas": None,         # case name: a fixed training-case atlas, never updated ('Fixed')
-        "lambda": 0.126,             # world-unit weight; = 500 of the reference (see losses.regularisers)
-        "fade_in": {"e0": 25, "tau": 25},  # w = 1 / (1 + exp(-(epoch - e0) / tau)) (Eq. 24); null: w = 1
-        "affine_start_epoch": 0,     # alternative to fade-in: identity affine before this epoch
-        "atlas_eta": 0.01,
-        "atlas_batch_size": 25,        # cases per forward pass of the atlas update (peak memory)
-        "augmentation": {"enabled": False, "translation_voxels": 8, "rotation_degrees": 15,
-                         "scale": [0.9, 1.1], "probability": 1.0},
-        "seed": 0,
-        "threads": None,
-    },
-    "refinement": {
-        "iterations": 50,
-        "lr": 1.0e-3,
-        "beta": 1.0,     # weight of L*_a2s (Eq. 17)
-        "gamma": 0.0,    # weight of L*_s2a (Eq. 18)
-        "lambda": 0.126,
-        "cases_at_once": 16,
-    },
-}
+# ---------------------------------------------------------------- choices
+
+#: Methods `model.method` accepts (a method registry will replace this list; see `known_methods`).
+METHODS = ("atlas_istn", "unet", "vml")
+
+#: STN variants `model.stn_variant` accepts (the same tuple as `nets.stn.VARIANTS`; a test keeps them equal).
+STN_VARIANTS = ("affine_svf", "svf", "affine")
+
+#: Data splits a config may name under `data`.
+SPLITS = ("train", "validation")
+
+#: Keys of a data split that hold paths (resolved against the folder of the file that states them).
+PATH_KEYS = ("images", "labels", "csv")
 
 
-def _merge(base: dict, override: dict, where: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if key not in out:
-            raise AtlasregError(f"unknown config key '{where}{key}'")
-        if isinstance(out[key], dict) and isinstance(value, dict) and key not in ("labels",):
-            out[key] = _merge(out[key], value, f"{where}{key}.")
-        else:
-            out[key] = value
-    return out
+def known_methods() -> tuple[str, ...]:
+    """Names `model.method` accepts: atlas_istn (Atlas-ISTN, Eq. 14), unet (the ITN alone, L_s only),
+    vml (the STN alone on the image and the atlas image). The validator calls this function, so a
+    method registry can replace its body."""
+    return METHODS
 
 
-def validate(cfg: dict) -> dict:
-    """Check and normalise a merged config; raises AtlasregError with the offending key."""
-    labels = cfg["data"]["labels"]
-    if not isinstance(labels, dict) or len(labels) < 2:
-        raise AtlasregError("data.labels must map at least two label values (background first) to names")
-    cfg["data"]["labels"] = {int(k): str(v) for k, v in labels.items()}
+class ConfigError(AtlasregError):
+    """A config value that breaks the schema. `key`: the full dotted key ('training.batch_size');
+    `problem`: what is wrong ('expected an integer >= 1, got 0'); `path`: the file that states it, or None."""
+
+    def __init__(self, key: str, problem: str, path: object | None = None):
+        self.key, self.problem = key, problem
+        super().__init__(f"{key}: {problem}" if key else problem, path)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _expected(key: str, what: str, value: Any) -> ConfigError:
+    return ConfigError(key, f"expected {what}, got {_show(value)}")
+
+
+# ---------------------------------------------------------------- value types
+# Each type is a callable (value, key) -> normalised value that raises ConfigError naming `key`.
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer (bools are not integers) in [min, max]."""
+
+    min: int | None = None
+    max: int | None = None
+
+    @property
+    def what(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"an integer in [{self.min}, {self.max}]"
+        return "an integer" + (f" >= {self.min}" if self.min is not None else "")
+
+    def __call__(self, value, key):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
+                self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise _expected(key, self.what, value)
+        return int(value)
+
+
+@dataclass(frozen=True)
+class Float:
+    """A finite number in [min, max] (`open_min`: > min), returned as float. Integers are accepted
+    (1 -> 1.0), bools are not; a string that spells a number is accepted because YAML 1.1 (PyYAML)
+    reads `1e-3` (no dot) as a string."""
+
+    min: float | None = None
+    max: float | None = None
+    open_min: bool = False
+
+    @property
+    def what(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"a number in {'(' if self.open_min else '['}{self.min:g}, {self.max:g}]"
+        if self.min is not None:
+            return f"a number {'>' if self.open_min else '>='} {self.min:g}"
+        return "a finite number"
+
+    def __call__(self, value, key):
+        x = value
+        if isinstance(x, str) and _NUMBER.fullmatch(x.strip()):
+            x = float(x)
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+            raise _expected(key, self.what, value)
+        x = float(x)
+        if self.min is not None and (x < self.min or (self.open_min and x == self.min)):
+            raise _expected(key, self.what, value)
+        if self.max is not None and x > self.max:
+            raise _expected(key, self.what, value)
+        return x
+
+
+@dataclass(frozen=True)
+class Bool:
+    what = "true or false"
+
+    def __call__(self, value, key):
+        if not isinstance(value, bool):
+            raise _expected(key, self.what, value)
+        return value
+
+
+@dataclass(frozen=True)
+class Str:
+    """A string (`empty`: may be ''); `names`: integers are accepted and made strings (case names)."""
+
+    empty: bool = False
+    names: bool = False
+
+    @property
+    def what(self) -> str:
+        return "a string" if self.empty else "a non-empty string"
+
+    def __call__(self, value, key):
+        if self.names and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or (not self.empty and not value.strip()):
+            raise _expected(key, self.what, value)
+        return value
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of `choices()` (a function, so that a registry can supply them)."""
+
+    choices: Callable[[], tuple[str, ...]]
+
+    @property
+    def what(self) -> str:
+        return "one of " + ", ".join(self.choices())
+
+    def __call__(self, value, key):
+        if not isinstance(value, str) or value not in self.choices():
+            raise _expected(key, self.what, value)
+        return value
+
+
+@dataclass(frozen=True)
+class PathValue:
+    """A file or folder path (string or os.PathLike), returned as an absolute normalised string; a
+    relative one is resolved against the current working directory (paths stated in files were made
+    absolute against the file's folder when it was read)."""
+
+    what = "a path (string)"
+
+    def __call__(self, value, key):
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value.strip():
+            raise _expected(key, self.what, value)
+        return os.path.abspath(os.path.expanduser(value))
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list of `item`s: exactly `length` of them, or at least `min_length`."""
+
+    item: Any
+    length: int | None = None
+    min_length: int = 0
+
+    @property
+    def what(self) -> str:
+        if self.length is not None:
+            return f"a list of {self.length} ({self.item.what})"
+        if self.min_length:
+            return f"a list of {self.min_length} or more ({self.item.what})"
+        return f"a list ({self.item.what})"
+
+    def __call__(self, value, key):
+        if not isinstance(value, (list, tuple)) or (self.length is not None and len(value) != self.length) \
+                or len(value) < self.min_length:
+            raise _expected(key, self.what, value)
+        return [self.item(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+@dataclass(frozen=True)
+class Optional:
+    """`inner` or None (null)."""
+
+    inner: Any
+
+    @property
+    def what(self) -> str:
+        return f"{self.inner.what} or null"
+
+    def __call__(self, value, key):
+        if value is None:
+            return None
+        try:
+            return self.inner(value, key)
+        except ConfigError as e:  # say that null is allowed too
+            if e.key != key or not e.problem.startswith(f"expected {self.inner.what}, got"):
+                raise
+            raise _expected(key, self.what, value) from None
+
+
+REQUIRED = object()  # the default of a key that must be given
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a section: its type, its default (None for a Section: its own defaults) and what
+    it means."""
+
+    type: Any
+    default: Any = None
+    doc: str = ""
+
+    def default_value(self, key: str):
+        if self.default is REQUIRED:
+            raise ConfigError(key, "missing (this key is required)")
+        return _defaults(self.type) if isinstance(self.type, Section) else copy.deepcopy(self.default)
+
+
+def _unknown_key(key: str, name: str, known) -> ConfigError:
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    hint = f"did you mean {key}.{close[0]}?" if close else "known keys: " + ", ".join(known)
+    return ConfigError(f"{key}.{name}" if key else str(name), f"unknown key ({hint})")
+
+
+@dataclass(frozen=True)
+class Section:
+    """A mapping with known keys: unknown keys are errors, missing ones take their default.
+    `check`: an optional function (normalised section, key) -> section for checks across keys."""
+
+    fields: Mapping[str, Field]
+    check: Callable | None = None
+    what = "a mapping"
+
+    def check_keys(self, value, key) -> None:
+        """Raise for the first unknown key in `value` and the sections below it (so that a misspelt
+        key is reported before the problems it causes, such as a required key missing)."""
+        if not isinstance(value, Mapping):
+            return
+        for name, v in value.items():
+            if name not in self.fields:
+                raise _unknown_key(key, name, list(self.fields))
+            inner = self.fields[name].type
+            inner = inner.inner if isinstance(inner, Optional) else inner
+            if isinstance(inner, Section):
+                inner.check_keys(v, f"{key}.{name}" if key else name)
+
+    def __call__(self, value, key):
+        if not isinstance(value, Mapping):
+            raise _expected(key, self.what, value)
+        self.check_keys(value, key)
+        where = f"{key}." if key else ""
+        out = {}
+        for name, f in self.fields.items():
+            out[name] = f.type(value[name] if name in value else f.default_value(where + name), where + name)
+        return self.check(out, key) if self.check else out
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The declared labels: a mapping label value (integer) -> name, at least two, background first;
+    the channels of the one-hot labelmaps follow this order."""
+
+    what = "a mapping of at least two label values to names (background first), e.g. {0: background, 1: liver}"
+
+    def __call__(self, value, key):
+        if not isinstance(value, Mapping) or len(value) < 2:
+            raise _expected(key, self.what, value)
+        out: dict[int, str] = {}
+        for k, v in value.items():
+            if isinstance(k, str) and re.fullmatch(r"\s*[-+]?\d+\s*", k):
+                k = int(k)
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+                raise ConfigError(key, f"label value {_show(k)} is not an integer")
+            if int(k) in out:
+                raise ConfigError(key, f"label value {int(k)} is given twice")
+            out[int(k)] = Str(names=True)(v, f"{key}.{k}")
+        return out
+
+
+@dataclass(frozen=True)
+class Cases:
+    """The cases of a split (`data.dataset.select_cases`): null (all), a range 'B1-B900' or one name,
+    a non-empty list of names, or {fraction: [a, b], seed: s} with 0 <= a < b <= 1 and s >= 0."""
+
+    what = "null, a range such as 'B1-B900', a list of case names or {fraction: [a, b], seed: s}"
+
+    def __call__(self, value, key):
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, (list, tuple)) and value:
+            return [Str(names=True)(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, Mapping):
+            return FRACTION(value, key)
+        raise _expected(key, self.what, value)
+
+
+def _check_fraction(sel: dict, key: str) -> dict:
+    a, b = sel["fraction"]
+    if not a < b:
+        raise ConfigError(f"{key}.fraction", f"expected [a, b] with 0 <= a < b <= 1, got {sel['fraction']}")
+    return sel
+
+
+FRACTION = Section({
+    "fraction": Field(ListOf(Float(0.0, 1.0), length=2), REQUIRED, "[a, b]: the slice of the shuffled cases"),
+    "seed": Field(Int(0), 0, "seed of the shuffle"),
+}, check=_check_fraction)
+
+
+def _check_split(spec: dict, key: str) -> dict:
+    if spec["csv"] is not None and (spec["images"] is not None or spec["labels"] is not None):
+        raise ConfigError(key, "give either csv (a file naming the images and labelmaps) or images/labels "
+                          "folders, not both")
+    if spec["csv"] is None and spec["images"] is None:
+        raise ConfigError(key, "needs images (a folder) or csv (a file)")
+    return spec
+
+
+SPLIT = Section({
+    "images": Field(Optional(PathValue()), None, "folder of images (and labelmaps, told apart by suffixes)"),
+    "labels": Field(Optional(PathValue()), None, "folder of labelmaps paired with the images by case name"),
+    "csv": Field(Optional(PathValue()), None, "CSV with columns image[, label][, name] (instead of folders)"),
+    "image_suffix": Field(Str(empty=True), "", "file names <case><image_suffix>.<ext>, e.g. _img"),
+    "label_suffix": Field(Str(empty=True), "", "file names <case><label_suffix>.<ext>, e.g. _seg"),
+    "cases": Field(Cases(), None, "which cases (see data.dataset.select_cases)"),
+}, check=_check_split)
+
+
+def _check_augmentation(aug: dict, key: str) -> dict:
+    lo, hi = aug["scale"]
+    if lo > hi:
+        raise ConfigError(f"{key}.scale", f"expected [lo, hi] with 0 < lo <= hi, got {aug['scale']}")
+    return aug
+
+
+SCHEMA = Section({
+    "name": Field(Str(), "experiment", "experiment name (checkpoint, report)"),
+    "data": Field(Section({
+        "train": Field(Optional(SPLIT), None, "the training split (needed by `atlasreg train`)"),
+        "validation": Field(Optional(SPLIT), None, "a split never used for training"),
+        "labels": Field(Labels(), REQUIRED, "declared label list: value -> name (value order = channels)"),
+        "spacing": Field(Optional(ListOf(Float(0.0, open_min=True))), None,
+                         "spacing (ITK order, world units) for formats that store none (PNG, JPEG, BMP, TIFF)"),
+    })),
+    "model": Field(Section({
+        "method": Field(Choice(lambda: known_methods()), "atlas_istn",
+                        "atlas_istn | unet (ITN alone) | vml (STN on image + atlas image)"),
+        "ndim": Field(Int(2, 3), 2, "2 or 3"),
+        "size": Field(ListOf(Int(1), min_length=1), [64, 64], "model grid, array order; divisible by 8"),
+        "spacing": Field(ListOf(Float(0.0, open_min=True), min_length=1), [2.0, 2.0],
+                         "model grid spacing, ITK order, world units"),
+        "itn_channels": Field(ListOf(Int(1), min_length=1), [8, 16, 32, 64], "ITN features per scale"),
+        "stn_channels": Field(ListOf(Int(1), length=3), [16, 16, 32], "STN features at 1/2, 1/4, 1/8"),
+        "stn_variant": Field(Choice(lambda: STN_VARIANTS), "affine_svf", "affine_svf | svf | affine"),
+        "integration_steps": Field(Int(0), 6, "scaling and squaring steps of the SVF"),
+    })),
+    "training": Field(Section({
+        "epochs": Field(Int(1), 300),
+        "batch_size": Field(Int(1), 10),
+        "lr": Field(Float(0.0, open_min=True), 1.0e-3, "Adam learning rate"),
+        "lr_halving_epochs": Field(Float(0.0, open_min=True), 300, "the learning rate halves every so many epochs"),
+        "seg_weight": Field(Float(0.0), 1.0, "weight of L_s in Eq. 14 (0: the paper's Atlas-ISTN without L_s)"),
+        "fixed_atlas": Field(Optional(Str(names=True)), None,
+                             "case name: a fixed training-case atlas, never updated ('Fixed')"),
+        "lambda": Field(Float(0.0), 0.126, "world-unit weight; = 500 of the reference (see losses.regularisers)"),
+        "fade_in": Field(Optional(Section({
+            "e0": Field(Float(), 25, "epoch at which w = 1/2"),
+            "tau": Field(Float(0.0, open_min=True), 25, "epochs"),
+        })), {"e0": 25, "tau": 25}, "w = 1 / (1 + exp(-(epoch - e0) / tau)) (Eq. 24); null: w = 1"),
+        "affine_start_epoch": Field(Int(0), 0, "alternative to fade-in: identity affine before this epoch"),
+        "atlas_eta": Field(Float(0.0, 1.0), 0.01, "atlas update rate eta (Eq. 15)"),
+        "atlas_batch_size": Field(Int(1), 25, "cases per forward pass of the atlas update (peak memory)"),
+        "augmentation": Field(Section({
+            "enabled": Field(Bool(), False),
+            "translation_voxels": Field(Float(0.0), 8, "model-grid voxels"),
+            "rotation_degrees": Field(Float(0.0), 15, "degrees (about every axis in 3D)"),
+            "scale": Field(ListOf(Float(0.0, open_min=True), length=2), [0.9, 1.1], "[lo, hi]"),
+            "probability": Field(Float(0.0, 1.0), 1.0),
+        }, check=_check_augmentation), doc="spatial augmentation (Sec. 3.2), MONAI RandAffine"),
+        "seed": Field(Int(0), 0),
+        "threads": Field(Optional(Int(1)), None, "torch threads; null: torch's default"),
+    })),
+    "refinement": Field(Section({
+        "iterations": Field(Int(0), 50, "test-time refinement iterations K"),
+        "lr": Field(Float(0.0, open_min=True), 1.0e-3),
+        "beta": Field(Float(0.0), 1.0, "weight of L*_a2s (Eq. 17)"),
+        "gamma": Field(Float(0.0), 0.0, "weight of L*_s2a (Eq. 18)"),
+        "lambda": Field(Float(0.0), 0.126),
+        "cases_at_once": Field(Int(1), 16, "cases refined together, each with its own STN copy"),
+    })),
+})
+
+
+def _check_across(cfg: dict) -> dict:
+    """Checks that involve several keys: lengths that follow model.ndim, and model.size divisible by
+    8 (the STN's three stride-2 levels) and by 2^(len(itn_channels) - 1) (the ITN's)."""
     m = cfg["model"]
-    if m["ndim"] not in (2, 3) or len(m["size"]) != m["ndim"] or len(m["spacing"]) != m["ndim"]:
-        raise AtlasregError("model.size and model.spacing need model.ndim (2 or 3) entries")
-    if m["method"] not in ("atlas_istn", "unet", "vml"):
-        raise AtlasregError(f"model.method must be atlas_istn, unet or vml, got {m['method']!r}")
-    if any(int(s) % 8 for s in m["size"]):
-        raise AtlasregError(f"model.size {m['size']} must be divisible by 8")
+    ndim = m["ndim"]
+    for key, value in (("model.size", m["size"]), ("model.spacing", m["spacing"]),
+                       ("data.spacing", cfg["data"]["spacing"])):
+        if value is not None and len(value) != ndim:
+            raise ConfigError(key, f"expected {ndim} entries (model.ndim is {ndim}), got {value}")
+    itn = 2 ** (len(m["itn_channels"]) - 1)
+    step = max(8, itn)
+    if any(s % step for s in m["size"]):
+        why = "8" if step == 8 else f"{step} (ITN with {len(m['itn_channels'])} scales)"
+        raise ConfigError("model.size", f"expected entries divisible by {why}, got {m['size']}")
     return cfg
 
 
-def _read_with_bases(path: Path, seen: list[Path]) -> dict:
+def _defaults(section: Section) -> dict:
+    return {k: f.default_value(k) for k, f in section.fields.items() if f.default is not REQUIRED}
+
+
+#: The complete default config (from SCHEMA).
+DEFAULTS: dict[str, Any] = _defaults(SCHEMA)
+
+
+def validate(cfg: dict) -> dict:
+    """Check a config against `SCHEMA` and return it complete and normalised as a new plain dict
+    (the argument is not changed): missing keys take their defaults, integers given for numbers
+    become floats, label values ints, data paths absolute (relative ones against the current working
+    directory). Validating a validated config returns an equal one.
+
+    Raises ConfigError (an AtlasregError) naming the full key: unknown key, wrong type, value out of
+    range, unknown choice (model.method, model.stn_variant), list of the wrong length."""
+    return _check_across(SCHEMA(cfg, ""))
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _stated_keys(data: Mapping, prefix: tuple = ()):
+    """Every dotted key path a (nested) mapping states, intermediate ones included."""
+    for k, v in data.items():
+        yield prefix + (str(k),)
+        if isinstance(v, Mapping):
+            yield from _stated_keys(v, prefix + (str(k),))
+
+
+def _resolve_paths(data: dict, folder: Path) -> dict:
+    """Make the relative `images`/`labels`/`csv` of the data splits in one file's mapping absolute
+    against `folder` (the file's own). Values of the wrong type are left for `validate` to report."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return data
+    for split in SPLITS:
+        spec = section.get(split)
+        if not isinstance(spec, dict):
+            continue
+        for key in PATH_KEYS:
+            value = spec.get(key)
+            if isinstance(value, (str, os.PathLike)) and os.fspath(value).strip():
+                spec[key] = os.path.abspath(os.path.join(folder, os.path.expanduser(os.fspath(value))))
+    return data
+
+
+def _read_with_bases(path: Path, seen: list[Path]) -> tuple[dict, dict]:
     """A YAML config as a dict; a top-level `base: other.yaml` (relative to this file) is read first and
-    this file's keys are merged over it, so a variant config names only what it changes."""
+    this file's keys are merged over it, so a variant config names only what it changes. Data paths are
+    made absolute against the folder of the file that states them. Also returns, for every key path
+    stated, the file that stated it last."""
     if not path.is_file():
         raise AtlasregError("config file not found", path)
     if path.resolve() in seen:
@@ -100,44 +515,82 @@ def _read_with_bases(path: Path, seen: list[Path]) -> dict:
         raise AtlasregError(f"invalid YAML: {str(e).splitlines()[0]}", path) from None
     if not isinstance(data, dict):
         raise AtlasregError("a config must be a YAML mapping", path)
+    data = _resolve_paths(data, path.parent)
     base = data.pop("base", None)
+    origins = {k: path for k in _stated_keys(data)}
     if base is None:
-        return data
-    merged = _read_with_bases(path.parent / base, [*seen, path.resolve()])
-    return _merge_free(merged, data)
+        return data, origins
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError("base", f"expected a file name, got {_show(base)}", path)
+    merged, base_origins = _read_with_bases(path.parent / base, [*seen, path.resolve()])
+    return _merge(merged, data), {**base_origins, **origins}
 
 
-def _merge_free(base: dict, override: dict) -> dict:
-    """Recursive dict merge without key checks (the merge over DEFAULTS checks the keys)."""
+def _merge(base: dict, override: Mapping) -> dict:
+    """Recursive dict merge (`data.labels` and non-mapping values are replaced, not merged); the keys
+    are checked by `validate`."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(out.get(key), dict) and isinstance(value, dict) and key != "labels":
-            out[key] = _merge_free(out[key], value)
+        if isinstance(out.get(key), dict) and isinstance(value, Mapping) and key != "labels":
+            out[key] = _merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 
+def _origin(key: str, origins: dict, default: Path | None) -> Path | None:
+    """The file that stated `key` (or the nearest enclosing key); `default` when none did."""
+    parts = tuple(re.sub(r"\[\d+\]$", "", p) for p in key.split("."))
+    for n in range(len(parts), 0, -1):
+        if parts[:n] in origins:
+            return origins[parts[:n]]
+    return default
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Read a YAML config, merge it over DEFAULTS and `overrides`; raises AtlasregError naming the file."""
+    """Read a YAML config (and its `base:` chain), merge it over DEFAULTS and `overrides` (e.g. from
+    `parse_set`), and validate it (see the module docstring for paths). Returns a plain nested dict.
+
+    Raises AtlasregError: missing file, invalid YAML, a cycle of bases; ConfigError (an AtlasregError)
+    naming the key, and the file when the value was stated in one, for every schema violation."""
     cfg = copy.deepcopy(DEFAULTS)
+    origins: dict = {}
+    top = None
     if path is not None:
-        cfg = _merge(cfg, _read_with_bases(Path(path), []))
+        top = Path(path)
+        stated, origins = _read_with_bases(top, [])
+        cfg = _merge(cfg, stated)
     if overrides:
+        if not isinstance(overrides, Mapping):
+            raise ConfigError("", f"overrides: expected a mapping, got {_show(overrides)}")
         cfg = _merge(cfg, overrides)
-    return validate(cfg)
+        origins.update({k: None for k in _stated_keys(overrides)})
+    try:
+        return validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.problem, _origin(e.key, origins, top)) from None
 
 
-def parse_set(items: list[str]) -> dict:
-    """`--set training.epochs=5` style overrides -> nested dict (values parsed as YAML)."""
+def parse_set(items: list[str] | None) -> dict:
+    """`--set training.epochs=5` style overrides -> nested dict {"training": {"epochs": 5}}; values are
+    parsed as YAML (`null`, `[64, 64]`, `{e0: 5, tau: 5}`). A later item for the same key wins.
+    Raises AtlasregError naming the item for a missing '=', an empty key part or invalid YAML; types
+    and ranges are checked by `validate`."""
     out: dict = {}
     for item in items or []:
-        if "=" not in item:
-            raise AtlasregError(f"--set expects key=value, got '{item}'")
-        key, value = item.split("=", 1)
-        node = out
+        key, sep, text = item.partition("=")
+        key = key.strip()
         parts = key.split(".")
-        for p in parts[:-1]:
+        if not sep or not all(p.strip() for p in parts):
+            raise AtlasregError(f"--set expects KEY=VALUE with a dotted key, e.g. training.epochs=5; got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise AtlasregError(f"--set {key}: invalid YAML value {text!r}: {str(e).splitlines()[0]}") from None
+        node = out
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise AtlasregError(f"--set {key}: {'.'.join(parts[:i + 1])} is also set to a value")
+        node[parts[-1]] = value
     return out

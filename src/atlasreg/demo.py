@@ -30,6 +30,14 @@ LETTER_B = {
 }
 
 
+def demo_config(train_folder: str | Path, epochs: int) -> dict:
+    """The demo's validated config, training on the Letter-B pairs in `train_folder`; a relative folder
+    is resolved against the current working directory, so the checkpoint stores an absolute path."""
+    return load_config(None, dict(LETTER_B, data=dict(LETTER_B["data"], train={
+        "images": str(train_folder), "image_suffix": "_img", "label_suffix": "_seg"}),
+        training=dict(LETTER_B["training"], epochs=epochs)))
+
+
 def run_demo(out: str | Path = "demo_output", epochs: int | None = None, n_train: int | None = None,
              n_test: int | None = None, progress: bool = True) -> Path:
     """Generate data, train, segment clean and corrupt test images, evaluate; returns summary.md."""
@@ -45,9 +53,7 @@ def run_demo(out: str | Path = "demo_output", epochs: int | None = None, n_train
     write_letter_b_dataset(data / "test_clean", n_test, seed=0, start_index=n_train + 1)
     write_letter_b_dataset(data / "test_corrupt", n_test, seed=0, corrupt=True, start_index=n_train + 1)
 
-    cfg = load_config(None, dict(LETTER_B, data=dict(LETTER_B["data"], train={
-        "images": str(data / "train"), "image_suffix": "_img", "label_suffix": "_seg"}),
-        training=dict(LETTER_B["training"], epochs=epochs)))
+    cfg = demo_config(data / "train", epochs)
     say(f"[2/4] training Atlas-ISTN for {epochs} epochs (TensorBoard logs in {out / 'model' / 'logs'})")
     ckpt = train(cfg, out / "model", resume=True, progress=progress)
     module = load_module(ckpt)

@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..atlas import save_atlas
+from ..config import ConfigError, validate
 from ..data.cases import load_training_tensors
 from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
@@ -88,9 +89,13 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     `config.yaml`, `checkpoints/last.ckpt` (every epoch), `model.ckpt` (final), `atlas/` (atlas
     labelmap, probabilities and image with their grid), `atlas_initial/` (the same at the start of
     training), `logs/` (TensorBoard).
-    Resumes from `checkpoints/last.ckpt` if present and `resume`. Returns the final checkpoint path."""
+    Resumes from `checkpoints/last.ckpt` if present and `resume`. Returns the final checkpoint path.
+    The config is validated (`config.validate`) and the training data read before out_dir is created,
+    so bad input leaves no output folder behind."""
+    config = validate(config)
+    if config["data"]["train"] is None:
+        raise ConfigError("data.train", "missing: training needs a data split {images | csv, labels, ...}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t = config["training"]
     if t.get("threads"):
         torch.set_num_threads(int(t["threads"]))
@@ -98,6 +103,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     images, labelmaps, names = load_training_tensors(config, "train", progress)
     if len(names) == 0:
         raise AtlasregError("the training set is empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     module = AtlasISTNModule(config)
