@@ -8,6 +8,7 @@ import torch
 from atlasreg.config import load_config
 from atlasreg.data.letter_b import write_letter_b_dataset
 from atlasreg.models.atlas_istn import AtlasISTNModule
+from atlasreg.models.registry import build_method
 from atlasreg.models.train import load_module, train
 from atlasreg.segment import segment
 
@@ -37,7 +38,7 @@ def run_variant(data, name, model=None, training=None):
 def initial_weights(config):
     """The weights train() starts from (it seeds before building the module)."""
     L.seed_everything(int(config["training"]["seed"]), verbose=False)
-    return AtlasISTNModule(config).net
+    return build_method(config).net
 
 
 def changed(trained, initial):

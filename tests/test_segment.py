@@ -12,7 +12,7 @@ import yaml
 from atlasreg.config import load_config
 from atlasreg.data.letter_b import write_letter_b_dataset
 from atlasreg.evaluation.evaluate import TRANSFORM_METRIC_COLUMNS, evaluate_predictions
-from atlasreg.models.atlas_istn import AtlasISTNModule
+from atlasreg.models.registry import build_method
 from atlasreg.segment import segment, transform_metrics_csv, transform_statistics
 from atlasreg.spatial.grid import Grid
 from atlasreg.spatial.transforms import AffineSVFTransform, AffineTransform
@@ -34,7 +34,7 @@ def tiny_module(method="atlas_istn"):
                   "itn_channels": [4, 8, 8, 8], "stn_channels": [4, 4, 8]},
         "refinement": {"iterations": 2, "cases_at_once": 2},
     })
-    module = AtlasISTNModule(cfg).eval()
+    module = build_method(cfg).eval()
     module.atlas_labelmap.copy_(disc_atlas())
     module.atlas_image.copy_(module.atlas_labelmap[:, 1:])
     return module

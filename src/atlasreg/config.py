@@ -40,9 +40,6 @@ from .errors import AtlasregError
 
 # ---------------------------------------------------------------- choices
 
-#: Methods `model.method` accepts (a method registry will replace this list; see `known_methods`).
-METHODS = ("atlas_istn", "unet", "vml")
-
 #: STN variants `model.stn_variant` accepts (the same tuple as `nets.stn.VARIANTS`; a test keeps them equal).
 STN_VARIANTS = ("affine_svf", "svf", "affine")
 
@@ -54,10 +51,12 @@ PATH_KEYS = ("images", "labels", "csv")
 
 
 def known_methods() -> tuple[str, ...]:
-    """Names `model.method` accepts: atlas_istn (Atlas-ISTN, Eq. 14), unet (the ITN alone, L_s only),
-    vml (the STN alone on the image and the atlas image). The validator calls this function, so a
-    method registry can replace its body."""
-    return METHODS
+    """Names `model.method` accepts: the methods in the registry (:mod:`atlasreg.models.registry`),
+    e.g. atlas_istn (Atlas-ISTN, Eq. 14), unet (the ITN alone, L_s only), vml (the STN alone on the
+    image and the atlas image)."""
+    from .models.registry import known_methods as registered
+
+    return registered()
 
 
 class ConfigError(AtlasregError):

@@ -55,7 +55,6 @@ from .evaluation.consistency import inverse_consistency
 from .evaluation.evaluate import TRANSFORM_METRIC_COLUMNS
 from .evaluation.topology import jacobian_statistics
 from .models.atlas_istn import AtlasISTNModule
-from .models.refine import refine_transforms
 from .spatial.grid import Grid
 from .spatial.itk import field_image, write_transform
 from .spatial.transforms import AffineSVFTransform, AffineTransform, Composite
@@ -220,22 +219,13 @@ def segment_cases(module: AtlasISTNModule, cases: list[Case], refinement: dict) 
     model's method has, see the module docstring; the last is the final one); ``history``: refinement
     loss history (K+1, B); ``transform_metrics``: transform name -> :func:`transform_statistics`
     (numpy arrays (B,))."""
-    net = module.net
-    atlas_lab, atlas_img = module.atlas_labelmap, module.atlas_image
-    images = torch.cat([c.image for c in cases])
-    registers = module.method != "unet" or module.fixed_atlas() is not None
-    out: dict = {"transforms": {}}
-    with torch.no_grad():
-        logits = net.itn(images) if net.itn is not None else None
-        if logits is not None:
-            out["itn"] = torch.softmax(logits, 1)
-        if registers:
-            out["transforms"]["onepass"] = net.transform(net.stn_input(images, logits, atlas_lab, atlas_img))
-    if registers and logits is not None:
-        out["transforms"]["refine"], out["history"] = refine_transforms(
-            net, logits, atlas_lab, int(refinement["iterations"]), float(refinement["lr"]),
-            float(refinement["beta"]), float(refinement["gamma"]), float(refinement["lambda"]))
-    out["transform_metrics"] = {name: transform_statistics(tr, atlas_lab) for name, tr in out["transforms"].items()}
+    images = torch.cat([c.image for c in cases]).to(module.device)
+    out = module.predict(images)
+    refined = module.refine(images, out, refinement)
+    if refined is not None:
+        out["transforms"]["refine"], out["history"] = refined["transform"], refined["history"]
+    out["transform_metrics"] = {name: transform_statistics(tr, module.atlas_labelmap)
+                                for name, tr in out["transforms"].items()}
     return out
 
 

@@ -1,8 +1,13 @@
-"""Atlas-ISTN (Sinclair et al. 2022): ITN + STN + transformation computation, losses of Eq. 14.
+"""Atlas-ISTN (Sinclair et al. 2022): ITN + STN + transformation computation, losses of Eq. 14, and
+the paper's baselines, as registered methods (:mod:`atlasreg.models.registry`).
 
-:class:`AtlasISTN` is the stateless network (Eq. 9). :class:`AtlasISTNModule` is the Lightning module
-that trains it and owns the atlas (Eqs. 15-16) as buffers, so checkpoints hold weights, optimiser,
-atlas and the full config together.
+:class:`AtlasISTN` is the stateless network (Eq. 9). :class:`AtlasISTNModule` (method ``atlas_istn``)
+is the Lightning module that trains it and owns the atlas (Eqs. 15-16) as buffers, so checkpoints hold
+weights, optimiser, atlas and the method's arguments together. :class:`UNetModule` (``unet``: the ITN
+alone; with ``training.fixed_atlas`` also the paper's 'Independent') and :class:`VMLModule` (``vml``:
+no ITN, the STN registers the image to the atlas image) are the baselines. Fixed atlas, Atlas-ISTN
+without L_s and SVF only are settings of ``atlas_istn`` (``training.fixed_atlas``,
+``training.seg_weight: 0``, ``model.stn_variant: svf``).
 """
 
 from __future__ import annotations
@@ -23,38 +28,35 @@ from ..nets.unet import UNet
 from ..spatial.grid import Grid
 from ..spatial.transforms import AffineSVFTransform, compose_transform, warp
 from .optim import adam
-
-
-METHODS = ("atlas_istn", "unet", "vml")
+from .registry import Method, register
 
 
 class AtlasISTN(nn.Module):
     """ITN S (U-Net, Eq. 4), STN D (Eq. 5) and C (Eq. 6), without state.
 
     ndim: 2/3; num_classes: C incl. background; grid: the model grid (:meth:`Grid.centred`, the atlas's
-    grid).
-    method: 'atlas_istn' (the STN sees the ITN logits and the atlas labelmap), 'unet' (same layout;
-    only the ITN is trained, the STN stays at its initialisation for refinement from scratch, the
-    paper's 'Independent') or 'vml' (no ITN; the STN sees the image and the atlas image, the paper's
-    VoxelMorph-like baseline, Sec. 3.2).
+    grid). with_itn: build the ITN (False for the paper's VoxelMorph-like baseline, Sec. 3.2);
+    stn_on_images: the STN sees (image, atlas image) instead of the foreground channels of the ITN
+    logits and of the atlas labelmap.
     forward(image (N, 1, *size), atlas_labelmap (1 or N, C, *size), atlas_image (1 or N, 1, *size))
-    -> (logits (N, C, *size) or None for 'vml', AffineSVFTransform).
-    Raises ValueError for an unknown method.
+    -> (logits (N, C, *size) or None without ITN, AffineSVFTransform).
+    Raises ValueError for a grid that is not centred, or labels on the STN without an ITN.
     """
 
     def __init__(self, ndim: int, num_classes: int, grid: Grid,
                  itn_channels=(8, 16, 32, 64), stn_channels=(16, 16, 32), stn_variant: str = "affine_svf",
-                 integration_steps: int = 6, method: str = "atlas_istn"):
+                 integration_steps: int = 6, with_itn: bool = True, stn_on_images: bool = False):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.ndim, self.num_classes, self.method = ndim, num_classes, method
+        if not with_itn and not stn_on_images:
+            raise ValueError("without an ITN the STN must see the images (stn_on_images=True)")
+        self.ndim, self.num_classes = ndim, num_classes
         if not grid.is_centred:
             raise ValueError("the model grid must be centred at the world origin (Grid.centred)")
         self.grid = grid
         self.steps = integration_steps
-        self.itn = UNet(ndim, 1, num_classes, itn_channels) if method != "vml" else None
-        stn_in = 2 if method == "vml" else 2 * (num_classes - 1)
+        self.stn_on_images = stn_on_images
+        self.itn = UNet(ndim, 1, num_classes, itn_channels) if with_itn else None
+        stn_in = 2 if stn_on_images else 2 * (num_classes - 1)
         self.stn = STN(ndim, stn_in, grid, stn_variant, stn_channels)
 
     @staticmethod
@@ -66,10 +68,10 @@ class AtlasISTN(nn.Module):
 
     def stn_input(self, image: torch.Tensor, logits: torch.Tensor | None, atlas_labelmap: torch.Tensor,
                   atlas_image: torch.Tensor | None) -> torch.Tensor:
-        """The STN's input for this method: label channels (Atlas-ISTN) or (image, atlas image) (VML)."""
-        if self.method == "vml":
+        """The STN's input: label channels (Atlas-ISTN) or (image, atlas image) (VML)."""
+        if self.stn_on_images:
             if atlas_image is None:
-                raise ValueError("the VML method needs the atlas image")
+                raise ValueError("an STN on images needs the atlas image")
             return torch.cat([image, atlas_image.expand(image.shape[0], *atlas_image.shape[1:])], dim=1)
         return self.label_stn_input(logits, atlas_labelmap)
 
@@ -113,13 +115,21 @@ def deformation_losses(transform: AffineSVFTransform, labelmap: torch.Tensor, at
     return out
 
 
-class AtlasISTNModule(L.LightningModule):
+@register("atlas_istn", "Atlas-ISTN")
+class AtlasISTNModule(Method):
     """Training of Atlas-ISTN with Lightning: loss of Eq. 14 with fade-in (Eq. 24) or delayed affine
     start, atlas initialisation and update at every epoch end (Eqs. 15-16).
 
-    config: the full merged config (stored in the checkpoint as hyper-parameters).
+    config: the method's arguments (:meth:`arguments_from_config`): ``data.labels`` and
+    ``data.spacing`` (the preprocessing), ``model``, ``training`` and ``refinement``, plus the name
+    and data splits of the experiment for provenance (``segment --split`` reads them). Stored in the
+    checkpoint as hyper-parameters, so :func:`~atlasreg.models.registry.load_model` needs nothing else.
     The atlas (labelmap (1, C, *S), image (1, 1, *S)) lives in buffers, so it is checkpointed.
     """
+
+    #: Whether the method has an ITN, and whether its STN sees images instead of labels.
+    with_itn: bool = True
+    stn_on_images: bool = False
 
     def __init__(self, config: dict):
         super().__init__()
@@ -129,7 +139,7 @@ class AtlasISTNModule(L.LightningModule):
         labels = list(config["data"]["labels"].keys())
         self.net = AtlasISTN(m["ndim"], len(labels), Grid.centred(m["size"], m["spacing"]), m["itn_channels"],
                              m["stn_channels"], m["stn_variant"], m["integration_steps"],
-                             m.get("method", "atlas_istn"))
+                             with_itn=self.with_itn, stn_on_images=self.stn_on_images)
         size = tuple(m["size"])
         self.register_buffer("atlas_labelmap", torch.zeros(1, len(labels), *size))
         self.register_buffer("atlas_image", torch.zeros(1, 1, *size))
@@ -150,18 +160,96 @@ class AtlasISTNModule(L.LightningModule):
         self.train_images, self.train_labelmaps = images, labelmaps
         self.train_names = list(names) if names is not None else None
 
+    @classmethod
+    def arguments_from_config(cls, config: dict) -> dict:
+        keys = ("name", "data", "model", "training", "refinement")
+        return {k: config[k] for k in keys if k in config}
+
     @property
     def method(self) -> str:
-        return self.net.method
+        return self.name
+
+    @property
+    def labels(self) -> list[int]:
+        """The declared label values, in channel order."""
+        return list(self.config["data"]["labels"].keys())
 
     def fixed_atlas(self) -> str | None:
         """Case name of a fixed training-case atlas (the paper's 'Fixed' and 'Independent'), or None."""
         return self.config["training"].get("fixed_atlas")
 
     def atlas_is_learnt(self) -> bool:
-        """True when the atlas is built during training (Eqs. 15-16); False for a fixed atlas or a
-        U-Net, whose training never registers anything."""
-        return self.fixed_atlas() is None and self.method != "unet"
+        """True when the atlas is built during training (Eqs. 15-16); False for a fixed atlas."""
+        return self.fixed_atlas() is None
+
+    def registers(self) -> bool:
+        """True when the method maps the atlas to each case (1-pass transform, Eq. 9)."""
+        return True
+
+    def refines(self) -> bool:
+        """True when test-time refinement (Eqs. 17-21) applies: it fits the atlas to ITN logits."""
+        return self.registers() and self.net.itn is not None
+
+    # ---------------------------------------------------------------- prediction (Method protocol)
+    def predict(self, images: torch.Tensor) -> dict:
+        """Model-grid predictions for preprocessed images (N, 1, *size): ``itn`` probabilities and
+        ``logits`` (N, C, *size) where the method has an ITN; ``transforms``: {'onepass': Phi
+        (Eq. 9), an :class:`AffineSVFTransform` of batch N} where it registers. No gradients."""
+        net = self.net
+        out: dict = {"transforms": {}}
+        with torch.no_grad():
+            logits = net.itn(images) if net.itn is not None else None
+            if logits is not None:
+                out["itn"] = torch.softmax(logits, 1)
+                out["logits"] = logits
+            if self.registers():
+                stn_in = net.stn_input(images, logits, self.atlas_labelmap, self.atlas_image)
+                out["transforms"]["onepass"] = net.transform(stn_in)
+        return out
+
+    def refine(self, images: torch.Tensor, predicted: dict, settings: dict | None = None) -> dict | None:
+        """Test-time refinement (Eqs. 17-21) towards the ITN logits of :meth:`predict`: returns
+        {'transform': refined Phi* (batch N), 'history': losses (K+1, N)}, or None where the method
+        does not refine. settings: overrides of ``config['refinement']``."""
+        if not self.refines():
+            return None
+        from .refine import refine_transforms
+
+        r = dict(self.config["refinement"], **(settings or {}))
+        transform, history = refine_transforms(self.net, predicted["logits"], self.atlas_labelmap,
+                                               int(r["iterations"]), float(r["lr"]), float(r["beta"]),
+                                               float(r["gamma"]), float(r["lambda"]))
+        return {"transform": transform, "history": history}
+
+    # ---------------------------------------------------------------- report naming
+    @classmethod
+    def report_label(cls, info: dict) -> str:
+        """Short name of a trained model in the report ('Atlas-ISTN', 'Fixed', 'SVF',
+        'Atlas-ISTN-L_s'), unless info['label'] names it; info: an evaluation's info.yaml."""
+        if info.get("label"):
+            return str(info["label"])
+        if info.get("fixed_atlas"):
+            return "Fixed"
+        if info.get("stn_variant") == "svf":
+            return "SVF"
+        if float(info.get("seg_weight", 1.0)) == 0.0:
+            return "Atlas-ISTN-L_s"
+        return "Atlas-ISTN"
+
+    @classmethod
+    def report_column(cls, info: dict, output: str) -> str | None:
+        """The report column of one output, or None for outputs the paper does not show."""
+        label = cls.report_label(info)
+        names = {"itn": "ITN", "onepass": "1-pass", "refine": "Refine", "atlas": "Id"}
+        if label == "Atlas-ISTN":
+            return names.get(output)
+        if float(info.get("seg_weight", 1.0)) == 0.0:
+            # Without L_s the ITN output is no segmentation, so refining towards it is meaningless;
+            # the paper compares this model's 1-pass only (Sec. 3.2, Table 3).
+            return f"{label} {names[output]}" if output == "onepass" else None
+        if output in ("onepass", "refine"):
+            return f"{label} {names[output]}"
+        return None
 
     def _initial_atlas(self) -> tuple[torch.Tensor, torch.Tensor]:
         name = self.fixed_atlas()
@@ -192,16 +280,16 @@ class AtlasISTNModule(L.LightningModule):
     def use_affine(self) -> bool:
         return self.current_epoch >= int(self.config["training"]["affine_start_epoch"])
 
-    def training_step(self, batch, batch_idx):
+    def _batch(self, batch):
         image, labelmap = batch
         if self._augment is not None:
             image, labelmap = self._augment(image, labelmap)
+        return image, labelmap
+
+    def training_step(self, batch, batch_idx):
+        image, labelmap = self._batch(batch)
         t = self.config["training"]
         n = image.shape[0]
-        if self.method == "unet":  # the ITN alone, trained with L_s only (the paper's U-Net baseline)
-            loss = label_mse(self.net.itn(image), labelmap)
-            self._accumulate({"loss/total": loss, "loss/seg": loss}, n)
-            return loss
         logits, transform = self.net(image, self.atlas_labelmap, self.atlas_image, self.use_affine())
         d = deformation_losses(transform, labelmap, self.atlas_labelmap)
         w = fade_in_weight(self.current_epoch, t["fade_in"])
@@ -277,3 +365,51 @@ class AtlasISTNModule(L.LightningModule):
         gamma = 0.5 ** (1.0 / float(t["lr_halving_epochs"]))
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+@register("unet", "U-Net")
+class UNetModule(AtlasISTNModule):
+    """The paper's U-Net baseline: the ITN alone, trained with L_s only (Sec. 3.2). Its STN stays at
+    its initialisation; with ``training.fixed_atlas`` it is refined from scratch towards the ITN
+    output at test time (the paper's 'Independent'). Without a fixed atlas it registers nothing."""
+
+    def atlas_is_learnt(self) -> bool:
+        return False
+
+    def registers(self) -> bool:
+        return self.fixed_atlas() is not None
+
+    def training_step(self, batch, batch_idx):
+        image, labelmap = self._batch(batch)
+        loss = label_mse(self.net.itn(image), labelmap)
+        self._accumulate({"loss/total": loss, "loss/seg": loss}, image.shape[0])
+        return loss
+
+    @classmethod
+    def report_label(cls, info: dict) -> str:
+        return str(info["label"]) if info.get("label") else "U-Net"
+
+    @classmethod
+    def report_column(cls, info: dict, output: str) -> str | None:
+        names = {"itn": "U-Net", "itn_lcc": "U-Net_lcc", "refine": "Independent", "atlas": "Identity"}
+        if info.get("label"):
+            names = {k: f"{info['label']} {v}" for k, v in names.items()}
+        return names.get(output)
+
+
+@register("vml", "VML")
+class VMLModule(AtlasISTNModule):
+    """The paper's VoxelMorph-like baseline (Sec. 3.2): no ITN; the STN registers the image to the atlas
+    image and is trained with the label losses L_a2s, L_s2a and L_reg; the atlas is built as usual.
+    Test time: 1-pass only (no ITN output to refine towards)."""
+
+    with_itn = False
+    stn_on_images = True
+
+    @classmethod
+    def report_label(cls, info: dict) -> str:
+        return str(info["label"]) if info.get("label") else "VML"
+
+    @classmethod
+    def report_column(cls, info: dict, output: str) -> str | None:
+        return {"onepass": cls.report_label(info)}.get(output)

@@ -21,6 +21,7 @@ from ..data.cases import load_training_tensors
 from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
 from .atlas_istn import AtlasISTNModule
+from .registry import build_method, load_model
 
 FINAL_CHECKPOINT = "model.ckpt"
 
@@ -106,7 +107,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
-    module = AtlasISTNModule(config)
+    module = build_method(config)
     module.set_training_data(images, labelmaps, names)
     loader = DataLoader(TensorDataset(images, labelmaps), batch_size=int(t["batch_size"]), shuffle=True,
                         drop_last=False, num_workers=0)
@@ -142,15 +143,6 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
 
 
 def load_module(checkpoint: str | Path, map_location="cpu") -> AtlasISTNModule:
-    """Load a trained module (with its config and atlas) from a checkpoint; AtlasregError if unreadable."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise AtlasregError("checkpoint not found", checkpoint)
-    try:
-        module = AtlasISTNModule.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure here means an unusable file
-        raise AtlasregError(f"cannot load checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                            checkpoint) from None
-    module.eval()
-    return module
-
+    """Load a trained method (weights, atlas and its arguments) from a checkpoint, whatever its method
+    (:func:`atlasreg.models.registry.load_model`); AtlasregError naming the file if unusable."""
+    return load_model(checkpoint, map_location)

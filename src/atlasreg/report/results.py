@@ -24,47 +24,23 @@ HIGHER_IS_BETTER = {"dice": True, "hd": False, "hd95": False, "asd": False}
 METRIC_TITLES = {"dice": "DSC ↑", "hd": "HD ↓", "hd95": "HD95 ↓", "asd": "ASD ↓"}
 
 
+def _method(info: dict):
+    from ..models.registry import get_method
+
+    return get_method(str(info.get("method", "atlas_istn")))
+
+
 def model_label(info: dict) -> str:
     """Short name of the trained model behind an evaluation folder ('Atlas-ISTN', 'Fixed', 'SVF',
-    'Atlas-ISTN-L_s', 'U-Net', 'VML'), unless info['label'] names it."""
-    if info.get("label"):
-        return str(info["label"])
-    method = info.get("method", "atlas_istn")
-    if method == "unet":
-        return "U-Net"
-    if method == "vml":
-        return "VML"
-    if info.get("fixed_atlas"):
-        return "Fixed"
-    if info.get("stn_variant") == "svf":
-        return "SVF"
-    if float(info.get("seg_weight", 1.0)) == 0.0:
-        return "Atlas-ISTN-L_s"
-    return "Atlas-ISTN"
+    'Atlas-ISTN-L_s', 'U-Net', 'VML'), unless info['label'] names it; the method's registry entry
+    decides (:meth:`~atlasreg.models.registry.Method.report_column`)."""
+    return _method(info).report_label(info)
 
 
 def column_name(info: dict, output: str) -> str | None:
     """The report column of one output of one model, or None for outputs the paper does not show
     (e.g. the meaningless 1-pass of an untrained STN, or refinement without L_s)."""
-    method = info.get("method", "atlas_istn")
-    label = model_label(info)
-    if method == "unet":
-        names = {"itn": "U-Net", "itn_lcc": "U-Net_lcc", "refine": "Independent", "atlas": "Identity"}
-        if info.get("label"):
-            names = {k: f"{label} {v}" for k, v in names.items()}
-        return names.get(output)
-    if method == "vml":
-        return {"onepass": label}.get(output)
-    names = {"itn": "ITN", "onepass": "1-pass", "refine": "Refine", "atlas": "Id"}
-    if label == "Atlas-ISTN":
-        return names.get(output)
-    if float(info.get("seg_weight", 1.0)) == 0.0:
-        # Without L_s the ITN output is no segmentation, so refining towards it is meaningless; the
-        # paper compares this model's 1-pass only (Sec. 3.2, Table 3).
-        return f"{label} {names[output]}" if output == "onepass" else None
-    if output in ("onepass", "refine"):
-        return f"{label} {names[output]}"
-    return None
+    return _method(info).report_column(info, output)
 
 
 def _float(text: str) -> float:
