@@ -28,3 +28,33 @@ def test_cuda_device_index_is_checked():
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(AtlasregError):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_model_prediction_and_refinement_run_on_the_device(device):
+    from atlasreg.config import load_config
+    from atlasreg.models.registry import build_method
+
+    module = build_method(load_config(None, {
+        "data": {"labels": {0: "bg", 1: "fg"}}, "model": {"size": [16, 16], "itn_channels": [4, 8, 8, 8],
+                                                           "stn_channels": [4, 4, 8]},
+        "refinement": {"iterations": 2}})).eval().to(device)
+    images = torch.randn(2, 1, 16, 16, device=device)
+    out = module.predict(images)
+    refined = module.refine(images, out)
+    assert out["itn"].device.type == device
+    assert refined["transform"].forward_points().device.type == device
+    assert refined["history"].shape == (3, 2)
+
+
+def test_cli_rejects_an_unavailable_device(tmp_path, capsys):
+    from atlasreg.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "c.yaml").write_text("data: {labels: {0: bg, 1: fg}, train: {images: .}}\n")
+    assert main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -33,7 +33,7 @@ def cmd_train(args) -> int:
     if args.epochs is not None:
         overrides.setdefault("training", {})["epochs"] = args.epochs
     cfg = load_config(args.config, overrides)
-    final = train(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
+    final = train(cfg, args.out, resume=not args.no_resume, progress=not args.quiet, device=args.device)
     print(f"model: {final}\natlas: {Path(args.out) / 'atlas'}")
     return 0
 
@@ -42,7 +42,7 @@ def cmd_segment(args) -> int:
     from .models.train import load_module
     from .segment import segment
 
-    module = load_module(args.checkpoint)
+    module = load_module(args.checkpoint, args.device)
     inputs = list(args.inputs)
     if args.split:
         inputs += [p.image for p in _split_pairs(module.config, args.split, need_labels=False)]
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. "
                    "training.lambda=0.2 (repeatable)")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<index>")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lambda", dest="lam", type=float, help="regularisation weight lambda* (world units)")
     s.add_argument("--refine-lr", type=float, help="Adam learning rate of the refinement")
     s.add_argument("--cases-at-once", type=int, help="cases refined together, each with its own STN copy")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<index>; "
+                   "the model and the refinement run there")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
 

@@ -21,6 +21,7 @@ from ..data.cases import load_training_tensors
 from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
 from .atlas_istn import AtlasISTNModule
+from ..devices import lightning_accelerator, resolve_device
 from .registry import build_method, load_model
 
 FINAL_CHECKPOINT = "model.ckpt"
@@ -85,15 +86,19 @@ class AtlasUpdate(Callback):
 
 
 def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True,
-          timer: EpochTimer | None = None, callbacks: list[Callback] | None = None) -> Path:
+          timer: EpochTimer | None = None, callbacks: list[Callback] | None = None,
+          device: str = "auto") -> Path:
     """Train Atlas-ISTN on `config['data']['train']`; writes into out_dir:
     `config.yaml`, `checkpoints/last.ckpt` (every epoch), `model.ckpt` (final), `atlas/` (atlas
     labelmap, probabilities and image with their grid), `atlas_initial/` (the same at the start of
     training), `logs/` (TensorBoard).
-    Resumes from `checkpoints/last.ckpt` if present and `resume`. Returns the final checkpoint path.
+    Resumes from `checkpoints/last.ckpt` if present and `resume`. device: 'auto' (CUDA when
+    available), 'cpu', 'cuda' or 'cuda:<i>' (:func:`atlasreg.devices.resolve_device`; AtlasregError
+    for a device this machine lacks). Returns the final checkpoint path.
     The config is validated (`config.validate`) and the training data read before out_dir is created,
     so bad input leaves no output folder behind."""
     config = validate(config)
+    accelerator, devices = lightning_accelerator(resolve_device(device))
     if config["data"]["train"] is None:
         raise ConfigError("data.train", "missing: training needs a data split {images | csv, labels, ...}")
     out_dir = Path(out_dir)
@@ -118,7 +123,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:04d}", auto_insert_metric_name=False,
                                  save_last=True, save_top_k=1, every_n_epochs=1)
     trainer = L.Trainer(
-        max_epochs=int(t["epochs"]), accelerator="auto", devices=1, logger=TensorBoardLogger(out_dir, name="logs"),
+        max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=TensorBoardLogger(out_dir, name="logs"),
         callbacks=[AtlasUpdate(out_dir / "atlas_initial"), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
         num_sanity_val_steps=0, deterministic=False)
