@@ -46,10 +46,7 @@ def load_case(image_path, label_path, labels: Sequence[int], model_grid: Grid, s
     grid, :meth:`Grid.centred`) placed on the case (same centre and direction as the file's grid).
     Raises AtlasregError naming the file for every bad input."""
     image = _apply_spacing(read_image(image_path), spacing_override, image_path)
-    check_dimension(image, model_grid.ndim, image_path)
-    grid = Grid.from_sitk(image)
-    arr = zero_mean_unit_variance(sitk.GetArrayFromImage(image))
-    img_t = to_model_grid(torch.from_numpy(arr)[None, None], grid, model_grid)
+    img_t, grid = _image_on_model_grid(image, model_grid, image_path)
     lab_t = None
     if label_path is not None:
         # Size and geometry are compared after the configured spacing is applied to both files.
@@ -67,6 +64,30 @@ def load_case(image_path, label_path, labels: Sequence[int], model_grid: Grid, s
         oh = one_hot(torch.from_numpy(idx)[None], len(labels))
         lab_t = to_model_grid(oh, grid, model_grid)
     return Case(name or case_name(image_path), img_t, lab_t, grid, image, str(image_path))
+
+
+def _image_on_model_grid(image: sitk.Image, model_grid: Grid, path) -> tuple[torch.Tensor, Grid]:
+    check_dimension(image, model_grid.ndim, path)
+    grid = Grid.from_sitk(image)
+    arr = zero_mean_unit_variance(sitk.GetArrayFromImage(image))
+    return to_model_grid(torch.from_numpy(arr)[None, None], grid, model_grid), grid
+
+
+def case_from_image(image: sitk.Image, model_grid: Grid, name: str = "case", path: str = "") -> Case:
+    """A case from an image already in memory (no labelmap): normalised and resampled onto
+    `model_grid` placed on the image's own grid, as :func:`load_case` does for files. `path` names the
+    source in errors and in the outputs (empty: in memory). Raises AtlasregError for an image of the
+    wrong dimension or with non-finite values."""
+    import numpy as np
+
+    where = path or f"image {name!r}"
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise AtlasregError(f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a "
+                            "scalar image", where)
+    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise AtlasregError("contains NaN or infinite values", where)
+    img_t, grid = _image_on_model_grid(image, model_grid, where)
+    return Case(name, img_t, None, grid, image, path)
 
 
 def case_name(path) -> str:

@@ -55,7 +55,8 @@ def sample(image: torch.Tensor, points: torch.Tensor, grid: Grid, mode: str = "b
     """Sample ``image`` at world ``points``.
 
     image: (N, C, *grid.size) on `grid`. points: (N or 1, *spatial_out, D) world coordinates (x, y[, z])
-    in mm, or grid-centred coordinates if `centred`. Returns (N, C, *spatial_out). mode: 'bilinear'
+    in mm, or grid-centred coordinates if `centred`; spatial_out may have any number of dims (a point
+    list (N, P, D) too). Returns (N, C, *spatial_out). mode: 'bilinear'
     (linear in 2D and 3D) or 'nearest'; padding: 'border', 'zeros' or 'reflection' outside the field
     of view. Raises ValueError if the image does not match the grid or the points' dimension.
     """
@@ -66,6 +67,11 @@ def sample(image: torch.Tensor, points: torch.Tensor, grid: Grid, mode: str = "b
         raise ValueError(f"image of spatial shape {tuple(image.shape[2:])} is not on the grid {grid.size}")
     if points.shape[0] != image.shape[0]:
         points = points.expand(image.shape[0], *points.shape[1:])
+    if points.dim() != d + 2:  # a point set of any shape (N, ..., D): sampled as (N, P, 1[, 1], D)
+        shape = points.shape[1:-1]
+        flat = points.reshape(points.shape[0], -1, *[1] * (d - 1), d)
+        out = _grid_sample(image, grid.world_to_normalised(flat, centred=centred), mode, padding)
+        return out.reshape(*out.shape[:2], *shape)
     return _grid_sample(image, grid.world_to_normalised(points, centred=centred), mode, padding)
 
 

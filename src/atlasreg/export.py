@@ -1,0 +1,161 @@
+"""Export (nnU-Net style: predict -> export): a case's model-grid predictions as images on the input's
+own grid and geometry, transforms in world coordinates and ITK files, written as the case folder of
+``atlasreg segment`` (see :mod:`atlasreg.segment` for the folder's contract).
+
+Every output is computed on the input's grid directly: labelmaps and the deformed atlas image sample
+the atlas once at ``Phi^-1`` of each input voxel (one interpolation, not a warp on the model grid
+followed by a resampling), and the ITN output is resampled from the model grid placed on the case.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import yaml
+
+from .data.cases import Case
+from .data.io import atomic_directory, write_image
+from .data.preprocessing import indices_to_values, largest_components, to_native_grid
+from .evaluation.evaluate import TRANSFORM_METRIC_COLUMNS
+from .spatial.grid import Grid
+from .spatial.itk import field_image, write_transform
+from .spatial.transforms import AffineSVFTransform, AffineTransform, Composite
+
+FORWARD_FIELD = "forward_displacement.nii.gz"
+INVERSE_FIELD = "inverse_displacement.nii.gz"
+FORWARD_TRANSFORM = "forward_transform.h5"
+INVERSE_TRANSFORM = "inverse_transform.h5"
+DEFORMED_ATLAS_IMAGE = "deformed_atlas_image.nii.gz"
+
+
+def _extension(path: str) -> str:
+    name = path.lower()
+    if not name:
+        return ".nii.gz"  # an image given in memory
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(path).suffix.lower()
+
+
+def _labelmap_image(indices: np.ndarray, labels: Sequence[int], case: Case, ext: str) -> sitk.Image:
+    values = indices_to_values(indices, labels)
+    dtype = np.uint8 if (ext == ".png" and max(labels) < 256) else (np.uint16 if ext == ".png" else np.int16
+                                                                      if max(labels) < 32768 else np.int32)
+    img = sitk.GetImageFromArray(values.astype(dtype))
+    img.CopyInformation(case.source)
+    return img
+
+
+def _float_image(array: torch.Tensor, case: Case) -> sitk.Image:
+    img = sitk.GetImageFromArray(array.detach().cpu().numpy().astype(np.float32))
+    img.CopyInformation(case.source)
+    return img
+
+
+def transform_metrics_csv(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """Text of ``transform_metrics.csv``: header ``TRANSFORM_METRIC_COLUMNS`` and one row per
+    transform, ``metrics``: method name -> {column: value} (the columns after ``method``; a missing value
+    is written empty). Floats are written with ``repr`` (full precision, ``nan`` for NaN)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(TRANSFORM_METRIC_COLUMNS)
+    for method, values in metrics.items():
+        writer.writerow([method, *(repr(float(values[c])) if c in values else ""
+                                   for c in TRANSFORM_METRIC_COLUMNS[1:])])
+    return buffer.getvalue()
+
+
+def world_transforms(transform: AffineSVFTransform, native: Grid) -> tuple[Composite, Composite]:
+    """A case's atlas-to-subject transform Phi (model frame, batch 1) in world coordinates.
+
+    Returns ``(to_subject, to_atlas)``: ``to_subject`` maps atlas world points (the saved atlas's
+    grid, :meth:`Grid.centred`) to the subject's world points, ``x -> c + R Phi(x)`` with the case
+    grid's centre c and direction R; ``to_atlas`` is its exact inverse ``Phi^-1(R^T (y - c))``. In ITK
+    terms ``to_atlas`` resamples the atlas onto the subject (fixed = subject) and ``to_subject``
+    resamples the subject into atlas space (fixed = atlas)."""
+    frame = AffineTransform.grid_frame(native, dtype=transform._like().dtype)
+    frame = AffineTransform(frame.matrix.to(transform._like().device), frame.translation.to(transform._like().device))
+    return Composite((transform, frame)), Composite((frame.inverse(), transform.inverse()))
+
+
+def native_outputs(case: Case, labels: Sequence[int], model_grid: Grid,
+                   itn_probabilities: torch.Tensor | None = None,
+                   transforms: Mapping[str, AffineSVFTransform] | None = None,
+                   atlas_labelmap: torch.Tensor | None = None,
+                   atlas_image: torch.Tensor | None = None) -> dict:
+    """A case's outputs on its own grid, in memory.
+
+    itn_probabilities: (C, *model_grid.size) ITN probabilities on the model grid placed on the case;
+    transforms: 'onepass' and/or 'refine' -> batch-1 Phi in the case's model frame (the last one given
+    is the final one); atlas_labelmap (1, C, *size) and atlas_image (1, 1, *size) on `model_grid`.
+    Returns a dict: ``labelmaps``: output name ('itn', 'itn_lcc', 'atlas', 'onepass', 'refine', those
+    that apply) -> SimpleITK image of declared label values with the input's geometry;
+    ``deformed_atlas_image`` (float32 image) and ``to_atlas`` / ``to_subject`` (world transforms of the
+    final registration, :func:`world_transforms`) where the method registers; ``inverse_displacement``
+    (on the input grid) and ``forward_displacement`` (on the atlas grid): their displacement-field
+    images."""
+    native = case.grid
+    ext = _extension(case.path)
+    transforms = dict(transforms or {})
+    out: dict = {"labelmaps": {}}
+    with torch.no_grad():
+        if itn_probabilities is not None:
+            indices = to_native_grid(itn_probabilities[None], model_grid, native)[0].argmax(0).cpu().numpy()
+            out["labelmaps"]["itn"] = _labelmap_image(indices, labels, case, ext)
+            out["labelmaps"]["itn_lcc"] = _labelmap_image(largest_components(indices, len(labels)), labels, case, ext)
+        if transforms and atlas_labelmap is not None:
+            atlas_native = to_native_grid(atlas_labelmap, model_grid, native)[0].argmax(0).cpu().numpy()
+            out["labelmaps"]["atlas"] = _labelmap_image(atlas_native, labels, case, ext)
+        for name, transform in transforms.items():
+            out["to_subject"], out["to_atlas"] = world_transforms(transform, native)
+            if atlas_labelmap is not None:
+                probs = out["to_atlas"].warp(atlas_labelmap, model_grid, native)[0]
+                out["labelmaps"][name] = _labelmap_image(probs.argmax(0).cpu().numpy(), labels, case, ext)
+        if "to_atlas" in out:
+            if atlas_image is not None:
+                img = out["to_atlas"].warp(atlas_image, model_grid, native)[0, 0]
+                out["deformed_atlas_image"] = _float_image(img, case)
+            out["inverse_displacement"] = field_image(out["to_atlas"].displacement(native)[0], native)
+            out["forward_displacement"] = field_image(out["to_subject"].displacement(model_grid)[0], model_grid)
+    return out
+
+
+def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], model_grid: Grid,
+                       itn_probabilities: torch.Tensor | None = None,
+                       transforms: Mapping[str, AffineSVFTransform] | None = None,
+                       atlas_labelmap: torch.Tensor | None = None, atlas_image: torch.Tensor | None = None,
+                       transform_metrics: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+    """Write one case's outputs atomically into ``out_dir/<case.name>`` (contract: :mod:`atlasreg.segment`).
+
+    Arguments as in :func:`native_outputs`, plus transform_metrics: transform name -> {column of
+    ``transform_metrics.csv``: value}. ``case.yaml`` (the input image's absolute path) is always
+    written. Returns the case folder; on any error nothing of it is written (an older folder of the
+    same name is kept)."""
+    ext = _extension(case.path)
+    outputs = native_outputs(case, labels, model_grid, itn_probabilities, transforms, atlas_labelmap, atlas_image)
+    return write_outputs(Path(out_dir) / case.name, case, outputs, ext, transform_metrics)
+
+
+def write_outputs(final: Path, case: Case, outputs: dict, ext: str,
+                  transform_metrics: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+    """Write :func:`native_outputs` as a case folder `final`, all or nothing."""
+    with atomic_directory(final) as tmp:
+        image = str(Path(case.path).resolve()) if case.path else None
+        (tmp / "case.yaml").write_text(yaml.safe_dump({"image": image}, sort_keys=False), encoding="utf-8")
+        if transform_metrics:
+            (tmp / "transform_metrics.csv").write_text(transform_metrics_csv(transform_metrics),
+                                                       encoding="utf-8")
+        for name, img in outputs["labelmaps"].items():
+            write_image(img, tmp / f"{name}_labelmap{ext}")
+        if "deformed_atlas_image" in outputs:
+            write_image(outputs["deformed_atlas_image"], tmp / DEFORMED_ATLAS_IMAGE)
+        if "to_atlas" in outputs:
+            write_image(outputs["inverse_displacement"], tmp / INVERSE_FIELD)
+            write_image(outputs["forward_displacement"], tmp / FORWARD_FIELD)
+            write_transform(outputs["to_atlas"], tmp / INVERSE_TRANSFORM)
+            write_transform(outputs["to_subject"], tmp / FORWARD_TRANSFORM)
+    return final

@@ -1,0 +1,86 @@
+"""Prediction (nnU-Net style: predict -> export): a trained method applied to preprocessed cases,
+giving tensors on the model grid and transforms in each case's model frame; nothing is written.
+:mod:`atlasreg.export` turns them into images on each input's own grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data.cases import Case
+from .evaluation.consistency import inverse_consistency
+from .evaluation.topology import jacobian_statistics
+from .models.registry import Method
+from .spatial.transforms import AffineSVFTransform
+
+
+@dataclass
+class CasePrediction:
+    """One case's predictions on the model grid.
+
+    case: the input (its own grid and geometry in ``case.grid``); itn: (C, *model size) ITN
+    probabilities or None; transforms: 'onepass' / 'refine' -> batch-1 :class:`AffineSVFTransform`
+    Phi in the case's model frame (the last is the final one); history: refinement losses (K + 1,)
+    or None; transform_metrics: transform name -> {column of ``transform_metrics.csv``: value}."""
+
+    case: Case
+    itn: torch.Tensor | None = None
+    transforms: dict = field(default_factory=dict)
+    history: torch.Tensor | None = None
+    transform_metrics: dict = field(default_factory=dict)
+
+
+def transform_statistics(transform: AffineSVFTransform, atlas_labelmap: torch.Tensor) -> dict[str, np.ndarray]:
+    """Inverse consistency and regularity of a batch of atlas-to-subject transforms on the model grid.
+
+    transform: batch B, Phi mapping atlas to subject space (Eqs. 7-8); atlas_labelmap: (1 or B, C, *size)
+    one-hot or probabilistic atlas on the same grid. Returns numpy float64 arrays of shape (B,) keyed by
+    the columns of ``transform_metrics.csv``: ``mice_mm`` (mm), ``mice_voxels`` (voxels of the model
+    grid), ``ic_dsc`` (paper Sec. 3.2, Table 6; NaN without atlas foreground), from
+    :func:`~atlasreg.evaluation.consistency.inverse_consistency`; ``nonpositive_jacobian_fraction`` (in
+    [0, 1]) and ``std_log_jacobian`` (dimensionless) of det J(Phi) over the whole grid, from
+    :func:`~atlasreg.evaluation.topology.jacobian_statistics`. Computed without gradients. Raises
+    ValueError if the labelmap does not match the transform grid."""
+    with torch.no_grad():
+        ic = inverse_consistency(transform, atlas_labelmap)
+        jac = jacobian_statistics(transform.forward_points().detach(), transform.grid)
+    return {"mice_mm": ic["mice_mm"], "mice_voxels": ic["mice_voxels"], "ic_dsc": ic["ic_dsc"],
+            "nonpositive_jacobian_fraction": jac["fraction_nonpositive"],
+            "std_log_jacobian": jac["std_log_jacobian"]}
+
+
+def segment_cases(module: Method, cases: list[Case], refinement: dict) -> dict:
+    """ITN, 1-pass (Eq. 9) and refined (Eqs. 17-21) predictions for a batch of B cases on the model grid.
+
+    Returns a dict: ``itn`` probabilities (B, C, *S) (methods with an ITN); ``transforms``: 'onepass'
+    and 'refine' -> :class:`AffineSVFTransform` of batch B in the cases' model frames (those the
+    model's method has, see the module docstring; the last is the final one); ``history``: refinement
+    loss history (K+1, B); ``transform_metrics``: transform name -> :func:`transform_statistics`
+    (numpy arrays (B,))."""
+    images = torch.cat([c.image for c in cases]).to(module.device)
+    out = module.predict(images)
+    refined = module.refine(images, out, refinement)
+    if refined is not None:
+        out["transforms"]["refine"], out["history"] = refined["transform"], refined["history"]
+    out["transform_metrics"] = {name: transform_statistics(tr, module.atlas_labelmap)
+                                for name, tr in out["transforms"].items()}
+    return out
+
+
+def predict_cases(module: Method, cases: list[Case], refinement: dict | None = None) -> list[CasePrediction]:
+    """Predict a batch of cases at once (refinement runs them together, each with its own STN copy):
+    one :class:`CasePrediction` per case, in order. refinement: overrides of the method's
+    ``config['refinement']``."""
+    settings = dict(module.config["refinement"], **(refinement or {}))
+    res = segment_cases(module, cases, settings)
+    out = []
+    for j, case in enumerate(cases):
+        out.append(CasePrediction(
+            case, res["itn"][j] if "itn" in res else None,
+            {name: tr[j] for name, tr in res["transforms"].items()},
+            res["history"][:, j] if "history" in res else None,
+            {name: {col: float(values[j]) for col, values in stats.items()}
+             for name, stats in res["transform_metrics"].items()}))
+    return out
