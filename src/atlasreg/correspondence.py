@@ -2,45 +2,54 @@
 'Inter-Subject Correspondence', Eqs. 22-23): map points and labelmaps of one segmented subject onto
 another by composing the transforms to and from the common atlas.
 
-Inputs are two case folders written by ``atlasreg segment`` (see :mod:`atlasreg.segment`), each with
+Inputs are two case folders written by ``atlasreg segment`` (see :mod:`atlasreg.segment`). The atlas
+points of every case lie in ONE atlas world frame, that of the saved atlas
+(``<model>/atlas/atlas_image.nii.gz``, on the centred model grid of
+:meth:`atlasreg.spatial.grid.Grid.centred`: centre at the world origin, identity direction, mm). Each
+folder holds the case's transforms in world units (mm) in two forms:
 
-* ``inverse_displacement.nii.gz`` -- Phi^-1: a subject point p (world, mm) maps to the atlas point
-  ``p + d_inv(p)``. Sampled on the subject's input grid.
-* ``forward_displacement.nii.gz`` -- Phi: an atlas point q maps to the subject point ``q + d_fwd(q)``.
-  Sampled on the same grid, with the atlas *placed on the subject's input grid*: an atlas point of
-  grid-centred model coordinates ``x`` (mm along the image axes) lies at world ``q = c + R x``, where
-  ``c`` is the world position of the input grid's centre and ``R`` its direction matrix (the model grid
-  and the native grid share centre and direction: :meth:`atlasreg.spatial.grid.Grid.resampled`).
+* ``inverse_transform.h5`` -- Phi^-1: a subject point p (world, mm) to its atlas point Phi^-1(p)
+  (atlas world, mm); ``forward_transform.h5`` -- Phi: an atlas point q to its subject point Phi(q).
+  ITK composite transforms: an affine part (the case's frame and the affine of Eq. 7, or its inverse)
+  and a displacement field on the model grid (the exponential of the SVF, Eqs. 2-3).
+* ``inverse_displacement.nii.gz`` (on the input's grid) and ``forward_displacement.nii.gz`` (on the
+  atlas grid): the same maps as ITK displacement-field images, ``p -> p + d(p)``.
 
-Both fields are vector images in world units along the world axes, ITK displacement-field convention.
+This module maps with the ``.h5`` composites; of the NIfTI fields it reads only the grid of
+``inverse_displacement.nii.gz`` (the input's grid, the output grid of :func:`map_labelmap`), because
+
+* inside the model's field of view the composites *are* the model's transforms (the affine part
+  exact, the dense part linearly interpolated on the model grid, as the model evaluates it), whereas
+  the inverse NIfTI field is that map resampled onto the input grid, which adds a second linear
+  interpolation between the input's voxel centres;
+* outside the grid of a displacement field ITK uses a zero displacement. In a composite only the
+  deformable part drops out there and the affine part, which carries the whole offset between the
+  subject's and the atlas's world frames, still applies; a NIfTI field holds that offset in its
+  values, so a point outside its grid would not move at all -- tens to hundreds of mm from where it
+  belongs. (atlasreg's own transforms continue the dense part's border value outside the model grid,
+  :class:`atlasreg.spatial.transforms.DisplacementField`; only there can the maps used here differ
+  from the model's, and :func:`map_points` warns when a point passes there.)
+
+With one atlas frame for all cases no change of frame is needed. Point push-forward A -> B (Eq. 23
+applied to points)::
+
+    p_B = Phi_B( Phi_A^-1(p_A) )          A's inverse transform, then B's forward transform
+
+Pull-back for resampling A's images onto B's grid (Eq. 23 applied to images, y_B = y_A o T)::
+
+    T_{B->A}(p_B) = Phi_A( Phi_B^-1(p_B) )  B's inverse transform, then A's forward transform
+
+ITK's resampling convention: ``sitk.Resample(moving, reference, T)`` sets each output voxel at point p
+of the reference grid to ``moving(T(p))``; T maps *output* points to *input* points (a pull-back). Hence
+resampling A's labelmap onto B's grid needs T_{B->A}, built from B's inverse and A's forward transform,
+and mapping points needs the opposite composition. Neither needs a transform to be inverted
+numerically; the two compositions are inverses of each other as far as each case's forward and inverse
+transforms are (the paper's inverse consistency, MICE / IC-DSC of Table 6).
+
 (Naming: the paper calls Phi_i "the transformation from subject i to atlas space", the direction in
 which it moves images; as a map of *points*, which is how it enters the compositions of Eqs. 22-23
 (y_i^a = y^a o Phi_i^-1) and how it is used here and in :mod:`atlasreg.segment`, Phi maps atlas points
 to subject points and Phi^-1 subject points to atlas points.)
-
-Because each subject's copy of the atlas sits on its own grid, going from subject A's atlas frame to
-subject B's needs the rigid change of frame (the same atlas coordinate ``x`` in both)::
-
-    F_{A->B}(q_A) = c_B + R_B R_A^T (q_A - c_A)
-
-Point push-forward A -> B (Eq. 23 applied to points)::
-
-    p_B = Phi_B( F_{A->B}( Phi_A^-1(p_A) ) )          uses A's inverse field, B's forward field
-
-Pull-back for resampling A's images onto B's grid (Eq. 23 applied to images, y_B = y_A o T)::
-
-    T_{B->A}(p_B) = Phi_A( F_{B->A}( Phi_B^-1(p_B) ) )  uses B's inverse field, A's forward field
-
-ITK's resampling convention: ``sitk.Resample(moving, reference, T)`` sets each output voxel at point p
-of the reference grid to ``moving(T(p))``; T maps *output* points to *input* points (a pull-back). Hence
-resampling A's labelmap onto B's grid needs T_{B->A}, built from B's inverse and A's forward field, and
-mapping points needs the opposite composition. Neither needs a field to be inverted numerically; the
-two compositions are inverses of each other as far as each case's forward and inverse fields are
-(the paper's inverse consistency, MICE / IC-DSC of Table 6).
-
-``sitk.DisplacementFieldTransform`` interpolates a field linearly and gives a *zero* displacement for
-points farther than half a voxel outside the field's grid; :func:`map_points` warns when a point falls
-there.
 """
 
 from __future__ import annotations
@@ -64,8 +73,10 @@ from .spatial.grid import Grid
 __all__ = [
     "FORWARD_FIELD",
     "INVERSE_FIELD",
+    "FORWARD_TRANSFORM",
+    "INVERSE_TRANSFORM",
     "read_displacement_field",
-    "frame_change_transform",
+    "read_case_transform",
     "subject_to_subject_transform",
     "map_points",
     "map_labelmap",
@@ -76,14 +87,20 @@ __all__ = [
     "add_correspond_parser",
 ]
 
+# The file names of atlasreg.segment's case folders (not imported from there: it pulls in the models).
 FORWARD_FIELD = "forward_displacement.nii.gz"
 INVERSE_FIELD = "inverse_displacement.nii.gz"
+FORWARD_TRANSFORM = "forward_transform.h5"
+INVERSE_TRANSFORM = "inverse_transform.h5"
 _FIELD_FILES = {"forward": FORWARD_FIELD, "inverse": INVERSE_FIELD}
+_TRANSFORM_FILES = {"forward": FORWARD_TRANSFORM, "inverse": INVERSE_TRANSFORM}
+_REGISTERS = "`atlasreg segment` writes it for models that register the atlas (Atlas-ISTN, VML, a U-Net " \
+             "with a fixed atlas)"
 _COORDS = ("x", "y", "z")
 
 
 # --------------------------------------------------------------------------------------------------
-# displacement fields and transforms
+# transforms and displacement fields of a case folder
 
 
 def _one_line(exc: Exception) -> str:
@@ -105,11 +122,12 @@ def _case_dir(case) -> Path:
 def read_displacement_field(case, which: str) -> sitk.Image:
     """Read and check one displacement field of a case folder of ``atlasreg segment``.
 
-    case: the case folder; which: ``"forward"`` (Phi, atlas -> subject, ``forward_displacement.nii.gz``)
-    or ``"inverse"`` (Phi^-1, subject -> atlas, ``inverse_displacement.nii.gz``).
+    case: the case folder; which: ``"forward"`` (Phi, atlas -> subject, ``forward_displacement.nii.gz``,
+    on the atlas grid) or ``"inverse"`` (Phi^-1, subject -> atlas, ``inverse_displacement.nii.gz``, on
+    the subject's input grid).
 
     Returns a ``sitkVectorFloat64`` image of D components (D = 2 or 3, the image dimension), world units
-    (mm) along the world axes, with the subject input image's size, spacing, origin and direction.
+    (mm) along the world axes, with its grid's size, spacing, origin and direction.
 
     Raises AtlasregError naming the folder (missing, not a folder) or the field file (missing -- the
     model did not register, e.g. a U-Net without a fixed atlas --, unreadable, not a D-component vector
@@ -119,9 +137,7 @@ def read_displacement_field(case, which: str) -> sitk.Image:
         raise ValueError(f"which must be 'forward' or 'inverse', got {which!r}")
     path = _case_dir(case) / _FIELD_FILES[which]
     if not path.is_file():
-        raise AtlasregError(
-            f"{which} displacement field not found; `atlasreg segment` writes it for models that register "
-            "the atlas (Atlas-ISTN, VML, a U-Net with a fixed atlas)", path)
+        raise AtlasregError(f"{which} displacement field not found; {_REGISTERS}", path)
     try:
         field = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -143,124 +159,179 @@ def read_displacement_field(case, which: str) -> sitk.Image:
     return field
 
 
-def _field_dimension(case, which: str) -> int:
-    """Dimension of a case's field from its header only (a full read when that fails, for the error)."""
-    path = _case_dir(case) / _FIELD_FILES[which]
+def _downcast(tx: sitk.Transform) -> sitk.Transform:
+    return tx.Downcast() if hasattr(tx, "Downcast") else tx
+
+
+def _parts(tx: sitk.Transform) -> list[sitk.Transform]:
+    """The parts of a (possibly nested) ITK transform in the order they act on a point (ITK applies a
+    CompositeTransform's transforms last-added first)."""
+    tx = _downcast(tx)
+    if tx.GetName() != "CompositeTransform":
+        return [tx]
+    return [p for i in reversed(range(tx.GetNumberOfTransforms())) for p in _parts(tx.GetNthTransform(i))]
+
+
+def _is_field(tx: sitk.Transform) -> bool:
+    return tx.GetName() == "DisplacementFieldTransform"
+
+
+def _read_parts(case, which: str) -> tuple[list[sitk.Transform], Path]:
+    """(parts of the case's transform in the order they act, its file), checked as
+    :func:`read_case_transform` describes."""
+    if which not in _TRANSFORM_FILES:
+        raise ValueError(f"which must be 'forward' or 'inverse', got {which!r}")
+    path = _case_dir(case) / _TRANSFORM_FILES[which]
+    if not path.is_file():
+        raise AtlasregError(f"{which} transform not found; {_REGISTERS} (case folders written before "
+                            "atlasreg wrote .h5 transforms must be segmented again)", path)
+    try:
+        tx = sitk.ReadTransform(str(path))
+    except RuntimeError as exc:
+        text = str(exc)
+        reason = ("not an ITK transform file" if "Could not create Transform IO object" in text
+                  else _one_line(exc))
+        raise AtlasregError(f"cannot read transform: {reason}", path) from None
+    dim = tx.GetDimension()
+    if dim not in (2, 3):
+        raise AtlasregError(f"transform is {dim}D; expected 2D or 3D", path)
+    parts = _parts(tx)
+    if not parts:
+        raise AtlasregError("transform file holds an empty composite transform", path)
+    for part in parts:
+        if _is_field(part):
+            field = part.GetDisplacementField()
+            finite = np.all(np.isfinite(sitk.GetArrayViewFromImage(field)))
+        else:
+            finite = np.all(np.isfinite(part.GetParameters())) and np.all(np.isfinite(part.GetFixedParameters()))
+        if not finite:
+            raise AtlasregError(f"transform has NaN or infinite values in its {part.GetName()}", path)
+    return parts, path
+
+
+def read_case_transform(case, which: str) -> sitk.Transform:
+    """Read and check one transform of a case folder of ``atlasreg segment`` (world units, mm).
+
+    case: the case folder; which: ``"forward"`` (Phi: atlas world point -> subject world point,
+    ``forward_transform.h5``) or ``"inverse"`` (Phi^-1: subject -> atlas, ``inverse_transform.h5``).
+    Returns a D-dimensional SimpleITK transform (D = 2 or 3), as written: a ``CompositeTransform`` of an
+    affine part and a displacement field on the model grid, or one of them alone.
+
+    Raises AtlasregError naming the folder (missing, not a folder) or the file (missing -- the model did
+    not register, or the folder predates the .h5 files --, unreadable, empty, not 2D/3D, NaN or
+    infinite parameters or displacements).
+    """
+    parts, _ = _read_parts(case, which)
+    if len(parts) == 1:
+        return parts[0]
+    return _composite(parts)
+
+
+def _composite(parts: Sequence[sitk.Transform]) -> sitk.CompositeTransform:
+    """One CompositeTransform applying `parts` in the order given."""
+    composite = sitk.CompositeTransform(parts[0].GetDimension())
+    for part in reversed(parts):  # SimpleITK applies a CompositeTransform's transforms last-added first
+        composite.AddTransform(part)
+    return composite
+
+
+def _dimension(parts: Sequence[sitk.Transform]) -> int:
+    return parts[0].GetDimension()
+
+
+def _check_same_dimension(a: Sequence[sitk.Transform], b: Sequence[sitk.Transform], case_a, path_b: Path) -> None:
+    if _dimension(a) != _dimension(b):
+        raise AtlasregError(
+            f"case is {_dimension(b)}D but {Path(case_a)} is {_dimension(a)}D; correspondence needs "
+            "two cases of the same dimension", path_b)
+
+
+def _input_grid(case, ndim: int) -> sitk.Image:
+    """An empty UInt8 image on the case's input grid: the grid of ``inverse_displacement.nii.gz``
+    (header only). Raises AtlasregError naming the file: missing, unreadable, not `ndim`-D."""
+    path = _case_dir(case) / INVERSE_FIELD
+    if not path.is_file():
+        raise AtlasregError(f"inverse displacement field not found (it gives the case's input grid); "
+                            f"{_REGISTERS}", path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-        return int(reader.GetDimension())
-    except RuntimeError:
-        return read_displacement_field(case, which).GetDimension()
-
-
-def _frame(field: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(centre c (D,), direction R (D, D), orthonormalised) of a field's (= the input image's) grid."""
-    grid = Grid.from_sitk(field)
-    u, _, vt = np.linalg.svd(grid.direction_matrix)  # NIfTI stores directions in float32: clean them
-    return np.asarray(grid.centre, dtype=np.float64), u @ vt
-
-
-def frame_change_transform(from_grid: sitk.Image | Grid, to_grid: sitk.Image | Grid) -> sitk.AffineTransform:
-    """Rigid change of atlas frame between two subjects' grids: ``q -> c_to + R_to R_from^T (q - c_from)``.
-
-    from_grid / to_grid: images (any pixel type, e.g. the displacement fields) or
-    :class:`~atlasreg.spatial.grid.Grid` objects whose centre ``c`` (world mm) and direction ``R`` place
-    the atlas for each subject (the atlas point of model coordinates x lies at ``c + R x``). Returns a
-    D-dimensional ``sitk.AffineTransform`` (a rotation, or a rotation-reflection when the handedness of
-    the two directions differs, plus a translation; lengths are kept).
-    """
-    c_from, r_from = _frame_of(from_grid)
-    c_to, r_to = _frame_of(to_grid)
-    if c_from.shape != c_to.shape:
-        raise ValueError(f"grids of different dimension: {c_from.size}D and {c_to.size}D")
-    t = sitk.AffineTransform(int(c_from.size))
-    t.SetMatrix((r_to @ r_from.T).ravel().tolist())
-    t.SetCenter(c_from.tolist())
-    t.SetTranslation((c_to - c_from).tolist())  # y = M (q - c_from) + c_from + (c_to - c_from)
-    return t
-
-
-def _frame_of(grid) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(grid, Grid):
-        u, _, vt = np.linalg.svd(grid.direction_matrix)
-        return np.asarray(grid.centre, dtype=np.float64), u @ vt
-    return _frame(grid)
-
-
-def _check_same_dimension(a: sitk.Image, b: sitk.Image, case_a, case_b, which_b: str) -> None:
-    if a.GetDimension() != b.GetDimension():
-        raise AtlasregError(
-            f"case is {b.GetDimension()}D but {Path(case_a)} is {a.GetDimension()}D; correspondence needs "
-            "two cases of the same dimension", Path(case_b) / _FIELD_FILES[which_b])
-
-
-def _compose(first_field: sitk.Image, frame: sitk.Transform, last_field: sitk.Image) -> sitk.CompositeTransform:
-    """last_field o frame o first_field (each field as a DisplacementFieldTransform, p -> p + d(p))."""
-    dim = first_field.GetDimension()
-    composite = sitk.CompositeTransform(dim)
-    # SimpleITK applies a CompositeTransform's transforms last-added first.
-    composite.AddTransform(sitk.DisplacementFieldTransform(sitk.Image(last_field)))
-    composite.AddTransform(frame)
-    composite.AddTransform(sitk.DisplacementFieldTransform(sitk.Image(first_field)))
-    return composite
+    except RuntimeError as exc:
+        raise AtlasregError(f"cannot read displacement field: {_one_line(exc)}", path) from None
+    if reader.GetDimension() != ndim:
+        raise AtlasregError(f"displacement field is {reader.GetDimension()}D but the case's transforms are "
+                            f"{ndim}D", path)
+    grid = sitk.Image(reader.GetSize(), sitk.sitkUInt8)
+    grid.SetSpacing(reader.GetSpacing())
+    grid.SetOrigin(reader.GetOrigin())
+    grid.SetDirection(reader.GetDirection())
+    return grid
 
 
 def subject_to_subject_transform(case_a, case_b) -> sitk.Transform:
     """The pull-back from subject B to subject A through atlas space (Atlas-ISTN Eqs. 22-23).
 
-    ``T(p_B) = Phi_A( F_{B->A}( Phi_B^-1(p_B) ) )``: given a world point of subject B (mm), returns the
-    corresponding world point of subject A (mm). Built from B's ``inverse_displacement.nii.gz``, the
-    rigid change of atlas frame ``F_{B->A}(q) = c_A + R_A R_B^T (q - c_B)`` and A's
-    ``forward_displacement.nii.gz``.
+    ``T(p_B) = Phi_A( Phi_B^-1(p_B) )``: given a world point of subject B (mm), returns the
+    corresponding world point of subject A (mm). Built from B's ``inverse_transform.h5`` (B -> atlas)
+    and A's ``forward_transform.h5`` (atlas -> A); both cases' atlas points share the atlas world frame.
 
     This is the transform ITK's resampling wants to bring A's images onto B's grid:
     ``sitk.Resample(image_of_A, grid_of_B, T, ...)`` samples A at ``T(p)`` for every voxel p of B
     (Eq. 23 with i = A, j = B: y_B = y_A o T). To move *points* from A to B use :func:`map_points`
     (the opposite composition).
 
-    Returns a D-dimensional ``sitk.CompositeTransform`` (D = 2 or 3). Points farther than half a voxel
-    outside a field's grid get a zero displacement from that field.
+    Returns a D-dimensional ``sitk.CompositeTransform`` (D = 2 or 3) of the parts of both transforms.
+    Where a point falls outside the grid of a displacement-field part, that part gives a zero
+    displacement (only the affine parts act).
 
-    Raises AtlasregError naming the folder or file: case folder missing; displacement field missing,
-    unreadable or invalid (:func:`read_displacement_field`); A and B of different dimension.
+    Raises AtlasregError naming the folder or file: case folder missing; transform missing, unreadable
+    or invalid (:func:`read_case_transform`); A and B of different dimension.
     """
-    return _pull_back(case_a, case_b)[0]
+    return _composite(_pull_back_parts(case_a, case_b))
 
 
-def _pull_back(case_a, case_b) -> tuple[sitk.CompositeTransform, sitk.Image]:
-    """(the transform of :func:`subject_to_subject_transform`, B's inverse field)."""
-    inv_b = read_displacement_field(case_b, "inverse")
-    fwd_a = read_displacement_field(case_a, "forward")
-    _check_same_dimension(fwd_a, inv_b, case_a, case_b, "inverse")
-    return _compose(inv_b, frame_change_transform(inv_b, fwd_a), fwd_a), inv_b
+def _pull_back_parts(case_a, case_b) -> list[sitk.Transform]:
+    inv_b, path_b = _read_parts(case_b, "inverse")
+    fwd_a, _ = _read_parts(case_a, "forward")
+    _check_same_dimension(fwd_a, inv_b, case_a, path_b)
+    return inv_b + fwd_a
 
 
 def _outside(points: np.ndarray, image: sitk.Image) -> np.ndarray:
     """(n,) bool: points (n, D) farther than half a voxel outside the image grid, where ITK's
     DisplacementFieldTransform gives a zero displacement."""
-    grid = Grid.from_sitk(image)
-    scaled = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
-    index = (points - np.asarray(grid.origin)) @ scaled.T  # continuous indices (n, D), ITK order
-    size = np.asarray(grid.size_xyz)
+    index = Grid.from_sitk(image).world_to_index(points)  # continuous indices (n, D), ITK order
+    size = np.asarray(image.GetSize())
     tol = 1e-6
     return np.any((index < -0.5 - tol) | (index > size - 0.5 + tol), axis=1)
+
+
+def _apply(parts: Sequence[sitk.Transform], points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(parts applied in order to points (n, D), (n,) bool: the points that passed outside the grid
+    of a displacement-field part)."""
+    out = np.array(points, dtype=np.float64)
+    outside = np.zeros(len(out), dtype=bool)
+    for part in parts:
+        if _is_field(part):
+            outside |= _outside(out, part.GetDisplacementField())
+        out = np.array([part.TransformPoint(p.tolist()) for p in out], dtype=np.float64).reshape(out.shape)
+    return out, outside
 
 
 def map_points(points_a, case_a, case_b, warn: bool = True) -> np.ndarray:
     """Push world points of subject A to subject B through atlas space (Atlas-ISTN Eqs. 22-23).
 
-    ``p_B = Phi_B( F_{A->B}( Phi_A^-1(p_A) ) )`` with A's ``inverse_displacement.nii.gz`` (A -> atlas in
-    A's frame), the rigid change of atlas frame ``F_{A->B}(q) = c_B + R_B R_A^T (q - c_A)`` and B's
-    ``forward_displacement.nii.gz`` (atlas in B's frame -> B).
+    ``p_B = Phi_B( Phi_A^-1(p_A) )`` with A's ``inverse_transform.h5`` (A -> atlas world) and B's
+    ``forward_transform.h5`` (atlas world -> B); see the module docstring for why the .h5 composites
+    and not the NIfTI fields.
 
     points_a: array-like (n, D) of world coordinates in mm, ITK order (x, y[, z]); n may be 0.
     Returns a float64 array (n, D) of world coordinates in mm of subject B.
 
-    When ``warn``, issues a UserWarning counting the points that lie outside A's field grid, or whose
-    atlas point lies outside B's field grid (a zero displacement is used there, so their mapping is
-    unreliable).
+    When ``warn``, issues a UserWarning counting the points that pass outside the model grid of the
+    displacement-field part of A's inverse or B's forward transform: ITK uses a zero displacement
+    there, so only the affine parts map them (atlasreg's model continues the field's border value).
 
     Raises ValueError when points_a is not a finite (n, D) array; AtlasregError naming the folder or
     file as :func:`subject_to_subject_transform` does, and naming case_a when D is not the cases'
@@ -271,25 +342,19 @@ def map_points(points_a, case_a, case_b, warn: bool = True) -> np.ndarray:
         raise ValueError(f"points must be an (n, D) array, got shape {pts.shape}")
     if not np.all(np.isfinite(pts)):
         raise ValueError("points contain NaN or infinite coordinates")
-    inv_a = read_displacement_field(case_a, "inverse")
-    fwd_b = read_displacement_field(case_b, "forward")
-    _check_same_dimension(inv_a, fwd_b, case_a, case_b, "forward")
-    dim = inv_a.GetDimension()
+    inv_a, path_a = _read_parts(case_a, "inverse")
+    fwd_b, path_b = _read_parts(case_b, "forward")
+    _check_same_dimension(inv_a, fwd_b, case_a, path_b)
+    dim = _dimension(inv_a)
     if pts.shape[1] != dim:
         raise AtlasregError(f"points have {pts.shape[1]} coordinates but the cases are {dim}D", case_a)
-    frame = frame_change_transform(inv_a, fwd_b)
-    outside_a = _outside(pts, inv_a)
-    to_atlas = sitk.DisplacementFieldTransform(sitk.Image(inv_a))
-    atlas_b = np.array([frame.TransformPoint(to_atlas.TransformPoint(p.tolist())) for p in pts],
-                       dtype=np.float64).reshape(-1, dim)
-    outside_b = _outside(atlas_b, fwd_b)
-    to_b = sitk.DisplacementFieldTransform(sitk.Image(fwd_b))
-    out = np.array([to_b.TransformPoint(q.tolist()) for q in atlas_b], dtype=np.float64).reshape(-1, dim)
+    atlas, outside_a = _apply(inv_a, pts)
+    out, outside_b = _apply(fwd_b, atlas)
     if warn and (outside_a.any() or outside_b.any()):
         warnings.warn(
-            f"{int(outside_a.sum())} of {len(pts)} point(s) lie outside the grid of {Path(case_a)} and "
-            f"{int(outside_b.sum())} map to atlas points outside the grid of {Path(case_b)}; a zero "
-            "displacement is used there", stacklevel=2)
+            f"{int(outside_a.sum())} of {len(pts)} point(s) pass outside the displacement field's grid of "
+            f"{path_a} and {int(outside_b.sum())} outside that of {path_b}; ITK uses a zero displacement "
+            "there, so only the affine parts map them", stacklevel=2)
     return out
 
 
@@ -326,7 +391,7 @@ def _output_pixel_id(labels: Sequence[int], out_path: Path, ndim: int) -> int:
 def map_labelmap(labelmap_a_path, case_a, case_b, out_path, labels: Sequence[int] | None = None,
                  interpolation: str = "linear") -> Path:
     """Resample a labelmap of subject A onto subject B's grid through atlas space (Atlas-ISTN Eq. 23:
-    y_B = y_A o Phi_A o F_{B->A} o Phi_B^-1, with the pull-back of :func:`subject_to_subject_transform`).
+    y_B = y_A o Phi_A o Phi_B^-1, with the pull-back of :func:`subject_to_subject_transform`).
 
     labelmap_a_path: integer labelmap in subject A's world space (any grid: e.g. A's
     ``refine_labelmap.png`` or a reference segmentation), same dimension as the cases.
@@ -337,20 +402,23 @@ def map_labelmap(labelmap_a_path, case_a, case_b, out_path, labels: Sequence[int
     interpolation: ``"linear"`` (default: each label's indicator is resampled with linear interpolation
     and each voxel takes the label of largest weight, ties to the earlier label) or ``"nearest"``.
 
-    The output has B's input grid (size, spacing mm, origin mm, direction: those of B's displacement
-    fields, i.e. of B's ``*_labelmap`` files) and only declared label values; B voxels that map outside
-    A's labelmap get the background. Pixel type: UInt8 when all labels fit, else UInt16, else Int32.
+    The output has B's input grid (size, spacing mm, origin mm, direction: those of B's
+    ``inverse_displacement.nii.gz``, i.e. of B's ``*_labelmap`` files) and only declared label values;
+    B voxels that map outside A's labelmap get the background. Pixel type: UInt8 when all labels fit,
+    else UInt16, else Int32.
 
     Returns out_path. Raises AtlasregError naming the file: labelmap missing, unreadable, non-integer,
     undeclared values (:func:`atlasreg.data.io.read_labelmap`), of another dimension than the cases;
-    case folder or displacement field problems (:func:`subject_to_subject_transform`); an output PNG
-    that cannot hold the result.
+    case folder or transform problems (:func:`subject_to_subject_transform`); B's
+    ``inverse_displacement.nii.gz`` missing or unreadable; an output PNG that cannot hold the result.
     """
     if interpolation not in ("linear", "nearest"):
         raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
     lab_path, out_path = Path(labelmap_a_path), Path(out_path)
-    transform, reference = _pull_back(case_a, case_b)  # checks the cases first; B's field: B's grid
-    ndim = reference.GetDimension()
+    parts = _pull_back_parts(case_a, case_b)  # checks the cases first
+    ndim = _dimension(parts)
+    reference = _input_grid(case_b, ndim)
+    transform = _composite(parts)
     if labels is None:
         labels = [0] + sorted(v for v in _present_labels(lab_path) if v != 0)
     labels = [int(v) for v in labels]
@@ -366,8 +434,7 @@ def map_labelmap(labelmap_a_path, case_a, case_b, out_path, labels: Sequence[int
         transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(),
         reference.GetSpacing(), reference.GetDirection())
     pull = sitk.DisplacementFieldTransform(dense)
-    grid_b = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
-    grid_b.CopyInformation(reference)
+    grid_b = reference
     background = labels[0]
 
     if interpolation == "nearest":
@@ -490,8 +557,8 @@ def map_points_csv(points_csv, case_a, case_b, out_path) -> Path:
     """Map the points of a CSV file (world mm of subject A, columns x,y[,z]; see
     :func:`read_points_csv`) to subject B with :func:`map_points` and write them, with the other columns
     kept, to ``out_path`` (atomically). Returns out_path. Raises AtlasregError naming the file for bad
-    CSV files, case folders or displacement fields."""
-    header, rows, points = read_points_csv(points_csv, ndim=_field_dimension(case_a, "inverse"))
+    CSV files, case folders or transforms."""
+    header, rows, points = read_points_csv(points_csv, ndim=_dimension(_read_parts(case_a, "inverse")[0]))
     mapped = map_points(points, case_a, case_b)
     return write_points_csv(out_path, header, rows, mapped)
 
@@ -529,7 +596,8 @@ def add_correspond_parser(subparsers) -> argparse.ArgumentParser:
         "correspond", help="map a labelmap or points of one segmented case onto another via the atlas "
         "(Eqs. 22-23)",
         description="Inter-subject correspondence through atlas space (Atlas-ISTN Eqs. 22-23), using the "
-        "displacement fields that `atlasreg segment` writes in each case folder.")
+        "transforms that `atlasreg segment` writes in each case folder (inverse_transform.h5, "
+        "forward_transform.h5; inverse_displacement.nii.gz gives the case's grid).")
     c.add_argument("--from", dest="from_case", required=True, metavar="CASE_DIR",
                    help="case folder of `atlasreg segment` of the source subject A")
     c.add_argument("--to", dest="to_case", required=True, metavar="CASE_DIR",

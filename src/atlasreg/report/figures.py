@@ -38,6 +38,28 @@ def _read(path: Path) -> np.ndarray:
     return array[array.shape[0] // 2] if image.GetDimension() == 3 else array
 
 
+def atlas_coordinates(inverse_field: Path) -> np.ndarray:
+    """The atlas world point (mm) of every voxel of a case's input image: ``p + d(p)``, with p the world
+    point of the voxel and d the ``inverse_displacement.nii.gz`` of ``atlasreg segment`` (Phi^-1, Eq. 8;
+    the atlas points are those of the saved atlas, whose grid is centred at the world origin). For a 3-D
+    field, the middle slice along the first array axis (as :func:`_read`).
+
+    Returns float64 (H, W, D), components (x, y[, z]) along the atlas (model-grid) axes: the first two
+    run along the image's x and y axes, so their isolines draw the atlas's grid lines deformed onto
+    the image (Figs. 6-7). Raises AtlasregError naming the file if it cannot be read.
+    """
+    image = read_any(inverse_field)
+    d = image.GetDimension()
+    disp = sitk.GetArrayFromImage(image).astype(np.float64)  # (*array size, D)
+    if d == 3:
+        disp = disp[disp.shape[0] // 2]
+    j, i = np.meshgrid(np.arange(disp.shape[0]), np.arange(disp.shape[1]), indexing="ij")
+    index = np.stack([i, j] + ([np.full_like(i, image.GetSize()[2] // 2)] if d == 3 else []), -1)  # ITK order
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(d, d)
+    world = np.asarray(image.GetOrigin()) + (index * np.asarray(image.GetSpacing())) @ direction.T
+    return world + disp  # world points as Grid.index_to_world computes them (which would import torch)
+
+
 def _labelmap(case_dir: Path, output: str) -> Path | None:
     for ext in (".png", ".nii.gz"):
         p = case_dir / f"{output}_labelmap{ext}"
@@ -89,17 +111,14 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
         ax.imshow(image, cmap="gray")
         inv = case_dir / "inverse_displacement.nii.gz"
         if inv.is_file():
-            img = sitk.ReadImage(str(inv))
-            disp = _read(inv)
-            h, w = disp.shape[:2]
-            sp = img.GetSpacing()
-            xs, ys = np.meshgrid(np.arange(w) * sp[0], np.arange(h) * sp[1])
-            ax_x, ax_y = xs + disp[..., 0], ys + disp[..., 1]
+            atlas = atlas_coordinates(inv)
+            h, w = atlas.shape[:2]
+            sp = read_any(inv).GetSpacing()
             step = max(w, h) * min(sp[:2]) / 16
-            levels_x = np.arange(ax_x.min(), ax_x.max(), step)
-            levels_y = np.arange(ax_y.min(), ax_y.max(), step)
-            ax.contour(ax_x, levels=levels_x, colors="yellow", linewidths=0.5)
-            ax.contour(ax_y, levels=levels_y, colors="yellow", linewidths=0.5)
+            for component in (atlas[..., 0], atlas[..., 1]):
+                levels = np.arange(np.ceil(component.min() / step), np.floor(component.max() / step) + 1) * step
+                if levels.size:
+                    ax.contour(component, levels=levels, colors="yellow", linewidths=0.5)
         ax.set_title("deformed grid (refine)", fontsize=8)
         for a in axes[r]:
             a.set_axis_off()
