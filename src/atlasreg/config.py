@@ -20,6 +20,8 @@ DEFAULTS: dict[str, Any] = {
         "validation": None,   # same keys; never used for training
         "labels": {0: "background"},  # declared label list: value -> name (value order = channels)
         "spacing": None,      # spacing (ITK order) for formats that store none (PNG, JPEG, BMP, TIFF)
+        "num_workers": 0,     # DataLoader worker processes reading training cases (0: in the main process)
+        "cache": True,        # cache preprocessed training cases on disk ($ATLASREG_CACHE or <out>/cache)
     },
     "model": {
         "method": "atlas_istn",      # atlas_istn | unet (ITN alone) | vml (STN on image + atlas image)
