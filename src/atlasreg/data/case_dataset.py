@@ -101,13 +101,13 @@ def preprocessing_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _stamp(path: Path) -> list:
-    """Absolute path, size (bytes) and modification time (ns) of a file; None if it cannot be read."""
+def _stamp(path: str) -> list | None:
+    """Path, size (bytes) and modification time (ns) of a file; None if it cannot be read."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    return [path, st.st_size, st.st_mtime_ns]
 
 
 class CaseDataset(Dataset):
@@ -131,6 +131,8 @@ class CaseDataset(Dataset):
                 raise AtlasregError("no labelmap for this image", p.image)
         self.preprocessing = preprocessing
         self.cache_dir = None if cache_dir is None else Path(cache_dir).resolve() / preprocessing.key()
+        # Absolute paths for the cache keys, made once (Path.resolve per read was half of a cached read).
+        self._abs = [(os.path.abspath(p.image), os.path.abspath(p.label)) for p in self.pairs] if cache_dir else None
         self._shape = (1 + len(preprocessing.labels), *preprocessing.size)
 
     @classmethod
@@ -156,7 +158,7 @@ class CaseDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         index = int(index)
         pair = self.pairs[index]
-        entry = self._cache_entry(pair)
+        entry = self._cache_entry(index)
         data = self._read_entry(entry) if entry is not None else None
         if data is None:
             data = self._load(pair)
@@ -183,10 +185,10 @@ class CaseDataset(Dataset):
                             f"{(str(e).splitlines() or [''])[0][:200]}", pair.image) from None
         return torch.cat([case.image[0], case.labelmap[0]]).float().contiguous()
 
-    def _cache_entry(self, pair: CasePair) -> Path | None:
+    def _cache_entry(self, index: int) -> Path | None:
         if self.cache_dir is None:
             return None
-        stamps = [_stamp(pair.image), _stamp(pair.label)]
+        stamps = [_stamp(path) for path in self._abs[index]]
         if None in stamps:  # let load_case report the missing file
             return None
         return self.cache_dir / (hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:32] + ".npy")
