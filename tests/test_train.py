@@ -61,3 +61,16 @@ def test_same_seed_same_numbers_with_workers_and_cache(tmp_path):
         assert losses == ref_losses, name
         assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state), name
     assert len(list((tmp_path / "cache" / "cache").rglob("*.npy"))) == 7
+
+
+def test_bad_num_workers_is_a_clear_error(tmp_path):
+    import pytest
+
+    from atlasreg.config import load_config
+    from atlasreg.errors import AtlasregError
+    from atlasreg.models.train import train
+
+    cfg = load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}, "num_workers": -1}})
+    with pytest.raises(AtlasregError, match=r"^data.num_workers must be an integer >= 0, got -1$"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.yaml").exists()
