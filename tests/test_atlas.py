@@ -2,6 +2,7 @@ import math
 
 import SimpleITK as sitk
 import torch
+from torch.utils.data import TensorDataset
 
 from atlasreg.atlas import atlas_init, atlas_update, save_atlas
 from atlasreg.spatial.grid import Grid
@@ -29,7 +30,7 @@ def test_module_atlas_update_is_eq_15_with_warped_mean():
     labs[:, 1, 4:12, 4:12] = 1
     labs[:, 0] = 1 - labs[:, 1]
     imgs = torch.randn(5, 1, 16, 16)
-    m.set_training_data(imgs, labs)
+    m.set_training_data(TensorDataset(imgs, labs))
     m.atlas_labelmap.copy_(torch.full((1, 2, 16, 16), 0.5))
     m.atlas_image.zero_()
     m.update_atlas()
@@ -66,3 +67,18 @@ def test_delayed_affine_start_uses_identity_affine():
     assert not m.use_affine()  # current_epoch is 0 before training
     _, tr = m.net(torch.randn(2, 1, 16, 16), torch.rand(1, 2, 16, 16), use_affine=m.use_affine())
     assert tr.affine is None and tr.svf is not None
+
+
+def test_initial_atlas_is_the_streamed_mean_of_eq_15_bit_for_bit():
+    """The module reads the cases batch by batch; its initial atlas still equals atlas_init on the
+    stacked cases exactly (37 cases: more than one run of 16 in torch's summation order)."""
+    cfg = load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}}, "model": {"size": [16, 16]},
+                             "training": {"atlas_batch_size": 7}})
+    m = AtlasISTNModule(cfg)
+    gen = torch.Generator().manual_seed(0)
+    labs = torch.softmax(torch.randn(37, 2, 16, 16, generator=gen), 1)
+    imgs = torch.randn(37, 1, 16, 16, generator=gen)
+    m.set_training_data(TensorDataset(imgs, labs))
+    m.on_fit_start()
+    lab0, img0 = atlas_init(labs, imgs)
+    assert torch.equal(m.atlas_labelmap, lab0) and torch.equal(m.atlas_image, img0)

@@ -61,11 +61,11 @@ def test_independent_refines_an_untrained_stn_towards_a_fixed_case(data):
 
 
 def test_fixed_atlas_is_the_named_training_case_and_never_changes(data):
-    from atlasreg.data.cases import load_training_tensors
+    from atlasreg.data.case_dataset import CaseDataset
 
     module, files = run_variant(data, "fixed", training={"fixed_atlas": "B3"})
-    _, labelmaps, names = load_training_tensors(module.config, "train", progress=False)
-    assert torch.allclose(module.atlas_labelmap, labelmaps[names.index("B3")][None])
+    cases = CaseDataset.from_config(module.config, "train")
+    assert torch.allclose(module.atlas_labelmap, cases[cases.index_of("B3")][1][None])
     assert "refine_labelmap.png" in files
     # the epoch means of the losses reach TensorBoard once per epoch (2 epochs)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -145,10 +145,11 @@ def test_deformation_losses_are_eqs_11_to_13_on_the_foreground_channels():
     assert (out["a2s"] > 0).all() and (out["reg"] > 0).all()
 
 
-def test_train_releases_the_training_tensors_when_it_returns(data):
+def test_train_releases_the_training_data_when_it_returns(data):
     """Lightning leaves the module reachable from every callback, and the module reaches the trainer
-    and the training data. train() must release the data even while the caller keeps its callbacks,
-    without waiting for a garbage collection (it raised the peak memory of train + segment)."""
+    and the training data. train() must release the data (the data set, its loader and the batches)
+    even while the caller keeps its callbacks, without waiting for a garbage collection (it raised the
+    peak memory of train + segment)."""
     import gc
     import weakref
 
@@ -158,7 +159,11 @@ def test_train_releases_the_training_tensors_when_it_returns(data):
 
     class Watch(Callback):
         def on_fit_start(self, trainer, pl_module):
-            refs.extend(weakref.ref(t) for t in (pl_module.train_images, pl_module.train_labelmaps))
+            refs.append(weakref.ref(pl_module.train_data))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                refs.extend(weakref.ref(t) for t in (batch[0], batch[1], trainer.train_dataloader))
 
     cfg = load_config(None, {
         "data": {"train": {"images": str(data / "train"), "image_suffix": "_img", "label_suffix": "_seg"},
@@ -168,6 +173,6 @@ def test_train_releases_the_training_tensors_when_it_returns(data):
     gc.disable()  # only train() itself may collect
     try:
         train(cfg, data / "release", resume=False, progress=False, callbacks=[Watch()])
-        assert len(refs) == 2 and all(r() is None for r in refs)
+        assert len(refs) == 4 and all(r() is None for r in refs)
     finally:
         gc.enable()

@@ -385,6 +385,9 @@ SCHEMA = Section({
         "labels": Field(Labels(), REQUIRED, "declared label list: value -> name (value order = channels)"),
         "spacing": Field(Optional(ListOf(Float(0.0, open_min=True))), None,
                          "spacing (ITK order, world units) for formats that store none (PNG, JPEG, BMP, TIFF)"),
+        "num_workers": Field(Int(0), 0, "DataLoader worker processes reading training cases (0: in the main "
+                             "process)"),
+        "cache": Field(Bool(), True, "cache preprocessed training cases on disk ($ATLASREG_CACHE or <out>/cache)"),
     })),
     "model": Field(Section({
         "method": Field(Choice(lambda: known_methods()), "atlas_istn",

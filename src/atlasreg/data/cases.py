@@ -116,28 +116,3 @@ def pairs_from_spec(spec: dict, need_labels: bool = True) -> list[CasePair]:
         if missing:
             raise AtlasregError("no labelmap for this image", missing[0])
     return pairs
-
-
-def load_training_tensors(cfg: dict, section: str = "train", progress: bool = True):
-    """Load a config data section as stacked tensors: images (n, 1, *size), labelmaps (n, C, *size),
-    and the case names."""
-    from tqdm import tqdm
-
-    labels = list(cfg["data"]["labels"].keys())
-    m = cfg["model"]
-    pairs = pairs_from_spec(cfg["data"][section])
-    n = len(pairs)
-    images = torch.empty(0, 1, *m["size"])
-    labelmaps = torch.empty(0, len(labels), *m["size"])
-    names = []
-    # Filled in place, not concatenated from a list: holding both would double the peak memory.
-    for i, p in enumerate(tqdm(pairs, desc=f"loading {section}", disable=not progress, leave=False)):
-        c = load_case(p.image, p.label, labels, model_grid(cfg), cfg["data"]["spacing"])
-        if i == 0:
-            images = c.image.new_empty((n, *c.image.shape[1:]))
-            labelmaps = c.labelmap.new_empty((n, *c.labelmap.shape[1:]))
-        images[i] = c.image[0]
-        labelmaps[i] = c.labelmap[0]
-        names.append(p.name)
-    return images, labelmaps, names
-

@@ -19,8 +19,11 @@ from typing import Sequence
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from ..atlas import atlas_init, atlas_update
+from ..atlas import atlas_update
+from ..data.case_dataset import StreamingSum
 from ..errors import AtlasregError
 from ..losses import diffusion_regulariser, label_mse
 from ..nets.stn import STN
@@ -144,21 +147,26 @@ class AtlasISTNModule(Method):
         self.register_buffer("atlas_labelmap", torch.zeros(1, len(labels), *size))
         self.register_buffer("atlas_image", torch.zeros(1, 1, *size))
         self.register_buffer("atlas_ready", torch.zeros((), dtype=torch.bool))
-        self.train_images: torch.Tensor | None = None
-        self.train_labelmaps: torch.Tensor | None = None
-        self.train_names: list[str] | None = None
+        self.train_data: Dataset | None = None
         self._augment = None
         self.atlas_update_seconds = 0.0
         self._epoch_sums: dict = {}
         self._epoch_count = 0
 
-    # ---------------------------------------------------------------- data held in memory
-    def set_training_data(self, images: torch.Tensor | None, labelmaps: torch.Tensor | None,
-                          names: Sequence[str] | None = None) -> None:
-        """Unaugmented model-grid tensors of all training cases, used for the atlas (Eqs. 15-16), and
-        their case names (needed for `training.fixed_atlas`). None releases them."""
-        self.train_images, self.train_labelmaps = images, labelmaps
-        self.train_names = list(names) if names is not None else None
+    # ---------------------------------------------------------------- training data
+    def set_training_data(self, dataset: Dataset | None) -> None:
+        """The training cases, used for the atlas (Eqs. 15-16): a map-style Dataset whose items begin
+        with the unaugmented image (1, *S) and labelmap (C, *S) on the model grid (a
+        :class:`~atlasreg.data.case_dataset.CaseDataset`, or a TensorDataset). Its `names` (case names,
+        in item order) are needed by `training.fixed_atlas`. None releases it."""
+        self.train_data = dataset
+
+    def case_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """The cases of `dataset` in order, `batch_size` at a time, read by `data.num_workers` workers.
+        The loader has its own generator, so iterating it leaves the global RNG (which shuffles the
+        training batches) untouched."""
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                          num_workers=int(self.config["data"].get("num_workers", 0)), generator=torch.Generator())
 
     @classmethod
     def arguments_from_config(cls, config: dict) -> dict:
@@ -252,19 +260,31 @@ class AtlasISTNModule(Method):
         return None
 
     def _initial_atlas(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 15 at t = 0: the mean of the unaligned training labelmaps (1, C, *S) and images
+        (1, 1, *S), streamed over the data set (equal bit for bit to `atlas.atlas_init` on the stacked
+        cases, see StreamingSum); or the case named by `training.fixed_atlas`, read alone."""
         name = self.fixed_atlas()
         if name is None:
-            return atlas_init(self.train_labelmaps, self.train_images)
-        names = self.train_names or []
+            n = len(self.train_data)
+            sum_lab, sum_img = StreamingSum(n), StreamingSum(n)
+            loader = self.case_loader(self.train_data, int(self.config["training"]["atlas_batch_size"]))
+            show = self._trainer is not None and self._trainer.progress_bar_callback is not None
+            for batch in tqdm(loader, desc="initial atlas", disable=not show, leave=False):
+                img, lab = batch[0], batch[1]
+                for i in range(img.shape[0]):
+                    sum_lab.add(lab[i:i + 1])
+                    sum_img.add(img[i:i + 1])
+            return sum_lab.total() / n, sum_img.total() / n
+        names = list(getattr(self.train_data, "names", None) or [])
         if str(name) not in names:
             raise AtlasregError(f"training.fixed_atlas: case {name!r} is not in the training set "
                                 f"(first cases: {names[:5]})")
-        i = names.index(str(name))
-        return self.train_labelmaps[i:i + 1].clone(), self.train_images[i:i + 1].clone()
+        item = self.train_data[names.index(str(name))]
+        return item[1][None].clone(), item[0][None].clone()
 
     def on_fit_start(self) -> None:
         if not bool(self.atlas_ready):
-            if self.train_images is None:
+            if self.train_data is None:
                 raise RuntimeError("set_training_data() must be called before fit")
             lab, img = self._initial_atlas()
             self.atlas_labelmap.copy_(lab)
@@ -281,7 +301,7 @@ class AtlasISTNModule(Method):
         return self.current_epoch >= int(self.config["training"]["affine_start_epoch"])
 
     def _batch(self, batch):
-        image, labelmap = batch
+        image, labelmap = batch[0], batch[1]  # (N, 1, *S), (N, C, *S); a CaseDataset adds the indices
         if self._augment is not None:
             image, labelmap = self._augment(image, labelmap)
         return image, labelmap
@@ -325,20 +345,22 @@ class AtlasISTNModule(Method):
             self.log_dict(self.epoch_losses(), on_step=False, on_epoch=True)
 
     @torch.no_grad()
-    def warp_to_atlas(self, images: torch.Tensor, labelmaps: torch.Tensor, batch_size: int = 100):
-        """Forward pass without augmentation warping every case to atlas space (Eq. 16):
-        returns the means of z_i o Phi_i for labelmaps (1, C, *S) and images (1, 1, *S)."""
+    def warp_to_atlas(self, dataset: Dataset, batch_size: int = 100):
+        """Forward pass without augmentation warping every case of `dataset` (items as in
+        `set_training_data`) to atlas space, `batch_size` cases per pass (Eq. 16): returns the means
+        of z_i o Phi_i for labelmaps (1, C, *S) and images (1, 1, *S)."""
         sum_lab = torch.zeros_like(self.atlas_labelmap)
         sum_img = torch.zeros_like(self.atlas_image)
-        for i in range(0, images.shape[0], batch_size):
-            img = images[i:i + batch_size].to(self.device)
-            lab = labelmaps[i:i + batch_size].to(self.device)
+        n = 0
+        for batch in self.case_loader(dataset, batch_size):
+            img = batch[0].to(self.device)
+            lab = batch[1].to(self.device)
             # Only Phi is needed here (z_i o Phi_i): its inverse is never asked for, so never computed.
             _, tr = self.net(img, self.atlas_labelmap, self.atlas_image, self.use_affine())
             warped = warp(torch.cat([lab, img], 1), tr.forward_points(), tr.grid).sum(0, keepdim=True)
             sum_lab += warped[:, :-1]
             sum_img += warped[:, -1:]
-        n = images.shape[0]
+            n += img.shape[0]
         return sum_lab / n, sum_img / n
 
     def update_atlas(self) -> None:
@@ -351,8 +373,7 @@ class AtlasISTNModule(Method):
         eta = float(self.config["training"]["atlas_eta"])
         was_training = self.net.training
         self.net.eval()
-        mean_lab, mean_img = self.warp_to_atlas(self.train_images, self.train_labelmaps,
-                                                int(self.config["training"]["atlas_batch_size"]))
+        mean_lab, mean_img = self.warp_to_atlas(self.train_data, int(self.config["training"]["atlas_batch_size"]))
         self.net.train(was_training)
         self.atlas_labelmap.copy_(atlas_update(self.atlas_labelmap, mean_lab, eta))
         self.atlas_image.copy_(atlas_update(self.atlas_image, mean_img, eta))
