@@ -84,22 +84,30 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
     """Segment every input image (files or folders) and write the outputs under out_dir.
 
     All inputs are read and checked before anything is written; a bad input raises AtlasregError
-    naming the file. refinement: overrides of config['refinement'] (iterations, lr, beta, gamma,
+    naming the file. Cases are then read again `cases_at_once` at a time, so peak memory does not grow
+    with the number of inputs. refinement: overrides of config['refinement'] (iterations, lr, beta, gamma,
     lambda, cases_at_once). Returns the case output folders."""
     cfg = module.config
     ref = dict(cfg["refinement"], **(refinement or {}))
     labels = list(cfg["data"]["labels"].keys())
     grid = module.net.grid
     files = collect_inputs(list(inputs), image_suffix)
-    cases = [load_case(f, None, labels, grid, cfg["data"]["spacing"], name=n)
-             for n, f in tqdm(files, desc="reading", disable=not progress, leave=False)]
+
+    def read(name, path):
+        return load_case(path, None, labels, grid, cfg["data"]["spacing"], name=name)
+
+    # Every input is read and checked before anything is written, but not kept: cases are read again
+    # chunk by chunk below, so memory does not grow with the number of inputs (reading is about 2% of
+    # the time of a refined case).
+    for name, path in tqdm(files, desc="checking", disable=not progress, leave=False):
+        read(name, path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     chunk = max(1, int(ref["cases_at_once"]))
-    bar = tqdm(total=len(cases), desc="segmenting", unit="case", disable=not progress)
-    for i in range(0, len(cases), chunk):
-        group = cases[i:i + chunk]
+    bar = tqdm(total=len(files), desc="segmenting", unit="case", disable=not progress)
+    for i in range(0, len(files), chunk):
+        group = [read(name, path) for name, path in files[i:i + chunk]]
         for pred in predict_cases(module, group, ref):
             written.append(write_case_outputs(out_dir, pred.case, labels, grid, pred.itn, pred.transforms,
                                               module.atlas_labelmap, module.atlas_image,
@@ -107,6 +115,3 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
         bar.update(len(group))
     bar.close()
     return written
-
-
-
