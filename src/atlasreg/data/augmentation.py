@@ -10,11 +10,12 @@ import torch
 from monai.transforms import RandAffine
 
 
-def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float]) -> Callable:
+def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float], seed: int | None = None) -> Callable:
     """Returns f(image (N, 1, *S), labelmap (N, C, *S)) -> augmented pair (a new random affine per case).
 
     cfg: {translation_voxels, rotation_degrees, scale: [lo, hi], probability}. Translation is in voxels
-    of the model grid; 3D rotations use the same range about every axis."""
+    of the model grid; 3D rotations use the same range about every axis. seed: seeds MONAI's own
+    random state (which the global seeds do not reach), so the same seed gives the same augmentation."""
     rot = math.radians(float(cfg["rotation_degrees"]))
     lo, hi = cfg["scale"]
     tr = float(cfg["translation_voxels"])
@@ -26,6 +27,8 @@ def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float]) ->
         mode="bilinear",
         padding_mode="border",
     )
+    if seed is not None:
+        rand.set_random_state(seed=int(seed))
 
     def augment(image: torch.Tensor, labelmap: torch.Tensor):
         both = torch.cat([image, labelmap], dim=1)

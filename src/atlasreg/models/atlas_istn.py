@@ -294,7 +294,8 @@ class AtlasISTNModule(Method):
         if aug.get("enabled"):
             from ..data.augmentation import make_spatial_augmentation
             self._augment = make_spatial_augmentation(aug, self.config["model"]["ndim"],
-                                                      self.config["model"]["spacing"])
+                                                      self.config["model"]["spacing"],
+                                                      seed=int(self.config["training"]["seed"]))
 
     # ---------------------------------------------------------------- training
     def use_affine(self) -> bool:
