@@ -58,6 +58,8 @@ def test_fade_in_weight_follows_eq_24():
     assert fade_in_weight(25, {"e0": 25, "tau": 25}) == 0.5
     assert abs(fade_in_weight(0, {"e0": 25, "tau": 25}) - 1 / (1 + math.exp(1))) < 1e-12
     assert fade_in_weight(3, None) == 1.0
+    assert fade_in_weight(0, {"e0": 100000, "tau": 1}) == 0.0  # no OverflowError far before e0
+    assert fade_in_weight(100000, {"e0": 0, "tau": 1}) == 1.0
 
 
 def test_delayed_affine_start_uses_identity_affine():

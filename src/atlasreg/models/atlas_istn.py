@@ -93,7 +93,10 @@ def fade_in_weight(epoch: int, fade_in: dict | None) -> float:
     """w of Eq. 14 by the schedule of Eq. 24: 1 / (1 + exp(-(epoch - e0) / tau)); 1 without fade-in."""
     if not fade_in:
         return 1.0
-    return 1.0 / (1.0 + math.exp(-(epoch - fade_in["e0"]) / fade_in["tau"]))
+    x = -(epoch - fade_in["e0"]) / fade_in["tau"]
+    if x > 700.0:  # exp would overflow; w is 0 to double precision
+        return 0.0
+    return 1.0 / (1.0 + math.exp(x))
 
 
 def deformation_losses(transform: AffineSVFTransform, labelmap: torch.Tensor, atlas_labelmap: torch.Tensor,
