@@ -27,9 +27,6 @@ from .spatial.grid import Grid
 from .spatial.itk import field_image, write_transform
 from .spatial.transforms import AffineSVFTransform, AffineTransform, Composite
 
-#: The labelmaps' extension of a case (:func:`atlasreg.contracts.labelmap_extension`).
-_extension = labelmap_extension
-
 
 def _labelmap_image(indices: np.ndarray, labels: Sequence[int], case: Case, ext: str) -> sitk.Image:
     values = indices_to_values(indices, labels)
@@ -76,7 +73,7 @@ def native_outputs(case: Case, labels: Sequence[int], model_grid: Grid,
     (on the input grid) and ``forward_displacement`` (on the atlas grid): their displacement-field
     images."""
     native = case.grid
-    ext = _extension(case.path)
+    ext = labelmap_extension(case.path)
     transforms = dict(transforms or {})
     out: dict = {"labelmaps": {}}
     with torch.no_grad():
@@ -112,7 +109,7 @@ def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], model_g
     :data:`~atlasreg.contracts.TRANSFORM_METRICS`: value}. The case information (the input image's
     absolute path) is always written. Returns the case folder; on any error nothing of it is written (an older folder of the
     same name is kept)."""
-    ext = _extension(case.path)
+    ext = labelmap_extension(case.path)
     outputs = native_outputs(case, labels, model_grid, itn_probabilities, transforms, atlas_labelmap, atlas_image)
     return write_outputs(Path(out_dir) / case.name, case, outputs, ext, transform_metrics)
 
