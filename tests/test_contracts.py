@@ -3,7 +3,9 @@ AtlasregError naming the file."""
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -226,3 +228,73 @@ def test_integer_columns_reject_fractions(tmp_path):
     (tmp_path / c.METRICS_PER_CASE).write_text(_HEADER[c.METRICS_PER_CASE] + "\n" + row + "\n")
     with pytest.raises(AtlasregError, match="components = '1.5' is not an integer"):
         c.read_metrics_per_case(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# one place: no other module spells a name or a column tuple
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "atlasreg"
+CONTRACTS = SRC / "contracts.py"
+
+
+def _name_patterns() -> list[re.Pattern]:
+    """What spelling a contract name looks like in source text (code, docstrings and comments)."""
+    patterns = [re.compile(re.escape(name)) for name in c.FILE_NAMES]
+    ext = "|".join(re.escape(e) for e in c.LABELMAP_EXTENSIONS)
+    patterns.append(re.compile(rf"{c.LABELMAP_SUFFIX}(\{{|{ext})"))  # f"{name}_labelmap{ext}", "itn_labelmap.png"
+    for folder in c.FOLDER_NAMES:  # as a path part: out / "logs", "atlas/...", `cache/`, name="logs"
+        f = re.escape(folder)
+        quoted = rf"""|["'`]{f}["'`]""" if "_" in folder else ""  # not a word of prose, key or output name
+        patterns.append(re.compile(rf"""/\s*["']{f}["']|["'`]{f}/|\b{f}/\w|name\s*=\s*["']{f}["']{quoted}"""))
+    return patterns
+
+
+def _hits(text: str) -> list[tuple[int, str]]:
+    return [(text.count("\n", 0, m.start()) + 1, m.group(0)) for p in _name_patterns() for m in p.finditer(text)]
+
+
+def _column_tuples(tree: ast.AST) -> list[tuple[int, tuple]]:
+    """(line, value) of every tuple or list literal of strings equal to a contract column tuple or to
+    one without its first (key) column."""
+    targets = {t for cols in c.COLUMN_TUPLES for t in (cols, cols[1:])}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List)) and node.elts and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+            value = tuple(e.value for e in node.elts)
+            if value in targets:
+                found.append((node.lineno, value))
+    return found
+
+
+def test_the_scanner_finds_what_it_looks_for():
+    text = CONTRACTS.read_text()
+    for name in (*c.FILE_NAMES, c.INITIAL_ATLAS_DIR):
+        assert name in text
+    planted = ('p = out / "checkpoints" / "last.ckpt"\nq = case / f"{name}_labelmap{ext}"\n'
+               'TensorBoardLogger(d, name="logs")\nr = "itn_labelmap.nii.gz"\ns = "see `atlas/`"\n'
+               't = run / "atlas_initial"\nu = "`atlas_initial`"\n')
+    assert sorted(line for line, _ in _hits(planted)) == [1, 1, 2, 3, 4, 5, 6, 7]
+    assert _column_tuples(ast.parse(f"X = {c.QUALITY_COLUMNS!r}\nY = {list(c.PER_CASE_COLUMNS[1:])!r}")) == \
+        [(1, c.QUALITY_COLUMNS), (2, c.PER_CASE_COLUMNS[1:])]
+    # Prose and other strings are not names: the word 'atlas', the config key 'cache', an output name.
+    assert _hits('"""the atlas, its logs and checkpoints"""\ncfg["cache"]\nout = "atlas"\npaths.atlas_initial\n') == []
+
+
+def test_no_module_but_contracts_spells_a_file_name_or_a_column_tuple():
+    sources = sorted(p for p in SRC.rglob("*.py") if p != CONTRACTS)
+    assert len(sources) > 40
+    problems = []
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(SRC.parent)
+        problems += [f"{rel}:{line}: {what!r}" for line, what in _hits(text)]
+        problems += [f"{rel}:{line}: column tuple {value}" for line, value in _column_tuples(ast.parse(text))]
+    assert not problems, "spelled outside atlasreg/contracts.py (import the name from there):\n" + "\n".join(problems)
+
+
+def test_lightning_names_the_checkpoints_as_the_contract_says():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    assert ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION == c.LAST_CHECKPOINT
+    assert c.EPOCH_CHECKPOINT.format(epoch=7) == "epoch0007"
