@@ -5,9 +5,9 @@ small readers and writers. This module is the written contract; no other module 
 Conventions of all folders: images are read and written with SimpleITK and keep their geometry
 (spacing and origin in world units, mm; direction cosines); vector images hold world units along the
 world axes; CSV files are UTF-8 with ``\\n`` line ends and a header row, floats written with ``repr``
-(full precision, ``nan`` for NaN, an empty cell read as NaN); YAML files are ``yaml.safe_dump`` output.
-Every file is written atomically (:mod:`atlasreg.data.io`), a case folder all or nothing. A reader
-raises :class:`~atlasreg.errors.AtlasregError` with one line naming the file and the problem.
+(full precision, ``nan`` for NaN; an empty cell is read as NaN); YAML files are ``yaml.safe_dump``
+output. Every file is written atomically (:mod:`atlasreg.data.io`), a case folder all or nothing. A
+reader raises :class:`~atlasreg.errors.AtlasregError` with one line naming the file and the problem.
 
 Case folder ``<out>/<case>/`` (``atlasreg segment``; :func:`atlasreg.export.write_case_outputs`,
 :meth:`atlasreg.Segmentation.save`; read by ``atlasreg evaluate``, ``report`` and ``correspond``)
@@ -22,89 +22,99 @@ Case folder ``<out>/<case>/`` (``atlasreg segment``; :func:`atlasreg.export.writ
   the model's method: Atlas-ISTN writes all; a U-Net writes itn and itn_lcc only, plus onepass (its
   untrained STN: the identity), refine and atlas when it has a fixed atlas (the paper's
   'Independent'); VML has no ITN and writes onepass and atlas.
-- :data:`DEFORMED_ATLAS_IMAGE`: the atlas image resampled onto the input grid (float32).
+- ``deformed_atlas_image.nii.gz`` (:data:`DEFORMED_ATLAS_IMAGE`): the atlas image resampled onto the
+  input grid (float32).
 - The transforms of the final (refined, else 1-pass) registration, consistent as files with the saved
-  atlas (:data:`ATLAS_IMAGE` of the training run's :data:`ATLAS_DIR`, on the centred model grid) with
-  no hidden re-centring:
-  :data:`INVERSE_FIELD`: on the input's grid, the ITK displacement field that maps each input
-  (subject) point p to the atlas point p + d(p) (Phi^-1, Eq. 8, with the case's frame); resampling the
-  saved atlas with it onto the input gives the 1-pass/refined segmentation;
-  :data:`FORWARD_FIELD`: on the atlas grid, the field that maps each atlas point q to the subject point
-  q + d(q) (Phi, Eq. 7); it resamples the input into atlas space;
-  :data:`INVERSE_TRANSFORM` and :data:`FORWARD_TRANSFORM`: the same maps as ITK composite transforms
-  (affine part + displacement field on the model grid), for SimpleITK, ANTs, 3D Slicer.
+  atlas (``<run>/atlas/atlas_image.nii.gz``, on the centred model grid) with no hidden re-centring:
+  ``inverse_displacement.nii.gz`` (:data:`INVERSE_FIELD`): on the input's grid, the ITK displacement
+  field that maps each input (subject) point p to the atlas point p + d(p) (Phi^-1, Eq. 8, with the
+  case's frame); resampling the saved atlas with it onto the input gives the 1-pass/refined
+  segmentation;
+  ``forward_displacement.nii.gz`` (:data:`FORWARD_FIELD`): on the atlas grid, the field that maps each
+  atlas point q to the subject point q + d(q) (Phi, Eq. 7); it resamples the input into atlas space;
+  ``inverse_transform.h5`` and ``forward_transform.h5`` (:data:`INVERSE_TRANSFORM`,
+  :data:`FORWARD_TRANSFORM`): the same maps as ITK composite transforms (affine part + displacement
+  field on the model grid), for SimpleITK, ANTs, 3D Slicer.
   Outside the model's field of view both maps continue the affine part (the dense part keeps its
   border value in the NIfTI fields; ITK's displacement-field transform in the .h5 files uses zero
   there). Not written when the method does not register (a U-Net without a fixed atlas).
-- :data:`CASE_INFO` (:func:`write_case_info`, :func:`read_case_info`): ``image: <absolute path of the
-  input image>`` (null for an image given in memory); always written; the report draws the image
-  from it.
-- :data:`TRANSFORM_METRICS` (:func:`write_transform_metrics`, :func:`read_transform_metrics`): one
-  row per transform the method has (:data:`TRANSFORM_OUTPUTS`: ``onepass``, the 1-pass transform of
-  Eq. 9; ``refine``, the refined one of Eq. 21), columns :data:`TRANSFORM_METRIC_COLUMNS`, computed on
-  the model grid (not the input's): ``mice_mm`` and ``mice_voxels``, the masked inverse consistency
-  error in mm and in voxels of the model grid, and ``ic_dsc`` of the atlas labelmap (paper Sec. 3.2
-  'Inter-Subject Correspondence', Table 6; :func:`atlasreg.evaluation.consistency.inverse_consistency`);
-  ``nonpositive_jacobian_fraction``, the fraction of model-grid voxels with det J(Phi) <= 0, and
-  ``std_log_jacobian``, the standard deviation of log det J(Phi) over the whole grid (forward transform
+- ``case.yaml`` (:data:`CASE_INFO`; :func:`write_case_info`, :func:`read_case_info`): ``image:
+  <absolute path of the input image>`` (null for an image given in memory); always written; the
+  report draws the image from it.
+- ``transform_metrics.csv`` (:data:`TRANSFORM_METRICS`; :func:`write_transform_metrics`,
+  :func:`read_transform_metrics`): one row per transform the method has (:data:`TRANSFORM_OUTPUTS`:
+  ``onepass``, the 1-pass transform of Eq. 9; ``refine``, the refined one of Eq. 21), columns
+  ``method, mice_mm, mice_voxels, ic_dsc, nonpositive_jacobian_fraction, std_log_jacobian``
+  (:data:`TRANSFORM_METRIC_COLUMNS`), computed on the model grid (not the input's): the masked inverse
+  consistency error in mm and in voxels of the model grid and the IC-DSC of the atlas labelmap (paper
+  Sec. 3.2 'Inter-Subject Correspondence', Table 6;
+  :func:`atlasreg.evaluation.consistency.inverse_consistency`); the fraction of model-grid voxels with
+  det J(Phi) <= 0 and the standard deviation of log det J(Phi) over the whole grid (forward transform
   Phi, Eq. 7; :func:`atlasreg.evaluation.topology.jacobian_statistics`). Not written when the method
   has no transform.
 
 Segmentation run folder (``atlasreg segment --out``)
 ----------------------------------------------------
-One case folder per case, and :data:`SEGMENT_INFO` (:func:`write_segment_info`,
+One case folder per case, and ``segment.yaml`` (:data:`SEGMENT_INFO`; :func:`write_segment_info`,
 :func:`read_segment_info`): ``checkpoint`` (absolute path of the model checkpoint) and ``refinement``
 (the refinement settings used: iterations, lr, beta, gamma, lambda, cases_at_once). ``atlasreg
 evaluate`` takes the declared labels from that checkpoint and copies both entries into the
-evaluation's :data:`EVALUATION_INFO` (the report's lambda* sensitivity study reads them there).
+evaluation's ``info.yaml`` (the report's lambda* sensitivity study reads them there).
 
 Training run folder (``atlasreg train --out``; :func:`run_paths`)
 -------------------------------------------------------------
-:data:`RUN_CONFIG` (the validated config, data paths absolute); :data:`CHECKPOINT_DIR` with
-:data:`LAST_CHECKPOINT` (every epoch; a run resumes from it) and Lightning's newest
-:data:`EPOCH_CHECKPOINT`; :data:`FINAL_CHECKPOINT` (the trained method: weights, atlas, method name,
-its arguments and the config); :data:`ATLAS_DIR` (the final atlas) and :data:`INITIAL_ATLAS_DIR` (the
-atlas at the start of training, Eq. 15 with t = 0; paper Fig. 9), both atlas folders;
-:data:`LOG_DIR` (TensorBoard); :data:`CACHE_DIR` (preprocessed training cases, see
-:mod:`atlasreg.data.case_dataset`, unless ``$ATLASREG_CACHE`` names another folder).
+``config.yaml`` (:data:`RUN_CONFIG`: the validated config, data paths absolute);
+``checkpoints/last.ckpt`` (:data:`CHECKPOINT_DIR`, :data:`LAST_CHECKPOINT`: every epoch; a run resumes
+from it; Lightning's name) beside Lightning's newest ``checkpoints/epoch<NNNN>.ckpt``;
+``model.ckpt`` (:data:`FINAL_CHECKPOINT`: the trained method, weights, atlas, the method's name,
+constructor arguments and preprocessing; :func:`atlasreg.models.registry.load_model` loads it without
+the config); ``atlas/`` (:data:`ATLAS_DIR`: the final atlas) and ``atlas_initial/``
+(:data:`INITIAL_ATLAS_DIR`: the atlas at the start of training, Eq. 15 with t = 0; paper Fig. 9), both
+atlas folders; ``logs/`` (:data:`LOG_DIR`: TensorBoard); ``cache/`` (:data:`CACHE_DIR`: preprocessed
+training cases, :mod:`atlasreg.data.case_dataset`, unless ``$ATLASREG_CACHE`` names another folder).
 
 Atlas folder (:func:`atlasreg.atlas.save_atlas`; :func:`atlas_paths`)
 ---------------------------------------------------------------------
 On the model grid (:meth:`atlasreg.spatial.grid.Grid.centred`: centred at the world origin, identity
 direction, the model spacing in mm), so the transforms of the case folders apply to these files as
-they are: :data:`ATLAS_LABELMAP` (argmax of the probabilities, declared label values, int32),
-:data:`ATLAS_PROBABILITIES` (float32 vector image, one component per declared label in the declared
-order) and :data:`ATLAS_IMAGE` (float32, the mean of normalised training images, Eqs. 15-16).
+they are: ``atlas_labelmap.nii.gz`` (:data:`ATLAS_LABELMAP`: argmax of the probabilities, declared
+label values, int32), ``atlas_probabilities.nii.gz`` (:data:`ATLAS_PROBABILITIES`: float32 vector
+image, one component per declared label in the declared order) and ``atlas_image.nii.gz``
+(:data:`ATLAS_IMAGE`: float32, in the normalised intensities of the training images; Eqs. 15-16).
 
 Evaluation folder (``atlasreg evaluate --out``; :func:`write_evaluation`, :func:`evaluation_paths`)
 --------------------------------------------------------------------------------------------------
-- :data:`METRICS_PER_CASE` (:func:`read_metrics_per_case`): columns :data:`PER_CASE_COLUMNS`, one row
-  per case, output (``method``) and evaluated foreground structure. ``dice``; ``hd``, ``hd95``, ``asd``
-  in world units of the reference image (mm when its spacing is in mm); ``components``: connected
-  components of the structure in the prediction (full connectivity), ``holes`` its holes, and the same
-  of the reference.
-- :data:`SUMMARY_CSV`: columns :data:`SUMMARY_COLUMNS`, one row per (method, structure): NaN-ignoring
-  mean and population standard deviation over cases (``n`` cases) of each metric, the mean number of
-  components, the fraction of cases with one component, the mean number of holes and the fraction of
-  cases whose components and holes equal the reference's.
-- :data:`SUMMARY_MD`: the same numbers as a Markdown table with ``mean ± std`` cells, followed (when
-  there are such rows) by a table of the transform metrics per method and a quality-control section.
-- :data:`EVALUATION_INFO` (:func:`read_evaluation_info`): the caller's entries (model name, method, STN
-  variant, fixed atlas, L_s weight, label, references, the :data:`SEGMENT_INFO` entries) plus
-  ``test_set``, ``predictions`` (absolute path of the segmentation run folder), ``merge`` (null or
-  ``{key: [values]}``), ``labels`` (``{value: name}``) and ``n_cases`` (cases with at least one
-  prediction file).
-- :data:`TRANSFORMS_PER_CASE` (:func:`read_transforms_per_case`): columns
-  :data:`TRANSFORMS_PER_CASE_COLUMNS`, the rows of every evaluated case's :data:`TRANSFORM_METRICS`
-  with the case name prepended; header only when no case has that file.
-- :data:`QUALITY_CONTROL` (:func:`read_quality_control`; only when at least one case has both ``itn``
-  and ``refine`` labelmaps, an older one is removed otherwise): columns :data:`QUALITY_COLUMNS`, one row
-  per such case (:mod:`atlasreg.evaluation.quality`): ``dice_itn_refine``, the mean over the evaluated
-  structures of the Dice between the ITN and the refined labelmap (no reference used);
-  ``itn_outside_refine``, the fraction of ITN foreground voxels on the refined labelmap's background;
-  ``qc_score = 1 - dice_itn_refine`` (higher: look at this case); ``refine_dice``, the mean Dice of
-  ``refine`` against the reference (to judge the score); ``flagged``: ``True`` for the cases with the
-  10 % highest scores (at least one).
+- ``metrics_per_case.csv`` (:data:`METRICS_PER_CASE`; :func:`read_metrics_per_case`): columns ``case,
+  method, label, structure, dice, hd, hd95, asd, components, holes, reference_components,
+  reference_holes`` (:data:`PER_CASE_COLUMNS`), one row per case, output (``method``) and evaluated
+  foreground structure. ``hd``, ``hd95``, ``asd`` in world units of the reference image (mm when its
+  spacing is in mm); ``components``: connected components of the structure in the prediction (full
+  connectivity), ``holes`` its holes, and the same of the reference.
+- ``summary.csv`` (:data:`SUMMARY_CSV`): columns ``method, label, structure, n, dice_mean, dice_std,
+  hd_mean, hd_std, hd95_mean, hd95_std, asd_mean, asd_std, components_mean,
+  single_component_fraction, holes_mean, same_topology_fraction`` (:data:`SUMMARY_COLUMNS`), one row
+  per (method, structure): NaN-ignoring mean and population standard deviation over the ``n`` cases.
+- ``summary.md`` (:data:`SUMMARY_MD`): the same numbers as a Markdown table with ``mean ± std``
+  cells, followed (when there are such rows) by a table of the transform metrics per method and a
+  quality-control section (ranking quality of the QC score and the flagged cases).
+- ``info.yaml`` (:data:`EVALUATION_INFO`; :func:`read_evaluation_info`): the caller's entries (model
+  name, method, STN variant, fixed atlas, L_s weight, label, references, the ``segment.yaml``
+  entries) plus ``test_set``, ``predictions`` (absolute path of the segmentation run folder),
+  ``merge`` (null or ``{key: [values]}``), ``labels`` (``{value: name}``) and ``n_cases`` (cases with
+  at least one prediction file).
+- ``transforms_per_case.csv`` (:data:`TRANSFORMS_PER_CASE`; :func:`read_transforms_per_case`):
+  columns ``case`` and those of ``transform_metrics.csv`` (:data:`TRANSFORMS_PER_CASE_COLUMNS`), the
+  rows of every evaluated case's ``transform_metrics.csv`` with the case name prepended; header only
+  when no case has that file.
+- ``quality_control.csv`` (:data:`QUALITY_CONTROL`; :func:`read_quality_control`; only when at least
+  one case has both ``itn`` and ``refine`` labelmaps, an older one is removed otherwise): columns
+  ``case, dice_itn_refine, itn_outside_refine, qc_score, refine_dice, flagged``
+  (:data:`QUALITY_COLUMNS`), one row per such case (:mod:`atlasreg.evaluation.quality`):
+  ``dice_itn_refine``, the mean over the evaluated structures of the Dice between the ITN and the
+  refined labelmap (no reference used); ``itn_outside_refine``, the fraction of ITN foreground voxels
+  on the refined labelmap's background; ``qc_score = 1 - dice_itn_refine`` (higher: look at this
+  case); ``refine_dice``, the mean Dice of ``refine`` against the reference (to judge the score);
+  ``flagged``: ``True`` for the cases with the 10 % highest scores (at least one).
 """
 
 from __future__ import annotations
