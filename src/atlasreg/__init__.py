@@ -2,7 +2,7 @@
 
 Public API (imported on first use, so ``import atlasreg`` stays light)::
 
-    model = atlasreg.load_model("model.ckpt")   # atlasreg.Model
+    model = atlasreg.load_model(checkpoint)     # atlasreg.Model (the checkpoint `atlasreg train` wrote)
     result = model.segment("image.nii.gz")      # atlasreg.Segmentation: labelmaps on the input grid
     atlasreg.evaluate(result.labelmap(), "reference.nii.gz", model.labels)
 

@@ -5,7 +5,7 @@ and from atlas space; evaluate a labelmap against a reference.
 Example::
 
     import atlasreg
-    model = atlasreg.load_model("runs/letter_b/model.ckpt")          # device="auto"
+    model = atlasreg.load_model(checkpoint)   # the final checkpoint of `atlasreg train`; device="auto"
     result = model.segment("B901_img.png")                            # or a SimpleITK image / array
     refine = result.labelmap()                                        # SimpleITK image, input grid
     points_in_atlas = result.to_atlas.points(world_points)            # a Transform (mm)
@@ -23,9 +23,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .contracts import labelmap_extension
 from .data.cases import Case, case_from_image, load_case
 from .errors import AtlasregError
-from .export import native_outputs, write_outputs, _extension
+from .export import native_outputs, write_outputs
 from .models.registry import Method
 from .models.registry import load_model as _load_method
 from .predict import predict_cases
@@ -68,7 +69,7 @@ class Segmentation:
 
     def save(self, folder: str | Path) -> Path:
         """Write the outputs as one case folder of ``atlasreg segment`` (atomically); returns it."""
-        ext = _extension(self._case.path) if self._case is not None else ".nii.gz"
+        ext = labelmap_extension(self._case.path if self._case is not None else None)
         return write_outputs(Path(folder), self._case, self._outputs, ext, self.transform_metrics)
 
 

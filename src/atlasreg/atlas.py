@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .contracts import ATLAS_IMAGE, ATLAS_LABELMAP, ATLAS_PROBABILITIES
 from .data.io import write_image
 from .data.preprocessing import indices_to_values
 from .spatial.grid import Grid
@@ -29,20 +30,22 @@ def atlas_update(atlas: torch.Tensor, warped_mean: torch.Tensor, eta: float) -> 
 
 def save_atlas(labelmap: torch.Tensor, image: torch.Tensor, labels: Sequence[int], grid: Grid,
                out_dir: str | Path) -> dict[str, Path]:
-    """Write the atlas as images on the model grid `grid` (:meth:`Grid.centred`: centred at the world
-    origin, identity direction; its world coordinates are the model's, so transforms that atlasreg
-    writes apply to these files as they are): `atlas_labelmap.nii.gz` (argmax, declared label
-    values), `atlas_probabilities.nii.gz` (C-component vector image) and `atlas_image.nii.gz`.
-    labelmap: (1, C, *grid.size); image: (1, 1, *grid.size). Returns the paths."""
+    """Write the atlas folder `out_dir` (:mod:`atlasreg.contracts`): images on the model grid `grid`
+    (:meth:`Grid.centred`: centred at the world origin, identity direction; its world coordinates are
+    the model's, so transforms that atlasreg writes apply to these files as they are): the labelmap
+    (argmax, declared label values, int32), the probabilities (C-component float32 vector image) and
+    the image (float32). labelmap: (1, C, *grid.size); image: (1, 1, *grid.size). Returns the paths,
+    keyed by file name (:data:`~atlasreg.contracts.ATLAS_LABELMAP`, ...). Raises ValueError when the
+    atlas is not on `grid`."""
     out_dir = Path(out_dir)
     if tuple(labelmap.shape[2:]) != grid.size:
         raise ValueError(f"atlas of shape {tuple(labelmap.shape[2:])} is not on the grid {grid.size}")
     lab = labelmap[0].detach().cpu().float()
     arg = indices_to_values(lab.argmax(0).numpy(), labels).astype(np.int32)
     probs = sitk.GetImageFromArray(lab.movedim(0, -1).numpy(), isVector=True)
-    imgs = {"atlas_labelmap.nii.gz": sitk.GetImageFromArray(arg),
-            "atlas_probabilities.nii.gz": probs,
-            "atlas_image.nii.gz": sitk.GetImageFromArray(image[0, 0].detach().cpu().float().numpy())}
+    imgs = {ATLAS_LABELMAP: sitk.GetImageFromArray(arg),
+            ATLAS_PROBABILITIES: probs,
+            ATLAS_IMAGE: sitk.GetImageFromArray(image[0, 0].detach().cpu().float().numpy())}
     paths = {}
     for name, img in imgs.items():
         grid.copy_information_to(img)

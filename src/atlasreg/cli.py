@@ -9,9 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from .data.io import write_text
+from .contracts import FINAL_CHECKPOINT, METRICS_PER_CASE, read_segment_info, run_paths, write_segment_info
 from .errors import AtlasregError
 
 
@@ -34,7 +32,7 @@ def cmd_train(args) -> int:
         overrides.setdefault("training", {})["epochs"] = args.epochs
     cfg = load_config(args.config, overrides)
     final = train(cfg, args.out, resume=not args.no_resume, progress=not args.quiet, device=args.device)
-    print(f"model: {final}\natlas: {Path(args.out) / 'atlas'}")
+    print(f"model: {final}\natlas: {run_paths(args.out).atlas}")
     return 0
 
 
@@ -52,9 +50,7 @@ def cmd_segment(args) -> int:
     written = segment(module, inputs, args.out, refinement, progress=not args.quiet,
                       image_suffix=args.image_suffix)
     # The settings of this run, read back by `atlasreg evaluate` (and the report's sensitivity study).
-    write_text(Path(args.out) / "segment.yaml", yaml.safe_dump({
-        "checkpoint": str(Path(args.checkpoint).resolve()),
-        "refinement": dict(module.config["refinement"], **refinement)}, sort_keys=False))
+    write_segment_info(args.out, args.checkpoint, dict(module.config["refinement"], **refinement))
     print(f"{len(written)} case(s) written to {args.out}")
     return 0
 
@@ -72,10 +68,10 @@ def _config_from(args) -> dict:
     if args.checkpoint:
         from .models.train import load_module
         return load_module(args.checkpoint).config
-    segment_info = Path(args.predictions) / "segment.yaml"
-    if not args.config and segment_info.is_file():
+    segment_info = read_segment_info(args.predictions)
+    if not args.config and segment_info:
         from .models.train import load_module
-        return load_module((yaml.safe_load(segment_info.read_text()) or {}).get("checkpoint", "")).config
+        return load_module(segment_info.get("checkpoint", "")).config
     if args.config:
         from .config import load_config
         return load_config(args.config)
@@ -100,9 +96,7 @@ def _evaluation_info(config: dict, args, references: dict) -> dict:
             "fixed_atlas": config["training"].get("fixed_atlas"),
             "seg_weight": config["training"].get("seg_weight", 1.0), "label": args.label,
             "references": {k: str(Path(v).resolve()) for k, v in references.items()}}
-    segment_info = Path(args.predictions) / "segment.yaml"
-    if segment_info.is_file():
-        info.update(yaml.safe_load(segment_info.read_text()) or {})
+    info.update(read_segment_info(args.predictions))
     if args.checkpoint:
         info["checkpoint"] = str(Path(args.checkpoint).resolve())
     return info
@@ -175,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="*", help="image files and/or folders of images")
     s.add_argument("--split", help="also segment the images of this data split of the checkpoint's config, "
                    "e.g. validation")
-    s.add_argument("--checkpoint", required=True, help="model.ckpt written by `atlasreg train`")
+    s.add_argument("--checkpoint", required=True, help=f"{FINAL_CHECKPOINT} written by `atlasreg train`")
     s.add_argument("--out", required=True, help="output folder, one subfolder per case")
     s.add_argument("--image-suffix", default="", help="in folders, take only images named <case><suffix>.<ext>, "
                    "e.g. _img for Letter-B (B901_img.png -> case B901)")
@@ -198,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="checkpoint whose config declares the labels")
     e.add_argument("--config", help="config that declares the labels")
     e.add_argument("--merge", help="merge labels before evaluating, e.g. 255=1,2 (lungs)")
-    e.add_argument("--out", required=True, help="folder for metrics_per_case.csv and summary tables")
+    e.add_argument("--out", required=True, help=f"folder for {METRICS_PER_CASE} and summary tables")
     e.add_argument("--test-set", help="name of the test set in the report (default: the predictions folder)")
     e.add_argument("--label", help="name of the model in the report (default: from its config, e.g. "
                    "'Atlas-ISTN', 'U-Net', 'VML', 'Fixed', 'SVF')")

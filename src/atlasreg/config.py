@@ -14,8 +14,8 @@ integers given for numbers become floats (1 -> 1.0), label values become ints, p
 
 Paths: `images`, `labels` and `csv` of a data split are relative to the folder of the YAML file that
 states them (through `base:` chains too); paths in `overrides` (`--set`) or in a dict built in code are
-relative to the current working directory. The validated config holds them absolute, so the
-`config.yaml` written by `atlasreg train` and the checkpoint do too.
+relative to the current working directory. The validated config holds them absolute, so the config
+that `atlasreg train` writes into its run folder (:mod:`atlasreg.contracts`) and the checkpoint do too.
 
 Errors: every problem raises one `ConfigError` (an `AtlasregError`) line naming the full key and, for a
 value stated in a file, that file, e.g.

@@ -2,21 +2,23 @@
 'Inter-Subject Correspondence', Eqs. 22-23): map points and labelmaps of one segmented subject onto
 another by composing the transforms to and from the common atlas.
 
-Inputs are two case folders written by ``atlasreg segment`` (see :mod:`atlasreg.segment`). The atlas
-points of every case lie in ONE atlas world frame, that of the saved atlas
-(``<model>/atlas/atlas_image.nii.gz``, on the centred model grid of
+Inputs are two case folders written by ``atlasreg segment`` (their contract and file names:
+:mod:`atlasreg.contracts`). The atlas points of every case lie in ONE atlas world frame, that of the
+saved atlas (the atlas image of the training run's atlas folder, on the centred model grid of
 :meth:`atlasreg.spatial.grid.Grid.centred`: centre at the world origin, identity direction, mm). Each
 folder holds the case's transforms in world units (mm) in two forms:
 
-* ``inverse_transform.h5`` -- Phi^-1: a subject point p (world, mm) to its atlas point Phi^-1(p)
-  (atlas world, mm); ``forward_transform.h5`` -- Phi: an atlas point q to its subject point Phi(q).
+* the inverse transform (:data:`~atlasreg.contracts.INVERSE_TRANSFORM`) -- Phi^-1: a subject point p
+  (world, mm) to its atlas point Phi^-1(p) (atlas world, mm); the forward transform
+  (:data:`~atlasreg.contracts.FORWARD_TRANSFORM`) -- Phi: an atlas point q to its subject point Phi(q).
   ITK composite transforms: an affine part (the case's frame and the affine of Eq. 7, or its inverse)
   and a displacement field on the model grid (the exponential of the SVF, Eqs. 2-3).
-* ``inverse_displacement.nii.gz`` (on the input's grid) and ``forward_displacement.nii.gz`` (on the
-  atlas grid): the same maps as ITK displacement-field images, ``p -> p + d(p)``.
+* the inverse displacement field (:data:`~atlasreg.contracts.INVERSE_FIELD`, on the input's grid) and
+  the forward one (:data:`~atlasreg.contracts.FORWARD_FIELD`, on the atlas grid): the same maps as ITK
+  displacement-field images, ``p -> p + d(p)``.
 
-This module maps with the ``.h5`` composites; of the NIfTI fields it reads only the grid of
-``inverse_displacement.nii.gz`` (the input's grid, the output grid of :func:`map_labelmap`), because
+This module maps with the ``.h5`` composites; of the NIfTI fields it reads only the grid of the inverse
+displacement field (the input's grid, the output grid of :func:`map_labelmap`), because
 
 * inside the model's field of view the composites *are* the model's transforms (the affine part
   exact, the dense part linearly interpolated on the model grid, as the model evaluates it), whereas
@@ -65,6 +67,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .contracts import FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, case_labelmap_path
 from .data import io as _io
 from .data.io import read_any, read_labelmap, write_image, write_text
 from .errors import AtlasregError
@@ -87,11 +90,6 @@ __all__ = [
     "add_correspond_parser",
 ]
 
-# The file names of atlasreg.segment's case folders (not imported from there: it pulls in the models).
-FORWARD_FIELD = "forward_displacement.nii.gz"
-INVERSE_FIELD = "inverse_displacement.nii.gz"
-FORWARD_TRANSFORM = "forward_transform.h5"
-INVERSE_TRANSFORM = "inverse_transform.h5"
 _FIELD_FILES = {"forward": FORWARD_FIELD, "inverse": INVERSE_FIELD}
 _TRANSFORM_FILES = {"forward": FORWARD_TRANSFORM, "inverse": INVERSE_TRANSFORM}
 _REGISTERS = "`atlasreg segment` writes it for models that register the atlas (Atlas-ISTN, VML, a U-Net " \
@@ -122,9 +120,9 @@ def _case_dir(case) -> Path:
 def read_displacement_field(case, which: str) -> sitk.Image:
     """Read and check one displacement field of a case folder of ``atlasreg segment``.
 
-    case: the case folder; which: ``"forward"`` (Phi, atlas -> subject, ``forward_displacement.nii.gz``,
-    on the atlas grid) or ``"inverse"`` (Phi^-1, subject -> atlas, ``inverse_displacement.nii.gz``, on
-    the subject's input grid).
+    case: the case folder; which: ``"forward"`` (Phi, atlas -> subject, :data:`FORWARD_FIELD`, on the
+    atlas grid) or ``"inverse"`` (Phi^-1, subject -> atlas, :data:`INVERSE_FIELD`, on the subject's
+    input grid).
 
     Returns a ``sitkVectorFloat64`` image of D components (D = 2 or 3, the image dimension), world units
     (mm) along the world axes, with its grid's size, spacing, origin and direction.
@@ -213,7 +211,7 @@ def read_case_transform(case, which: str) -> sitk.Transform:
     """Read and check one transform of a case folder of ``atlasreg segment`` (world units, mm).
 
     case: the case folder; which: ``"forward"`` (Phi: atlas world point -> subject world point,
-    ``forward_transform.h5``) or ``"inverse"`` (Phi^-1: subject -> atlas, ``inverse_transform.h5``).
+    :data:`FORWARD_TRANSFORM`) or ``"inverse"`` (Phi^-1: subject -> atlas, :data:`INVERSE_TRANSFORM`).
     Returns a D-dimensional SimpleITK transform (D = 2 or 3), as written: a ``CompositeTransform`` of an
     affine part and a displacement field on the model grid, or one of them alone.
 
@@ -247,7 +245,7 @@ def _check_same_dimension(a: Sequence[sitk.Transform], b: Sequence[sitk.Transfor
 
 
 def _input_grid(case, ndim: int) -> sitk.Image:
-    """An empty UInt8 image on the case's input grid: the grid of ``inverse_displacement.nii.gz``
+    """An empty UInt8 image on the case's input grid: the grid of its :data:`INVERSE_FIELD`
     (header only). Raises AtlasregError naming the file: missing, unreadable, not `ndim`-D."""
     path = _case_dir(case) / INVERSE_FIELD
     if not path.is_file():
@@ -273,8 +271,8 @@ def subject_to_subject_transform(case_a, case_b) -> sitk.Transform:
     """The pull-back from subject B to subject A through atlas space (Atlas-ISTN Eqs. 22-23).
 
     ``T(p_B) = Phi_A( Phi_B^-1(p_B) )``: given a world point of subject B (mm), returns the
-    corresponding world point of subject A (mm). Built from B's ``inverse_transform.h5`` (B -> atlas)
-    and A's ``forward_transform.h5`` (atlas -> A); both cases' atlas points share the atlas world frame.
+    corresponding world point of subject A (mm). Built from B's inverse transform (B -> atlas) and A's
+    forward transform (atlas -> A); both cases' atlas points share the atlas world frame.
 
     This is the transform ITK's resampling wants to bring A's images onto B's grid:
     ``sitk.Resample(image_of_A, grid_of_B, T, ...)`` samples A at ``T(p)`` for every voxel p of B
@@ -322,8 +320,8 @@ def _apply(parts: Sequence[sitk.Transform], points: np.ndarray) -> tuple[np.ndar
 def map_points(points_a, case_a, case_b, warn: bool = True) -> np.ndarray:
     """Push world points of subject A to subject B through atlas space (Atlas-ISTN Eqs. 22-23).
 
-    ``p_B = Phi_B( Phi_A^-1(p_A) )`` with A's ``inverse_transform.h5`` (A -> atlas world) and B's
-    ``forward_transform.h5`` (atlas world -> B); see the module docstring for why the .h5 composites
+    ``p_B = Phi_B( Phi_A^-1(p_A) )`` with A's inverse transform (A -> atlas world) and B's forward
+    transform (atlas world -> B); see the module docstring for why the .h5 composites
     and not the NIfTI fields.
 
     points_a: array-like (n, D) of world coordinates in mm, ITK order (x, y[, z]); n may be 0.
@@ -394,7 +392,7 @@ def map_labelmap(labelmap_a_path, case_a, case_b, out_path, labels: Sequence[int
     y_B = y_A o Phi_A o Phi_B^-1, with the pull-back of :func:`subject_to_subject_transform`).
 
     labelmap_a_path: integer labelmap in subject A's world space (any grid: e.g. A's
-    ``refine_labelmap.png`` or a reference segmentation), same dimension as the cases.
+    refined labelmap or a reference segmentation), same dimension as the cases.
     out_path: file to write (``.nii.gz``, ``.png`` for 2D, ...), written atomically with
     :func:`atlasreg.data.io.write_image`; parent folders are created.
     labels: the declared label values, ``labels[0]`` the background (default: 0 plus the values present
@@ -403,14 +401,14 @@ def map_labelmap(labelmap_a_path, case_a, case_b, out_path, labels: Sequence[int
     and each voxel takes the label of largest weight, ties to the earlier label) or ``"nearest"``.
 
     The output has B's input grid (size, spacing mm, origin mm, direction: those of B's
-    ``inverse_displacement.nii.gz``, i.e. of B's ``*_labelmap`` files) and only declared label values;
+    :data:`INVERSE_FIELD`, i.e. of B's labelmap files) and only declared label values;
     B voxels that map outside A's labelmap get the background. Pixel type: UInt8 when all labels fit,
     else UInt16, else Int32.
 
     Returns out_path. Raises AtlasregError naming the file: labelmap missing, unreadable, non-integer,
     undeclared values (:func:`atlasreg.data.io.read_labelmap`), of another dimension than the cases;
     case folder or transform problems (:func:`subject_to_subject_transform`); B's
-    ``inverse_displacement.nii.gz`` missing or unreadable; an output PNG that cannot hold the result.
+    :data:`INVERSE_FIELD` missing or unreadable; an output PNG that cannot hold the result.
     """
     if interpolation not in ("linear", "nearest"):
         raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
@@ -596,15 +594,16 @@ def add_correspond_parser(subparsers) -> argparse.ArgumentParser:
         "correspond", help="map a labelmap or points of one segmented case onto another via the atlas "
         "(Eqs. 22-23)",
         description="Inter-subject correspondence through atlas space (Atlas-ISTN Eqs. 22-23), using the "
-        "transforms that `atlasreg segment` writes in each case folder (inverse_transform.h5, "
-        "forward_transform.h5; inverse_displacement.nii.gz gives the case's grid).")
+        f"transforms that `atlasreg segment` writes in each case folder ({INVERSE_TRANSFORM}, "
+        f"{FORWARD_TRANSFORM}; {INVERSE_FIELD} gives the case's grid).")
     c.add_argument("--from", dest="from_case", required=True, metavar="CASE_DIR",
                    help="case folder of `atlasreg segment` of the source subject A")
     c.add_argument("--to", dest="to_case", required=True, metavar="CASE_DIR",
                    help="case folder of `atlasreg segment` of the target subject B")
     what = c.add_mutually_exclusive_group(required=True)
     what.add_argument("--labelmap", metavar="FILE",
-                      help="labelmap of A to resample onto B's grid (e.g. CASE_DIR/refine_labelmap.nii.gz)")
+                      help="labelmap of A to resample onto B's grid (e.g. "
+                           f"{case_labelmap_path('CASE_DIR', 'refine', '.nii.gz')})")
     what.add_argument("--points", metavar="FILE.csv",
                       help="CSV of world points (mm) of A, columns x,y[,z] (other columns are kept)")
     c.add_argument("--out", required=True, metavar="FILE",

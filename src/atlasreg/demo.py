@@ -1,9 +1,11 @@
 """The demo: Atlas-ISTN end to end on generated Letter-B data, no external data needed.
 
-Writes under `out/`: data/ (generated train, clean test and corrupt test pairs), model/ (checkpoints,
-atlas, TensorBoard logs), segment/{clean,corrupt}/<case>/ (outputs of `atlasreg segment`),
-evaluation/{clean,corrupt}/ (per-case CSV and summary tables), summary.md (both tables) and
-report/report.html (tables with paired statistics and figures, `atlasreg report`).
+Writes under `out/` (the folders' contracts: :mod:`atlasreg.contracts`): data/ (generated train, clean
+test and corrupt test pairs), model/ (a training run folder: checkpoints, atlas, TensorBoard logs),
+segment/{clean,corrupt}/ (segmentation run folders of `atlasreg segment`), evaluation/{clean,corrupt}/
+(evaluation folders: per-case CSV and summary tables), the Markdown summary of both test sets (named
+as an evaluation folder's) and report/report.html (tables with paired statistics and figures,
+`atlasreg report`).
 The schedule is shortened from the paper's (300 epochs on 1000 cases) to run in minutes on a CPU.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import load_config
+from .contracts import SUMMARY_MD, run_paths
 from .data.dataset import find_pairs
 from .data.io import write_text
 from .data.letter_b import write_letter_b_dataset
@@ -40,7 +43,8 @@ def demo_config(train_folder: str | Path, epochs: int) -> dict:
 
 def run_demo(out: str | Path = "demo_output", epochs: int | None = None, n_train: int | None = None,
              n_test: int | None = None, progress: bool = True) -> Path:
-    """Generate data, train, segment clean and corrupt test images, evaluate; returns summary.md."""
+    """Generate data, train, segment clean and corrupt test images, evaluate; returns the path of the
+    Markdown summary of both test sets."""
     out = Path(out)
     epochs = epochs or DEMO_SETTINGS["epochs"]
     n_train = n_train or DEMO_SETTINGS["n_train"]
@@ -54,7 +58,7 @@ def run_demo(out: str | Path = "demo_output", epochs: int | None = None, n_train
     write_letter_b_dataset(data / "test_corrupt", n_test, seed=0, corrupt=True, start_index=n_train + 1)
 
     cfg = demo_config(data / "train", epochs)
-    say(f"[2/4] training Atlas-ISTN for {epochs} epochs (TensorBoard logs in {out / 'model' / 'logs'})")
+    say(f"[2/4] training Atlas-ISTN for {epochs} epochs (TensorBoard logs in {run_paths(out / 'model').logs})")
     ckpt = train(cfg, out / "model", resume=True, progress=progress)
     module = load_module(ckpt)
     labels = cfg["data"]["labels"]
@@ -68,9 +72,9 @@ def run_demo(out: str | Path = "demo_output", epochs: int | None = None, n_train
                 "references": {k: str(Path(v).resolve()) for k, v in refs.items()}}
         _, summary = evaluate_predictions(out / "segment" / split, refs, labels, out / "evaluation" / split,
                                           test_set=split, info=info)
-        tables.append(f"## {split} test set\n\n" + (Path(summary).parent / "summary.md").read_text())
+        tables.append(f"## {split} test set\n\n" + Path(summary).read_text())
     text = "# atlasreg demo: Atlas-ISTN on generated Letter-B\n\n" + "\n\n".join(tables)
-    summary_path = out / "summary.md"
+    summary_path = out / SUMMARY_MD
     write_text(summary_path, text)
     html, _ = build_report([out / "evaluation" / s for s in ("clean", "corrupt")], out / "report",
                            title="atlasreg demo: Atlas-ISTN on generated Letter-B")

@@ -1,6 +1,6 @@
 """Export (nnU-Net style: predict -> export): a case's model-grid predictions as images on the input's
 own grid and geometry, transforms in world coordinates and ITK files, written as the case folder of
-``atlasreg segment`` (see :mod:`atlasreg.segment` for the folder's contract).
+``atlasreg segment`` (its contract, names and writers: :mod:`atlasreg.contracts`).
 
 Every output is computed on the input's grid directly: labelmaps and the deformed atlas image sample
 the atlas once at ``Phi^-1`` of each input voxel (one interpolation, not a warp on the model grid
@@ -9,36 +9,23 @@ followed by a resampling), and the ITN output is resampled from the model grid p
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-import yaml
 
+from .contracts import (  # noqa: F401 - the case folder's names, re-exported
+    DEFORMED_ATLAS_IMAGE, FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, case_labelmap_path,
+    labelmap_extension, transform_metrics_csv, write_case_info, write_transform_metrics,
+)
 from .data.cases import Case
 from .data.io import atomic_directory, write_image
 from .data.preprocessing import indices_to_values, largest_components, to_native_grid
-from .evaluation.evaluate import TRANSFORM_METRIC_COLUMNS
 from .spatial.grid import Grid
 from .spatial.itk import field_image, write_transform
 from .spatial.transforms import AffineSVFTransform, AffineTransform, Composite
-
-FORWARD_FIELD = "forward_displacement.nii.gz"
-INVERSE_FIELD = "inverse_displacement.nii.gz"
-FORWARD_TRANSFORM = "forward_transform.h5"
-INVERSE_TRANSFORM = "inverse_transform.h5"
-DEFORMED_ATLAS_IMAGE = "deformed_atlas_image.nii.gz"
-
-
-def _extension(path: str) -> str:
-    name = path.lower()
-    if not name:
-        return ".nii.gz"  # an image given in memory
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(path).suffix.lower()
 
 
 def _labelmap_image(indices: np.ndarray, labels: Sequence[int], case: Case, ext: str) -> sitk.Image:
@@ -54,19 +41,6 @@ def _float_image(array: torch.Tensor, case: Case) -> sitk.Image:
     img = sitk.GetImageFromArray(array.detach().cpu().numpy().astype(np.float32))
     img.CopyInformation(case.source)
     return img
-
-
-def transform_metrics_csv(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """Text of ``transform_metrics.csv``: header ``TRANSFORM_METRIC_COLUMNS`` and one row per
-    transform, ``metrics``: method name -> {column: value} (the columns after ``method``; a missing value
-    is written empty). Floats are written with ``repr`` (full precision, ``nan`` for NaN)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(TRANSFORM_METRIC_COLUMNS)
-    for method, values in metrics.items():
-        writer.writerow([method, *(repr(float(values[c])) if c in values else ""
-                                   for c in TRANSFORM_METRIC_COLUMNS[1:])])
-    return buffer.getvalue()
 
 
 def world_transforms(transform: AffineSVFTransform, native: Grid) -> tuple[Composite, Composite]:
@@ -99,7 +73,7 @@ def native_outputs(case: Case, labels: Sequence[int], model_grid: Grid,
     (on the input grid) and ``forward_displacement`` (on the atlas grid): their displacement-field
     images."""
     native = case.grid
-    ext = _extension(case.path)
+    ext = labelmap_extension(case.path)
     transforms = dict(transforms or {})
     out: dict = {"labelmaps": {}}
     with torch.no_grad():
@@ -129,13 +103,13 @@ def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], model_g
                        transforms: Mapping[str, AffineSVFTransform] | None = None,
                        atlas_labelmap: torch.Tensor | None = None, atlas_image: torch.Tensor | None = None,
                        transform_metrics: Mapping[str, Mapping[str, float]] | None = None) -> Path:
-    """Write one case's outputs atomically into ``out_dir/<case.name>`` (contract: :mod:`atlasreg.segment`).
+    """Write one case's outputs atomically into ``out_dir/<case.name>`` (contract: :mod:`atlasreg.contracts`).
 
     Arguments as in :func:`native_outputs`, plus transform_metrics: transform name -> {column of
-    ``transform_metrics.csv``: value}. ``case.yaml`` (the input image's absolute path) is always
-    written. Returns the case folder; on any error nothing of it is written (an older folder of the
+    :data:`~atlasreg.contracts.TRANSFORM_METRICS`: value}. The case information (the input image's
+    absolute path) is always written. Returns the case folder; on any error nothing of it is written (an older folder of the
     same name is kept)."""
-    ext = _extension(case.path)
+    ext = labelmap_extension(case.path)
     outputs = native_outputs(case, labels, model_grid, itn_probabilities, transforms, atlas_labelmap, atlas_image)
     return write_outputs(Path(out_dir) / case.name, case, outputs, ext, transform_metrics)
 
@@ -144,13 +118,11 @@ def write_outputs(final: Path, case: Case, outputs: dict, ext: str,
                   transform_metrics: Mapping[str, Mapping[str, float]] | None = None) -> Path:
     """Write :func:`native_outputs` as a case folder `final`, all or nothing."""
     with atomic_directory(final) as tmp:
-        image = str(Path(case.path).resolve()) if case.path else None
-        (tmp / "case.yaml").write_text(yaml.safe_dump({"image": image}, sort_keys=False), encoding="utf-8")
+        write_case_info(tmp, case.path)
         if transform_metrics:
-            (tmp / "transform_metrics.csv").write_text(transform_metrics_csv(transform_metrics),
-                                                       encoding="utf-8")
+            write_transform_metrics(tmp, transform_metrics)
         for name, img in outputs["labelmaps"].items():
-            write_image(img, tmp / f"{name}_labelmap{ext}")
+            write_image(img, case_labelmap_path(tmp, name, ext))
         if "deformed_atlas_image" in outputs:
             write_image(outputs["deformed_atlas_image"], tmp / DEFORMED_ATLAS_IMAGE)
         if "to_atlas" in outputs:

@@ -23,7 +23,8 @@ class CasePrediction:
     case: the input (its own grid and geometry in ``case.grid``); itn: (C, *model size) ITN
     probabilities or None; transforms: 'onepass' / 'refine' -> batch-1 :class:`AffineSVFTransform`
     Phi in the case's model frame (the last is the final one); history: refinement losses (K + 1,)
-    or None; transform_metrics: transform name -> {column of ``transform_metrics.csv``: value}."""
+    or None; transform_metrics: transform name -> {column of
+    :data:`~atlasreg.contracts.TRANSFORM_METRIC_COLUMNS`: value}."""
 
     case: Case
     itn: torch.Tensor | None = None
@@ -37,8 +38,8 @@ def transform_statistics(transform: AffineSVFTransform, atlas_labelmap: torch.Te
 
     transform: batch B, Phi mapping atlas to subject space (Eqs. 7-8); atlas_labelmap: (1 or B, C, *size)
     one-hot or probabilistic atlas on the same grid. Returns numpy float64 arrays of shape (B,) keyed by
-    the columns of ``transform_metrics.csv``: ``mice_mm`` (mm), ``mice_voxels`` (voxels of the model
-    grid), ``ic_dsc`` (paper Sec. 3.2, Table 6; NaN without atlas foreground), from
+    the columns of :data:`~atlasreg.contracts.TRANSFORM_METRIC_COLUMNS`: ``mice_mm`` (mm),
+    ``mice_voxels`` (voxels of the model grid), ``ic_dsc`` (paper Sec. 3.2, Table 6; NaN without atlas foreground), from
     :func:`~atlasreg.evaluation.consistency.inverse_consistency`; ``nonpositive_jacobian_fraction`` (in
     [0, 1]) and ``std_log_jacobian`` (dimensionless) of det J(Phi) over the whole grid, from
     :func:`~atlasreg.evaluation.topology.jacobian_statistics`. Computed without gradients. Raises

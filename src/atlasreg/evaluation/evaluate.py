@@ -1,65 +1,35 @@
 """Evaluate the labelmaps written by ``atlasreg segment`` against reference labelmaps.
 
-File contract (input, written by ``atlasreg segment``): for each case name ``<case>`` a folder
-``<prediction_dir>/<case>/`` holding
+Input: a segmentation run folder, one case folder ``<prediction_dir>/<case>/`` per case holding
+``<method>_labelmap<ext>`` for the outputs of :data:`METHODS` (a missing one is skipped: that method
+has no rows for the case) and possibly the case's transform metrics. Output: an evaluation folder
+(per-case metrics, summary table as CSV and Markdown, info, transform metrics per case, quality
+control). Both folders -- file names, columns, units -- are described in :mod:`atlasreg.contracts`,
+which reads and writes them.
 
-- ``itn_labelmap<ext>``: the ITN (segmentation network) output,
-- ``itn_lcc_labelmap<ext>``: the same with only the largest connected component per structure,
-- ``onepass_labelmap<ext>``: the atlas warped by the one-pass registration,
-- ``refine_labelmap<ext>``: the atlas warped after test-time refinement,
-- ``atlas_labelmap<ext>``: the undeformed atlas (identity, "Id"),
-
-where ``<ext>`` is ``.png`` or ``.nii.gz`` (the input image's extension). Voxel values are the declared
-label values. A missing method file is skipped (that method has no rows for the case). The folder may
-also hold ``transform_metrics.csv`` (columns :data:`TRANSFORM_METRIC_COLUMNS`, one row per transform:
-``onepass``, ``refine``), gathered into ``transforms_per_case.csv``.
-
-Output files in ``out_dir`` (each written atomically):
-
-- ``metrics_per_case.csv``: columns ``case, method, label, structure, dice, hd, hd95, asd, components,
-  holes, reference_components, reference_holes``;
-  one row per case, method and evaluated foreground structure. Distances are in world units of the
-  reference image (mm when its spacing is in mm); ``components`` is the number of connected components
-  of the structure in the prediction (full connectivity).
-- ``summary.csv``: one row per (method, structure): ``method, label, structure, n, dice_mean, dice_std,
-  hd_mean, hd_std, hd95_mean, hd95_std, asd_mean, asd_std, components_mean, single_component_fraction,
-  holes_mean, same_topology_fraction``
-  (NaN-ignoring mean and population standard deviation over cases; ``n`` is the number of cases).
-- ``summary.md``: the same numbers as a Markdown table with ``mean ± std`` cells, followed (when
-  there are such rows) by a table of the transform metrics per method and a quality-control section
-  (ranking quality of the QC score and the flagged cases).
-- ``info.yaml``: the ``info`` mapping given to :func:`evaluate_predictions` plus ``test_set``,
-  ``predictions`` (absolute path of the prediction folder), ``merge`` (null or ``{key: [values]}``),
-  ``labels`` (``{value: name}``) and ``n_cases`` (cases with at least one prediction file).
-- ``transforms_per_case.csv``: columns ``case, method, mice_mm, mice_voxels, ic_dsc,
-  nonpositive_jacobian_fraction, std_log_jacobian``, the rows of every evaluated case's
-  ``transform_metrics.csv`` (written by ``atlasreg segment``, see :mod:`atlasreg.segment`) with the case
-  name prepended; header only when no case has that file. MICE in mm and in model-grid voxels and
-  IC-DSC after the paper's Sec. 3.2 (Table 6); fraction of model-grid voxels with det J <= 0 and std of
-  log det J of the forward transform.
-- ``quality_control.csv`` (only when at least one case has both ``itn`` and ``refine`` labelmaps; an
-  older one is removed otherwise): columns ``case, dice_itn_refine, itn_outside_refine, qc_score,
-  refine_dice, flagged``, one row per such case, see :mod:`atlasreg.evaluation.quality`:
-  ``dice_itn_refine`` is the mean over the evaluated structures of the Dice between the ITN and the
-  refined labelmap (no reference used), ``itn_outside_refine`` the fraction of ITN foreground voxels
-  on the refined labelmap's background, ``qc_score = 1 - dice_itn_refine`` (higher: look at this
-  case), ``refine_dice`` the mean Dice of ``refine`` against the reference over the structures (to
-  judge the score), ``flagged`` True for the cases with the 10 % highest scores (at least one).
+:func:`evaluate_predictions` runs the steps: the evaluated structures (:func:`_structures`), the cases
+with a prediction folder (:func:`_find_cases`), per case its metric rows, transform rows and quality
+row (:func:`_evaluate_case`), the summary rows (:func:`_summary_rows`), the quality-control flags
+(:func:`_flag_quality`), the Markdown (:func:`_summary_markdown`) and the info
+(:func:`_evaluation_info`), then writes the folder (:func:`atlasreg.contracts.write_evaluation`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
-import yaml
 
-from atlasreg.data.io import write_text
+from atlasreg.contracts import (  # noqa: F401 - names of the case and evaluation folders, re-exported
+    LABELMAP_EXTENSIONS, LABELMAP_SUFFIX, PER_CASE_COLUMNS, QUALITY_COLUMNS, SUMMARY_COLUMNS, TRANSFORM_METRIC_COLUMNS,
+    TRANSFORM_METRICS, TRANSFORMS_PER_CASE_COLUMNS, find_labelmap, labelmap_extension, read_transform_metrics,
+    write_evaluation,
+)
+from atlasreg.contracts import LABELMAP_OUTPUTS as METHODS
 from atlasreg.errors import AtlasregError
 from atlasreg.evaluation.metrics import METRIC_NAMES, labelmap_connected_components, segmentation_metrics
 from atlasreg.evaluation.quality import flag_top, qc_scores, ranking_quality
@@ -70,42 +40,15 @@ __all__ = ["METHODS", "LABELMAP_EXTENSIONS", "TRANSFORM_METRIC_COLUMNS", "TRANSF
            "QUALITY_COLUMNS", "QC_FRACTION", "evaluate_predictions", "find_prediction",
            "read_transform_metrics"]
 
-METHODS = ("itn", "itn_lcc", "onepass", "refine", "atlas")
-LABELMAP_EXTENSIONS = (".png", ".nii.gz")
 BACKGROUND = 0
-
-PER_CASE_COLUMNS = ("case", "method", "label", "structure", "dice", "hd", "hd95", "asd", "components", "holes",
-                    "reference_components", "reference_holes")
-SUMMARY_COLUMNS = ("method", "label", "structure", "n",
-                   "dice_mean", "dice_std", "hd_mean", "hd_std", "hd95_mean", "hd95_std",
-                   "asd_mean", "asd_std", "components_mean", "single_component_fraction", "holes_mean",
-                   "same_topology_fraction")
-#: Columns of ``<case>/transform_metrics.csv`` written by ``atlasreg segment``.
-TRANSFORM_METRIC_COLUMNS = ("method", "mice_mm", "mice_voxels", "ic_dsc", "nonpositive_jacobian_fraction",
-                            "std_log_jacobian")
-TRANSFORMS_PER_CASE_COLUMNS = ("case", *TRANSFORM_METRIC_COLUMNS)
-QUALITY_COLUMNS = ("case", "dice_itn_refine", "itn_outside_refine", "qc_score", "refine_dice", "flagged")
 #: Fraction of cases flagged by the quality control (highest qc_score), at least one case.
 QC_FRACTION = 0.1
+#: The quality-control scores of :func:`atlasreg.evaluation.quality.qc_scores` kept per case.
+_QC_SCORES = QUALITY_COLUMNS[1:4]
 
-
-def find_prediction(case_dir: Path, method: str, prefer: str | None = None) -> Path | None:
-    """``case_dir/<method>_labelmap<ext>`` for the first existing ``<ext>`` in ``LABELMAP_EXTENSIONS``
-    (``prefer`` first, if given), or None if there is none."""
-    extensions = list(LABELMAP_EXTENSIONS)
-    if prefer in extensions:
-        extensions.remove(prefer)
-        extensions.insert(0, prefer)
-    for ext in extensions:
-        path = Path(case_dir) / f"{method}_labelmap{ext}"
-        if path.is_file():
-            return path
-    return None
-
-
-def _extension(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+#: ``find_prediction(case_dir, method, prefer=None)``: a case folder's labelmap of one method, or None
+#: (:func:`atlasreg.contracts.find_labelmap`).
+find_prediction = find_labelmap
 
 
 def _read_labelmap(path: Path, kind: str):
@@ -140,15 +83,6 @@ def _apply_merge(array: np.ndarray, merge: Mapping[int, Sequence[int]]) -> np.nd
     return out
 
 
-def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, object]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in row.items()})
-    return buffer.getvalue()
-
-
 def _fmt(mean: float, std: float, digits: int) -> str:
     if math.isnan(mean):
         return "n/a"
@@ -173,34 +107,6 @@ def _plain(value):
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
-
-
-def read_transform_metrics(path: str | Path) -> list[dict[str, object]]:
-    """Rows of a ``transform_metrics.csv`` written by ``atlasreg segment``: ``{"method": str, <metric>:
-    float, ...}`` with the metric columns of :data:`TRANSFORM_METRIC_COLUMNS` (an empty cell is NaN;
-    extra columns are ignored). Raises AtlasregError naming the file if it cannot be read, lacks a
-    column or holds a non-numeric value."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in TRANSFORM_METRIC_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise AtlasregError(f"transform metrics file lacks the column(s) {missing}", path)
-            raw = list(reader)
-    except OSError as error:
-        raise AtlasregError(f"cannot read transform metrics ({error.strerror or error})", path) from error
-    rows = []
-    for line, record in enumerate(raw, start=2):
-        row: dict[str, object] = {"method": record["method"]}
-        for column in TRANSFORM_METRIC_COLUMNS[1:]:
-            text = (record[column] or "").strip()
-            try:
-                row[column] = float(text) if text else math.nan
-            except ValueError:
-                raise AtlasregError(f"line {line}: {column} = {text!r} is not a number", path) from None
-        rows.append(row)
-    return rows
 
 
 def _transform_table(rows: Sequence[Mapping[str, object]]) -> list[str]:
@@ -257,57 +163,20 @@ def _quality_section(rows: Sequence[Mapping[str, object]], ranking: Mapping[str,
     return lines
 
 
-def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[str, str | Path],
-                         labels: Mapping[int, str], out_dir: str | Path,
-                         merge: Mapping[int, Sequence[int]] | None = None,
-                         methods: Sequence[str] = METHODS, test_set: str | None = None,
-                         info: Mapping | None = None) -> tuple[Path, Path]:
-    """Compute per-case, per-method, per-structure metrics and write CSV and Markdown summaries.
+@dataclass
+class _Structures:
+    """The evaluated foreground structures: label values (sorted), their names, the values a reference
+    may hold, and the merge (None or ``{key: [source values]}``, ints)."""
 
-    Parameters
-    ----------
-    prediction_dir:
-        Folder written by ``atlasreg segment`` (see the module docstring for the layout).
-    reference_paths:
-        Case name -> reference labelmap file (any format SimpleITK reads). Spacing for the distances
-        comes from the reference image.
-    labels:
-        Declared label values -> structure names; value 0 is the background and is not evaluated.
-    out_dir:
-        Output folder (created if needed).
-    merge:
-        Optional relabelling applied to both prediction and reference before the metrics, e.g.
-        ``{255: [1, 2]}`` maps values 1 and 2 (and 255 itself) to 255. When given, only the merge keys
-        are evaluated and every other value becomes background. Reference values may then be label
-        values or merge keys. The structure name of a key is ``labels[key]`` if declared, else the
-        source names joined with ``+``.
-    methods:
-        Method names to look for (``<method>_labelmap<ext>``); default :data:`METHODS`. Quality control
-        needs ``itn`` and ``refine`` among them.
-    test_set:
-        Name of the test set, written to ``info.yaml``; default: the prediction folder's name.
-    info:
-        Extra entries for ``info.yaml`` (e.g. model name, method, STN variant, label; YAML-safe values,
-        paths are written as strings); the keys written by this function take precedence.
+    evaluated: list[int]
+    names: dict[int, str]
+    allowed: set[int]
+    merge: dict[int, list[int]] | None
 
-    Returns
-    -------
-    ``(out_dir / "metrics_per_case.csv", out_dir / "summary.md")``; ``summary.csv``, ``info.yaml``,
-    ``transforms_per_case.csv`` and (when possible) ``quality_control.csv`` are written too (see the
-    module docstring).
 
-    Raises
-    ------
-    AtlasregError
-        If a reference or prediction cannot be read, their sizes differ, the reference holds values
-        that are not declared labels (or merge keys), no prediction file is found at all, or a case's
-        ``transform_metrics.csv`` is malformed.
-    """
-    prediction_dir = Path(prediction_dir)
-    out_dir = Path(out_dir)
-    labels = {int(k): str(v) for k, v in labels.items()}
-    if not reference_paths:
-        raise AtlasregError("no reference labelmaps given")
+def _structures(labels: Mapping[int, str], merge: Mapping[int, Sequence[int]] | None) -> _Structures:
+    """The structures to evaluate for the declared `labels` (value -> name) and an optional `merge` (see
+    :func:`evaluate_predictions`). Raises AtlasregError for an empty merge or no foreground label."""
     if merge is not None:
         merge = {int(k): [int(s) for s in v] for k, v in merge.items()}
         if not merge:
@@ -321,84 +190,106 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
         allowed = set(labels) | {BACKGROUND}
     if not evaluated:
         raise AtlasregError("no foreground labels to evaluate")
+    return _Structures(evaluated, names, allowed, merge)
 
-    rows: list[dict[str, object]] = []
-    transform_rows: list[dict[str, object]] = []
-    quality_rows: list[dict[str, object]] = []
-    evaluated_cases: set[str] = set()
-    found_any = False
-    missing: list[str] = []
+
+def _find_cases(prediction_dir: Path, reference_paths: Mapping[str, str | Path]) -> tuple[list[str], list[str]]:
+    """(cases with a case folder in prediction_dir, cases without one), both sorted by name."""
+    present, missing = [], []
     for case in sorted(reference_paths):
-        if not (prediction_dir / case).is_dir():
-            missing.append(case)
-            continue
-        reference_path = Path(reference_paths[case])
-        reference, reference_image = _read_labelmap(reference_path, "reference")
-        unknown = sorted(set(np.unique(reference).tolist()) - allowed)
-        if unknown:
-            raise AtlasregError(f"reference labelmap holds values {unknown} that are not declared labels "
-                                f"{sorted(allowed)}", reference_path)
-        spacing = reference_image.GetSpacing()
-        if merge is not None:
-            reference = _apply_merge(reference, merge)
-        case_dir = prediction_dir / case
-        metrics_path = case_dir / "transform_metrics.csv"
-        if metrics_path.is_file():
-            transform_rows.extend({"case": case, **r} for r in read_transform_metrics(metrics_path))
-        kept: dict[str, np.ndarray] = {}  # the ITN and refined labelmaps, for the quality control
-        for method in methods:
-            prediction_path = find_prediction(case_dir, method, prefer=_extension(reference_path))
-            if prediction_path is None:
-                continue
-            found_any = True
-            evaluated_cases.add(case)
-            prediction, prediction_image = _read_labelmap(prediction_path, "prediction")
-            if prediction.shape != reference.shape:
-                raise AtlasregError(f"prediction size {prediction_image.GetSize()} differs from the "
-                                    f"reference size {reference_image.GetSize()} ({reference_path})",
-                                    prediction_path)
-            if not np.allclose(prediction_image.GetSpacing(), spacing, rtol=1e-3, atol=1e-6):
-                warnings.warn(f"{prediction_path}: spacing {prediction_image.GetSpacing()} differs from the "
-                              f"reference spacing {spacing}; using the reference spacing", UserWarning,
-                              stacklevel=2)
-            if merge is not None:
-                prediction = _apply_merge(prediction, merge)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                metrics = segmentation_metrics(prediction, reference, [BACKGROUND, *evaluated],
-                                               spacing=spacing)
-            for warning in caught:
-                warnings.warn(f"case {case!r}, method {method!r}: {warning.message}", UserWarning,
-                              stacklevel=2)
-            for label in evaluated:
-                rows.append({"case": case, "method": method, "label": label, "structure": names[label],
-                             **{name: metrics[label][name] for name in METRIC_NAMES},
-                             "components": labelmap_connected_components(prediction, label),
-                             "holes": count_holes(prediction == label),
-                             "reference_components": labelmap_connected_components(reference, label),
-                             "reference_holes": count_holes(reference == label)})
-            if method in ("itn", "refine"):
-                kept[method] = prediction
-        if len(kept) == 2:
-            scores = qc_scores(kept["itn"], kept["refine"], evaluated, background=BACKGROUND)
-            refine_dice, _ = nan_mean_std([r["dice"] for r in rows if r["case"] == case and r["method"] == "refine"])
-            quality_rows.append({"case": case, **{k: scores[k] for k in ("dice_itn_refine", "itn_outside_refine",
-                                                                         "qc_score")},
-                                 "refine_dice": refine_dice})
-    if missing:  # one warning: evaluating a subset of a reference folder is common (e.g. B901-B1000)
-        warnings.warn(f"{prediction_dir}: {len(missing)} reference case(s) have no prediction folder and were "
-                      f"skipped (e.g. {', '.join(missing[:3])})", UserWarning, stacklevel=2)
-    if not found_any:
-        raise AtlasregError(f"no prediction labelmaps (<method>_labelmap.png / .nii.gz for methods "
-                            f"{list(methods)}) found for any case", prediction_dir)
+        (present if (prediction_dir / case).is_dir() else missing).append(case)
+    return present, missing
 
+
+def _read_reference(path: Path, structures: _Structures) -> tuple[np.ndarray, tuple[float, ...]]:
+    """(reference labelmap, merged if asked, as int64 in numpy order; its spacing). AtlasregError naming
+    the file if it cannot be read or holds values that are neither declared labels nor merge keys."""
+    reference, image = _read_labelmap(path, "reference")
+    unknown = sorted(set(np.unique(reference).tolist()) - structures.allowed)
+    if unknown:
+        raise AtlasregError(f"reference labelmap holds values {unknown} that are not declared labels "
+                            f"{sorted(structures.allowed)}", path)
+    if structures.merge is not None:
+        reference = _apply_merge(reference, structures.merge)
+    return reference, image
+
+
+@dataclass
+class _CaseResult:
+    """One case's rows: metrics (one per method and structure), transform metrics, quality (or None)."""
+
+    rows: list[dict] = field(default_factory=list)
+    transforms: list[dict] = field(default_factory=list)
+    quality: dict | None = None
+
+
+def _method_rows(case: str, method: str, prediction: np.ndarray, reference: np.ndarray, spacing,
+                 structures: _Structures) -> list[dict]:
+    """The metric rows (columns of ``PER_CASE_COLUMNS``) of one method's prediction of one case; the
+    metrics' warnings are re-issued naming the case and the method."""
+    evaluated = structures.evaluated
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = segmentation_metrics(prediction, reference, [BACKGROUND, *evaluated], spacing=spacing)
+    for warning in caught:
+        warnings.warn(f"case {case!r}, method {method!r}: {warning.message}", UserWarning, stacklevel=4)
+    return [{"case": case, "method": method, "label": label, "structure": structures.names[label],
+             **{name: metrics[label][name] for name in METRIC_NAMES},
+             "components": labelmap_connected_components(prediction, label),
+             "holes": count_holes(prediction == label),
+             "reference_components": labelmap_connected_components(reference, label),
+             "reference_holes": count_holes(reference == label)}
+            for label in evaluated]
+
+
+def _evaluate_case(case: str, case_dir: Path, reference_path: Path, structures: _Structures,
+                   methods: Sequence[str]) -> _CaseResult:
+    """Metrics of every method's labelmap found in case_dir against the reference, the case's transform
+    metrics, and its quality-control row when it has both ``itn`` and ``refine`` labelmaps. Raises
+    AtlasregError naming the file for an unreadable reference, prediction or transform metrics file, or
+    a prediction whose size differs from the reference's; warns when the spacing differs."""
+    reference, reference_image = _read_reference(reference_path, structures)
+    spacing = reference_image.GetSpacing()
+    result = _CaseResult()
+    metrics_path = case_dir / TRANSFORM_METRICS
+    if metrics_path.is_file():
+        result.transforms = [{"case": case, **r} for r in read_transform_metrics(metrics_path)]
+    kept: dict[str, np.ndarray] = {}  # the ITN and refined labelmaps, for the quality control
+    for method in methods:
+        prediction_path = find_labelmap(case_dir, method, prefer=labelmap_extension(reference_path))
+        if prediction_path is None:
+            continue
+        prediction, prediction_image = _read_labelmap(prediction_path, "prediction")
+        if prediction.shape != reference.shape:
+            raise AtlasregError(f"prediction size {prediction_image.GetSize()} differs from the "
+                                f"reference size {reference_image.GetSize()} ({reference_path})",
+                                prediction_path)
+        if not np.allclose(prediction_image.GetSpacing(), spacing, rtol=1e-3, atol=1e-6):
+            warnings.warn(f"{prediction_path}: spacing {prediction_image.GetSpacing()} differs from the "
+                          f"reference spacing {spacing}; using the reference spacing", UserWarning,
+                          stacklevel=3)
+        if structures.merge is not None:
+            prediction = _apply_merge(prediction, structures.merge)
+        result.rows.extend(_method_rows(case, method, prediction, reference, spacing, structures))
+        if method in ("itn", "refine"):
+            kept[method] = prediction
+    if len(kept) == 2:
+        scores = qc_scores(kept["itn"], kept["refine"], structures.evaluated, background=BACKGROUND)
+        refine_dice, _ = nan_mean_std([r["dice"] for r in result.rows if r["method"] == "refine"])
+        result.quality = {"case": case, **{k: scores[k] for k in _QC_SCORES}, "refine_dice": refine_dice}
+    return result
+
+
+def _summary_rows(rows: Sequence[Mapping], methods: Sequence[str], structures: _Structures) -> list[dict]:
+    """One row (columns of ``SUMMARY_COLUMNS``) per method and structure that has per-case rows:
+    NaN-ignoring mean and std of each metric over the cases, and the topology fractions."""
     summary: list[dict[str, object]] = []
     for method in methods:
-        for label in evaluated:
+        for label in structures.evaluated:
             group = [r for r in rows if r["method"] == method and r["label"] == label]
             if not group:
                 continue
-            entry: dict[str, object] = {"method": method, "label": label, "structure": names[label],
+            entry: dict[str, object] = {"method": method, "label": label, "structure": structures.names[label],
                                         "n": len(group)}
             for name in METRIC_NAMES:
                 entry[f"{name}_mean"], entry[f"{name}_std"] = nan_mean_std([r[name] for r in group])
@@ -410,7 +301,26 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
                 [(r["components"], r["holes"]) == (r["reference_components"], r["reference_holes"])
                  for r in group]))
             summary.append(entry)
+    return summary
 
+
+def _flag_quality(rows: Sequence[dict]) -> dict[str, float] | None:
+    """Set ``flagged`` on each quality row (the QC_FRACTION highest scores, at least one) and return the
+    ranking quality of the score against the true error 1 - refine Dice
+    (:func:`atlasreg.evaluation.quality.ranking_quality`); None for no rows."""
+    if not rows:
+        return None
+    flags = flag_top([float(r["qc_score"]) for r in rows], QC_FRACTION)
+    for r, flag in zip(rows, flags):
+        r["flagged"] = bool(flag)
+    return ranking_quality([float(r["qc_score"]) for r in rows],
+                           [1.0 - float(r["refine_dice"]) for r in rows], QC_FRACTION)
+
+
+def _summary_markdown(summary: Sequence[Mapping], transform_rows: Sequence[Mapping],
+                      quality_rows: Sequence[Mapping], ranking: Mapping[str, float] | None) -> str:
+    """The summary as Markdown: the metrics table, then the transform metrics and the quality-control
+    section when there are such rows."""
     lines = [
         "# Segmentation metrics",
         "",
@@ -429,38 +339,99 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
             f"{_fmt(e['hd_mean'], e['hd_std'], 2)} | {_fmt(e['hd95_mean'], e['hd95_std'], 2)} | "
             f"{_fmt(e['asd_mean'], e['asd_std'], 2)} | {e['components_mean']:.2f} | "
             f"{e['single_component_fraction']:.2f} | {e['holes_mean']:.2f} | {e['same_topology_fraction']:.2f} |")
-
     if transform_rows:
         lines.extend(_transform_table(transform_rows))
-    if quality_rows:
-        flags = flag_top([float(r["qc_score"]) for r in quality_rows], QC_FRACTION)
-        for r, flag in zip(quality_rows, flags):
-            r["flagged"] = bool(flag)
-        ranking = ranking_quality([float(r["qc_score"]) for r in quality_rows],
-                                  [1.0 - float(r["refine_dice"]) for r in quality_rows], QC_FRACTION)
+    if quality_rows and ranking is not None:
         lines.extend(_quality_section(quality_rows, ranking))
+    return "\n".join(lines) + "\n"
 
+
+def _evaluation_info(info: Mapping | None, test_set: str | None, prediction_dir: Path,
+                     structures: _Structures, labels: Mapping[int, str], n_cases: int) -> dict:
+    """The evaluation's info: the caller's entries (YAML-safe copy), then the keys of this evaluation."""
     info_out = dict(_plain(dict(info or {})))
     info_out.update({
         "test_set": str(test_set) if test_set is not None else prediction_dir.resolve().name,
         "predictions": str(prediction_dir.resolve()),
-        "merge": None if merge is None else {int(k): list(v) for k, v in merge.items()},
+        "merge": None if structures.merge is None else {int(k): list(v) for k, v in structures.merge.items()},
         "labels": dict(labels),
-        "n_cases": len(evaluated_cases),
+        "n_cases": n_cases,
     })
+    return info_out
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_case_path = out_dir / "metrics_per_case.csv"
-    summary_csv_path = out_dir / "summary.csv"
-    summary_md_path = out_dir / "summary.md"
-    quality_path = out_dir / "quality_control.csv"
-    write_text(per_case_path, _csv_text(PER_CASE_COLUMNS, rows))
-    write_text(summary_csv_path, _csv_text(SUMMARY_COLUMNS, summary))
-    write_text(out_dir / "transforms_per_case.csv", _csv_text(TRANSFORMS_PER_CASE_COLUMNS, transform_rows))
-    if quality_rows:
-        write_text(quality_path, _csv_text(QUALITY_COLUMNS, quality_rows))
-    elif quality_path.is_file():
-        quality_path.unlink()  # a stale file from an earlier evaluation into the same folder
-    write_text(out_dir / "info.yaml", yaml.safe_dump(info_out, sort_keys=False, allow_unicode=True))
-    write_text(summary_md_path, "\n".join(lines) + "\n")
-    return per_case_path, summary_md_path
+
+def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[str, str | Path],
+                         labels: Mapping[int, str], out_dir: str | Path,
+                         merge: Mapping[int, Sequence[int]] | None = None,
+                         methods: Sequence[str] = METHODS, test_set: str | None = None,
+                         info: Mapping | None = None) -> tuple[Path, Path]:
+    """Compute per-case, per-method, per-structure metrics and write CSV and Markdown summaries.
+
+    Parameters
+    ----------
+    prediction_dir:
+        Folder written by ``atlasreg segment`` (a segmentation run folder, :mod:`atlasreg.contracts`).
+    reference_paths:
+        Case name -> reference labelmap file (any format SimpleITK reads). Spacing for the distances
+        comes from the reference image.
+    labels:
+        Declared label values -> structure names; value 0 is the background and is not evaluated.
+    out_dir:
+        Output folder (created if needed), an evaluation folder (:mod:`atlasreg.contracts`).
+    merge:
+        Optional relabelling applied to both prediction and reference before the metrics, e.g.
+        ``{255: [1, 2]}`` maps values 1 and 2 (and 255 itself) to 255. When given, only the merge keys
+        are evaluated and every other value becomes background. Reference values may then be label
+        values or merge keys. The structure name of a key is ``labels[key]`` if declared, else the
+        source names joined with ``+``.
+    methods:
+        Method names to look for (``<method>_labelmap<ext>``); default :data:`METHODS`. Quality control
+        needs ``itn`` and ``refine`` among them.
+    test_set:
+        Name of the test set, written to the info; default: the prediction folder's name.
+    info:
+        Extra entries for the info (e.g. model name, method, STN variant, label; YAML-safe values,
+        paths are written as strings); the keys written by this function take precedence.
+
+    Returns
+    -------
+    The paths of the per-case metrics (CSV) and of the Markdown summary in out_dir; the summary CSV,
+    the info, the transform metrics per case and (when possible) the quality control are written too
+    (see :mod:`atlasreg.contracts`).
+
+    Raises
+    ------
+    AtlasregError
+        If a reference or prediction cannot be read, their sizes differ, the reference holds values
+        that are not declared labels (or merge keys), no prediction file is found at all, or a case's
+        transform metrics file is malformed.
+    """
+    prediction_dir = Path(prediction_dir)
+    labels = {int(k): str(v) for k, v in labels.items()}
+    if not reference_paths:
+        raise AtlasregError("no reference labelmaps given")
+    structures = _structures(labels, merge)
+    present, missing = _find_cases(prediction_dir, reference_paths)
+    rows: list[dict] = []
+    transform_rows: list[dict] = []
+    quality_rows: list[dict] = []
+    n_cases = 0  # cases with at least one prediction file
+    for case in present:
+        result = _evaluate_case(case, prediction_dir / case, Path(reference_paths[case]), structures, methods)
+        rows.extend(result.rows)
+        transform_rows.extend(result.transforms)
+        if result.quality is not None:
+            quality_rows.append(result.quality)
+        n_cases += bool(result.rows)
+    if missing:  # one warning: evaluating a subset of a reference folder is common (e.g. B901-B1000)
+        warnings.warn(f"{prediction_dir}: {len(missing)} reference case(s) have no prediction folder and were "
+                      f"skipped (e.g. {', '.join(missing[:3])})", UserWarning, stacklevel=2)
+    if not n_cases:
+        raise AtlasregError(f"no prediction labelmaps (<method>{LABELMAP_SUFFIX}{' / '.join(LABELMAP_EXTENSIONS)} "
+                            f"for methods {list(methods)}) found for any case", prediction_dir)
+    summary = _summary_rows(rows, methods, structures)
+    ranking = _flag_quality(quality_rows)
+    markdown = _summary_markdown(summary, transform_rows, quality_rows, ranking)
+    info_out = _evaluation_info(info, test_set, prediction_dir, structures, labels, n_cases)
+    paths = write_evaluation(out_dir, rows, summary, transform_rows, quality_rows, info_out, markdown)
+    return paths.metrics_per_case, paths.summary_md

@@ -236,7 +236,8 @@ class AtlasISTNModule(Method):
     @classmethod
     def report_label(cls, info: dict) -> str:
         """Short name of a trained model in the report ('Atlas-ISTN', 'Fixed', 'SVF',
-        'Atlas-ISTN-L_s'), unless info['label'] names it; info: an evaluation's info.yaml."""
+        'Atlas-ISTN-L_s'), unless info['label'] names it; info: an evaluation folder's info
+        (:func:`atlasreg.contracts.read_evaluation_info`)."""
         if info.get("label"):
             return str(info["label"])
         if info.get("fixed_atlas"):

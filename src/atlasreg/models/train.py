@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..atlas import save_atlas
 from ..config import ConfigError, validate
+from ..contracts import EPOCH_CHECKPOINT, FINAL_CHECKPOINT, LOG_DIR, run_paths
 from ..data.case_dataset import CaseDataset
 from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
@@ -25,8 +26,7 @@ from .atlas_istn import AtlasISTNModule
 from ..devices import lightning_accelerator, resolve_device
 from .registry import build_method, load_model
 
-FINAL_CHECKPOINT = "model.ckpt"
-#: Environment variable naming a case-cache folder shared by runs (default: `<out_dir>/cache`).
+#: Environment variable naming a case-cache folder shared by runs (default: the run folder's cache folder).
 CACHE_ENV = "ATLASREG_CACHE"
 
 
@@ -91,23 +91,25 @@ class AtlasUpdate(Callback):
 def training_dataset(config: dict, out_dir: Path) -> CaseDataset:
     """The cases of `config['data']['train']`, read on demand. With `data.cache` (default true) their
     model-grid tensors are cached in the folder named by the environment variable ATLASREG_CACHE, else
-    in `<out_dir>/cache` (a cached read takes 0.1 ms, reading and resampling a Letter-B case 6 ms)."""
+    in the cache folder of the run folder `out_dir` (:func:`atlasreg.contracts.run_paths`; a cached read
+    takes 0.1 ms, reading and resampling a Letter-B case 6 ms)."""
     cache_dir = None
     if config["data"].get("cache", True):
-        cache_dir = Path(os.environ.get(CACHE_ENV) or out_dir / "cache")
+        cache_dir = Path(os.environ.get(CACHE_ENV) or run_paths(out_dir).cache)
     return CaseDataset.from_config(config, "train", cache_dir)
 
 
 def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True,
           timer: EpochTimer | None = None, callbacks: list[Callback] | None = None,
           device: str = "auto") -> Path:
-    """Train Atlas-ISTN on `config['data']['train']`; writes into out_dir:
-    `config.yaml`, `checkpoints/last.ckpt` (every epoch), `model.ckpt` (final), `atlas/` (atlas
-    labelmap, probabilities and image with their grid), `atlas_initial/` (the same at the start of
-    training), `logs/` (TensorBoard), `cache/` (preprocessed cases, see `training_dataset`).
+    """Train Atlas-ISTN on `config['data']['train']`; writes the training run folder out_dir
+    (:mod:`atlasreg.contracts`, :func:`~atlasreg.contracts.run_paths`): the config, the last checkpoint
+    (every epoch), the final checkpoint, the atlas folder (atlas labelmap, probabilities and image with
+    their grid), the same at the start of training, TensorBoard logs and the case cache (preprocessed
+    cases, see `training_dataset`).
     The cases are read on demand (`data.num_workers` DataLoader workers); batches are shuffled by the
     global RNG seeded with `training.seed`, so a seed gives the same batches whatever the workers.
-    Resumes from `checkpoints/last.ckpt` if present and `resume`. device: 'auto' (CUDA when
+    Resumes from the last checkpoint if present and `resume`. device: 'auto' (CUDA when
     available), 'cpu', 'cuda' or 'cuda:<i>' (:func:`atlasreg.devices.resolve_device`; AtlasregError
     for a device this machine lacks). Returns the final checkpoint path.
     The config is validated (`config.validate`) and the case list found before out_dir is created, so
@@ -118,6 +120,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     if config["data"]["train"] is None:
         raise ConfigError("data.train", "missing: training needs a data split {images | csv, labels, ...}")
     out_dir = Path(out_dir)
+    paths = run_paths(out_dir)
     t = config["training"]
     workers = int(config["data"]["num_workers"])  # validated: an integer >= 0
     if t.get("threads"):
@@ -127,7 +130,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     if len(dataset) == 0:
         raise AtlasregError("the training set is empty")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_text(paths.config, yaml.safe_dump(config, sort_keys=False))
 
     module = build_method(config)
     module.set_training_data(dataset)
@@ -135,15 +138,15 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     # with num_workers=0, so the shuffling (and every number) is the same for any number of workers.
     loader = DataLoader(dataset, batch_size=int(t["batch_size"]), shuffle=True, drop_last=False,
                         num_workers=workers)
-    ckpt_dir = out_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes last.ckpt only when it
-    # has saved a top-k checkpoint in that epoch (save_top_k=0 would leave nothing to resume from).
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:04d}", auto_insert_metric_name=False,
+    last = paths.last_checkpoint
+    # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes the last checkpoint only
+    # when it has saved a top-k checkpoint in that epoch (save_top_k=0 would leave nothing to resume
+    # from). It names it CHECKPOINT_NAME_LAST + FILE_EXTENSION, the contract's LAST_CHECKPOINT (tested).
+    checkpoint = ModelCheckpoint(dirpath=paths.checkpoints, filename=EPOCH_CHECKPOINT, auto_insert_metric_name=False,
                                  save_last=True, save_top_k=1, every_n_epochs=1)
     trainer = L.Trainer(
-        max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=TensorBoardLogger(out_dir, name="logs"),
-        callbacks=[AtlasUpdate(out_dir / "atlas_initial"), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
+        max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=TensorBoardLogger(out_dir, name=LOG_DIR),
+        callbacks=[AtlasUpdate(paths.atlas_initial), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
         num_sanity_val_steps=0, deterministic=False)
     ckpt_path = str(last) if (resume and last.is_file()) else None
@@ -151,10 +154,10 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
         print(f"resuming from {ckpt_path}", flush=True)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
 
-    final = out_dir / FINAL_CHECKPOINT
+    final = paths.final_checkpoint
     trainer.save_checkpoint(final)
     save_atlas(module.atlas_labelmap, module.atlas_image, list(config["data"]["labels"].keys()),
-               module.net.grid, out_dir / "atlas")
+               module.net.grid, paths.atlas)
     # Lightning leaves the module reachable from every callback (callback.log is module.log), and the
     # module reaches the trainer, its data loader and the training data. A caller that keeps a
     # callback (e.g. an EpochTimer) and segments next in the same process held them through its peak

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..contracts import EVALUATION_INFO
 from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
 from ..evaluation.quality import ranking_quality
@@ -110,7 +111,7 @@ def _quality(page: _Page, ev: Evaluation) -> None:
               f"Spearman correlation with the true refine error (1 - DSC): {res['spearman']:.2f}; "
               f"of the {res['k']} truly worst cases, {res['recall'] * 100:.0f}% are among the {res['k']} "
               "flagged ones.")
-    flagged = sorted((r for r in rows if str(r["flagged"]) == "True"), key=lambda r: -float(r["qc_score"]))
+    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -float(r["qc_score"]))
     cells = [[Cell(h, header=True) for h in ("Flagged case", "QC score", "ITN outside refine", "Refine DSC")]]
     cells += [[Cell(r["case"]), Cell(f"{float(r['qc_score']):.3f}"), Cell(f"{float(r['itn_outside_refine']):.3f}"),
                Cell(f"{float(r['refine_dice']):.3f}")] for r in flagged]
@@ -125,7 +126,7 @@ def _sensitivity(page: _Page, folders: Sequence[str | Path], column: str) -> Non
         ev = load_evaluation(folder)
         lam = (ev.info.get("refinement") or {}).get("lambda")
         if lam is None:
-            raise AtlasregError("no refinement lambda in info.yaml (segment with `atlasreg segment`, "
+            raise AtlasregError(f"no refinement lambda in {EVALUATION_INFO} (segment with `atlasreg segment`, "
                                 "which records it)", ev.path)
         stats = {}
         for metric in METRICS:

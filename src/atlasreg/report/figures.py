@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
-import yaml  # noqa: E402
 
+from ..contracts import INVERSE_FIELD, atlas_paths, find_labelmap, read_case_info, run_paths  # noqa: E402
 from ..data.io import read_any  # noqa: E402
 from .results import METRIC_TITLES, ResultTable  # noqa: E402
 
@@ -40,7 +40,8 @@ def _read(path: Path) -> np.ndarray:
 
 def atlas_coordinates(inverse_field: Path) -> np.ndarray:
     """The atlas world point (mm) of every voxel of a case's input image: ``p + d(p)``, with p the world
-    point of the voxel and d the ``inverse_displacement.nii.gz`` of ``atlasreg segment`` (Phi^-1, Eq. 8;
+    point of the voxel and d the inverse displacement field of a case folder (Phi^-1, Eq. 8;
+    :data:`atlasreg.contracts.INVERSE_FIELD`;
     the atlas points are those of the saved atlas, whose grid is centred at the world origin). For a 3-D
     field, the middle slice along the first array axis (as :func:`_read`).
 
@@ -60,14 +61,6 @@ def atlas_coordinates(inverse_field: Path) -> np.ndarray:
     return world + disp  # world points as Grid.index_to_world computes them (which would import torch)
 
 
-def _labelmap(case_dir: Path, output: str) -> Path | None:
-    for ext in (".png", ".nii.gz"):
-        p = case_dir / f"{output}_labelmap{ext}"
-        if p.is_file():
-            return p
-    return None
-
-
 def _contours(ax, labelmap: np.ndarray, colour: str) -> None:
     for value in np.unique(labelmap):
         if value != 0:
@@ -77,15 +70,14 @@ def _contours(ax, labelmap: np.ndarray, colour: str) -> None:
 def qualitative_figure(predictions: Path, references: dict, cases: list[str], titles: list[str]) -> bytes | None:
     """Figs. 6-7: per case a row with the image, the ITN, 1-pass and refined labelmaps as red contours
     over the image with the reference in green, and the deformed atlas grid (isolines of the atlas
-    coordinates of each subject point, from inverse_displacement.nii.gz). None if no case has an image."""
+    coordinates of each subject point, from the case's inverse displacement field). The image is the one
+    the case information names; None if no case has an image. Raises AtlasregError naming a malformed
+    case information file."""
     rows = []
     for case in cases:
         case_dir = Path(predictions) / case
-        meta = case_dir / "case.yaml"
-        if not meta.is_file():
-            continue
-        image_path = Path((yaml.safe_load(meta.read_text()) or {}).get("image", ""))
-        if not image_path.is_file():
+        image_path = (read_case_info(case_dir) or {}).get("image")
+        if image_path is None or not image_path.is_file():
             continue
         rows.append((case, case_dir, image_path))
     if not rows:
@@ -101,7 +93,7 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
         for k, (output, name) in enumerate(PANEL_OUTPUTS, start=1):
             ax = axes[r, k]
             ax.imshow(image, cmap="gray")
-            path = _labelmap(case_dir, output)
+            path = find_labelmap(case_dir, output)
             if reference is not None:
                 _contours(ax, reference, "lime")
             if path is not None:
@@ -109,7 +101,7 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
             ax.set_title(name, fontsize=8)
         ax = axes[r, 4]
         ax.imshow(image, cmap="gray")
-        inv = case_dir / "inverse_displacement.nii.gz"
+        inv = case_dir / INVERSE_FIELD
         if inv.is_file():
             atlas = atlas_coordinates(inv)
             h, w = atlas.shape[:2]
@@ -186,17 +178,19 @@ def scatter_figure(table: ResultTable, test_set: str, x: str = "ITN", y: str = "
 
 
 def atlas_figure(run_dir: Path) -> bytes | None:
-    """Fig. 9: atlas image and labelmap probabilities at the start (atlas_initial/) and the end of
-    training (atlas/). None when the run folder lacks them."""
-    stages = [(name, Path(run_dir) / sub) for name, sub in (("start", "atlas_initial"), ("end", "atlas"))]
-    stages = [(n, d) for n, d in stages if (d / "atlas_image.nii.gz").is_file()]
+    """Fig. 9: atlas image and labelmap probabilities at the start and the end of training, from the
+    initial and final atlas folders of the training run folder `run_dir` (:func:`atlasreg.contracts.run_paths`).
+    None when the run folder lacks them."""
+    run = run_paths(run_dir)
+    stages = [(name, atlas_paths(folder)) for name, folder in (("start", run.atlas_initial), ("end", run.atlas))]
+    stages = [(n, a) for n, a in stages if a.image.is_file()]
     if not stages:
         return None
     fig, axes = plt.subplots(2, len(stages), figsize=(3.2 * len(stages), 6.2), squeeze=False)
-    for j, (name, d) in enumerate(stages):
-        axes[0, j].imshow(_read(d / "atlas_image.nii.gz"), cmap="gray")
+    for j, (name, atlas) in enumerate(stages):
+        axes[0, j].imshow(_read(atlas.image), cmap="gray")
         axes[0, j].set_title(f"atlas image ({name})", fontsize=8)
-        probs = _read(d / "atlas_probabilities.nii.gz")
+        probs = _read(atlas.probabilities)
         fg = 1.0 - probs[..., 0] if probs.ndim == 3 else probs
         axes[1, j].imshow(fg, cmap="magma", vmin=0, vmax=1)
         axes[1, j].set_title(f"atlas labelmap, foreground probability ({name})", fontsize=8)

@@ -1,22 +1,20 @@
 """Loading evaluation folders (written by ``atlasreg evaluate``) into one long table of per-case results,
 with the column (method) names the paper uses.
 
-An evaluation folder holds ``metrics_per_case.csv`` and ``info.yaml`` (model name, model method, STN
-variant, fixed atlas, L_s weight, test set, label), and optionally ``transforms_per_case.csv`` and
-``quality_control.csv``. Each (folder, output) pair becomes one *column* of the report, e.g. the
+An evaluation folder (:mod:`atlasreg.contracts`, which reads it) holds the per-case metrics and the
+info (model name, model method, STN variant, fixed atlas, L_s weight, test set, label), and optionally
+the transform metrics per case and the quality control. Each (folder, output) pair becomes one
+*column* of the report, e.g. the
 Atlas-ISTN folder gives 'ITN', '1-pass', 'Refine' and 'Id'; a U-Net folder 'U-Net', 'U-Net_lcc' and,
 with a fixed atlas, 'Independent'; a VML folder 'VML'.
 """
 
 from __future__ import annotations
 
-import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from ..contracts import read_evaluation_info, read_metrics_per_case, read_quality_control, read_transforms_per_case
 from ..errors import AtlasregError
 
 METRICS = ("dice", "hd", "hd95", "asd")
@@ -43,21 +41,10 @@ def column_name(info: dict, output: str) -> str | None:
     return _method(info).report_column(info, output)
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @dataclass
 class Evaluation:
-    """One evaluation folder: its info and its per-case rows (metrics and transform statistics)."""
+    """One evaluation folder: its info and its per-case rows (metrics, transform statistics, quality
+    control), typed as :mod:`atlasreg.contracts` reads them."""
 
     path: Path
     info: dict
@@ -71,26 +58,12 @@ class Evaluation:
 
 
 def load_evaluation(path: str | Path) -> Evaluation:
-    """Read an evaluation folder; AtlasregError naming the folder if metrics_per_case.csv is missing."""
+    """Read an evaluation folder (:mod:`atlasreg.contracts`). Raises AtlasregError naming the folder if
+    it has no per-case metrics (not an evaluation folder), or naming the file that is malformed."""
     path = Path(path)
-    metrics = path / "metrics_per_case.csv"
-    if not metrics.is_file():
-        raise AtlasregError("not an evaluation folder (no metrics_per_case.csv)", path)
-    info_path = path / "info.yaml"
-    info = (yaml.safe_load(info_path.read_text()) or {}) if info_path.is_file() else {}
-    rows = _read_csv(metrics)
-    for r in rows:
-        for m in METRICS:
-            r[m] = _float(r[m])
-        for k in ("components", "holes", "reference_components", "reference_holes"):
-            r[k] = int(float(r[k]))
-    transforms = _read_csv(path / "transforms_per_case.csv") if (path / "transforms_per_case.csv").is_file() else []
-    for r in transforms:
-        for k, v in list(r.items()):
-            if k not in ("case", "method"):
-                r[k] = _float(v)
-    quality = _read_csv(path / "quality_control.csv") if (path / "quality_control.csv").is_file() else []
-    return Evaluation(path, info, rows, transforms, quality)
+    rows = read_metrics_per_case(path)
+    return Evaluation(path, read_evaluation_info(path), rows, read_transforms_per_case(path),
+                      read_quality_control(path))
 
 
 @dataclass
