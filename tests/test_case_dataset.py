@@ -53,7 +53,7 @@ def test_config_gives_the_same_settings():
 def test_cache_serves_later_reads_without_the_files_code(folder, tmp_path, monkeypatch):
     data = CaseDataset(pairs(folder), PREP, tmp_path / "cache")
     first = [data[i] for i in range(len(data))]
-    entries = sorted((tmp_path / "cache" / PREP.key()).glob("*.npy"))
+    entries = sorted((tmp_path / "cache" / PREP.key()).glob("*.f32"))
     assert len(entries) == 5 and (tmp_path / "cache" / PREP.key() / "settings.json").is_file()
     assert not list((tmp_path / "cache").rglob(".tmp-*"))  # atomic writes leave nothing behind
 
@@ -87,12 +87,12 @@ def test_a_changed_file_or_setting_never_reuses_a_stale_entry(folder, tmp_path):
 def test_a_damaged_entry_is_rebuilt(folder, tmp_path):
     data = CaseDataset(pairs(folder), PREP, tmp_path)
     image, labelmap, _ = data[0]
-    (entry,) = (tmp_path / PREP.key()).glob("*.npy")
+    (entry,) = (tmp_path / PREP.key()).glob("*.f32")
     entry.write_bytes(b"not an array")
     assert torch.equal(data[0][0], image)
-    np.save(entry, np.zeros((3, 8, 8), np.float32))  # another shape than these settings give
+    np.zeros((3, 8, 8), np.float32).tofile(entry)  # another shape than these settings give
     assert torch.equal(data[0][1], labelmap)
-    assert np.load(entry).shape == (3, 16, 16)
+    assert np.fromfile(entry, np.float32).size == 3 * 16 * 16
 
 
 def test_workers_give_the_same_batches(folder, tmp_path):

@@ -60,7 +60,7 @@ def test_same_seed_same_numbers_with_workers_and_cache(tmp_path):
         losses, state = run(name, data)
         assert losses == ref_losses, name
         assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state), name
-    assert len(list((tmp_path / "cache" / "cache").rglob("*.npy"))) == 7
+    assert len(list((tmp_path / "cache" / "cache").rglob("*.f32"))) == 7
 
 
 def test_bad_num_workers_is_a_clear_error(tmp_path):

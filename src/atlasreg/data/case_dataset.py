@@ -5,9 +5,11 @@ labelmap files of case ``i`` and resamples them onto the model grid with
 :func:`atlasreg.data.cases.load_case` only when it is asked for, so no training set is ever held in
 memory as one tensor, and ``DataLoader`` workers (``num_workers > 0``) can read cases in parallel.
 
-With a cache folder, the model-grid tensors of a case are stored after its first read as one ``.npy``
-file (image and labelmap channels together, float32, written atomically) in
-``<cache>/<settings key>/<file key>.npy``. The settings key hashes the preprocessing settings and the
+With a cache folder, the model-grid tensors of a case are stored after its first read as one raw
+float32 file (image and labelmap channels together, native byte order, written atomically) in
+``<cache>/<settings key>/<file key>.f32``; the settings fix its shape, and a file of another size is
+rebuilt. (Raw, not ``.npy``: ``np.fromfile`` reads a Letter-B case in 0.03 ms against 0.17 ms for
+``np.load``, whose header parsing dominated the atlas update's reading.) The settings key hashes the preprocessing settings and the
 source code and library versions of the preprocessing, and the file key hashes the two source files'
 absolute paths, sizes and modification times, so a changed config, changed code or a changed file never
 reuses a stale entry. A cached read costs about 0.1 ms against 6 ms for reading and resampling a
@@ -40,6 +42,9 @@ from ..spatial.grid import Grid
 from .cases import load_case, pairs_from_spec
 from .dataset import CasePair
 from .io import atomic_file, write_text
+
+#: File suffix of a cached case (raw float32, see the module docstring).
+CACHE_SUFFIX = ".f32"
 
 __all__ = ["CaseDataset", "CaseError", "Preprocessing", "StreamingSum", "preprocessing_fingerprint"]
 
@@ -197,17 +202,17 @@ class CaseDataset(Dataset):
         stamps = [_stamp(path) for path in self._abs[index]]
         if None in stamps:  # let load_case report the missing file
             return None
-        return self.cache_dir / (hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:32] + ".npy")
+        return self.cache_dir / (hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:32] + CACHE_SUFFIX)
 
     def _read_entry(self, entry: Path) -> torch.Tensor | None:
         """The cached tensor, or None when absent or not what these settings give (then rewritten)."""
         try:
-            array = np.load(entry, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
+            array = np.fromfile(entry, dtype=np.float32)
+        except (OSError, ValueError):
             return None
-        if array.dtype != np.float32 or array.shape != self._shape:
+        if array.size != math.prod(self._shape):
             return None
-        return torch.from_numpy(array)
+        return torch.from_numpy(array.reshape(self._shape))
 
     def _write_entry(self, entry: Path, data: torch.Tensor) -> None:
         try:
@@ -215,7 +220,7 @@ class CaseDataset(Dataset):
                 write_text(entry.parent / "settings.json", json.dumps(
                     {"preprocessing": asdict(self.preprocessing), "code": preprocessing_fingerprint()}, indent=1))
             with atomic_file(entry) as tmp, open(tmp, "wb") as f:
-                np.save(f, data.numpy(), allow_pickle=False)
+                data.numpy().astype(np.float32, copy=False).tofile(f)
         except OSError as e:  # a full or read-only disk: train on without the cache
             warnings.warn(f"{entry}: cannot write the case cache ({e.strerror or e}); reading files instead",
                           stacklevel=2)
