@@ -19,6 +19,7 @@ _LAZY = {
     "Grid": "atlasreg.spatial.grid",
     "AffineTransform": "atlasreg.spatial.transforms", "DisplacementField": "atlasreg.spatial.transforms",
     "StationaryVelocityField": "atlasreg.spatial.transforms", "Composite": "atlasreg.spatial.transforms",
+    "BSplineTransform": "atlasreg.spatial.transforms",
     "Transform": "atlasreg.spatial.transforms",
     "read_transform": "atlasreg.spatial.itk", "write_transform": "atlasreg.spatial.itk",
     "AtlasregError": "atlasreg.errors",

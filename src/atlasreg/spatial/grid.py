@@ -230,6 +230,13 @@ class Grid:
         points = np.asarray(points, dtype=np.float64)
         return ((points - np.asarray(self.origin)) @ self.direction_matrix) / np.asarray(self.spacing)
 
+    def world_to_continuous_index(self, points: torch.Tensor) -> torch.Tensor:
+        """World points (..., D) -> continuous voxel indices (..., D) in ITK order (torch; voxel
+        centres at integers), e.g. for interpolating control points."""
+        half = torch.tensor([(n - 1) / 2.0 for n in self.size_xyz], device=points.device, dtype=points.dtype)
+        spacing = torch.tensor(self.spacing, device=points.device, dtype=points.dtype)
+        return self.world_to_centred(points) / spacing + half
+
     def contains(self, points: torch.Tensor) -> torch.Tensor:
         """Boolean mask (...) of world points (..., D) inside the field of view."""
         return (self.world_to_normalised(points).abs() <= 1.0).all(dim=-1)

@@ -13,7 +13,10 @@ Files:
   image of D float64 components in world units along the world axes, on the field's grid, whose value
   at a point p is ``T(p) - p``;
 * a composite (affine and dense parts in sequence): an ITK ``.h5`` transform file holding a
-  ``CompositeTransform`` whose parts ITK applies last-added first.
+  ``CompositeTransform`` whose parts ITK applies last-added first;
+* a cubic B-spline free-form deformation: ITK's own ``BSplineTransform`` (same control points and
+  coefficients; ITK evaluates it only where all 4^D control points exist, and leaves points near the
+  border of the control grid unmoved, atlasreg counts missing control points as zero).
 
 An SVF is exported as its exponential (a displacement field): ITK files have no stationary velocity
 field type that SimpleITK applies. Outside a displacement field's grid ITK uses a zero displacement,
@@ -31,7 +34,9 @@ import torch
 
 from ..errors import AtlasregError
 from .grid import Grid
-from .transforms import AffineTransform, Composite, DisplacementField, StationaryVelocityField, Transform
+from .transforms import (
+    AffineTransform, BSplineTransform, Composite, DisplacementField, StationaryVelocityField, Transform,
+)
 
 _FIELD_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 _TRANSFORM_EXTENSIONS = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
@@ -80,6 +85,15 @@ def to_sitk(transform: Transform, index: int = 0) -> sitk.Transform:
         out.SetMatrix(tuple(A.ravel().tolist()))
         out.SetTranslation(tuple(t.tolist()))
         return out
+    if isinstance(transform, BSplineTransform):
+        g = transform.control_grid
+        out = sitk.BSplineTransform(transform.ndim, 3)
+        # ITK's fixed parameters: grid size, origin, spacing, direction; parameters: the coefficient
+        # images, one per component, x fastest (= C order of the array-order tensor).
+        out.SetFixedParameters([float(v) for v in (*g.size_xyz, *g.origin, *g.spacing, *g.direction)])
+        coef = transform.coefficients[index if transform.batch_size > 1 else 0].detach().cpu().double()
+        out.SetParameters(tuple(coef.reshape(transform.ndim, -1).ravel().tolist()))
+        return out
     if isinstance(transform, StationaryVelocityField):
         transform = transform.field
     if isinstance(transform, DisplacementField):
@@ -101,6 +115,12 @@ def from_sitk(transform: sitk.Transform, dtype=torch.float32) -> Transform:
         return Composite(tuple(reversed(parts)))
     if name == "DisplacementFieldTransform":
         return field_from_image(tx.GetDisplacementField(), padding="zeros")
+    if name == "BSplineTransform":
+        fixed = np.asarray(tx.GetFixedParameters(), dtype=np.float64)
+        size = tuple(int(round(v)) for v in fixed[:d])
+        grid = Grid(size[::-1], fixed[2 * d:3 * d], fixed[d:2 * d], fixed[3 * d:3 * d + d * d])
+        coef = torch.as_tensor(np.asarray(tx.GetParameters()), dtype=dtype).reshape(1, d, *grid.size)
+        return BSplineTransform(coef, grid)
     if name == "TranslationTransform":
         return AffineTransform.from_numpy(np.eye(d), np.asarray(tx.GetOffset()), dtype)
     if hasattr(tx, "GetMatrix") and hasattr(tx, "GetTranslation") and hasattr(tx, "GetCenter"):

@@ -23,8 +23,8 @@ The family:
   :func:`compose_transform` builds the Atlas-ISTN transform Phi = T o exp(v) (Eqs. 6-8) as an
   :class:`AffineSVFTransform`.
 
-A B-spline (free-form deformation) transform plugs in as another :class:`Transform` whose
-:meth:`~Transform.points` evaluates its control-point field; nothing else changes.
+* :class:`BSplineTransform` ``x -> x + sum_k c_k B(x - p_k)``: a cubic B-spline free-form
+  deformation on a control-point grid (Rueckert 1999), for instance optimisation; no exact inverse.
 """
 
 from __future__ import annotations
@@ -434,6 +434,74 @@ class StationaryVelocityField(Transform):
 
     def __getitem__(self, index) -> "StationaryVelocityField":
         return StationaryVelocityField(self.v[_batch_index(index)], self.grid, self.steps, self.output_grid)
+
+
+def _cubic_bspline_weights(u: torch.Tensor) -> list[torch.Tensor]:
+    """The four cubic B-spline weights of control points i0 - 1 .. i0 + 2 for fractional offsets u in
+    [0, 1) from control point i0 (they sum to 1)."""
+    u2, u3 = u * u, u * u * u
+    return [(1 - u) ** 3 / 6, (3 * u3 - 6 * u2 + 4) / 6, (-3 * u3 + 3 * u2 + 3 * u + 1) / 6, u3 / 6]
+
+
+@dataclass(frozen=True, eq=False)
+class BSplineTransform(Transform):
+    """Free-form deformation (Rueckert et al. 1999): T(x) = x + sum_k c_k B(x - p_k), B the tensor
+    product of cubic B-splines scaled to the control-point spacing.
+
+    coefficients: (N, D, *control_grid.size) displacement coefficients in mm along the world axes, on
+    the control points `control_grid` (a :class:`Grid`; its spacing is the knot spacing). Control
+    points outside the grid count as zero, so T is the identity more than two knot spacings outside it.
+    No exact inverse. Evaluated exactly at any points (4^D control points per point).
+    """
+
+    coefficients: torch.Tensor
+    control_grid: Grid
+
+    def __post_init__(self):
+        _check_field(self.coefficients, self.control_grid)
+
+    @property
+    def ndim(self) -> int:
+        return self.control_grid.ndim
+
+    @property
+    def batch_size(self) -> int:
+        return self.coefficients.shape[0]
+
+    def _like(self) -> torch.Tensor:
+        return self.coefficients
+
+    def displacement_at(self, x: torch.Tensor) -> torch.Tensor:
+        """u(x) for world points x (N or 1, ..., D): (N, ..., D) mm."""
+        n, d = max(x.shape[0], self.batch_size), self.ndim
+        shape = x.shape[1:-1]
+        t = self.control_grid.world_to_continuous_index(x.reshape(x.shape[0], -1, d)).expand(n, -1, d)
+        base = torch.floor(t)
+        weights = [_cubic_bspline_weights(t[..., j] - base[..., j]) for j in range(d)]  # per axis, 4 x (n, P)
+        coeffs = self.coefficients.expand(n, *self.coefficients.shape[1:]).reshape(n, d, -1)
+        size_xyz = self.control_grid.size_xyz
+        strides = [1] * d  # flat index = sum_j i_j * stride_j, ITK axis 0 (x) fastest
+        for j in range(1, d):
+            strides[j] = strides[j - 1] * size_xyz[j - 1]
+        out = torch.zeros(n, d, t.shape[1], device=t.device, dtype=coeffs.dtype)
+        for offsets in torch.cartesian_prod(*[torch.arange(-1, 3)] * d).reshape(-1, d).tolist():
+            w = torch.ones_like(t[..., 0])
+            flat = torch.zeros_like(t[..., 0], dtype=torch.long)
+            inside = torch.ones_like(t[..., 0], dtype=torch.bool)
+            for j, o in enumerate(offsets):
+                idx = base[..., j].long() + o
+                inside &= (idx >= 0) & (idx < size_xyz[j])
+                w = w * weights[j][o + 1]
+                flat = flat + idx.clamp(0, size_xyz[j] - 1) * strides[j]
+            gathered = torch.gather(coeffs, 2, flat[:, None, :].expand(n, d, -1))
+            out = out + gathered * (w * inside)[:, None, :]
+        return out.movedim(1, -1).reshape(n, *shape, d)
+
+    def points(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.displacement_at(x)
+
+    def __getitem__(self, index) -> "BSplineTransform":
+        return BSplineTransform(self.coefficients[_batch_index(index)], self.control_grid)
 
 
 @dataclass(frozen=True, eq=False)
