@@ -9,11 +9,11 @@ With a cache folder, the model-grid tensors of a case are stored after its first
 float32 file (image and labelmap channels together, native byte order, written atomically) in
 ``<cache>/<settings key>/<file key>.f32``; the settings fix its shape, and a file of another size is
 rebuilt. (Raw, not ``.npy``: ``np.fromfile`` reads a Letter-B case in 0.03 ms against 0.17 ms for
-``np.load``, whose header parsing dominated the atlas update's reading.) The settings key hashes the preprocessing settings and the
-source code and library versions of the preprocessing, and the file key hashes the two source files'
+``np.load``, whose header parsing dominated the atlas update's reading.) The settings key hashes the
+preprocessing settings and the source code and library versions of the preprocessing, and the file key hashes the two source files'
 absolute paths, sizes and modification times, so a changed config, changed code or a changed file never
-reuses a stale entry. A cached read costs about 0.1 ms against 6 ms for reading and resampling a
-128x128 Letter-B PNG pair onto the 64x64 model grid (this CPU).
+reuses a stale entry. A cached read costs well under 0.1 ms against 6 ms for reading and resampling
+a 128x128 Letter-B PNG pair onto the 64x64 model grid (this CPU).
 
 :class:`StreamingSum` sums cases one at a time in the order of ``torch.sum``'s CPU kernel, so the mean
 of the unaligned training cases (atlas initialisation, Eq. 15 at t = 0) streams over the data set and
