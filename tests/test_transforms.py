@@ -166,3 +166,19 @@ def test_composite_of_affine_and_svf_with_its_inverse_is_the_identity(ndim):
         DisplacementField(torch.zeros(1, ndim, *grid.size), grid).inverse()
     # Batch selection keeps each part's entry.
     assert T[0].batch_size == 1 and T.simplified().transforms[-1].matrix.shape == (1, ndim, ndim)
+
+
+def test_slicing_a_batch_keeps_what_was_computed():
+    """A case taken out of a batch reuses exp(v), exp(-v) and Phi^-1's point map of the batch (the
+    export slices every case out of the refined batch) and gives the same maps as the batch."""
+    grid = Grid.centred((16, 16), (2.0, 2.0))
+    v = torch.cat([smooth_svf(grid.downsample(2), 1.0, seed=s) for s in (0, 1)])
+    A, t = affine_trs(torch.zeros(2, 2), torch.tensor([[0.1], [-0.2]]), torch.zeros(2, 2))
+    tr = compose_transform(v, A, t, grid)
+    fwd, inv = tr.forward_points(), tr.inverse_points()
+    one = tr[1]
+    assert "field" in one.svf.__dict__ and "_inverse" in one.__dict__ and "_inverse_points" in one.__dict__
+    assert "field" in one.inverse().transforms[-1].__dict__
+    assert torch.equal(one.forward_points(), fwd[1:]) and torch.equal(one.inverse_points(), inv[1:])
+    fresh = compose_transform(v[1:], A[1:], t[1:], grid)
+    assert torch.allclose(fresh.inverse_points(), inv[1:], atol=1e-5)

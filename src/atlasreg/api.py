@@ -157,19 +157,14 @@ class Model:
         return self.segment(image, **kwargs)
 
     def _run(self, cases: list[Case], refine: bool, refinement: dict) -> list[Segmentation]:
-        settings = dict(refinement)
-        if not refine:
-            settings["iterations"] = 0
         module, labels = self.module, list(self.labels)
         results = []
-        for pred in predict_cases(module, cases, settings):
-            transforms = pred.transforms if refine else {k: v for k, v in pred.transforms.items() if k != "refine"}
-            out = native_outputs(pred.case, labels, self.grid, pred.itn, transforms, module.atlas_labelmap,
+        for pred in predict_cases(module, cases, refinement, refine):
+            out = native_outputs(pred.case, labels, self.grid, pred.itn, pred.transforms, module.atlas_labelmap,
                                  module.atlas_image)
-            metrics = {k: v for k, v in pred.transform_metrics.items() if k in transforms}
             results.append(Segmentation(pred.case.name, out["labelmaps"], out.get("to_atlas"),
-                                        out.get("to_subject"), out.get("deformed_atlas_image"), metrics,
-                                        out, pred.case))
+                                        out.get("to_subject"), out.get("deformed_atlas_image"),
+                                        pred.transform_metrics, out, pred.case))
         return results
 
 

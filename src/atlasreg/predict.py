@@ -52,17 +52,18 @@ def transform_statistics(transform: AffineSVFTransform, atlas_labelmap: torch.Te
             "std_log_jacobian": jac["std_log_jacobian"]}
 
 
-def segment_cases(module: Method, cases: list[Case], refinement: dict) -> dict:
+def segment_cases(module: Method, cases: list[Case], refinement: dict, refine: bool = True) -> dict:
     """ITN, 1-pass (Eq. 9) and refined (Eqs. 17-21) predictions for a batch of B cases on the model grid.
+    refinement: overrides of the method's ``config['refinement']``.
 
     Returns a dict: ``itn`` probabilities (B, C, *S) (methods with an ITN); ``transforms``: 'onepass'
     and 'refine' -> :class:`AffineSVFTransform` of batch B in the cases' model frames (those the
     model's method has, see the module docstring; the last is the final one); ``history``: refinement
     loss history (K+1, B); ``transform_metrics``: transform name -> :func:`transform_statistics`
-    (numpy arrays (B,))."""
+    (numpy arrays (B,)). refine=False skips the refinement (1-pass only)."""
     images = torch.cat([c.image for c in cases]).to(module.device)
     out = module.predict(images)
-    refined = module.refine(images, out, refinement)
+    refined = module.refine(images, out, refinement) if refine else None
     if refined is not None:
         out["transforms"]["refine"], out["history"] = refined["transform"], refined["history"]
     out["transform_metrics"] = {name: transform_statistics(tr, module.atlas_labelmap)
@@ -70,12 +71,12 @@ def segment_cases(module: Method, cases: list[Case], refinement: dict) -> dict:
     return out
 
 
-def predict_cases(module: Method, cases: list[Case], refinement: dict | None = None) -> list[CasePrediction]:
+def predict_cases(module: Method, cases: list[Case], refinement: dict | None = None,
+                  refine: bool = True) -> list[CasePrediction]:
     """Predict a batch of cases at once (refinement runs them together, each with its own STN copy):
     one :class:`CasePrediction` per case, in order. refinement: overrides of the method's
-    ``config['refinement']``."""
-    settings = dict(module.config["refinement"], **(refinement or {}))
-    res = segment_cases(module, cases, settings)
+    ``config['refinement']``; refine=False: 1-pass only."""
+    res = segment_cases(module, cases, refinement or {}, refine)  # Method.refine merges the overrides
     out = []
     for j, case in enumerate(cases):
         out.append(CasePrediction(

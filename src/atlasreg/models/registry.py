@@ -126,7 +126,9 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Me
         if name is None:  # checkpoints written before the registry kept the name in the config only
             name = state["hyper_parameters"]["config"]["model"].get("method", "atlas_istn")
         cls = get_method(name)
-        module = cls.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+        # Built from the state already read (Lightning's load_from_checkpoint would read the file again).
+        module = cls(**state["hyper_parameters"])
+        module.load_state_dict(state["state_dict"])
     except AtlasregError as e:
         raise AtlasregError(str(e), checkpoint) from None
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable file

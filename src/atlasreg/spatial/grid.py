@@ -225,14 +225,12 @@ class Grid:
         index = np.asarray(index, dtype=np.float64)
         return np.asarray(self.origin) + (index * np.asarray(self.spacing)) @ self.direction_matrix.T
 
-    def world_to_index(self, points: np.ndarray) -> np.ndarray:
-        """World points (..., D) -> continuous voxel indices (..., D) in ITK order, float64."""
-        points = np.asarray(points, dtype=np.float64)
-        return ((points - np.asarray(self.origin)) @ self.direction_matrix) / np.asarray(self.spacing)
-
-    def world_to_continuous_index(self, points: torch.Tensor) -> torch.Tensor:
-        """World points (..., D) -> continuous voxel indices (..., D) in ITK order (torch; voxel
-        centres at integers), e.g. for interpolating control points."""
+    def world_to_index(self, points):
+        """World points (..., D) -> continuous voxel indices (..., D) in ITK order (voxel centres at
+        integers). A NumPy array gives float64 NumPy, a tensor a tensor of its dtype (differentiable,
+        e.g. for interpolating control points)."""
+        if not isinstance(points, torch.Tensor):
+            return self.world_to_index(torch.as_tensor(np.asarray(points, dtype=np.float64))).numpy()
         half = torch.tensor([(n - 1) / 2.0 for n in self.size_xyz], device=points.device, dtype=points.dtype)
         spacing = torch.tensor(self.spacing, device=points.device, dtype=points.dtype)
         return self.world_to_centred(points) / spacing + half

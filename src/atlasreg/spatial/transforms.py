@@ -29,7 +29,7 @@ The family:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Sequence
 
@@ -265,6 +265,16 @@ class Transform:
         """The transforms of the batch entries `index` (an int keeps a batch of 1)."""
         raise NotImplementedError
 
+    def _sliced(self, new: "Transform", index) -> "Transform":
+        """`new`, the batch slice `index` of this transform, with the values this one has already
+        computed (exp(v), the inverse, its point map) sliced too, so that taking a case out of a
+        batch never integrates an SVF again."""
+        own = {f.name for f in fields(self)}
+        for name, value in self.__dict__.items():
+            if name not in own:  # a cached_property's value
+                new.__dict__[name] = value[_batch_index(index)] if isinstance(value, torch.Tensor) else value[index]
+        return new
+
 
 def _batch_index(index) -> slice | list:
     return slice(index, index + 1) if isinstance(index, int) else index
@@ -433,7 +443,8 @@ class StationaryVelocityField(Transform):
         return StationaryVelocityField(-self.v, self.grid, self.steps, self.output_grid)
 
     def __getitem__(self, index) -> "StationaryVelocityField":
-        return StationaryVelocityField(self.v[_batch_index(index)], self.grid, self.steps, self.output_grid)
+        return self._sliced(StationaryVelocityField(self.v[_batch_index(index)], self.grid, self.steps,
+                                                    self.output_grid), index)
 
 
 def _cubic_bspline_weights(u: torch.Tensor) -> list[torch.Tensor]:
@@ -475,7 +486,7 @@ class BSplineTransform(Transform):
         """u(x) for world points x (N or 1, ..., D): (N, ..., D) mm."""
         n, d = max(x.shape[0], self.batch_size), self.ndim
         shape = x.shape[1:-1]
-        t = self.control_grid.world_to_continuous_index(x.reshape(x.shape[0], -1, d)).expand(n, -1, d)
+        t = self.control_grid.world_to_index(x.reshape(x.shape[0], -1, d)).expand(n, -1, d)
         base = torch.floor(t)
         weights = [_cubic_bspline_weights(t[..., j] - base[..., j]) for j in range(d)]  # per axis, 4 x (n, P)
         coeffs = self.coefficients.expand(n, *self.coefficients.shape[1:]).reshape(n, d, -1)
@@ -561,7 +572,7 @@ class Composite(Transform):
         return Composite(tuple(parts))
 
     def __getitem__(self, index) -> "Composite":
-        return Composite(tuple(t[index] for t in self.transforms))
+        return self._sliced(Composite(tuple(t[index] for t in self.transforms)), index)
 
 
 @dataclass(frozen=True, eq=False)
@@ -594,7 +605,7 @@ class AffineSVFTransform(Composite):
         return self._inverse_points
 
     def __getitem__(self, index) -> "AffineSVFTransform":
-        return AffineSVFTransform(tuple(t[index] for t in self.transforms), self.grid)
+        return self._sliced(AffineSVFTransform(tuple(t[index] for t in self.transforms), self.grid), index)
 
 
 def compose_transform(v_half: torch.Tensor | None, A: torch.Tensor | None, t: torch.Tensor | None,
