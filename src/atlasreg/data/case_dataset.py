@@ -8,8 +8,9 @@ memory as one tensor, and ``DataLoader`` workers (``num_workers > 0``) can read 
 With a cache folder, the model-grid tensors of a case are stored after its first read as one raw
 float32 file (image and labelmap channels together, native byte order, written atomically) in
 ``<cache>/<settings key>/<file key>.f32``; the settings fix its shape, and a file of another size is
-rebuilt. (Raw, not ``.npy``: ``np.fromfile`` reads a Letter-B case in 0.03 ms against 0.17 ms for
-``np.load``, whose header parsing dominated the atlas update's reading.) The settings key hashes the
+rebuilt. (Raw, not ``.npy``: ``np.fromfile`` reads a Letter-B case in 0.014 ms against 0.06-0.19 ms for
+``np.load``, whose header parsing dominated the atlas update's reading;
+``benchmarks/case_cache_read.py``.) The settings key hashes the
 preprocessing settings and the source code and library versions of the preprocessing, and the file key hashes the two source files'
 absolute paths, sizes and modification times, so a changed config, changed code or a changed file never
 reuses a stale entry. A cached read costs well under 0.1 ms against 6 ms for reading and resampling
