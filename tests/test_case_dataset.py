@@ -33,11 +33,12 @@ def pairs(folder):
 def test_items_are_load_case_on_the_model_grid(folder):
     data = CaseDataset(pairs(folder), PREP)
     assert len(data) == 5 and data.names == ["B1", "B2", "B3", "B4", "B5"] and data.index_of("B4") == 3
-    image, labelmap, index = data[3]
-    ref = load_case(folder / "B4_img.png", folder / "B4_seg.png", [0, 255], Grid.centred([16, 16], [2.0, 2.0]), [1.0, 1.0])
+    image, labelmap, index, mask = data[3]
+    ref = load_case(folder / "B4_img.png", folder / "B4_seg.png", PREP)
     assert index == 3 and image.dtype == labelmap.dtype == torch.float32
     assert image.shape == (1, 16, 16) and labelmap.shape == (2, 16, 16)
     assert torch.equal(image, ref.image[0]) and torch.equal(labelmap, ref.labelmap[0])
+    assert torch.equal(mask, ref.mask[0]) and mask.shape == (1, 16, 16)
     with pytest.raises(AtlasregError, match="'B9' is not in the data set"):
         data.index_of("B9")
 
@@ -62,7 +63,7 @@ def test_cache_serves_later_reads_without_the_files_code(folder, tmp_path, monke
 
     monkeypatch.setattr(case_dataset, "load_case", no_reading)
     again = pickle.loads(pickle.dumps(data))  # as a DataLoader worker gets it
-    for (a_img, a_lab, _), (b_img, b_lab, _) in zip(first, (again[i] for i in range(5))):
+    for (a_img, a_lab, *_), (b_img, b_lab, *_) in zip(first, (again[i] for i in range(5))):
         assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
 
 
@@ -86,13 +87,13 @@ def test_a_changed_file_or_setting_never_reuses_a_stale_entry(folder, tmp_path):
 
 def test_a_damaged_entry_is_rebuilt(folder, tmp_path):
     data = CaseDataset(pairs(folder), PREP, tmp_path)
-    image, labelmap, _ = data[0]
+    image, labelmap, *_ = data[0]
     (entry,) = (tmp_path / PREP.key()).glob("*.f32")
     entry.write_bytes(b"not an array")
     assert torch.equal(data[0][0], image)
     np.zeros((3, 8, 8), np.float32).tofile(entry)  # another shape than these settings give
     assert torch.equal(data[0][1], labelmap)
-    assert np.fromfile(entry, np.float32).size == 3 * 16 * 16
+    assert np.fromfile(entry, np.float32).size == 4 * 16 * 16
 
 
 def test_workers_give_the_same_batches(folder, tmp_path):

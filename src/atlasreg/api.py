@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 
 from .contracts import labelmap_extension
-from .data.cases import Case, case_from_image, load_case
+from .data.cases import Case, Preprocessing, case_from_image, load_case
 from .errors import AtlasregError
 from .export import native_outputs, write_outputs
 from .models.registry import Method
@@ -113,8 +113,9 @@ class Model:
     def _case(self, image, name: str | None, spacing, origin, direction) -> Case:
         grid = self.grid
         config_spacing = self.module.config["data"].get("spacing")
+        prep = Preprocessing.from_config(self.module.config)
         if isinstance(image, (str, Path)):
-            return load_case(image, None, list(self.labels), grid, config_spacing, name=name)
+            return load_case(image, None, prep, name=name)
         if isinstance(image, np.ndarray):
             if image.ndim != grid.ndim:
                 raise AtlasregError(f"array of shape {image.shape} is not a {grid.ndim}D image")
@@ -127,7 +128,7 @@ class Model:
         if not isinstance(image, sitk.Image):
             raise AtlasregError(f"cannot segment a {type(image).__name__}; give a file path, a SimpleITK "
                                 "image or a NumPy array")
-        return case_from_image(sitk.Cast(image, sitk.sitkFloat32), grid, name or "case")
+        return case_from_image(sitk.Cast(image, sitk.sitkFloat32), prep, name or "case")
 
     def segment_many(self, images: Iterable, names: Sequence[str] | None = None, refine: bool = True,
                      **refinement) -> list[Segmentation]:

@@ -42,6 +42,9 @@ from .errors import AtlasregError
 
 #: STN variants `model.stn_variant` accepts (the same tuple as `nets.stn.VARIANTS`; a test keeps them equal).
 STN_VARIANTS = ("affine_svf", "svf", "affine")
+ORIENTATION_SEARCH = ("none", "in_plane", "in_plane_flips", "axes")  # atlasreg.data.placement (not imported: torch-free)
+CENTRES = ("image", "foreground", "labels")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 
 #: Data splits a config may name under `data`.
 SPLITS = ("train", "validation")
@@ -348,6 +351,8 @@ def _check_fraction(sel: dict, key: str) -> dict:
 FRACTION = Section({
     "fraction": Field(ListOf(Float(0.0, 1.0), length=2), REQUIRED, "[a, b]: the slice of the shuffled cases"),
     "seed": Field(Int(0), 0, "seed of the shuffle"),
+    "group": Field(Optional(Str()), None, "regular expression: cases whose names give the same match stay on "
+                   "one side (e.g. '^patient\\d+': both frames of a patient)"),
 }, check=_check_fraction)
 
 
@@ -384,7 +389,26 @@ SCHEMA = Section({
         "validation": Field(Optional(SPLIT), None, "a split never used for training"),
         "labels": Field(Labels(), REQUIRED, "declared label list: value -> name (value order = channels)"),
         "spacing": Field(Optional(ListOf(Float(0.0, open_min=True))), None,
-                         "spacing (ITK order, world units) for formats that store none (PNG, JPEG, BMP, TIFF)"),
+                         "spacing (ITK order, world units) for files that store none: PNG, JPEG, BMP, TIFF, and "
+                         "headers with unit spacing and identity direction (NIfTI whose pixdim was lost)"),
+        "preprocessing": Field(Section({
+            "orientation": Field(Str(), "native", "model axes: 'native' (the file's) or a code such as 'RAS' "
+                                 "(volumes reoriented from their header's direction)"),
+            "orientation_search": Field(Choice(lambda: ORIENTATION_SEARCH), "none",
+                                        "none | in_plane (4 rotations about z) | in_plane_flips (8) | axes: flips and "
+                                        "axis swaps tried per case against a "
+                                        "reference labelmap (training: the first training case; test: the atlas)"),
+            "reference": Field(Optional(PathValue()), None, "labelmap of the training-time orientation reference "
+                               "(null: the first training case)"),
+            "centre": Field(Choice(lambda: CENTRES), "image", "image | foreground | labels (training: the labelmap's "
+                            "foreground; test: a first ITN pass)"),
+            "intensity": Field(Choice(lambda: INTENSITY), "zscore", "zscore | zscore_foreground | rescale"),
+            "clip_range": Field(Optional(ListOf(Float(), length=2)), None, "[lo, hi] raw intensities (CT window)"),
+            "clip_percentiles": Field(Optional(ListOf(Float(0.0, 100.0), length=2)), None,
+                                      "[lo, hi] percentiles of the image (MRI)"),
+            "foreground_threshold": Field(Float(), 0.0, "raw intensity above which a voxel is foreground"),
+            "pad_value": Field(Optional(Float()), None, "raw intensity outside the scan (null: the image minimum)"),
+        }), doc="volumes: orientation, placement of the model grid, intensity normalisation"),
         "num_workers": Field(Int(0), 0, "DataLoader worker processes reading training cases (0: in the main "
                              "process)"),
         "cache": Field(Bool(), True, "cache preprocessed training cases on disk ($ATLASREG_CACHE or <out>/cache)"),
@@ -426,6 +450,8 @@ SCHEMA = Section({
         }, check=_check_augmentation), doc="spatial augmentation (Sec. 3.2), MONAI RandAffine"),
         "seed": Field(Int(0), 0),
         "threads": Field(Optional(Int(1)), None, "torch threads; null: torch's default"),
+        "precision": Field(Choice(lambda: PRECISIONS), "32-true", "Lightning precision: 32-true, or automatic "
+                           "mixed precision 16-mixed / bf16-mixed (GPU)"),
     })),
     "refinement": Field(Section({
         "iterations": Field(Int(0), 50, "test-time refinement iterations K"),
@@ -436,6 +462,9 @@ SCHEMA = Section({
         "cases_at_once": Field(Int(1), 16, "cases refined together, each with its own STN copy"),
     })),
 })
+
+
+INTENSITY = ("zscore", "zscore_foreground", "rescale")
 
 
 def _check_across(cfg: dict) -> dict:
@@ -499,6 +528,9 @@ def _resolve_paths(data: dict, folder: Path) -> dict:
             value = spec.get(key)
             if isinstance(value, (str, os.PathLike)) and os.fspath(value).strip():
                 spec[key] = os.path.abspath(os.path.join(folder, os.path.expanduser(os.fspath(value))))
+    pre = section.get("preprocessing")
+    if isinstance(pre, dict) and isinstance(pre.get("reference"), str) and pre["reference"].strip():
+        pre["reference"] = os.path.abspath(os.path.join(folder, os.path.expanduser(pre["reference"])))
     return data
 
 

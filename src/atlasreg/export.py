@@ -22,10 +22,10 @@ from .contracts import (  # noqa: F401 - the case folder's names, re-exported
 )
 from .data.cases import Case
 from .data.io import atomic_directory, write_image
-from .data.preprocessing import indices_to_values, largest_components, to_native_grid
+from .data.preprocessing import indices_to_values, largest_components
 from .spatial.grid import Grid
 from .spatial.itk import field_image, write_transform
-from .spatial.transforms import AffineSVFTransform, AffineTransform, Composite
+from .spatial.transforms import AffineSVFTransform, AffineTransform, Composite, resample
 
 
 def _labelmap_image(indices: np.ndarray, labels: Sequence[int], case: Case, ext: str) -> sitk.Image:
@@ -43,16 +43,20 @@ def _float_image(array: torch.Tensor, case: Case) -> sitk.Image:
     return img
 
 
-def world_transforms(transform: AffineSVFTransform, native: Grid) -> tuple[Composite, Composite]:
+def world_transforms(transform: AffineSVFTransform, frame: AffineTransform | Grid) -> tuple[Composite, Composite]:
     """A case's atlas-to-subject transform Phi (model frame, batch 1) in world coordinates.
 
-    Returns ``(to_subject, to_atlas)``: ``to_subject`` maps atlas world points (the saved atlas's
-    grid, :meth:`Grid.centred`) to the subject's world points, ``x -> c + R Phi(x)`` with the case
-    grid's centre c and direction R; ``to_atlas`` is its exact inverse ``Phi^-1(R^T (y - c))``. In ITK
-    terms ``to_atlas`` resamples the atlas onto the subject (fixed = subject) and ``to_subject``
-    resamples the subject into atlas space (fixed = atlas)."""
-    frame = AffineTransform.grid_frame(native, dtype=transform._like().dtype)
-    frame = AffineTransform(frame.matrix.to(transform._like().device), frame.translation.to(transform._like().device))
+    frame: the case's model-to-file-world map, or the placed model grid whose frame it is (:meth:`~atlasreg.data.cases.Case.frame`: the placed
+    model grid's centre c and direction R, and the physical -> file map where a declared spacing
+    replaced a missing one). Returns ``(to_subject, to_atlas)``: ``to_subject`` maps atlas world points
+    (the saved atlas's grid, :meth:`Grid.centred`) to the subject's world points, ``x -> F(Phi(x))``
+    (``c + R Phi(x)`` without a declared spacing); ``to_atlas`` is its exact inverse
+    ``Phi^-1(F^-1(y))``. In ITK terms ``to_atlas`` resamples the atlas onto the subject (fixed =
+    subject) and ``to_subject`` resamples the subject into atlas space (fixed = atlas)."""
+    like = transform._like()
+    if isinstance(frame, Grid):  # the model grid placed on the case: its frame
+        frame = AffineTransform.grid_frame(frame, dtype=torch.float64)
+    frame = AffineTransform(frame.matrix.to(like), frame.translation.to(like))
     return Composite((transform, frame)), Composite((frame.inverse(), transform.inverse()))
 
 
@@ -74,18 +78,21 @@ def native_outputs(case: Case, labels: Sequence[int], model_grid: Grid,
     images."""
     native = case.grid
     ext = labelmap_extension(case.path)
+    if case.placed is None:  # a Case built by hand: the model grid on the case's centre and axes
+        case.placed = case.physical.resampled(model_grid.size, model_grid.spacing)
+    placed, physical = case.placed, case.physical
     transforms = dict(transforms or {})
     out: dict = {"labelmaps": {}}
     with torch.no_grad():
         if itn_probabilities is not None:
-            indices = to_native_grid(itn_probabilities[None], model_grid, native)[0].argmax(0).cpu().numpy()
+            indices = resample(itn_probabilities[None], placed, physical)[0].argmax(0).cpu().numpy()
             out["labelmaps"]["itn"] = _labelmap_image(indices, labels, case, ext)
             out["labelmaps"]["itn_lcc"] = _labelmap_image(largest_components(indices, len(labels)), labels, case, ext)
         if transforms and atlas_labelmap is not None:
-            atlas_native = to_native_grid(atlas_labelmap, model_grid, native)[0].argmax(0).cpu().numpy()
+            atlas_native = resample(atlas_labelmap, placed, physical)[0].argmax(0).cpu().numpy()
             out["labelmaps"]["atlas"] = _labelmap_image(atlas_native, labels, case, ext)
         for name, transform in transforms.items():
-            out["to_subject"], out["to_atlas"] = world_transforms(transform, native)
+            out["to_subject"], out["to_atlas"] = world_transforms(transform, case.frame(torch.float64))
             if atlas_labelmap is not None:
                 probs = out["to_atlas"].warp(atlas_labelmap, model_grid, native)[0]
                 out["labelmaps"][name] = _labelmap_image(probs.argmax(0).cpu().numpy(), labels, case, ext)

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data.cases import Case
+import SimpleITK as sitk
+
+from .data.cases import Case, Preprocessing, placement_of, replace_placement
 from .evaluation.consistency import inverse_consistency
 from .evaluation.topology import jacobian_statistics
 from .models.registry import Method
@@ -63,6 +65,9 @@ def segment_cases(module: Method, cases: list[Case], refinement: dict, refine: b
     (numpy arrays (B,)). refine=False skips the refinement (1-pass only)."""
     images = torch.cat([c.image for c in cases]).to(module.device)
     out = module.predict(images)
+    masks = [c.mask for c in cases]
+    if all(m is not None for m in masks):
+        out["mask"] = torch.cat(masks).to(module.device)
     refined = module.refine(images, out, refinement) if refine else None
     if refined is not None:
         out["transforms"]["refine"], out["history"] = refined["transform"], refined["history"]
@@ -71,11 +76,35 @@ def segment_cases(module: Method, cases: list[Case], refinement: dict, refine: b
     return out
 
 
+def localise(module: Method, cases: list[Case]) -> list[Case]:
+    """The test-time first pass (paper Sec. 3.2: crop around the structure found by a first ITN pass):
+    where the config centres the model grid on the labels (``data.preprocessing.centre: labels``) or
+    searches the orientation (``orientation_search``), the ITN segments each case on its first
+    placement, and the case is placed again on the ITN's foreground centroid, in the orientation whose
+    ITN labels best overlap the atlas labelmap. Other configs and methods without an ITN return
+    `cases` unchanged."""
+    prep = Preprocessing.from_config(module.config)
+    if (prep.centre != "labels" and prep.orientation_search == "none") or not cases:
+        return cases
+    with torch.no_grad():
+        first = module.predict(torch.cat([c.image for c in cases]).to(module.device))
+    if "itn" not in first:
+        return cases
+    reference = module.atlas_labelmap if bool(getattr(module, "atlas_ready", True)) else None
+    out = []
+    for j, case in enumerate(cases):
+        array = sitk.GetArrayFromImage(case.source)
+        grid = placement_of(array, None, case.physical, prep, first["itn"][j:j + 1], case.placed, reference)
+        out.append(replace_placement(case, grid, prep))
+    return out
+
+
 def predict_cases(module: Method, cases: list[Case], refinement: dict | None = None,
                   refine: bool = True) -> list[CasePrediction]:
     """Predict a batch of cases at once (refinement runs them together, each with its own STN copy):
-    one :class:`CasePrediction` per case, in order. refinement: overrides of the method's
-    ``config['refinement']``; refine=False: 1-pass only."""
+    one :class:`CasePrediction` per case, in order, after the first pass of :func:`localise`.
+    refinement: overrides of the method's ``config['refinement']``; refine=False: 1-pass only."""
+    cases = localise(module, cases)
     res = segment_cases(module, cases, refinement or {}, refine)  # Method.refine merges the overrides
     out = []
     for j, case in enumerate(cases):

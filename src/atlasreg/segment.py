@@ -19,7 +19,7 @@ from .contracts import (  # noqa: F401 - the case folder's names, re-exported
     DEFORMED_ATLAS_IMAGE, FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, LABELMAP_OUTPUTS,
     TRANSFORM_OUTPUTS, transform_metrics_csv,
 )
-from .data.cases import case_name, load_case
+from .data.cases import Preprocessing, case_name, load_case
 from .data.dataset import find_pairs
 from .errors import AtlasregError
 from .export import world_transforms, write_case_outputs  # noqa: F401 - re-exported
@@ -64,10 +64,11 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
     ref = dict(cfg["refinement"], **(refinement or {}))
     labels = list(cfg["data"]["labels"].keys())
     grid = module.net.grid
+    prep = Preprocessing.from_config(cfg)
     files = collect_inputs(list(inputs), image_suffix)
 
     def read(name, path):
-        return load_case(path, None, labels, grid, cfg["data"]["spacing"], name=name)
+        return load_case(path, None, prep, name=name)
 
     # Every input is read and checked before anything is written, but not kept: cases are read again
     # chunk by chunk below, so memory does not grow with the number of inputs (reading is about 2% of

@@ -11,7 +11,8 @@ from monai.transforms import RandAffine
 
 
 def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float], seed: int | None = None) -> Callable:
-    """Returns f(image (N, 1, *S), labelmap (N, C, *S)) -> augmented pair (a new random affine per case).
+    """Returns f(image (N, 1, *S), labelmap (N, C, *S)[, mask (N, 1, *S)]) -> the augmented pair (and
+    mask, moved with zero padding; then the labels' foreground too) (a new random affine per case).
 
     cfg: {translation_voxels, rotation_degrees, scale: [lo, hi], probability}. Translation is in voxels
     of the model grid; 3D rotations use the same range about every axis. seed: seeds MONAI's own
@@ -30,10 +31,22 @@ def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float], se
     if seed is not None:
         rand.set_random_state(seed=int(seed))
 
-    def augment(image: torch.Tensor, labelmap: torch.Tensor):
+    def augment(image: torch.Tensor, labelmap: torch.Tensor, mask: torch.Tensor | None = None):
         both = torch.cat([image, labelmap], dim=1)
-        out = torch.stack([_plain(rand(x)) for x in both])
-        return out[:, :1].contiguous(), out[:, 1:].contiguous()
+        if mask is None:
+            out = torch.stack([_plain(rand(x)) for x in both])
+            return out[:, :1].contiguous(), out[:, 1:].contiguous()
+        # With a field-of-view mask, the same affine moves the foreground labels and the mask with zero
+        # padding (no anatomy and no scan enter from outside), and the background channel is 1 - the rest.
+        fg = torch.cat([labelmap[:, 1:], mask], dim=1)
+        outs, moved = [], []
+        for x, y in zip(image, fg):
+            outs.append(_plain(rand(x)))
+            moved.append(_plain(rand(y, randomize=False, padding_mode="zeros")))
+        out, moved = torch.stack(outs), torch.stack(moved)
+        lab = moved[:, :-1]
+        lab = torch.cat([(1.0 - lab.sum(1, keepdim=True)).clamp(0.0, 1.0), lab], dim=1)
+        return out[:, :1].contiguous(), lab.contiguous(), moved[:, -1:].contiguous()
 
     return augment
 

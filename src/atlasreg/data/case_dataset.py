@@ -23,6 +23,7 @@ still equals ``atlas_init`` on the stacked tensors bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,7 +41,7 @@ from torch.utils.data import Dataset
 
 from ..errors import AtlasregError
 from ..spatial.grid import Grid
-from .cases import load_case, pairs_from_spec
+from .cases import Preprocessing, load_case, pairs_from_spec
 from .dataset import CasePair
 from .io import atomic_file, write_text
 
@@ -66,38 +67,10 @@ class CaseError(AtlasregError):
         super().__init__(message, path)
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """What :func:`~atlasreg.data.cases.load_case` needs to put a case onto the model grid.
-
-    labels: declared label values (channel order, background first); size: model grid size (array
-    order, voxels); spacing: model grid spacing (ITK order, mm); ndim: 2 or 3; spacing_override: the
-    spacing (ITK order, mm) given to files of formats that store none (config ``data.spacing``)."""
-
-    labels: tuple[int, ...]
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    ndim: int
-    spacing_override: tuple[float, ...] | None = None
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "Preprocessing":
-        """From a merged experiment config (``data.labels``, ``data.spacing`` and ``model.size``,
-        ``model.spacing``, ``model.ndim``)."""
-        m, spacing = cfg["model"], cfg["data"].get("spacing")
-        return cls(tuple(int(v) for v in cfg["data"]["labels"]), tuple(int(s) for s in m["size"]),
-                   tuple(float(s) for s in m["spacing"]), int(m["ndim"]),
-                   None if spacing is None else tuple(float(s) for s in spacing))
-
-    @property
-    def model_grid(self) -> Grid:
-        """The model grid (:meth:`Grid.centred` of size and spacing)."""
-        return Grid.centred(self.size, self.spacing)
-
-    def key(self) -> str:
-        """Hex digest of these settings and of :func:`preprocessing_fingerprint` (the cache folder)."""
-        text = json.dumps({"settings": asdict(self), "code": preprocessing_fingerprint()}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
+def preprocessing_key(prep: Preprocessing) -> str:
+    """Hex digest of the settings and of :func:`preprocessing_fingerprint` (the cache folder)."""
+    text = json.dumps({"settings": asdict(prep), "code": preprocessing_fingerprint()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,7 +102,7 @@ class CaseDataset(Dataset):
     preprocessing: model grid and labels (:class:`Preprocessing`); cache_dir: folder of the on-disk
     cache of preprocessed cases, or None for none (see the module docstring).
 
-    ``dataset[i]`` -> ``(image (1, *size), labelmap (C, *size), i)``: the zero-mean unit-variance image
+    ``dataset[i]`` -> ``(image (1, *size), labelmap (C, *size), i, mask (1, *size))``: the normalised image
     and the soft one-hot labelmap over the declared labels, both float32, exactly as
     :func:`~atlasreg.data.cases.load_case` returns them. Raises :class:`CaseError` (an AtlasregError)
     naming the file for a missing, unreadable or inconsistent file, also from DataLoader workers.
@@ -142,15 +115,20 @@ class CaseDataset(Dataset):
             if p.label is None:
                 raise AtlasregError("no labelmap for this image", p.image)
         self.preprocessing = preprocessing
-        self.cache_dir = None if cache_dir is None else Path(cache_dir).resolve() / preprocessing.key()
+        self.cache_dir = None if cache_dir is None else Path(cache_dir).resolve() / preprocessing_key(preprocessing)
         # Absolute paths for the cache keys, made once (Path.resolve per read was half of a cached read).
         self._abs = [(os.path.abspath(p.image), os.path.abspath(p.label)) for p in self.pairs] if cache_dir else None
-        self._shape = (1 + len(preprocessing.labels), *preprocessing.size)
+        self._shape = (2 + len(preprocessing.labels), *preprocessing.size)
 
     @classmethod
     def from_config(cls, cfg: dict, section: str = "train", cache_dir: str | Path | None = None) -> "CaseDataset":
         """The cases of config section ``data.<section>`` with the config's preprocessing."""
-        return cls(pairs_from_spec(cfg["data"][section]), Preprocessing.from_config(cfg), cache_dir)
+        pairs = pairs_from_spec(cfg["data"][section])
+        prep = Preprocessing.from_config(cfg)
+        if prep.orientation_search != "none" and prep.reference is None:
+            # The orientation search compares every training case with the first one.
+            prep = dataclasses.replace(prep, reference=os.path.abspath(pairs[0].label))
+        return cls(pairs, prep, cache_dir)
 
     @property
     def names(self) -> list[str]:
@@ -167,7 +145,7 @@ class CaseDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
         index = int(index)
         pair = self.pairs[index]
         entry = self._cache_entry(index)
@@ -176,17 +154,14 @@ class CaseDataset(Dataset):
             data = self._load(pair)
             if entry is not None:
                 self._write_entry(entry, data)
-        return data[:1], data[1:], index
+        return data[:1], data[1:-1], index, data[-1:]
 
     # ------------------------------------------------------------------------------------------
     def _load(self, pair: CasePair) -> torch.Tensor:
         """Image and labelmap channels of one case, (1 + C, *size) float32, from its files."""
         p = self.preprocessing
         try:
-            case = load_case(image_path=pair.image, label_path=pair.label, labels=list(p.labels),
-                             model_grid=p.model_grid,
-                             spacing_override=None if p.spacing_override is None else list(p.spacing_override),
-                             name=pair.name)
+            case = load_case(pair.image, pair.label, p, name=pair.name)
         except AtlasregError as e:
             message = str(e)
             if e.path is not None and message.startswith(f"{e.path}: "):
@@ -195,7 +170,7 @@ class CaseDataset(Dataset):
         except Exception as e:  # noqa: BLE001 - anything else while reading a case: name the case
             raise CaseError(f"cannot preprocess case {pair.name!r}: {type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:200]}", pair.image) from None
-        return torch.cat([case.image[0], case.labelmap[0]]).float().contiguous()
+        return torch.cat([case.image[0], case.labelmap[0], case.mask[0]]).float().contiguous()
 
     def _cache_entry(self, index: int) -> Path | None:
         if self.cache_dir is None:

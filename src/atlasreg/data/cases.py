@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 
@@ -13,13 +14,88 @@ from ..errors import AtlasregError
 from ..spatial.grid import Grid
 from .dataset import CasePair, find_pairs, select_cases
 from .io import check_dimension, read_image, read_labelmap, same_geometry
-from .preprocessing import one_hot, to_model_grid, values_to_indices, zero_mean_unit_variance
+from ..spatial.transforms import AffineTransform, resample
+from .placement import canonical_direction, mask_centroid, orientation_candidates, overlap_score, place
+from .preprocessing import one_hot, values_to_indices
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a file becomes model-grid tensors (config ``data`` and ``model``; docs/architecture.md).
+
+    labels: declared label values (channel order, background first); size: model grid size (array
+    order, voxels); spacing: model grid spacing (ITK order, mm); ndim: 2 or 3.
+    spacing_override: spacing (ITK order, mm) for files that store none: formats without geometry
+    (PNG, JPEG, BMP, TIFF) and headers with unit spacing and identity direction (NIfTI whose pixdim
+    was lost, e.g. ACDC); outputs keep the file's own header.
+    orientation: 'native' (model axes along the file's axes) or an axis code such as 'RAS' (every
+    volume resampled onto the same anatomical axes, from its header's direction);
+    orientation_search: 'none' | 'in_plane' | 'axes': discrete flips and axis swaps tried per case
+    against a reference labelmap (:mod:`atlasreg.data.placement`); reference: the labelmap file of the
+    training-time reference (None: no search at training time).
+    centre: where the model grid is centred: 'image' (the image centre), 'foreground' (centroid of the
+    voxels above `foreground_threshold`), 'labels' (centroid of the labelmap's foreground in training;
+    at test time of the ITN's first pass).
+    intensity: 'zscore' (whole image), 'zscore_foreground' (mean and SD of the voxels above
+    `foreground_threshold`, for skull-stripped MRI) or 'rescale' (clip range to [0, 1], for CT);
+    applied after clipping to `clip_range` (raw units, e.g. a CT window) and/or `clip_percentiles`
+    (e.g. (0.5, 99.5) for MRI). pad_value: raw intensity outside the scan (None: the image minimum);
+    labels are padded with background, and the loss is masked outside the scan's field of view."""
+
+    labels: tuple[int, ...]
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    ndim: int
+    spacing_override: tuple[float, ...] | None = None
+    orientation: str = "native"
+    orientation_search: str = "none"
+    reference: str | None = None
+    centre: str = "image"
+    intensity: str = "zscore"
+    clip_range: tuple[float, float] | None = None
+    clip_percentiles: tuple[float, float] | None = None
+    foreground_threshold: float = 0.0
+    pad_value: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Preprocessing":
+        """From a merged experiment config (``data`` and ``model`` sections)."""
+        m, d = cfg["model"], cfg["data"]
+        spacing = d.get("spacing")
+        pre = d.get("preprocessing") or {}
+
+        def pair(v):
+            return None if v is None else tuple(float(x) for x in v)
+        return cls(tuple(int(v) for v in d["labels"]), tuple(int(s) for s in m["size"]),
+                   tuple(float(s) for s in m["spacing"]), int(m["ndim"]), pair(spacing),
+                   pre.get("orientation", "native"), pre.get("orientation_search", "none"),
+                   pre.get("reference"), pre.get("centre", "image"), pre.get("intensity", "zscore"),
+                   pair(pre.get("clip_range")), pair(pre.get("clip_percentiles")),
+                   float(pre.get("foreground_threshold", 0.0)),
+                   None if pre.get("pad_value") is None else float(pre["pad_value"]))
+
+    @property
+    def model_grid(self) -> Grid:
+        """The model grid (:meth:`Grid.centred` of size and spacing)."""
+        return Grid.centred(self.size, self.spacing)
+
+    def key(self) -> str:
+        """Hex digest of these settings and of the preprocessing code (the cache folder's name)."""
+        from .case_dataset import preprocessing_key
+
+        return preprocessing_key(self)
 
 
 @dataclass
 class Case:
-    """One case on the model grid. image: (1, 1, *size) normalised; labelmap: (1, C, *size) soft
-    one-hot or None; grid: the file's own grid (for writing outputs back); source: the sitk image."""
+    """One case on the model grid placed on it.
+
+    image: (1, 1, *size) normalised; labelmap: (1, C, *size) soft one-hot or None; mask: (1, 1, *size)
+    the fraction of each model voxel inside the scan (0 outside its field of view); grid: the file's
+    own grid (outputs are written on it, with its header); physical: the same voxels with the
+    declared spacing where the file stores none (else equal to grid); placed: the model grid placed on
+    the case in the physical world (:mod:`atlasreg.data.placement`); source: the image as read (raw
+    intensities, the file's header); stats: the intensity normalisation (lo, hi, scale, offset)."""
 
     name: str
     image: torch.Tensor
@@ -27,67 +103,256 @@ class Case:
     grid: Grid
     source: sitk.Image
     path: str
+    physical: Grid | None = None
+    placed: Grid | None = None
+    mask: torch.Tensor | None = None
+    stats: tuple | None = None
+
+    def __post_init__(self):
+        if self.physical is None:
+            self.physical = self.grid
+
+    def file_to_physical(self) -> AffineTransform | None:
+        """The affine map from the file's world coordinates to the physical ones (where the declared
+        spacing replaced a missing one), or None when they agree."""
+        if self.physical == self.grid:
+            return None
+        to_f = AffineTransform.from_numpy(*_index_to_world(self.grid), torch.float64)
+        to_p = AffineTransform.from_numpy(*_index_to_world(self.physical), torch.float64)
+        return to_p.compose(to_f.inverse())
+
+    def frame(self, dtype=torch.float32, device=None) -> AffineTransform:
+        """Model (atlas) coordinates -> the file's world coordinates: the placed grid's frame, then the
+        physical -> file map (an :class:`AffineTransform` of batch 1)."""
+        frame = AffineTransform.grid_frame(self.placed, dtype=torch.float64)
+        m = self.file_to_physical()
+        if m is not None:
+            frame = m.inverse().compose(frame)
+        return AffineTransform(frame.matrix.to(device=device, dtype=dtype),
+                               frame.translation.to(device=device, dtype=dtype))
+
+
+def _index_to_world(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """(M, o): world = M @ index + o (ITK order)."""
+    return grid.direction_matrix @ np.diag(grid.spacing), np.asarray(grid.origin, dtype=np.float64)
 
 
 NO_GEOMETRY_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def _apply_spacing(image: sitk.Image, spacing, path) -> sitk.Image:
-    """Set the configured spacing (config data.spacing) on images from formats that store none
-    (PNG, JPEG, BMP, TIFF); files with real geometry (NIfTI, NRRD, MHA) keep their own."""
-    if spacing is not None and str(path).lower().endswith(NO_GEOMETRY_FORMATS):
-        image.SetSpacing(tuple(float(s) for s in spacing))
-    return image
+def has_no_spacing(image: sitk.Image, path) -> bool:
+    """True when the file stores no spacing: a format without geometry (PNG, JPEG, BMP, TIFF), or a
+    default header: unit spacing, zero origin and an identity affine (ITK reads a NIfTI identity
+    affine as direction diag(-1, -1, 1), its RAS -> LPS flip; e.g. ACDC, whose pixdim was lost)."""
+    if str(path).lower().endswith(NO_GEOMETRY_FORMATS):
+        return True
+    d = image.GetDimension()
+    direction = np.asarray(image.GetDirection()).reshape(d, d)
+    nifti_identity = np.diag([-1.0, -1.0] + [1.0] * (d - 2))
+    return bool(np.allclose(image.GetSpacing(), 1.0) and np.allclose(image.GetOrigin(), 0.0)
+                and (np.allclose(direction, np.eye(d)) or np.allclose(direction, nifti_identity)))
 
 
-def load_case(image_path, label_path, labels: Sequence[int], model_grid: Grid, spacing_override=None,
-              require_foreground: bool = True, name: str | None = None) -> Case:
-    """Read one image (and labelmap), check them, and resample onto `model_grid` (the centred model
-    grid, :meth:`Grid.centred`) placed on the case (same centre and direction as the file's grid).
-    Raises AtlasregError naming the file for every bad input."""
-    image = _apply_spacing(read_image(image_path), spacing_override, image_path)
-    img_t, grid = _image_on_model_grid(image, model_grid, image_path)
-    lab_t = None
+def physical_grid(image: sitk.Image, spacing_override, path) -> Grid:
+    """The grid of `image` with `spacing_override` (config ``data.spacing``) where the file stores no
+    spacing (:func:`has_no_spacing`); the file's own grid otherwise."""
+    grid = Grid.from_sitk(image)
+    if spacing_override is not None and has_no_spacing(image, path):
+        if len(spacing_override) != grid.ndim:
+            raise AtlasregError(f"data.spacing {list(spacing_override)} does not match the {grid.ndim}D image", path)
+        grid = Grid(grid.size, tuple(float(s) for s in spacing_override), grid.origin, grid.direction)
+    return grid
+
+
+def load_case(image_path, label_path, prep: Preprocessing, require_foreground: bool = True,
+              name: str | None = None, placement: Grid | None = None) -> Case:
+    """Read one image (and labelmap), check them, and resample them onto the model grid placed on the
+    case (:func:`placement_of`, or `placement` when given: the test-time second pass). Raises
+    AtlasregError naming the file for every bad input."""
+    image = read_image(image_path)
+    check_dimension(image, prep.ndim, image_path)
+    phys = physical_grid(image, prep.spacing_override, image_path)
+    onehot = None
     if label_path is not None:
-        # Size and geometry are compared after the configured spacing is applied to both files.
-        lab = _apply_spacing(read_labelmap(label_path, labels, require_foreground=False), spacing_override,
-                             label_path)
+        lab = read_labelmap(label_path, prep.labels, require_foreground=False)
         if lab.GetSize() != image.GetSize():
             raise AtlasregError(f"size {lab.GetSize()} differs from image {image_path} {image.GetSize()}",
                                 label_path)
         if not same_geometry(lab, image):
             raise AtlasregError(f"geometry (spacing, origin or direction) differs from image {image_path}",
                                 label_path)
-        idx = values_to_indices(sitk.GetArrayFromImage(lab), labels)
+        idx = values_to_indices(sitk.GetArrayFromImage(lab), prep.labels)
         if require_foreground and not idx.any():
-            raise AtlasregError(f"has no foreground (only label {labels[0]})", label_path)
-        oh = one_hot(torch.from_numpy(idx)[None], len(labels))
-        lab_t = to_model_grid(oh, grid, model_grid)
-    return Case(name or case_name(image_path), img_t, lab_t, grid, image, str(image_path))
+            raise AtlasregError(f"has no foreground (only label {prep.labels[0]})", label_path)
+        onehot = idx
+    array = sitk.GetArrayFromImage(image)
+    stats = intensity_stats(array, prep)
+    if placement is None:
+        placement = placement_of(array, onehot, phys, prep)
+    img_t, mask = image_on_grid(array, phys, placement, stats, prep)
+    lab_t = None if onehot is None else labels_on_grid(onehot, len(prep.labels), phys, placement)
+    return Case(name or case_name(image_path), img_t, lab_t, Grid.from_sitk(image), image, str(image_path),
+                phys, placement, mask, stats)
 
 
-def _image_on_model_grid(image: sitk.Image, model_grid: Grid, path) -> tuple[torch.Tensor, Grid]:
-    check_dimension(image, model_grid.ndim, path)
-    grid = Grid.from_sitk(image)
-    arr = zero_mean_unit_variance(sitk.GetArrayFromImage(image))
-    return to_model_grid(torch.from_numpy(arr)[None, None], grid, model_grid), grid
+def placement_of(array: np.ndarray, indices: np.ndarray | None, phys: Grid, prep: Preprocessing,
+                 probabilities: torch.Tensor | None = None, prob_grid: Grid | None = None,
+                 reference: torch.Tensor | None = None) -> Grid:
+    """The model grid placed on a case (centre and direction, :mod:`atlasreg.data.placement`).
+    array: raw image (array order) on `phys`; indices: label indices on `phys` or None; probabilities
+    (1, C, *S) on `prob_grid`: the ITN's first pass (test time, for centre 'labels' and the
+    orientation search, scored against `reference` (1, C, *S) on the model grid, the atlas labelmap).
+    Falls back to the image centre when no foreground is found."""
+    model = prep.model_grid
+    base = canonical_direction(prep.orientation, prep.ndim, phys.direction_matrix)
+    centre = None
+    if prep.centre == "foreground":
+        centre = mask_centroid(array > prep.foreground_threshold, phys)
+    elif prep.centre == "labels":
+        if indices is not None:
+            centre = mask_centroid(indices > 0, phys)
+        elif probabilities is not None:
+            fg = 1.0 - probabilities[0, 0].cpu().numpy()
+            centre = mask_centroid(fg > 0.5, prob_grid, fg)
+    if centre is None:
+        centre = phys.centre
+    candidates = orientation_candidates(prep.orientation_search, prep.ndim)
+    if len(candidates) == 1:
+        return place(model, centre, base @ candidates[0])
+    if indices is not None:
+        if prep.reference is None:
+            return place(model, centre, base)
+        source = one_hot(torch.from_numpy(indices)[None], len(prep.labels))
+        source_grid = phys
+        reference = reference_labelmap(prep)
+    elif probabilities is not None and reference is not None:
+        source, source_grid = probabilities, prob_grid
+    else:
+        return place(model, centre, base)
+    scores = []
+    reference = reference.detach().float().cpu()
+    source = source.detach().float().cpu()
+    # Compared at the reference's size: the candidates are scored on a model grid scaled by the ratio
+    # of foreground sizes (an end-systolic heart against an end-diastolic reference), so that the score
+    # tells orientations apart rather than sizes.
+    v_src = float((1.0 - source[:, 0]).sum()) * float(np.prod(source_grid.spacing))
+    v_ref = float((1.0 - reference[:, 0]).sum()) * float(np.prod(model.spacing))
+    s = (v_src / v_ref) ** (1.0 / prep.ndim) if v_src > 0 and v_ref > 0 else 1.0
+    scaled = Grid(model.size, tuple(sp * s for sp in model.spacing))
+    for P in candidates:
+        moved = resample(source, source_grid, place(scaled, centre, base @ P), padding="zeros")
+        scores.append(overlap_score(moved, reference))
+    best = int(np.argmax(scores))
+    return place(model, centre, base @ candidates[best])
 
 
-def case_from_image(image: sitk.Image, model_grid: Grid, name: str = "case", path: str = "") -> Case:
-    """A case from an image already in memory (no labelmap): normalised and resampled onto
-    `model_grid` placed on the image's own grid, as :func:`load_case` does for files. `path` names the
-    source in errors and in the outputs (empty: in memory). Raises AtlasregError for an image of the
-    wrong dimension or with non-finite values."""
-    import numpy as np
+@functools.lru_cache(maxsize=4)
+def reference_labelmap(prep: Preprocessing) -> torch.Tensor:
+    """The training-time reference of the orientation search: the labelmap file ``prep.reference``
+    on the model grid centred on its labels, in the canonical orientation without search (1, C, *S)."""
+    if prep.reference is None:
+        raise AtlasregError("the orientation search needs a reference labelmap (data.preprocessing.reference)")
+    lab = read_labelmap(prep.reference, prep.labels)
+    idx = values_to_indices(sitk.GetArrayFromImage(lab), prep.labels)
+    phys = physical_grid(lab, prep.spacing_override, prep.reference)
+    base = canonical_direction(prep.orientation, prep.ndim, phys.direction_matrix)
+    centre = mask_centroid(idx > 0, phys) if prep.centre == "labels" else phys.centre
+    grid = place(prep.model_grid, centre, base)
+    return labels_on_grid(idx, len(prep.labels), phys, grid)
 
+
+def intensity_stats(array: np.ndarray, prep: Preprocessing) -> tuple[float, float, float, float]:
+    """(lo, hi, scale, offset): the image's normalisation, ``clip(x, lo, hi) * scale + offset``,
+    computed on its own voxels (never on padding). See :class:`Preprocessing` for the methods."""
+    a = array.astype(np.float32, copy=False)
+    lo, hi = float(a.min()), float(a.max())
+    if prep.clip_range is not None:
+        lo, hi = max(lo, prep.clip_range[0]), min(hi, prep.clip_range[1])
+    if prep.clip_percentiles is not None:
+        p_lo, p_hi = np.percentile(a, prep.clip_percentiles)
+        lo, hi = max(lo, float(p_lo)), min(hi, float(p_hi))
+    if hi < lo:
+        hi = lo
+    c = np.clip(a, lo, hi) if (lo > a.min() or hi < a.max()) else a
+    if prep.intensity == "rescale":
+        scale = 1.0 / (hi - lo) if hi > lo else 1.0
+        return lo, hi, scale, -lo * scale
+    if prep.intensity == "zscore_foreground":
+        fg = c[a > prep.foreground_threshold]
+        c = fg if fg.size > 1 else c
+    elif prep.intensity != "zscore":
+        raise AtlasregError(f"unknown intensity normalisation {prep.intensity!r}")
+    mean, std = float(c.mean()), float(c.std())
+    scale = 1.0 / std if std > 0 else 1.0
+    return lo, hi, scale, -mean * scale
+
+
+def image_on_grid(array: np.ndarray, phys: Grid, target: Grid, stats, prep: Preprocessing
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw image (array order, on `phys`) -> (normalised image (1, 1, *S), field-of-view mask
+    (1, 1, *S)) on `target`, by SimpleITK's linear resampling (see :func:`sitk_resample`). Outside the
+    scan the raw image is `prep.pad_value` (the image minimum by default)."""
+    lo, hi, scale, offset = stats
+    pad = float(array.min()) if prep.pad_value is None else prep.pad_value
+    a = np.clip(array.astype(np.float32, copy=False), lo, hi)
+    raw = sitk_resample(a, phys, target, default=float(np.clip(pad, lo, hi)))
+    ones = np.ones(array.shape, dtype=np.float32)
+    mask = sitk_resample(ones, phys, target, default=0.0)
+    img = torch.from_numpy(raw * np.float32(scale) + np.float32(offset))[None, None]
+    return img.float(), torch.from_numpy(mask)[None, None]
+
+
+def labels_on_grid(indices: np.ndarray, num_classes: int, phys: Grid, target: Grid) -> torch.Tensor:
+    """Label indices (array order, on `phys`) -> soft one-hot (1, C, *S) on `target`: every channel
+    resampled linearly (SimpleITK), background 1 outside the scan (padding invents no anatomy)."""
+    fg = np.stack([(indices == c).astype(np.float32) for c in range(1, num_classes)], axis=-1)
+    out = sitk_resample(fg, phys, target, default=0.0, vector=True)
+    out = np.moveaxis(out.reshape(*target.size, num_classes - 1), -1, 0)
+    bg = np.clip(1.0 - out.sum(0, keepdims=True), 0.0, 1.0)
+    return torch.from_numpy(np.concatenate([bg, out]).astype(np.float32))[None]
+
+
+def sitk_resample(array: np.ndarray, source: Grid, target: Grid, default: float = 0.0,
+                  vector: bool = False) -> np.ndarray:
+    """Linear resampling of an array (array order; a trailing component axis if `vector`) from
+    `source` onto `target` with ``sitk.Resample`` (identity transform in world space, `default`
+    outside the source). SimpleITK rather than our own sampler because it is ITK's reference
+    implementation of physical-space resampling (the same that viewers and other tools use for these
+    files); our torch sampler is kept for what must be differentiable or batched on the device
+    (warps, model -> input grid of network outputs). Returns float32 (array order)."""
+    img = sitk.GetImageFromArray(array.astype(np.float32, copy=False), isVector=vector)
+    source.copy_information_to(img)
+    out = sitk.Resample(img, target.reference_image(), sitk.Transform(), sitk.sitkLinear, float(default),
+                        sitk.sitkVectorFloat32 if vector else sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out).astype(np.float32, copy=False)
+
+
+def case_from_image(image: sitk.Image, prep: Preprocessing, name: str = "case", path: str = "") -> Case:
+    """A case from an image already in memory (no labelmap), placed and normalised as
+    :func:`load_case` does for files. `path` names the source in errors and in the outputs (empty: in
+    memory). Raises AtlasregError for an image of the wrong dimension or with non-finite values."""
     where = path or f"image {name!r}"
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise AtlasregError(f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a "
                             "scalar image", where)
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise AtlasregError("contains NaN or infinite values", where)
-    img_t, grid = _image_on_model_grid(image, model_grid, where)
-    return Case(name, img_t, None, grid, image, path)
+    check_dimension(image, prep.ndim, where)
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    phys = physical_grid(image, prep.spacing_override, where)
+    array = sitk.GetArrayFromImage(image)
+    stats = intensity_stats(array, prep)
+    placement = placement_of(array, None, phys, prep)
+    img_t, mask = image_on_grid(array, phys, placement, stats, prep)
+    return Case(name, img_t, None, Grid.from_sitk(image), image, path, phys, placement, mask, stats)
+
+
+def replace_placement(case: Case, placement: Grid, prep: Preprocessing) -> Case:
+    """The same case on another placement of the model grid (test-time second pass); no labelmap."""
+    array = sitk.GetArrayFromImage(case.source)
+    img_t, mask = image_on_grid(array, case.physical, placement, case.stats, prep)
+    return Case(case.name, img_t, None, case.grid, case.source, case.path, case.physical, placement, mask,
+                case.stats)
 
 
 def case_name(path) -> str:

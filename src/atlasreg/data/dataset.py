@@ -240,6 +240,9 @@ def select_cases(pairs: list[CasePair], spec) -> list[CasePair]:
       cases (sorted naturally by name) are shuffled with a permutation seeded by ``s`` and the slice
       ``[round(a n), round(b n))`` is taken, returned in input order. Specs with the same seed and
       adjoining fractions (``[0, 0.8]`` / ``[0.8, 1]``) are disjoint and together cover all cases.
+      With ``"group": regex`` the fraction is taken of groups, not cases: cases whose names give the
+      same match (its group 1 if it has one; e.g. ``'^patient\\d+'``) stay on one side of a split
+      (both frames of a patient); a name that does not match is its own group.
 
     Raises AtlasregError: unknown names (listing up to 5); a range or fraction that selects no case;
     a malformed spec.
@@ -274,7 +277,7 @@ def select_cases(pairs: list[CasePair], spec) -> list[CasePair]:
         return out
 
     if isinstance(spec, dict):
-        unknown_keys = set(spec) - {"fraction", "seed"}
+        unknown_keys = set(spec) - {"fraction", "seed", "group"}
         if "fraction" not in spec or unknown_keys:
             raise AtlasregError(f"case selection {spec!r}: expected {{'fraction': [a, b], 'seed': s}}")
         frac = spec["fraction"]
@@ -288,11 +291,24 @@ def select_cases(pairs: list[CasePair], spec) -> list[CasePair]:
             seed = int(spec.get("seed", 0))
         except (TypeError, ValueError):
             raise AtlasregError(f"case selection seed {spec.get('seed')!r}: expected an integer") from None
-        n = len(pairs)
-        ordered = sorted(range(n), key=lambda i: natural_key(pairs[i].name))
+        group = spec.get("group")
+        if group is None:
+            keys = [p.name for p in pairs]
+        else:
+            try:
+                pattern = re.compile(str(group))
+            except re.error as e:
+                raise AtlasregError(f"case selection group {group!r}: not a regular expression ({e})") from None
+            keys = []
+            for p in pairs:
+                m = pattern.search(p.name)
+                keys.append(p.name if m is None else (m.group(1) if pattern.groups else m.group(0)))
+        units = sorted(set(keys), key=natural_key)
+        n = len(units)
         perm = np.random.default_rng(seed).permutation(n)
         start, stop = int(round(a * n)), int(round(b * n))
-        chosen = {ordered[int(j)] for j in perm[start:stop]}
+        chosen_units = {units[int(j)] for j in perm[start:stop]}
+        chosen = {i for i, k in enumerate(keys) if k in chosen_units}
         if not chosen:
             raise AtlasregError(f"case selection fraction {frac!r} of {n} cases selects no case")
         return [p for i, p in enumerate(pairs) if i in chosen]

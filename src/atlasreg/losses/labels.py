@@ -7,19 +7,29 @@ import torch.nn.functional as F
 
 
 def label_mse(prediction: torch.Tensor, target: torch.Tensor, foreground_only: bool = False,
-              reduction: str = "mean") -> torch.Tensor:
+              reduction: str = "mean", weight: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between one-hot maps / logits (Atlas-ISTN Eq. 10; Eqs. 11-12 with foreground_only=True).
 
     prediction, target: (N, C, *spatial); channel 0 is background. reduction 'mean' averages over all
     elements (as the reference implementation), 'per_case' returns (N,) means per case (used by
-    batched refinement, where every case has its own weights). Raises ValueError on shape mismatch.
+    batched refinement, where every case has its own weights). weight: (N or 1, 1, *spatial) voxel
+    weights in [0, 1], e.g. the scan's field-of-view mask: the mean becomes a weighted mean, so voxels
+    outside the scan (padding) do not count. Raises ValueError on shape mismatch.
     """
     if prediction.shape != target.shape:
         raise ValueError(f"shape mismatch: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     if foreground_only:
         prediction, target = prediction[:, 1:], target[:, 1:]
-    if reduction == "mean":
-        return F.mse_loss(prediction, target)
-    if reduction == "per_case":
+    if reduction not in ("mean", "per_case"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    if weight is None:
+        if reduction == "mean":
+            return F.mse_loss(prediction, target)
         return (prediction - target).pow(2).flatten(1).mean(1)
-    raise ValueError(f"unknown reduction {reduction!r}")
+    if weight.dim() != prediction.dim() or weight.shape[1] != 1:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} is not (N, 1, *spatial)")
+    err = (prediction - target).pow(2) * weight
+    w = weight.expand(prediction.shape[0], 1, *prediction.shape[2:])
+    if reduction == "mean":
+        return err.sum() / (w.sum() * prediction.shape[1]).clamp_min(1e-12)
+    return err.flatten(1).sum(1) / (w.flatten(1).sum(1) * prediction.shape[1]).clamp_min(1e-12)

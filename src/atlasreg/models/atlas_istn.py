@@ -100,19 +100,27 @@ def fade_in_weight(epoch: int, fade_in: dict | None) -> float:
 
 
 def deformation_losses(transform: AffineSVFTransform, labelmap: torch.Tensor, atlas_labelmap: torch.Tensor,
-                       reduction: str = "mean", with_s2a: bool = True) -> dict:
+                       reduction: str = "mean", with_s2a: bool = True, mask: torch.Tensor | None = None) -> dict:
     """L_a2s (Eq. 11), L_s2a (Eq. 12) and L_reg (Eq. 13) for one-hot/logit `labelmap` (N, C, *S)
     against the atlas labelmap (1, C, *S); foreground channels only. reduction: 'mean' or 'per_case'.
+    mask: (N, 1, *S) the scans' field of view on the model grid, or None: L_a2s counts the voxels
+    inside the scan, L_s2a the atlas voxels that Phi maps into it (padding is no anatomy).
 
     The regulariser acts on the non-rigid part only (the displacement of phi at SVF resolution)."""
     n = labelmap.shape[0]
     # Only the foreground channels are warped: the losses never look at the background.
     atlas = atlas_labelmap[:, 1:].expand(n, -1, *atlas_labelmap.shape[2:])
     target = labelmap[:, 1:]
-    out = {"a2s": label_mse(warp(atlas, transform.inverse_points(), transform.grid), target, False, reduction)}
+    out = {"a2s": label_mse(warp(atlas, transform.inverse_points(), transform.grid), target, False, reduction,
+                            weight=mask)}
     if with_s2a:
-        out["s2a"] = label_mse(warp(target, transform.forward_points(), transform.grid), atlas, False,
-                               reduction)
+        if mask is None:
+            moved, weight = warp(target, transform.forward_points(), transform.grid), None
+        else:
+            both = warp(torch.cat([target, mask], 1), transform.forward_points(), transform.grid,
+                        padding="zeros")
+            moved, weight = both[:, :-1], both[:, -1:]
+        out["s2a"] = label_mse(moved, atlas, False, reduction, weight=weight)
     svf = transform.svf
     if svf is not None:
         out["reg"] = diffusion_regulariser(svf.displacement_on_svf_grid, svf.grid.spacing, reduction)
@@ -229,7 +237,8 @@ class AtlasISTNModule(Method):
         r = dict(self.config["refinement"], **(settings or {}))
         transform, history = refine_transforms(self.net, predicted["logits"], self.atlas_labelmap,
                                                int(r["iterations"]), float(r["lr"]), float(r["beta"]),
-                                               float(r["gamma"]), float(r["lambda"]))
+                                               float(r["gamma"]), float(r["lambda"]),
+                                               mask=predicted.get("mask"))
         return {"transform": transform, "history": history}
 
     # ---------------------------------------------------------------- report naming
@@ -306,22 +315,28 @@ class AtlasISTNModule(Method):
         return self.current_epoch >= int(self.config["training"]["affine_start_epoch"])
 
     def _batch(self, batch):
-        image, labelmap = batch[0], batch[1]  # (N, 1, *S), (N, C, *S); a CaseDataset adds the indices
+        """(image (N, 1, *S), labelmap (N, C, *S), mask (N, 1, *S) or None), augmented. A CaseDataset
+        adds the indices and the field-of-view masks to the first two."""
+        image, labelmap = batch[0], batch[1]
+        mask = batch[3] if len(batch) > 3 else None
         if self._augment is not None:
-            image, labelmap = self._augment(image, labelmap)
-        return image, labelmap
+            if mask is None:
+                image, labelmap = self._augment(image, labelmap)
+            else:
+                image, labelmap, mask = self._augment(image, labelmap, mask)
+        return image, labelmap, mask
 
     def training_step(self, batch, batch_idx):
-        image, labelmap = self._batch(batch)
+        image, labelmap, mask = self._batch(batch)
         t = self.config["training"]
         n = image.shape[0]
         logits, transform = self.net(image, self.atlas_labelmap, self.atlas_image, self.use_affine())
-        d = deformation_losses(transform, labelmap, self.atlas_labelmap)
+        d = deformation_losses(transform, labelmap, self.atlas_labelmap, mask=mask)
         w = fade_in_weight(self.current_epoch, t["fade_in"])
         loss = w * (d["a2s"] + d["s2a"] + t["lambda"] * d["reg"])
         logs = {"loss/a2s": d["a2s"], "loss/s2a": d["s2a"], "loss/reg": d["reg"]}
         if logits is not None:  # Eq. 14; seg_weight 0 is the paper's Atlas-ISTN without L_s
-            l_s = label_mse(logits, labelmap)
+            l_s = label_mse(logits, labelmap, weight=mask)
             loss = loss + float(t.get("seg_weight", 1.0)) * l_s
             logs["loss/seg"] = l_s
         self._accumulate({"loss/total": loss, **logs, "w": w}, n)
@@ -353,20 +368,35 @@ class AtlasISTNModule(Method):
     def warp_to_atlas(self, dataset: Dataset, batch_size: int = 100):
         """Forward pass without augmentation warping every case of `dataset` (items as in
         `set_training_data`) to atlas space, `batch_size` cases per pass (Eq. 16): returns the means
-        of z_i o Phi_i for labelmaps (1, C, *S) and images (1, 1, *S)."""
+        of z_i o Phi_i for labelmaps (1, C, *S) and images (1, 1, *S). Where the items carry
+        field-of-view masks, each atlas voxel averages the cases whose scan covers it (Phi maps it
+        inside the scan); a voxel no scan covers keeps the current atlas."""
         sum_lab = torch.zeros_like(self.atlas_labelmap)
         sum_img = torch.zeros_like(self.atlas_image)
+        count = None
         n = 0
         for batch in self.case_loader(dataset, batch_size):
             img = batch[0].to(self.device)
             lab = batch[1].to(self.device)
             # Only Phi is needed here (z_i o Phi_i): its inverse is never asked for, so never computed.
             _, tr = self.net(img, self.atlas_labelmap, self.atlas_image, self.use_affine())
-            warped = warp(torch.cat([lab, img], 1), tr.forward_points(), tr.grid).sum(0, keepdim=True)
+            if len(batch) > 3:
+                mask = batch[3].to(self.device)
+                warped = warp(torch.cat([lab * mask, img * mask, mask], 1), tr.forward_points(), tr.grid,
+                              padding="zeros").sum(0, keepdim=True)
+                count = warped[:, -1:] if count is None else count + warped[:, -1:]
+                warped = warped[:, :-1]
+            else:
+                warped = warp(torch.cat([lab, img], 1), tr.forward_points(), tr.grid).sum(0, keepdim=True)
             sum_lab += warped[:, :-1]
             sum_img += warped[:, -1:]
             n += img.shape[0]
-        return sum_lab / n, sum_img / n
+        if count is None:
+            return sum_lab / n, sum_img / n
+        covered = count > 1e-3
+        safe = count.clamp_min(1e-3)
+        return (torch.where(covered, sum_lab / safe, self.atlas_labelmap),
+                torch.where(covered, sum_img / safe, self.atlas_image))
 
     def update_atlas(self) -> None:
         """Eqs. 15-16 at the end of an epoch. Called by the AtlasUpdate callback, which Lightning runs
@@ -406,8 +436,8 @@ class UNetModule(AtlasISTNModule):
         return self.fixed_atlas() is not None
 
     def training_step(self, batch, batch_idx):
-        image, labelmap = self._batch(batch)
-        loss = label_mse(self.net.itn(image), labelmap)
+        image, labelmap, mask = self._batch(batch)
+        loss = label_mse(self.net.itn(image), labelmap, weight=mask)
         self._accumulate({"loss/total": loss, "loss/seg": loss}, image.shape[0])
         return loss
 

@@ -19,11 +19,13 @@ from .optim import adam
 
 def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torch.Tensor,
                       iterations: int = 50, lr: float = 1e-3, beta: float = 1.0, gamma: float = 0.0,
-                      lam: float = 0.126, use_affine: bool = True) -> tuple[AffineSVFTransform, torch.Tensor]:
+                      lam: float = 0.126, use_affine: bool = True,
+                      mask: torch.Tensor | None = None) -> tuple[AffineSVFTransform, torch.Tensor]:
     """Refine the STN per case so that the deformed atlas labelmap fits the ITN logits (Eq. 19:
     L* = beta L*_a2s + gamma L*_s2a + lambda L_reg), K = `iterations` Adam steps.
 
     logits: (B, C, *size) ITN output (the target, no gradient); atlas_labelmap: (1, C, *size).
+    mask: (B, 1, *size) the scans' field of view on the model grid (padding does not count), or None.
     Returns the refined transforms Phi*, Phi*^-1 (batch B, Eq. 21) and the loss history (K + 1, B)
     (the last row is the loss of the returned transforms). Raises ValueError for negative K.
     """
@@ -50,7 +52,7 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
         out = dict(zip(parts, batched(params, x)))
         tr = compose_transform(out.get("svf"), out.get("A"), out.get("t"), net.grid, net.steps)
         terms = deformation_losses(tr, logits, atlas_labelmap, reduction="per_case",
-                                   with_s2a=gamma != 0.0)
+                                   with_s2a=gamma != 0.0, mask=mask)
         loss = beta * terms["a2s"] + lam * terms["reg"]
         if gamma != 0.0:
             loss = loss + gamma * terms["s2a"]

@@ -148,7 +148,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
         max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=TensorBoardLogger(out_dir, name=LOG_DIR),
         callbacks=[AtlasUpdate(paths.atlas_initial), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
-        num_sanity_val_steps=0, deterministic=False)
+        num_sanity_val_steps=0, deterministic=False, precision=t.get("precision", "32-true"))
     ckpt_path = str(last) if (resume and last.is_file()) else None
     if ckpt_path:
         print(f"resuming from {ckpt_path}", flush=True)
