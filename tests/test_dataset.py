@@ -235,6 +235,37 @@ def test_select_fraction_disjoint_covering_deterministic():
     assert sorted(flat) == sorted(_names(pairs))
 
 
+def test_select_fraction_by_group_keeps_a_patients_frames_on_one_side():
+    """ACDC's split: cases patientNNN_frameMM grouped by '^patient\\d+' (both frames of a patient, and
+    a patient's third file, on the same side), for several seeds; the fraction counts patients; a name
+    the pattern does not match is its own group; a capture group is the key when the pattern has one."""
+    pairs = [CasePair(f"patient{p:03d}_frame{f:02d}", Path(f"patient{p:03d}_frame{f:02d}.nii.gz"), None)
+             for p in range(1, 21) for f in (1, 12)] + [CasePair("patient007_frame05", Path("x.nii.gz"), None),
+                                                         CasePair("extra", Path("extra.nii.gz"), None)]
+
+    def patients(part):
+        return {n.split("_")[0] for n in _names(part)}
+
+    for seed in range(5):
+        spec = {"seed": seed, "group": r"^patient\d+"}
+        train = select_cases(pairs, {"fraction": [0, 0.8], **spec})
+        val = select_cases(pairs, {"fraction": [0.8, 1.0], **spec})
+        assert not set(_names(train)) & set(_names(val))
+        assert set(_names(train)) | set(_names(val)) == set(_names(pairs))
+        assert not patients(train) & patients(val)
+        for part in (train, val):
+            for patient in patients(part) - {"extra"}:
+                assert {f"{patient}_frame01", f"{patient}_frame12"} <= set(_names(part))
+        assert len(patients(train) | patients(val)) == 21 and len(patients(val)) == round(0.2 * 21)
+    # The split differs from a split of cases, which would separate some patient's frames.
+    by_case = select_cases(pairs, {"fraction": [0, 0.8], "seed": 0})
+    assert any(len({n for n in _names(by_case) if n.startswith(p)}) == 1 for p in patients(by_case) - {"extra"})
+    captured = select_cases(pairs, {"fraction": [0, 0.5], "seed": 0, "group": r"^(patient\d+)_frame"})
+    assert _names(captured) == _names(select_cases(pairs, {"fraction": [0, 0.5], "seed": 0, "group": r"^patient\d+"}))
+    with pytest.raises(AtlasregError, match="not a regular expression"):
+        select_cases(pairs, {"fraction": [0, 0.5], "group": "(patient"})
+
+
 def test_select_bad_specs():
     pairs = _pairs(5)
     with pytest.raises(AtlasregError):

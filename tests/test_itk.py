@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from fields import smooth_svf
+from fields import inside_fov, smooth_svf
 
 from atlasreg.atlas import save_atlas
 from atlasreg.segment import world_transforms
@@ -59,20 +59,6 @@ def atlas_on(grid):
     lab[r < 20] = 1
     lab[r < 9] = 2
     return img[None, None], torch.nn.functional.one_hot(lab, 3).movedim(-1, 0)[None].float()
-
-
-def in_atlas_fov(points: torch.Tensor, grid: Grid, margin_voxels: float = 1.0) -> torch.Tensor:
-    """Points whose atlas position lies inside the atlas grid, `margin_voxels` away from its faces."""
-    half = torch.tensor(grid.half_extent) - margin_voxels * torch.tensor(grid.spacing)
-    return (grid.world_to_centred(points).abs() <= half).all(-1)
-
-
-def inside_fov(to_atlas, native: Grid, model: Grid) -> torch.Tensor:
-    """Input voxels inside the field of view: both the point after the affine part (where the .h5's
-    dense part is interpolated; ITK uses a zero displacement outside a field, atlasreg its border
-    value) and the final atlas point lie inside the atlas grid. (*native.size) bool."""
-    affine_part = to_atlas.simplified().transforms[0]
-    return in_atlas_fov(affine_part.on_grid(native)[0], model) & in_atlas_fov(to_atlas.on_grid(native)[0], model)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -1,8 +1,13 @@
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+from volumes import LABELS, ellipsoids, write_identity_header_scan, write_scan
 
-from atlasreg.data.cases import Preprocessing, intensity_stats, labels_on_grid
+from atlasreg.data.cases import (
+    Preprocessing, has_no_spacing, intensity_stats, labels_on_grid, load_case, physical_grid,
+)
+from atlasreg.errors import AtlasregError
 from atlasreg.data.preprocessing import indices_to_values, one_hot, values_to_indices
 from atlasreg.spatial.grid import Grid
 from atlasreg.spatial.transforms import resample
@@ -68,3 +73,62 @@ def test_largest_components_keeps_the_biggest_piece_per_structure():
     b[0:2, 0:2, 0:2] = 1
     b[3, 5, 5] = 1
     assert (largest_components(b, 3) == 1).sum() == 8
+
+
+# ---------------------------------------------------------------- volumes (atlasreg.data.cases)
+
+def test_padding_never_invents_anatomy(tmp_path):
+    """A 6-slice scan (4 mm slices) whose structure runs through every slice, on a 16-slice model grid:
+    the foreground volume on the model grid equals the file's within 5%; beyond the scan's slices the
+    field-of-view mask is 0, the background channel 1 and the image the padding value. Measured volume
+    ratio: 1.004."""
+    size_xyz, spacing = (20, 18, 6), (1.5, 1.5, 4.0)
+    yy, xx = np.mgrid[:18, :20]
+    disc = ((xx - 9.0) * 1.5) ** 2 + ((yy - 9.5) * 1.5) ** 2 < 9.0 ** 2  # radius 9 mm, in every slice
+    lab = np.repeat(disc[None], size_xyz[2], 0).astype(np.int16)
+    img = (100.0 + 50.0 * lab + np.random.default_rng(0).normal(0, 2, lab.shape)).astype(np.float32)
+    image, label = write_scan(tmp_path, "slab", img, lab, spacing=spacing, origin=(-5.0, 8.0, 20.0),
+                              direction=np.eye(3))
+    prep = Preprocessing((0, 1), (16, 16, 16), (2.0, 2.0, 4.0), 3)
+    case = load_case(image, label, prep)
+    model_mm3 = float(np.prod(prep.spacing))
+    on_model = float((1.0 - case.labelmap[0, 0]).sum()) * model_mm3
+    in_file = float(lab.sum()) * float(np.prod(spacing))
+    print(f"foreground on the model grid / in the file: {on_model / in_file:.4f}")
+    assert abs(on_model / in_file - 1.0) < 0.05, (on_model, in_file)
+    # Model slices (4 mm, centred on the scan) at |z| <= 10 mm lie on the scan's slices, the others
+    # (|z| >= 14 mm) beyond its 24 mm.
+    z = (np.arange(16) - 7.5) * 4.0
+    outside, inside = np.abs(z) > 12.0, np.abs(z) < 12.0
+    assert outside.sum() == 10 and inside.sum() == 6
+    assert torch.all(case.mask[0, 0, outside] == 0.0)
+    assert torch.all(case.mask[0, 0, inside, 2:-2, 2:-2] == 1.0)  # in-plane, the model grid (32 mm) is wider too
+    assert torch.all(case.labelmap[0, 0, outside] == 1.0) and torch.all(case.labelmap[0, 1:, outside] == 0.0)
+    lo, hi, scale, offset = case.stats
+    assert torch.allclose(case.image[0, 0, outside], torch.tensor(float(img.min()) * scale + offset))
+    assert float(case.labelmap[0, 1, inside].amax()) == 1.0  # the structure is there on the scan's slices
+
+
+def test_declared_spacing_replaces_an_identity_header_only(tmp_path):
+    """data.spacing gives the physical spacing of a NIfTI with an identity affine (ACDC), while the
+    outputs keep the file's grid; a file with a real header keeps its own spacing."""
+    img, lab = ellipsoids(size_xyz=(16, 18, 6), spacing=(1.4, 1.6, 6.0))
+    identity, _ = write_identity_header_scan(tmp_path, "identity", img, lab)
+    real, _ = write_scan(tmp_path, "real", img, lab)
+    declared = (1.4, 1.6, 6.0)
+    prep = Preprocessing(tuple(LABELS), (8, 16, 16), (1.6, 1.6, 4.0), 3, spacing_override=declared)
+    source = sitk.ReadImage(str(identity))
+    assert has_no_spacing(source, identity) and not has_no_spacing(sitk.ReadImage(str(real)), real)
+    case = load_case(identity, None, prep)
+    assert case.grid.spacing == (1.0, 1.0, 1.0) and case.physical.spacing == declared
+    assert case.physical.size == case.grid.size and case.physical.direction == case.grid.direction
+    assert np.allclose(case.frame().matrix[0].abs().sum(0).numpy(), 1.0 / np.asarray(declared), atol=1e-6)
+    kept = load_case(real, None, prep)
+    assert kept.physical == kept.grid and np.allclose(kept.grid.spacing, (0.9, 1.3, 3.5))
+    # An identity direction with a real origin is a header, not a lost one.
+    moved = sitk.ReadImage(str(identity))
+    moved.SetOrigin((1.0, 2.0, 3.0))
+    assert not has_no_spacing(moved, "moved.nii.gz")
+    with pytest.raises(AtlasregError, match="data.spacing") as e:
+        physical_grid(source, (1.4, 1.6), identity)
+    assert e.value.path == str(identity)

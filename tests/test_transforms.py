@@ -1,8 +1,12 @@
 import math
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from fields import smooth_svf
+from scipy.spatial.transform import Rotation
+from volumes import OBLIQUE
 
 from atlasreg.nets.stn import STN
 from atlasreg.spatial.grid import Grid
@@ -182,3 +186,80 @@ def test_slicing_a_batch_keeps_what_was_computed():
     assert torch.equal(one.forward_points(), fwd[1:]) and torch.equal(one.inverse_points(), inv[1:])
     fresh = compose_transform(v[1:], A[1:], t[1:], grid)
     assert torch.allclose(fresh.inverse_points(), inv[1:], atol=1e-5)
+
+
+def oblique_anisotropic_grid():
+    """A 3D grid with anisotropic spacing, a direction rotated by 20 degrees with a flipped axis, and
+    its centre at (3, -2, 1) mm (a non-zero origin)."""
+    size, spacing = (10, 14, 12), (0.9, 1.3, 3.5)
+    origin = np.array([3.0, -2.0, 1.0]) - OBLIQUE @ (np.asarray(spacing) * (np.asarray(size[::-1]) - 1) / 2.0)
+    return Grid(size, spacing, tuple(origin.tolist()), tuple(OBLIQUE.ravel().tolist()))
+
+
+def test_known_3d_trs_affine_maps_an_oblique_anisotropic_grid_as_numpy_does():
+    """T = M_t R D_s (Eq. 1) with Euler angles (x, then y, then z), anisotropic scaling and a
+    translation, at the voxel centres of an oblique, flipped, anisotropic grid: atlasreg's points
+    equal an independent NumPy/SciPy computation (index -> world by the header, then the matrix), and
+    warping an image by T equals SimpleITK's resampling with the same affine."""
+    grid = oblique_anisotropic_grid()
+    angles, scale, shift = (0.3, -0.2, 0.5), (1.2, 0.9, 1.1), (2.0, -1.5, 1.0)
+    T = AffineTransform.from_trs(torch.tensor([shift], dtype=torch.float64), torch.tensor([angles], dtype=torch.float64),
+                                 torch.log(torch.tensor([scale], dtype=torch.float64)))
+    # Independent: world = origin + direction @ (spacing * index); T(p) = R diag(s) p + t, R = Rz Ry Rx
+    # (SciPy's extrinsic 'xyz' Euler angles).
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.size], indexing="ij"), -1)[..., ::-1]  # array order, ITK components
+    world = np.asarray(grid.origin) + (index * np.asarray(grid.spacing)) @ np.asarray(grid.direction).reshape(3, 3).T
+    matrix = Rotation.from_euler("xyz", angles).as_matrix() @ np.diag(scale)
+    expected = world @ matrix.T + np.asarray(shift)
+    np.testing.assert_allclose(grid.points(dtype=torch.float64)[0].numpy(), world, atol=1e-10)
+    np.testing.assert_allclose(T.on_grid(grid)[0].numpy(), expected, atol=1e-10)
+    np.testing.assert_allclose(T.displacement(grid)[0].movedim(0, -1).numpy(), expected - world, atol=1e-10)
+    np.testing.assert_allclose(T.inverse().points(torch.as_tensor(expected)[None])[0].numpy(), world, atol=1e-10)
+
+    image = torch.rand(1, 1, *grid.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sitk_image = sitk.GetImageFromArray(image[0, 0].numpy())
+    grid.copy_information_to(sitk_image)
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(tuple(matrix.ravel().tolist()))
+    tx.SetTranslation(shift)
+    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk_image, sitk_image, tx, sitk.sitkLinear, 0.0))
+    ours = T.warp(image, grid)[0, 0].numpy()
+    inside = grid.world_to_index(expected)
+    inside = ((inside >= 0) & (inside <= np.asarray(grid.size_xyz) - 1)).all(-1)
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(ours[inside], theirs[inside], atol=1e-9)
+
+
+def test_affine_svf_with_its_inverse_is_the_identity_on_an_anisotropic_grid_in_an_oblique_frame():
+    """Phi = T o exp(v) on a 3D model grid of ACDC-like anisotropy (2.5, 2.5, 8 mm), with an SVF of up
+    to 1.5 voxels: Phi^-1 o Phi and Phi o Phi^-1 are the identity in the inner half of the field of
+    view, and so are the world transforms ``F o Phi`` and its inverse through a frame F with an oblique,
+    flipped direction and an anisotropic scaling (a declared spacing, as export's Case.frame). Measured:
+    max 0.044 voxel (mean 0.016) of the model grid's smallest spacing, from integrating exp(v) and
+    exp(-v) at half resolution."""
+    grid = Grid.centred((16, 32, 32), (2.5, 2.5, 8.0))
+    v = smooth_svf(grid.downsample(2), amplitude=1.0, seed=5)
+    aff = AffineTransform.from_trs(torch.tensor([[3.0, -2.0, 4.0]]), torch.tensor([[0.2, -0.1, 0.25]]),
+                                   torch.log(torch.tensor([[1.1, 0.9, 1.05]])))
+    phi = compose_transform(v, aff.matrix, aff.translation, grid, steps=7)
+    x = grid.points()
+    voxel = min(grid.spacing)
+    assert (phi.svf.points(x) - x).norm(dim=-1).max() > 1.4 * voxel  # a real deformation
+    inner = (grid.world_to_normalised(x).abs() < 0.5).all(-1)
+    err = (phi.inverse().points(phi.points(x)) - x).norm(dim=-1)[inner] / voxel
+    back = (phi.points(phi.inverse().points(x)) - x).norm(dim=-1)[inner] / voxel
+    print(f"Phi^-1 o Phi: max {err.max():.4f} voxel, mean {err.mean():.4f}; Phi o Phi^-1: max {back.max():.4f}")
+    assert err.max() < 0.05 and back.max() < 0.05 and err.mean() < 0.02
+
+    frame = AffineTransform.from_numpy(OBLIQUE @ np.diag([1 / 1.4, 1 / 1.6, 1 / 6.0]), np.array([12.0, -7.5, 30.0]))
+    to_subject = Composite((phi, frame))
+    to_atlas = to_subject.inverse()
+    world_err = (to_atlas.points(to_subject.points(x)) - x).norm(dim=-1)[inner] / voxel
+    assert world_err.max() < 0.05
+    # Subject points (file coordinates) whose atlas point lies in the inner half; the error vectors
+    # are brought back to the model's millimetres by the frame's linear part (in the file's own voxels,
+    # 1.4 x 1.6 x 6 mm, finer than the model's in x and y, the same error is up to 0.057 voxel).
+    y = to_subject.points(x)
+    subject_err = (to_subject.points(to_atlas.points(y)) - y)[inner]
+    subject_err_voxels = (subject_err @ torch.linalg.inv(frame.matrix[0]).T).norm(dim=-1) / voxel
+    assert subject_err_voxels.max() < 0.05
