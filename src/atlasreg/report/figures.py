@@ -1,7 +1,7 @@
-"""Report figures with matplotlib (Agg backend, PNG bytes): qualitative panels with contours and the
-deformed grid (paper Figs. 6-7), metric bars per test set (Fig. 8), regularisation-weight sensitivity
-(Figs. 8 and 15), ITN-vs-refine scatter (Fig. 12) and the atlas at the start and end of training
-(Fig. 9). 3-D images are shown by their middle slice along the first array axis.
+"""Report figures with matplotlib (an Agg canvas per figure, PNG bytes): qualitative panels with
+contours and the deformed grid (paper Figs. 6-7), metric bars per test set (Fig. 8),
+regularisation-weight sensitivity (Figs. 8 and 15), ITN-vs-refine scatter (Fig. 12) and the atlas at
+the start and end of training (Fig. 9). 3-D images are shown by their middle slice along the first array axis.
 """
 
 from __future__ import annotations
@@ -9,24 +9,29 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import SimpleITK as sitk
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-
-from ..contracts import INVERSE_FIELD, atlas_paths, find_labelmap, read_case_info, run_paths  # noqa: E402
-from ..data.io import read_any  # noqa: E402
-from .results import METRIC_TITLES, ResultTable  # noqa: E402
+from ..contracts import INVERSE_FIELD, atlas_paths, find_labelmap, read_case_info, run_paths
+from ..data.io import read_any
+from .results import METRIC_TITLES, ResultTable
 
 PANEL_OUTPUTS = (("itn", "ITN"), ("onepass", "1-pass"), ("refine", "Refine"))
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+    """A figure on its own Agg canvas and its axes (``Figure.subplots``): no pyplot, so no global
+    figure registry, no backend switch and no garbage collection when it is dropped."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -82,7 +87,7 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
         rows.append((case, case_dir, image_path))
     if not rows:
         return None
-    fig, axes = plt.subplots(len(rows), 5, figsize=(12, 2.6 * len(rows)), squeeze=False)
+    fig, axes = _subplots(len(rows), 5, figsize=(12, 2.6 * len(rows)), squeeze=False)
     for r, ((case, case_dir, image_path), title) in enumerate(zip(rows, titles)):
         image = _read(image_path).astype(float)
         if image.ndim == 3:  # RGB(A) PNG
@@ -120,7 +125,7 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
 def bar_figure(table: ResultTable, metrics=("dice", "hd95", "asd")) -> bytes:
     """Fig. 8: mean ± std of each metric per method, one group of bars per test set (structures pooled)."""
     sets = table.test_sets()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    fig, axes = _subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         all_cols = list(dict.fromkeys(c for s in sets for c in table.columns[s]))
         width = 0.8 / max(1, len(all_cols))
@@ -144,7 +149,7 @@ def sensitivity_figure(points: list[tuple[float, dict]], metrics=("dice", "hd95"
     {metric: (mean, std)}) per evaluation, sorted by lambda* here."""
     points = sorted(points, key=lambda p: p[0])
     lams = [p[0] for p in points]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3), squeeze=False)
+    fig, axes = _subplots(1, len(metrics), figsize=(4 * len(metrics), 3), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         mean = [p[1][metric][0] for p in points]
         std = [p[1][metric][1] for p in points]
@@ -167,7 +172,7 @@ def scatter_figure(table: ResultTable, test_set: str, x: str = "ITN", y: str = "
                 ys.append(b[case])
     if not xs:
         return None
-    fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    fig, ax = _subplots(figsize=(3.6, 3.6))
     ax.scatter(xs, ys, s=8)
     lo, hi = np.nanmin(xs + ys), np.nanmax(xs + ys)
     ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8)
@@ -186,7 +191,7 @@ def atlas_figure(run_dir: Path) -> bytes | None:
     stages = [(n, a) for n, a in stages if a.image.is_file()]
     if not stages:
         return None
-    fig, axes = plt.subplots(2, len(stages), figsize=(3.2 * len(stages), 6.2), squeeze=False)
+    fig, axes = _subplots(2, len(stages), figsize=(3.2 * len(stages), 6.2), squeeze=False)
     for j, (name, atlas) in enumerate(stages):
         axes[0, j].imshow(_read(atlas.image), cmap="gray")
         axes[0, j].set_title(f"atlas image ({name})", fontsize=8)
