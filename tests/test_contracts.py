@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from atlasreg import contracts as c
 from atlasreg.errors import AtlasregError
@@ -103,8 +104,17 @@ def test_evaluation_info_round_trip(tmp_path):
     assert c.read_evaluation_info(tmp_path / "none") == {}
 
 
+def test_run_config_is_read_as_train_writes_it(tmp_path):
+    config = {"name": "acdc", "data": {"labels": {0: "background", 1: "RV"}, "spacing": [1.5, 1.5, 8.0]},
+              "model": {"ndim": 3}}
+    c.run_paths(tmp_path).config.write_text(yaml.safe_dump(config, sort_keys=False))  # as models/train.py
+    assert c.read_run_config(tmp_path) == config
+    assert c.read_run_config(tmp_path / "none") == {}
+
+
 @pytest.mark.parametrize("reader, name", [(c.read_case_info, c.CASE_INFO), (c.read_segment_info, c.SEGMENT_INFO),
-                                          (c.read_evaluation_info, c.EVALUATION_INFO)])
+                                          (c.read_evaluation_info, c.EVALUATION_INFO),
+                                          (c.read_run_config, c.RUN_CONFIG)])
 @pytest.mark.parametrize("text, problem", [("a: [1, 2\n", "not valid YAML"), ("- 1\n- 2\n", "expected a mapping"),
                                            (b"\xff\xfe: 1", "not valid YAML")])
 def test_malformed_yaml_names_the_file(tmp_path, reader, name, text, problem):

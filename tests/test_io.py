@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from atlasreg.data.io import (atomic_directory, check_dimension, image_geometry, read_image, read_labelmap,
-                              same_geometry, write_image)
+from atlasreg.data.io import (atomic_directory, check_dimension, has_no_spacing, image_geometry, read_image,
+                              read_labelmap, same_geometry, write_image)
 from atlasreg.errors import AtlasregError
 
 LETTER_B = Path("/work/shared/data/letter-b/clean")
@@ -252,6 +252,19 @@ def test_check_dimension(tmp_path):
     assert "vol.nii.gz" in str(ei.value)
     with pytest.raises(AtlasregError, match="is 2D but the model is 3D"):
         check_dimension(_img(np.zeros((3, 4), np.float32)), 3, "a.png")
+
+
+def test_has_no_spacing_for_formats_without_geometry_and_default_headers():
+    plain = _img(np.zeros((3, 4, 5), np.float32))            # unit spacing, zero origin, identity direction
+    assert has_no_spacing(plain, "a.png") and has_no_spacing(plain, "v.nii.gz")
+    nifti_identity = _img(np.zeros((3, 4, 5), np.float32))
+    nifti_identity.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # how ITK reads a NIfTI identity affine
+    assert has_no_spacing(nifti_identity, "v.nii.gz")
+    for change in (lambda i: i.SetSpacing((1.0, 1.0, 8.0)), lambda i: i.SetOrigin((0.0, 0.0, 5.0)),
+                   lambda i: i.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))):
+        image = _img(np.zeros((3, 4, 5), np.float32))
+        change(image)
+        assert not has_no_spacing(image, "v.nii.gz") and has_no_spacing(image, "v.PNG")
 
 
 @pytest.mark.skipif(not (LETTER_B / "B1_img.png").exists(), reason="Letter-B data not available")

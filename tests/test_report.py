@@ -2,13 +2,20 @@
 self-contained HTML and Markdown."""
 
 import csv
+import io
 from pathlib import Path
 
+import matplotlib.colors as mcolors
+import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import yaml
 
+from atlasreg import contracts
 from atlasreg.cli import main
+from atlasreg.errors import AtlasregError
+from atlasreg.report import build_report, figures
 from atlasreg.report.results import Evaluation, collect, column_name
 from atlasreg.report.tables import claims_table, metric_table, pairwise_table
 
@@ -149,3 +156,248 @@ def test_claims_verdict_names_partial_reversals():
     table = collect([Evaluation(Path("e"), {"test_set": "t"}, _rows("refine", good) + itn)])
     (claim,) = claims_table(table, "t", n_boot=2000)[1:]
     assert claim[-1].text == "reversed on 1 of 4" and "worse" in claim[3].text
+
+
+# --------------------------------------------------------------------------------------------------
+# figures of 2-D and 3-D case folders and atlases (report.figures)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RED, LIME, YELLOW = (mcolors.to_rgba(c) for c in ("red", "lime", "yellow"))
+
+
+def _figures_of(monkeypatch) -> list:
+    """The matplotlib figures that report.figures turns into PNG bytes from now on."""
+    seen = []
+    original = figures._png
+
+    def keep(fig):
+        seen.append(fig)
+        return original(fig)
+
+    monkeypatch.setattr(figures, "_png", keep)
+    return seen
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == PNG_SIGNATURE
+    height, width = plt.imread(io.BytesIO(png)).shape[:2]
+    return width, height
+
+
+def _colours(ax) -> set:
+    """The line colours of the contour sets drawn on an Axes."""
+    return {tuple(np.round(c, 3)) for coll in ax.collections for c in np.atleast_2d(coll.get_edgecolor())}
+
+
+def _write(array, path, spacing=None, vector=False) -> Path:
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    if spacing is not None:
+        image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return Path(path)
+
+
+SHAPE3 = (6, 10, 12)          # array order (z, y, x)
+SPACING3 = (0.5, 0.8, 3.0)    # ITK order (x, y, z), mm: anisotropic
+
+
+def _box(shape, lo, hi) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = 1
+    return mask
+
+
+def _case3d(seg: Path, case: str, spacing=SPACING3, reference: np.ndarray | None = None) -> Path:
+    """A 3-D case folder as `atlasreg segment` writes it: NIfTI labelmaps (the reference shifted by
+    one voxel along x for ITN and 1-pass), an inverse displacement field and the case information
+    naming the input image (written beside). Returns the reference labelmap file."""
+    d = seg / case
+    d.mkdir(parents=True)
+    ref = _box(SHAPE3, (1, 2, 6), (4, 5, 11)) if reference is None else reference
+    image = _write((100.0 * ref + np.arange(SHAPE3[2])).astype(np.float32), seg / f"{case}_image.nii.gz", spacing)
+    for output, shift in (("itn", 1), ("onepass", -1), ("refine", 0)):
+        _write(np.roll(ref, shift, axis=2), contracts.case_labelmap_path(d, output, ".nii.gz"), spacing)
+    field = 0.3 * np.sin(np.indices(SHAPE3)[::-1].transpose(1, 2, 3, 0))  # (z, y, x, 3), components (x, y, z)
+    _write(field, d / contracts.INVERSE_FIELD, spacing, vector=True)
+    contracts.write_case_info(d, image)
+    return _write(ref, seg / f"{case}_reference.nii.gz", spacing)
+
+
+def test_qualitative_figure_shows_three_planes_of_a_volume_through_the_reference_centroid(tmp_path, monkeypatch):
+    figs = _figures_of(monkeypatch)
+    seg = tmp_path / "seg"
+    ref_a = _case3d(seg, "A")   # foreground z 1-3, y 2-4, x 6-10: centroid voxel (2, 3, 8)
+    _case3d(seg, "B", reference=_box(SHAPE3, (2, 3, 4), (5, 7, 9)))  # no reference given: the planes
+    # through the volume centre (3, 5, 6)
+    png = figures.qualitative_figure(seg, {"A": str(ref_a)}, ["A", "B"], ["best", "worst"])
+    width, height = _png_size(png)
+    axes = np.array(figs[0].axes).reshape(6, 5)  # one row per case and view; image, ITN, 1-pass, refine, grid
+    sx, sy, sz = SPACING3
+    for row, case, centre in ((0, "A", (2, 3, 8)), (3, "B", (3, 5, 6))):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(seg / f"{case}_image.nii.gz"))).astype(float)
+        z, y, x = centre
+        planes = (image[z], image[:, y, :], image[:, :, x])
+        aspects = (sy / sx, sz / sx, sz / sy)  # rows over columns: (y, x), (z, x), (z, y)
+        for v, (plane, aspect, name) in enumerate(zip(planes, aspects, ("axial", "coronal", "sagittal"))):
+            ax_row = axes[row + v]
+            assert name in ax_row[0].get_title()
+            for ax in ax_row:
+                np.testing.assert_array_equal(ax.images[0].get_array(), plane)
+                assert ax.get_aspect() == pytest.approx(aspect)
+            assert YELLOW in _colours(ax_row[4])  # the deformed grid's isolines
+            for ax in ax_row[1:4]:  # the outputs in red, the reference in green where there is one
+                assert RED in _colours(ax) and (LIME in _colours(ax)) == (row == 0)
+    assert axes[1, 0].get_title() == "A (best), coronal y=3" and height > width
+
+
+def test_qualitative_figure_takes_the_declared_spacing_for_a_volume_without_one(tmp_path, monkeypatch):
+    figs = _figures_of(monkeypatch)
+    seg = tmp_path / "seg"
+    ref = _case3d(seg, "A", spacing=None)   # a default NIfTI header (e.g. ACDC): unit spacing
+    refs, declared = {"A": str(ref)}, [1.5, 1.5, 8.0]
+    figures.qualitative_figure(seg, refs, ["A"], ["t"])
+    figures.qualitative_figure(seg, refs, ["A"], ["t"], spacing=declared)
+    assert [ax.get_aspect() for ax in figs[0].axes[::5]] == [1.0, 1.0, 1.0]
+    # rows as high as their panels at unit spacing: (10 x 12), (6 x 12) and (6 x 10) voxels
+    heights = figs[0].axes[0].get_subplotspec().get_gridspec().get_height_ratios()
+    assert heights == pytest.approx([2.6 * 10 / 12, 2.6 * 6 / 12, 2.6 * 6 / 10])
+    assert [ax.get_aspect() for ax in figs[1].axes[::5]] == pytest.approx([1.0, 8.0 / 1.5, 8.0 / 1.5])
+    _case3d(seg, "B")   # a file with its own spacing keeps it
+    figures.qualitative_figure(seg, refs, ["B"], ["t"], spacing=declared)
+    assert figs[2].axes[5].get_aspect() == pytest.approx(SPACING3[2] / SPACING3[0])
+    with pytest.raises(AtlasregError, match="declared spacing .* does not match the 3-D image"):
+        figures.qualitative_figure(seg, refs, ["A"], ["t"], spacing=[1.5, 1.5])
+
+
+def test_qualitative_figure_rejects_a_labelmap_of_another_size(tmp_path):
+    seg = tmp_path / "seg"
+    ref = _case3d(seg, "A")
+    _write(np.zeros((6, 10, 11), np.uint8), contracts.case_labelmap_path(seg / "A", "onepass", ".nii.gz"))
+    with pytest.raises(AtlasregError, match=r"onepass.*array size \(6, 10, 11\) does not match the image's "
+                                            r"\(6, 10, 12\)"):
+        figures.qualitative_figure(seg, {"A": str(ref)}, ["A"], ["t"])
+
+
+def _save_atlases(run_dir: Path, size, spacing, n_labels: int = 3) -> dict:
+    """Initial and final atlas folders of a training run, written by atlasreg.atlas.save_atlas."""
+    import torch
+
+    from atlasreg.atlas import save_atlas
+    from atlasreg.spatial.grid import Grid
+
+    run = contracts.run_paths(run_dir)
+    grid = Grid.centred(size, spacing)
+    out = {}
+    for folder, sharpness in ((run.atlas_initial, 1.0), (run.atlas, 4.0)):
+        logits = sharpness * torch.randn((1, n_labels, *size), generator=torch.Generator().manual_seed(0))
+        probs, image = logits.softmax(1), torch.rand((1, 1, *size), generator=torch.Generator().manual_seed(1))
+        save_atlas(probs, image, list(range(n_labels)), grid, folder)
+        out[folder.name] = (probs[0].numpy(), image[0, 0].numpy())
+    return out
+
+
+def test_atlas_figure_shows_three_mid_planes_of_a_3d_atlas(tmp_path, monkeypatch):
+    figs = _figures_of(monkeypatch)
+    size, spacing = (4, 6, 8), (1.0, 0.5, 2.5)    # array order (z, y, x); ITK order (x, y, z), mm
+    atlases = _save_atlases(tmp_path, size, spacing)
+    png = figures.atlas_figure(tmp_path)
+    _png_size(png)
+    axes = np.array(figs[0].axes).reshape(6, 2)  # image and foreground probability, 3 views each; start, end
+    mid = [slice(None)] * 3
+    run = contracts.run_paths(tmp_path)
+    for j, folder in enumerate((run.atlas_initial, run.atlas)):
+        probs, image = atlases[folder.name]
+        fg = 1.0 - probs[0]
+        for v, (axis, aspect) in enumerate(((0, 0.5 / 1.0), (1, 2.5 / 1.0), (2, 2.5 / 0.5))):
+            index = list(mid)
+            index[axis] = size[axis] // 2
+            np.testing.assert_allclose(axes[v, j].images[0].get_array(), image[tuple(index)])
+            np.testing.assert_allclose(axes[3 + v, j].images[0].get_array(), fg[tuple(index)], atol=1e-6)
+            assert axes[v, j].get_aspect() == pytest.approx(aspect) == axes[3 + v, j].get_aspect()
+    assert figures.atlas_figure(tmp_path / "no_run") is None
+    _write(np.zeros((4, 6, 7, 3), np.float32), contracts.atlas_paths(run.atlas).probabilities, vector=True)
+    with pytest.raises(AtlasregError, match=r"array size \(4, 6, 7\) differs from the atlas image's \(4, 6, 8\)"):
+        figures.atlas_figure(tmp_path)
+
+
+def _case2d(seg: Path, case: str) -> str:
+    d = seg / case
+    d.mkdir(parents=True)
+    img = np.zeros((32, 32), np.uint8)
+    img[8:24, 8:24] = 200
+    sitk.WriteImage(sitk.GetImageFromArray(img), str(d / "image.png"))
+    lab = (img > 0).astype(np.uint8)
+    for shift, out in enumerate(("itn", "onepass", "refine")):
+        _write(np.roll(lab, shift, 1), contracts.case_labelmap_path(d, out, ".png"))
+    field = 0.5 * np.sin(np.indices((32, 32))[::-1].transpose(1, 2, 0) / 3.0)
+    sitk.WriteImage(sitk.GetImageFromArray(field, isVector=True), str(d / contracts.INVERSE_FIELD))
+    contracts.write_case_info(d, d / "image.png")
+    return str(contracts.case_labelmap_path(d, "refine", ".png"))
+
+
+def test_2d_figures_keep_their_layout_and_size(tmp_path, monkeypatch):
+    """2-D output as before the 3-D views: one row per case, square panels, and the PNG size that the
+    code before them gave for these folders (855 x 559 and 481 x 463 pixels, measured at commit
+    c8e7040; the PNG bytes were identical too)."""
+    figs = _figures_of(monkeypatch)
+    seg = tmp_path / "seg"
+    refs = {c: _case2d(seg, c) for c in ("C0", "C1", "C2")}
+    png = figures.qualitative_figure(seg, refs, ["C0", "C1", "C2"], ["best", "median", "worst"])
+    assert _png_size(png) == (855, 559)
+    axes = np.array(figs[0].axes).reshape(3, 5)
+    assert [ax.get_title() for ax in axes[0]] == ["C0 (best)", "ITN", "1-pass", "Refine", "deformed grid (refine)"]
+    assert all(ax.get_aspect() == 1.0 for ax in axes.flat)
+    np.testing.assert_array_equal(axes[1, 2].images[0].get_array(),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(seg / "C1" / "image.png"))))
+    atlases = _save_atlases(tmp_path / "run", (16, 16), (2.0, 2.0), n_labels=2)
+    png = figures.atlas_figure(tmp_path / "run")
+    assert _png_size(png) == (481, 463)
+    axes = np.array(figs[1].axes).reshape(2, 2)
+    assert [ax.get_title() for ax in axes[:, 1]] == ["atlas image (end)",
+                                                     "atlas labelmap, foreground probability (end)"]
+    np.testing.assert_allclose(axes[1, 1].images[0].get_array(), 1.0 - atlases["atlas"][0][0], atol=1e-6)
+
+
+def test_report_of_a_3d_evaluation(tmp_path, monkeypatch):
+    """`atlasreg evaluate` of 3-D case folders (unit-spacing headers, as ACDC's) read by `atlasreg report`:
+    the tables hold the 3-D metrics, the qualitative figure three planes per case at the run's declared
+    spacing, the atlas figure three planes per atlas."""
+    from atlasreg.evaluation.evaluate import evaluate_predictions
+
+    figs = _figures_of(monkeypatch)
+    seg = tmp_path / "seg"
+    refs = {c: str(_case3d(seg, c, spacing=None, reference=_box(SHAPE3, (1, 2, 2 + i), (5, 8, 8 + i))))
+            for i, c in enumerate(("P0", "P1", "P2", "P3"))}
+    run = contracts.run_paths(tmp_path / "run")
+    _save_atlases(run.root, (4, 6, 8), (1.0, 1.0, 4.0))
+    run.config.write_text(yaml.safe_dump({"data": {"spacing": [1.5, 1.5, 8.0]}}))  # as train writes it
+    evaluate_predictions(seg, refs, {0: "background", 1: "heart"}, tmp_path / "ev", test_set="volumes",
+                         info={"model": "m3d", "checkpoint": str(run.final_checkpoint), "references": refs})
+    html_path, md_path = build_report([tmp_path / "ev"], tmp_path / "report", n_boot=200)
+    md = md_path.read_text()
+    # ITN and 1-pass: the reference box (6 voxels along x) shifted by one voxel: DSC 5/6, HD 1 voxel
+    dsc = next(line for line in md.splitlines() if line.startswith("| heart | DSC"))
+    hd = next(line for line in md.splitlines() if line.startswith("| heart | HD ↓"))
+    assert dsc.count("0.833 ± 0.000") == 2 and "1.000 ± 0.000" in dsc
+    assert hd.count("1.00 ± 0.00") == 2 and "0.00 ± 0.00" in hd
+    assert html_path.read_text().count("data:image/png;base64,") == len(figs) >= 4  # scatter, panels, bars, atlas
+    qualitative = next(f for f in figs if len(f.axes) == 3 * 3 * 5)   # best, median, worst; 3 planes each
+    assert [ax.get_aspect() for ax in qualitative.axes[:15:5]] == pytest.approx([1.0, 8.0 / 1.5, 8.0 / 1.5])
+    atlas = next(f for f in figs if len(f.axes) == 6 * 2)
+    assert [ax.get_aspect() for ax in atlas.axes[:6:2]] == pytest.approx([1.0, 4.0, 4.0])
+
+
+def test_declared_spacing_is_the_data_spacing_of_the_checkpoint_run(tmp_path):
+    from atlasreg.report import _declared_spacing
+
+    run = contracts.run_paths(tmp_path)
+    info = {"checkpoint": str(run.final_checkpoint)}
+    assert _declared_spacing({}) is None and _declared_spacing(info) is None   # no checkpoint; no run config
+    run.config.write_text(yaml.safe_dump({"data": {"labels": {0: "background", 1: "fg"}}}))
+    assert _declared_spacing(info) is None
+    run.config.write_text(yaml.safe_dump({"data": {"spacing": [1.5, 1.5, 8]}}))
+    assert _declared_spacing(info) == [1.5, 1.5, 8.0]
+    run.config.write_text(yaml.safe_dump({"data": {"spacing": [1.5, "x"]}}))
+    with pytest.raises(AtlasregError, match=r"data.spacing = \[1.5, 'x'\] is not a list of positive numbers") as error:
+        _declared_spacing(info)
+    assert error.value.path == str(run.config)

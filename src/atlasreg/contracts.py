@@ -63,7 +63,7 @@ evaluation's ``info.yaml`` (the report's lambda* sensitivity study reads them th
 
 Training run folder (``atlasreg train --out``; :func:`run_paths`)
 -------------------------------------------------------------
-``config.yaml`` (:data:`RUN_CONFIG`: the validated config, data paths absolute);
+``config.yaml`` (:data:`RUN_CONFIG`: the validated config, data paths absolute; :func:`read_run_config`);
 ``checkpoints/last.ckpt`` (:data:`CHECKPOINT_DIR`, :data:`LAST_CHECKPOINT`: every epoch; a run resumes
 from it; Lightning's name) beside Lightning's newest ``checkpoints/epoch<NNNN>.ckpt``;
 ``model.ckpt`` (:data:`FINAL_CHECKPOINT`: the trained method, weights, atlas, the method's name,
@@ -350,6 +350,14 @@ def read_segment_info(run_dir: str | Path) -> dict:
     file if it is unreadable, not YAML or not a mapping."""
     path = Path(run_dir) / SEGMENT_INFO
     return _read_yaml(path, "segmentation settings") if path.is_file() else {}
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The :data:`RUN_CONFIG` of a training run folder as written (the validated config as a plain
+    mapping, not validated again), or ``{}`` when the folder has none. AtlasregError naming the file if
+    it is unreadable, not YAML or not a mapping."""
+    path = Path(run_dir) / RUN_CONFIG
+    return _read_yaml(path, "run configuration") if path.is_file() else {}
 
 
 def write_evaluation_info(folder: str | Path, info: Mapping) -> Path:

@@ -13,6 +13,7 @@ import torch
 from ..errors import AtlasregError
 from ..spatial.grid import Grid
 from .dataset import CasePair, find_pairs, select_cases
+from .io import NO_GEOMETRY_FORMATS, has_no_spacing  # noqa: F401 (defined in io, which the report uses without torch)
 from .io import check_dimension, read_image, read_labelmap, same_geometry
 from ..spatial.transforms import AffineTransform, resample
 from .placement import canonical_direction, mask_centroid, orientation_candidates, overlap_score, place
@@ -135,22 +136,6 @@ class Case:
 def _index_to_world(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """(M, o): world = M @ index + o (ITK order)."""
     return grid.direction_matrix @ np.diag(grid.spacing), np.asarray(grid.origin, dtype=np.float64)
-
-
-NO_GEOMETRY_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def has_no_spacing(image: sitk.Image, path) -> bool:
-    """True when the file stores no spacing: a format without geometry (PNG, JPEG, BMP, TIFF), or a
-    default header: unit spacing, zero origin and an identity affine (ITK reads a NIfTI identity
-    affine as direction diag(-1, -1, 1), its RAS -> LPS flip; e.g. ACDC, whose pixdim was lost)."""
-    if str(path).lower().endswith(NO_GEOMETRY_FORMATS):
-        return True
-    d = image.GetDimension()
-    direction = np.asarray(image.GetDirection()).reshape(d, d)
-    nifti_identity = np.diag([-1.0, -1.0] + [1.0] * (d - 2))
-    return bool(np.allclose(image.GetSpacing(), 1.0) and np.allclose(image.GetOrigin(), 0.0)
-                and (np.allclose(direction, np.eye(d)) or np.allclose(direction, nifti_identity)))
 
 
 def physical_grid(image: sitk.Image, spacing_override, path) -> Grid:

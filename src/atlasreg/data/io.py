@@ -285,6 +285,22 @@ def read_labelmap(path, labels: Sequence[int], reference: sitk.Image | None = No
     return sitk.Cast(img, out_id)
 
 
+NO_GEOMETRY_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def has_no_spacing(image: sitk.Image, path) -> bool:
+    """True when the file stores no spacing: a format without geometry (PNG, JPEG, BMP, TIFF), or a
+    default header: unit spacing, zero origin and an identity affine (ITK reads a NIfTI identity
+    affine as direction diag(-1, -1, 1), its RAS -> LPS flip; e.g. ACDC, whose pixdim was lost)."""
+    if str(path).lower().endswith(NO_GEOMETRY_FORMATS):
+        return True
+    d = image.GetDimension()
+    direction = np.asarray(image.GetDirection()).reshape(d, d)
+    nifti_identity = np.diag([-1.0, -1.0] + [1.0] * (d - 2))
+    return bool(np.allclose(image.GetSpacing(), 1.0) and np.allclose(image.GetOrigin(), 0.0)
+                and (np.allclose(direction, np.eye(d)) or np.allclose(direction, nifti_identity)))
+
+
 def check_dimension(image: sitk.Image, expected_ndim: int, path) -> None:
     """Raise AtlasregError naming ``path`` ("is 3D but the model is 2D (size ...)") when the image's
     number of spatial dimensions differs from ``expected_ndim``."""

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..contracts import EVALUATION_INFO
+from ..contracts import EVALUATION_INFO, RUN_CONFIG, read_run_config
 from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
 from ..evaluation.quality import ranking_quality
@@ -83,6 +83,25 @@ def _case_means(values: dict, column: str, metric: str = "dice") -> dict[str, fl
     return {c: float(np.nanmean(v)) for c, v in per_case.items()}
 
 
+def _declared_spacing(info: dict) -> list[float] | None:
+    """``data.spacing`` (ITK order, mm; for files that store no spacing) of the training run whose
+    checkpoint an evaluation names (the run folder holding it, :func:`atlasreg.contracts.run_paths`), or
+    None without a checkpoint, a run configuration or a declared spacing. AtlasregError naming the run
+    configuration when the spacing is not a list of positive numbers."""
+    checkpoint = info.get("checkpoint")
+    if not checkpoint:
+        return None
+    run_dir = Path(checkpoint).parent
+    data = read_run_config(run_dir).get("data")
+    spacing = data.get("spacing") if isinstance(data, dict) else None
+    if spacing is None:
+        return None
+    if not (isinstance(spacing, list) and spacing and all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in spacing)):
+        raise AtlasregError(f"data.spacing = {spacing!r} is not a list of positive numbers", run_dir / RUN_CONFIG)
+    return [float(s) for s in spacing]
+
+
 def _qualitative(page: _Page, table: ResultTable, test_set: str, column: str) -> None:
     ev: Evaluation | None = table.source.get((test_set, column))
     if ev is None:
@@ -95,7 +114,7 @@ def _qualitative(page: _Page, table: ResultTable, test_set: str, column: str) ->
              (ranked[-1], f"worst {column} DSC")]
     predictions = Path(ev.info.get("predictions") or ev.path)
     png = figures.qualitative_figure(predictions, ev.info.get("references") or {}, [c for c, _ in picks],
-                                     [t for _, t in picks])
+                                     [t for _, t in picks], spacing=_declared_spacing(ev.info))
     page.figure(png, f"{test_set}: image; ITN, 1-pass and refine contours (red) with the reference (green); "
                      "deformed atlas grid after refinement (paper Figs. 6-7).")
 
