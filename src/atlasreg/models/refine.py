@@ -1,16 +1,39 @@
 """Test-time refinement of the STN weights (Atlas-ISTN Sec. 2.4, Eqs. 17-21).
 
-Several cases are refined at once, each with its own copy of the trained STN weights: the copies are
-stacked along a leading dimension and the STN is evaluated with ``torch.func.vmap`` over
-``functional_call``. The loss is the *sum* of the per-case losses, so each case's gradient depends on
-its own copy only, and Adam (element-wise) updates every copy exactly as if the case were refined
-alone. Every call starts again from the trained weights; the ITN and the network object are untouched.
+Several cases are refined at once, each with its own copy of the trained STN (its own weight tensors,
+so its own Adam state). Every iteration computes each case's STN, transform, loss and gradient in a
+batch-1 graph of its own, with exactly the operations and tensor shapes of refining the case alone.
+A case's refined transform and losses are therefore those of refining it alone, bit for bit,
+whatever its batch neighbours, wherever the kernels are deterministic for a given shape and thread
+count (CPU; not CUDA, whose grid_sample backward adds with atomics). Tested in 2D and in 3D with
+anisotropic voxels (tests/test_refine.py).
+
+Why not one batched computation (``torch.func.vmap`` over stacked copies, as before issue 11): the
+batched convolutions become one grouped convolution, whose float32 round-off differs from that of a
+batch-1 convolution, and per-case sums and fused Adam's vectorised loop round differently with the
+batch too. These differences (1e-7 of a gradient at step 1) are then amplified by the refinement.
+Adam's step lr m / (sqrt(v) + eps) answers a gradient change with a gain of lr / (sqrt(v) + eps),
+up to lr / eps = 1e5 for weights whose gradient is about 0: in the first step such weights (gradient
+1e-9) already differed by 1e-7; through the ReLUs the copies' trajectories then part (the summed
+weight difference grew about 1.3x per step). `benchmarks/refine_batch_dependence.py` measured, for a
+case alone against the case with neighbours, K = 50: 1.13 voxel (2.25 mm) for corrupt Letter-B
+B903 with 15 neighbours (2D, the 300-epoch model), 0.11 voxel (0.29 mm) on an ACDC model (16 x 64 x 64
+grid of 2.5 x 2.5 x 8 mm, 4 cases), 0.06 voxel on a synthetic 3D model; 0 with this computation. A
+larger Adam eps is no cure: 1e-6 instead of 1e-8 took one synthetic case from 0.06 to 1e-5 voxel but
+another from 6e-6 to 0.05 voxel. Bit-exact independence is the only guarantee, because the
+refinement amplifies any round-off.
+
+The price is speed when several cases are refined at once: batch-1 convolutions are slower per case
+than one batched convolution on CPU (16 Letter-B cases at once, K = 50: about 2.5x the CPU time; a case
+alone: 0.5-0.7x, since outside vmap the channels_last layout applies). Every call starts again from
+the trained weights; the ITN and the network object are untouched.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from torch.func import functional_call, vmap
 
 from ..spatial.transforms import AffineSVFTransform, compose_transform
 from .atlas_istn import AtlasISTN, deformation_losses
@@ -27,47 +50,44 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     logits: (B, C, *size) ITN output (the target, no gradient); atlas_labelmap: (1, C, *size).
     mask: (B, 1, *size) the scans' field of view on the model grid (padding does not count), or None.
     Returns the refined transforms Phi*, Phi*^-1 (batch B, Eq. 21) and the loss history (K + 1, B)
-    (the last row is the loss of the returned transforms). Raises ValueError for negative K.
+    (the last row is the loss of the returned transforms). Case i's losses and STN outputs are those of
+    refining case i alone, bit for bit on CPU (see the module docstring). Raises ValueError for
+    negative K.
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     logits = logits.detach()
     b = logits.shape[0]
-    stn = net.stn
-    weights = {k: v.detach().unsqueeze(0).repeat(b, *[1] * v.dim()).requires_grad_(True)
-               for k, v in stn.named_parameters()}
-    buffers = dict(stn.named_buffers())
+    copies = [copy.deepcopy(net.stn) for _ in range(b)]
+    weights = [w.requires_grad_(True) for stn in copies for w in stn.parameters()]
     x = AtlasISTN.label_stn_input(logits, atlas_labelmap)
 
-    # The parts this STN variant predicts (vmap returns tensors only): the SVF and/or the affine part.
-    parts = (["svf"] if stn.has_svf else []) + (["A", "t"] if stn.has_affine and use_affine else [])
-
-    def one_case(params, x_i):
-        out = functional_call(stn, (params, buffers), (x_i.unsqueeze(0),), {"use_affine": use_affine})
-        return tuple(out[k][0] for k in parts)
-
-    batched = vmap(one_case)
-
-    def loss_of(params):
-        out = dict(zip(parts, batched(params, x)))
-        tr = compose_transform(out.get("svf"), out.get("A"), out.get("t"), net.grid, net.steps)
-        terms = deformation_losses(tr, logits, atlas_labelmap, reduction="per_case",
-                                   with_s2a=gamma != 0.0, mask=mask)
+    def case(i: int) -> tuple[torch.Tensor, dict]:
+        """Case i's loss (1,) and STN outputs, computed as if it were refined alone."""
+        out = copies[i](x[i:i + 1], use_affine=use_affine)
+        tr = compose_transform(out["svf"], out["A"], out["t"], net.grid, net.steps)
+        terms = deformation_losses(tr, logits[i:i + 1], atlas_labelmap, reduction="per_case",
+                                   with_s2a=gamma != 0.0, mask=None if mask is None else mask[i:i + 1])
         loss = beta * terms["a2s"] + lam * terms["reg"]
         if gamma != 0.0:
             loss = loss + gamma * terms["s2a"]
-        return loss, tr
+        return loss, out
 
-    opt = adam(weights.values(), lr)
+    opt = adam(weights, lr)
     history = []
     with torch.enable_grad():
         for _ in range(iterations):
             opt.zero_grad(set_to_none=True)
-            loss, _ = loss_of(weights)
-            loss.sum().backward()
+            losses = []
+            for i in range(b):  # one graph at a time: the gradient of the sum, with less memory
+                loss = case(i)[0]
+                loss.backward()
+                losses.append(loss.detach())
             opt.step()
-            history.append(loss.detach())
+            history.append(torch.cat(losses))
     with torch.no_grad():
-        loss, tr = loss_of(weights)
-    history.append(loss)
+        losses, outs = zip(*(case(i) for i in range(b)))
+        history.append(torch.cat(losses))
+        parts = {k: None if outs[0][k] is None else torch.cat([o[k] for o in outs]) for k in ("svf", "A", "t")}
+        tr = compose_transform(parts["svf"], parts["A"], parts["t"], net.grid, net.steps)
     return tr, torch.stack(history)

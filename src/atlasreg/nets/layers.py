@@ -41,7 +41,7 @@ class LinearUpsample(nn.Module):
 class _GradInMemoryFormat(torch.autograd.Function):
     """Identity whose backward returns the gradient in the layout of :func:`memory_format`."""
 
-    generate_vmap_rule = True  # usable inside torch.func.vmap (batched refinement)
+    generate_vmap_rule = True  # usable inside torch.func.vmap
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +68,8 @@ def memory_format(ndim: int) -> torch.memory_format:
 
 
 def to_memory_format(x: torch.Tensor) -> torch.Tensor:
-    """x in the layout of :func:`memory_format`. Inside torch.func.vmap (batched refinement) layouts
-    cannot be queried; the tensor is then returned as it is."""
+    """x in the layout of :func:`memory_format`. Inside torch.func.vmap layouts cannot be queried; the
+    tensor is then returned as it is."""
     try:
         return x.contiguous(memory_format=memory_format(x.dim() - 2))
     except RuntimeError:
