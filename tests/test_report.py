@@ -397,6 +397,8 @@ def test_declared_spacing_is_the_data_spacing_of_the_checkpoint_run(tmp_path):
     assert _declared_spacing(info) is None
     run.config.write_text(yaml.safe_dump({"data": {"spacing": [1.5, 1.5, 8]}}))
     assert _declared_spacing(info) == [1.5, 1.5, 8.0]
+    # an evaluation of checkpoints/last.ckpt finds the run's config one folder up
+    assert _declared_spacing({"checkpoint": str(tmp_path / "checkpoints" / "last.ckpt")}) == [1.5, 1.5, 8.0]
     run.config.write_text(yaml.safe_dump({"data": {"spacing": [1.5, "x"]}}))
     with pytest.raises(AtlasregError, match=r"data.spacing = \[1.5, 'x'\] is not a list of positive numbers") as error:
         _declared_spacing(info)
