@@ -93,7 +93,7 @@ def _declared_spacing(info: dict) -> list[float] | None:
         return None
     run_dir = Path(checkpoint).parent
     if not (run_dir / RUN_CONFIG).is_file() and (run_dir.parent / RUN_CONFIG).is_file():
-        run_dir = run_dir.parent  # a checkpoint inside the run's checkpoints/ folder (last.ckpt)
+        run_dir = run_dir.parent  # a checkpoint inside the run's checkpoint folder (the last epoch's)
     data = read_run_config(run_dir).get("data")
     spacing = data.get("spacing") if isinstance(data, dict) else None
     if spacing is None:
