@@ -156,8 +156,7 @@ def load_case(image_path, label_path, prep: Preprocessing, require_foreground: b
     AtlasregError naming the file for every bad input."""
     image = read_image(image_path)
     check_dimension(image, prep.ndim, image_path)
-    phys = physical_grid(image, prep.spacing_override, image_path)
-    onehot = None
+    indices = None
     if label_path is not None:
         lab = read_labelmap(label_path, prep.labels, require_foreground=False)
         if lab.GetSize() != image.GetSize():
@@ -169,15 +168,22 @@ def load_case(image_path, label_path, prep: Preprocessing, require_foreground: b
         idx = values_to_indices(sitk.GetArrayFromImage(lab), prep.labels)
         if require_foreground and not idx.any():
             raise AtlasregError(f"has no foreground (only label {prep.labels[0]})", label_path)
-        onehot = idx
+        indices = idx
+    return _case_on_model_grid(image, indices, prep, name or case_name(image_path), str(image_path), placement)
+
+
+def _case_on_model_grid(image: sitk.Image, indices: np.ndarray | None, prep: Preprocessing, name: str,
+                        path: str, placement: Grid | None = None) -> Case:
+    """The checked image (and label indices on its grid) as a :class:`Case` on the model grid placed
+    on it (:func:`placement_of` unless `placement` is given): the one path of files and in-memory images."""
+    phys = physical_grid(image, prep.spacing_override, path or name)
     array = sitk.GetArrayFromImage(image)
     stats = intensity_stats(array, prep)
     if placement is None:
-        placement = placement_of(array, onehot, phys, prep)
+        placement = placement_of(array, indices, phys, prep)
     img_t, mask = image_on_grid(array, phys, placement, stats, prep)
-    lab_t = None if onehot is None else labels_on_grid(onehot, len(prep.labels), phys, placement)
-    return Case(name or case_name(image_path), img_t, lab_t, Grid.from_sitk(image), image, str(image_path),
-                phys, placement, mask, stats)
+    lab_t = None if indices is None else labels_on_grid(indices, len(prep.labels), phys, placement)
+    return Case(name, img_t, lab_t, Grid.from_sitk(image), image, path, phys, placement, mask, stats)
 
 
 def placement_of(array: np.ndarray, indices: np.ndarray | None, phys: Grid, prep: Preprocessing,
@@ -323,13 +329,7 @@ def case_from_image(image: sitk.Image, prep: Preprocessing, name: str = "case", 
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise AtlasregError("contains NaN or infinite values", where)
     check_dimension(image, prep.ndim, where)
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    phys = physical_grid(image, prep.spacing_override, where)
-    array = sitk.GetArrayFromImage(image)
-    stats = intensity_stats(array, prep)
-    placement = placement_of(array, None, phys, prep)
-    img_t, mask = image_on_grid(array, phys, placement, stats, prep)
-    return Case(name, img_t, None, Grid.from_sitk(image), image, path, phys, placement, mask, stats)
+    return _case_on_model_grid(sitk.Cast(image, sitk.sitkFloat32), None, prep, name, path)
 
 
 def replace_placement(case: Case, placement: Grid, prep: Preprocessing) -> Case:
