@@ -243,6 +243,26 @@ class Optional:
             raise _expected(key, self.what, value) from None
 
 
+@dataclass(frozen=True)
+class NumberOrList:
+    """A number (`item`) or a non-empty list of them (one per axis; the length is checked where the
+    dimensionality is known)."""
+
+    item: Any
+
+    @property
+    def what(self) -> str:
+        return f"{self.item.what}, or a list of them"
+
+    def __call__(self, value, key):
+        if isinstance(value, (list, tuple)):
+            return ListOf(self.item, min_length=1)(value, key)
+        try:
+            return self.item(value, key)
+        except ConfigError:
+            raise _expected(key, self.what, value) from None
+
+
 REQUIRED = object()  # the default of a key that must be given
 
 
@@ -402,6 +422,9 @@ SCHEMA = Section({
                                "(null: the first training case)"),
             "centre": Field(Choice(lambda: CENTRES), "image", "image | foreground | labels (training: the labelmap's "
                             "foreground; test: a first ITN pass)"),
+            "localisation_passes": Field(Int(1, 10), 3, "test time, centre 'labels' or a search: at most this many "
+                                         "ITN passes, each re-centred on the last (stops when the centre moves "
+                                         "less than a voxel)"),
             "intensity": Field(Choice(lambda: INTENSITY), "zscore", "zscore | zscore_foreground | rescale"),
             "clip_range": Field(Optional(ListOf(Float(), length=2)), None, "[lo, hi] raw intensities (CT window)"),
             "clip_percentiles": Field(Optional(ListOf(Float(0.0, 100.0), length=2)), None,
@@ -443,8 +466,10 @@ SCHEMA = Section({
         "atlas_batch_size": Field(Int(1), 25, "cases per forward pass of the atlas update (peak memory)"),
         "augmentation": Field(Section({
             "enabled": Field(Bool(), False),
-            "translation_voxels": Field(Float(0.0), 8, "model-grid voxels"),
-            "rotation_degrees": Field(Float(0.0), 15, "degrees (about every axis in 3D)"),
+            "translation_voxels": Field(NumberOrList(Float(0.0)), 8, "model-grid voxels: one range, or one "
+                                        "per array axis"),
+            "rotation_degrees": Field(NumberOrList(Float(0.0)), 15, "degrees: one range (3D: about every "
+                                      "axis), or in 3D one per array axis (z, y, x): [45, 0, 0] turns in-plane"),
             "scale": Field(ListOf(Float(0.0, open_min=True), length=2), [0.9, 1.1], "[lo, hi]"),
             "probability": Field(Float(0.0, 1.0), 1.0),
         }, check=_check_augmentation), doc="spatial augmentation (Sec. 3.2), MONAI RandAffine"),

@@ -79,24 +79,39 @@ def segment_cases(module: Method, cases: list[Case], refinement: dict, refine: b
 def localise(module: Method, cases: list[Case]) -> list[Case]:
     """The test-time first pass (paper Sec. 3.2: crop around the structure found by a first ITN pass):
     where the config centres the model grid on the labels (``data.preprocessing.centre: labels``) or
-    searches the orientation (``orientation_search``), the ITN segments each case on its first
+    searches the orientation (``orientation_search``), the ITN segments each case on its current
     placement, and the case is placed again on the ITN's foreground centroid, in the orientation whose
-    ITN labels best overlap the atlas labelmap. Other configs and methods without an ITN return
-    `cases` unchanged."""
+    ITN labels best overlap the atlas labelmap. This repeats up to ``localisation_passes`` times (a
+    structure near the edge of the first, image-centred grid is cut off there, which pulls its centroid
+    towards the image centre) and stops for a case once its placement keeps its orientation and its
+    centre moves less than one model voxel. Other configs and methods without an ITN return `cases`
+    unchanged."""
     prep = Preprocessing.from_config(module.config)
     if (prep.centre != "labels" and prep.orientation_search == "none") or not cases:
         return cases
-    with torch.no_grad():
-        first = module.predict(torch.cat([c.image for c in cases]).to(module.device))
-    if "itn" not in first:
-        return cases
+    passes = int((module.config["data"].get("preprocessing") or {}).get("localisation_passes", 3))
     reference = module.atlas_labelmap if bool(getattr(module, "atlas_ready", True)) else None
-    out = []
-    for j, case in enumerate(cases):
-        array = sitk.GetArrayFromImage(case.source)
-        grid = placement_of(array, None, case.physical, prep, first["itn"][j:j + 1], case.placed, reference)
-        out.append(replace_placement(case, grid, prep))
-    return out
+    voxel = max(prep.spacing)
+    cases, moving = list(cases), list(range(len(cases)))
+    for _ in range(passes):
+        with torch.no_grad():
+            first = module.predict(torch.cat([cases[j].image for j in moving]).to(module.device))
+        if "itn" not in first:
+            return cases
+        still = []
+        for k, j in enumerate(moving):
+            case = cases[j]
+            array = sitk.GetArrayFromImage(case.source)
+            grid = placement_of(array, None, case.physical, prep, first["itn"][k:k + 1], case.placed, reference)
+            shift = float(np.linalg.norm(np.subtract(grid.centre, case.placed.centre)))
+            same = np.allclose(grid.direction_matrix, case.placed.direction_matrix, atol=1e-6)
+            cases[j] = replace_placement(case, grid, prep)
+            if shift >= voxel or not same:
+                still.append(j)
+        moving = still
+        if not moving:
+            break
+    return cases
 
 
 def predict_cases(module: Method, cases: list[Case], refinement: dict | None = None,

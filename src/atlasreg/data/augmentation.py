@@ -9,21 +9,27 @@ from typing import Callable, Sequence
 import torch
 from monai.transforms import RandAffine
 
+from ..config import ConfigError
+
 
 def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float], seed: int | None = None) -> Callable:
     """Returns f(image (N, 1, *S), labelmap (N, C, *S)[, mask (N, 1, *S)]) -> the augmented pair (and
     mask, moved with zero padding; then the labels' foreground too) (a new random affine per case).
 
     cfg: {translation_voxels, rotation_degrees, scale: [lo, hi], probability}. Translation is in voxels
-    of the model grid; 3D rotations use the same range about every axis. seed: seeds MONAI's own
-    random state (which the global seeds do not reach), so the same seed gives the same augmentation."""
-    rot = math.radians(float(cfg["rotation_degrees"]))
+    of the model grid: one range for every axis, or one per array axis. Rotation in degrees: one range
+    (2D; 3D: the same about every axis), or one per array axis in 3D, about axes (0, 1, 2) of the
+    (z, y, x) array, so [45, 0, 0] turns the slices in-plane only (anisotropic cine MRI). seed: seeds
+    MONAI's own random state (which the global seeds do not reach), so the same seed gives the same
+    augmentation. Raises ConfigError for a per-axis list of the wrong length."""
+    rot = _per_axis(cfg["rotation_degrees"], 1 if ndim == 2 else 3, "rotation_degrees")
+    rot = tuple(math.radians(r) for r in rot)
     lo, hi = cfg["scale"]
-    tr = float(cfg["translation_voxels"])
+    tr = _per_axis(cfg["translation_voxels"], ndim, "translation_voxels")
     rand = RandAffine(
         prob=float(cfg.get("probability", 1.0)),
-        rotate_range=(rot,) if ndim == 2 else (rot, rot, rot),
-        translate_range=(tr,) * ndim,
+        rotate_range=rot,
+        translate_range=tr,
         scale_range=((lo - 1.0, hi - 1.0),) * ndim,
         mode="bilinear",
         padding_mode="border",
@@ -49,6 +55,16 @@ def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float], se
         return out[:, :1].contiguous(), lab.contiguous(), moved[:, -1:].contiguous()
 
     return augment
+
+
+def _per_axis(value, n: int, key: str) -> tuple[float, ...]:
+    """A number, repeated n times, or a list of n numbers; ValueError naming `key` otherwise."""
+    if isinstance(value, (int, float)):
+        return (float(value),) * n
+    values = tuple(float(v) for v in value)
+    if len(values) != n:
+        raise ConfigError(f"training.augmentation.{key}", f"expected one number or a list of {n}, got {list(value)}")
+    return values
 
 
 def _plain(x) -> torch.Tensor:

@@ -193,8 +193,12 @@ def placement_of(array: np.ndarray, indices: np.ndarray | None, phys: Grid, prep
     array: raw image (array order) on `phys`; indices: label indices on `phys` or None; probabilities
     (1, C, *S) on `prob_grid`: the ITN's first pass (test time, for centre 'labels' and the
     orientation search, scored against `reference` (1, C, *S) on the model grid, the atlas labelmap).
-    Falls back to the image centre when no foreground is found."""
+    Only the probabilities' argmax is used: the softmax of logits regressed onto one-hot labels (MSE,
+    Sec. 2.1) is soft, its background below 0.5 nearly everywhere, so thresholding it finds the whole
+    grid. Falls back to the image centre when no foreground is found."""
     model = prep.model_grid
+    if probabilities is not None:
+        probabilities = one_hot(probabilities.argmax(1), probabilities.shape[1])
     base = canonical_direction(prep.orientation, prep.ndim, phys.direction_matrix)
     centre = None
     if prep.centre == "foreground":
@@ -203,8 +207,7 @@ def placement_of(array: np.ndarray, indices: np.ndarray | None, phys: Grid, prep
         if indices is not None:
             centre = mask_centroid(indices > 0, phys)
         elif probabilities is not None:
-            fg = 1.0 - probabilities[0, 0].cpu().numpy()
-            centre = mask_centroid(fg > 0.5, prob_grid, fg)
+            centre = mask_centroid(probabilities[0, 0].cpu().numpy() < 0.5, prob_grid)
     if centre is None:
         centre = phys.centre
     candidates = orientation_candidates(prep.orientation_search, prep.ndim)
