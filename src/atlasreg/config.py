@@ -454,6 +454,8 @@ SCHEMA = Section({
         "lr": Field(Float(0.0, open_min=True), 1.0e-3, "Adam learning rate"),
         "lr_halving_epochs": Field(Float(0.0, open_min=True), 300, "the learning rate halves every so many epochs"),
         "seg_weight": Field(Float(0.0), 1.0, "weight of L_s in Eq. 14 (0: the paper's Atlas-ISTN without L_s)"),
+        "dice_weight": Field(Float(0.0), 0.0, "soft-Dice term added to L_s (0: the paper's MSE alone; for many small "
+                             "structures)"),
         "fixed_atlas": Field(Optional(Str(names=True)), None,
                              "case name: a fixed training-case atlas, never updated ('Fixed')"),
         "lambda": Field(Float(0.0), 0.126, "world-unit weight; = 500 of the reference (see losses.regularisers)"),

@@ -1,4 +1,5 @@
-"""Label losses of Atlas-ISTN (Eqs. 10-12, 17-18): mean squared error between (soft) one-hot maps."""
+"""Label losses of Atlas-ISTN (Eqs. 10-12, 17-18): mean squared error between (soft) one-hot maps; and
+the optional soft-Dice term of the segmentation loss for labelmaps with many small structures."""
 
 from __future__ import annotations
 
@@ -33,3 +34,31 @@ def label_mse(prediction: torch.Tensor, target: torch.Tensor, foreground_only: b
     if reduction == "mean":
         return err.sum() / (w.sum() * prediction.shape[1]).clamp_min(1e-12)
     return err.flatten(1).sum(1) / (w.flatten(1).sum(1) * prediction.shape[1]).clamp_min(1e-12)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground channels present in each case (Milletari et al. 2016, as
+    nnU-Net's Dice term), on the softmax of `logits`; MONAI's DiceLoss (batch=False, squared_pred=False,
+    include_background=False). logits, target: (N, C, *spatial), target one-hot; weight: (N or 1, 1,
+    *spatial) field-of-view mask multiplied into both. Every structure counts equally, however small,
+    where the MSE of Eq. 10 averages over voxels and channels (with 40 structures the all-background
+    prediction is nearly optimal). A channel absent from both a case and its prediction scores 0.
+    Raises ValueError on shape mismatch."""
+    from monai.losses import DiceLoss
+
+    if logits.shape != target.shape:
+        raise ValueError(f"shape mismatch: {tuple(logits.shape)} vs {tuple(target.shape)}")
+    probs = torch.softmax(logits, 1)
+    if weight is not None:
+        probs, target = probs * weight, target * weight
+    return DiceLoss(include_background=False, reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5)(probs, target)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                      dice_weight: float = 0.0) -> torch.Tensor:
+    """L_s of Eq. 14: the label MSE of Eq. 10 (the paper) plus `dice_weight` times :func:`soft_dice_loss`
+    (``training.dice_weight``; 0: the paper's loss alone). Shapes as :func:`label_mse`."""
+    loss = label_mse(logits, target, weight=weight)
+    if dice_weight > 0.0:
+        loss = loss + dice_weight * soft_dice_loss(logits, target, weight)
+    return loss

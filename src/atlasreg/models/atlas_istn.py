@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..atlas import atlas_update
 from ..data.case_dataset import StreamingSum
 from ..errors import AtlasregError
-from ..losses import diffusion_regulariser, label_mse
+from ..losses import diffusion_regulariser, label_mse, segmentation_loss
 from ..nets.stn import STN
 from ..nets.unet import UNet
 from ..spatial.grid import Grid
@@ -336,7 +336,7 @@ class AtlasISTNModule(Method):
         loss = w * (d["a2s"] + d["s2a"] + t["lambda"] * d["reg"])
         logs = {"loss/a2s": d["a2s"], "loss/s2a": d["s2a"], "loss/reg": d["reg"]}
         if logits is not None:  # Eq. 14; seg_weight 0 is the paper's Atlas-ISTN without L_s
-            l_s = label_mse(logits, labelmap, weight=mask)
+            l_s = segmentation_loss(logits, labelmap, mask, float(t.get("dice_weight", 0.0)))
             loss = loss + float(t.get("seg_weight", 1.0)) * l_s
             logs["loss/seg"] = l_s
         self._accumulate({"loss/total": loss, **logs, "w": w}, n)
@@ -437,7 +437,8 @@ class UNetModule(AtlasISTNModule):
 
     def training_step(self, batch, batch_idx):
         image, labelmap, mask = self._batch(batch)
-        loss = label_mse(self.net.itn(image), labelmap, weight=mask)
+        loss = segmentation_loss(self.net.itn(image), labelmap, mask,
+                                 float(self.config["training"].get("dice_weight", 0.0)))
         self._accumulate({"loss/total": loss, "loss/seg": loss}, image.shape[0])
         return loss
 
