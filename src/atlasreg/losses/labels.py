@@ -36,10 +36,14 @@ def label_mse(prediction: torch.Tensor, target: torch.Tensor, foreground_only: b
     return err.flatten(1).sum(1) / (w.flatten(1).sum(1) * prediction.shape[1]).clamp_min(1e-12)
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """1 - mean soft Dice over the foreground channels present in each case (Milletari et al. 2016, as
-    nnU-Net's Dice term), on the softmax of `logits`; MONAI's DiceLoss (batch=False, squared_pred=False,
-    include_background=False). logits, target: (N, C, *spatial), target one-hot; weight: (N or 1, 1,
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                   temperature: float = 10.0) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground channels (Milletari et al. 2016, as nnU-Net's Dice term),
+    on softmax(temperature * logits); MONAI's DiceLoss (batch=False, squared_pred=False,
+    include_background=False). The ITN's logits are regressed onto one-hot labels (Eq. 10), so logits
+    equal to their target differ by 1 between channels: with 41 channels softmax(logits) gives the
+    right channel only 0.064 and the Dice term would fight the MSE, while softmax(10 logits) gives it
+    0.998. logits, target: (N, C, *spatial), target one-hot; weight: (N or 1, 1,
     *spatial) field-of-view mask multiplied into both. Every structure counts equally, however small,
     where the MSE of Eq. 10 averages over voxels and channels (with 40 structures the all-background
     prediction is nearly optimal). A channel absent from both a case and its prediction scores 0.
@@ -48,7 +52,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Ten
 
     if logits.shape != target.shape:
         raise ValueError(f"shape mismatch: {tuple(logits.shape)} vs {tuple(target.shape)}")
-    probs = torch.softmax(logits, 1)
+    probs = torch.softmax(temperature * logits, 1)
     if weight is not None:
         probs, target = probs * weight, target * weight
     return DiceLoss(include_background=False, reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5)(probs, target)
