@@ -321,3 +321,17 @@ def test_registry_builds_every_loss_by_name():
         build_similarity("lncc", spacing, window_mm=-1)
     with pytest.raises(AtlasregError, match="similarity 'mind'"):
         build_similarity("mind", spacing, bins=3)
+
+
+@pytest.mark.parametrize("window", [(3, 5), (11, 1), (15, 31)])
+def test_box_mean_short_and_long_windows(window):
+    # Pooling (<= 9 voxels) and running sums (longer): the mean over the part of the box inside the
+    # image, compared with a direct loop.
+    from atlasreg.losses.similarity import _box_mean
+
+    x = torch.randn(2, 1, 20, 24, generator=torch.Generator().manual_seed(0))
+    out = _box_mean(x, window)
+    hy, hx = window[0] // 2, window[1] // 2
+    for i, j in [(0, 0), (5, 7), (19, 23), (10, 0)]:
+        box = x[:, :, max(i - hy, 0):i + hy + 1, max(j - hx, 0):j + hx + 1]
+        torch.testing.assert_close(out[:, :, i, j], box.mean((2, 3)), atol=1e-6, rtol=1e-5)
