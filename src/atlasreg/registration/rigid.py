@@ -51,7 +51,7 @@ fixed grid. Fixed and moving may have any grids (size, spacing, origin, directio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -226,7 +226,7 @@ class _Level:
     diagonal: int                   # voxels of h across the moving field of view's diagonal
     moving: _Smoothed
     moving_eps: float = 0.0
-    ffts: dict = None               # FFT shape -> rfft of `fixed`
+    ffts: dict = field(default_factory=dict)  # FFT shape -> conjugated rfft of `fixed`
 
 
 def _prepare(a: torch.Tensor, b: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, fixed_grid: Grid,
@@ -248,7 +248,7 @@ def _prepare(a: torch.Tensor, b: torch.Tensor, ma: torch.Tensor, mb: torch.Tenso
     extent_m = np.asarray(moving_grid.size_xyz) * np.asarray(moving_grid.spacing)
     diagonal = int(max(2, math.ceil(float(np.linalg.norm(extent_m)) / h)))
     level = _Level(h, size_f, torch.cat([_features(na, ma_w), ma_w, energy], 1), count, float(energy.sum()),
-                   diagonal, _smooth(b, mb, moving_grid, h), ffts={})
+                   diagonal, _smooth(b, mb, moving_grid, h))
     # The moving image's eps at the identity rotation (its mean gradient norm barely changes with R).
     b0, mb0 = _moving_batch(level, fixed_grid, moving_grid, np.eye(d)[None], np.zeros((1, d)), (diagonal,) * d)
     level.moving_eps = _relative_eps(b0, mb0, h, eps, "moving")
