@@ -155,6 +155,13 @@ TRANSFORM_METRIC_COLUMNS = ("method", "mice_mm", "mice_voxels", "ic_dsc", "nonpo
 # segmentation run folder
 SEGMENT_INFO = "segment.yaml"
 
+# registration folder (`atlasreg register`): the transforms and fields share the case folder's names
+# (FORWARD_TRANSFORM, FORWARD_FIELD, INVERSE_TRANSFORM, INVERSE_FIELD); there "forward" maps fixed
+# world points to moving ones (the map ITK resamples the moving image with).
+REGISTERED_IMAGE = "warped.nii.gz"
+REGISTERED_LABELS = "warped_labels.nii.gz"
+REGISTRATION_SUMMARY = "summary.yaml"
+
 # training run folder
 RUN_CONFIG = "config.yaml"
 FINAL_CHECKPOINT = "model.ckpt"

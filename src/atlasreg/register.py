@@ -3,14 +3,15 @@ deformable, :mod:`atlasreg.registration.pipeline`) with its outputs on the fixed
 
 Written into DIR (all at once: the folder appears complete or not at all):
 
-* ``warped.nii.gz``: the moving image resampled onto the fixed grid (``moving o T``, linear);
+* ``warped.nii.gz`` (file names: :mod:`atlasreg.contracts`): the moving image resampled onto the
+  fixed grid (``moving o T``, linear);
 * ``warped_labels.nii.gz`` (with ``--labels``): the moving labelmap on the fixed grid (per-label
   linear interpolation and argmax);
-* ``forward_transform.h5`` and ``forward_displacement.nii.gz``: T, fixed world points -> moving world
+* the forward transform (``.h5``) and displacement field: T, fixed world points -> moving world
   points (mm), as an ITK transform file and as an ITK displacement field ``T(x) - x`` on the fixed
   grid. This is the transform ITK resamples the moving image with: ``sitk.Resample(moving, fixed, T)``
   gives ``warped``;
-* ``inverse_transform.h5`` and ``inverse_displacement.nii.gz`` (on the moving grid): T^-1, moving ->
+* the inverse transform and displacement field (on the moving grid): T^-1, moving ->
   fixed points, where the model has an exact inverse (affine stages, SVF);
 * ``summary.yaml``: settings, seconds per stage, the similarity before and after each stage, the
   Jacobian statistics of T on the fixed grid, and with ``--fixed-labels`` Dice and HD95 per label
@@ -27,13 +28,9 @@ from pathlib import Path
 
 from .errors import AtlasregError
 
-WARPED = "warped.nii.gz"
-WARPED_LABELS = "warped_labels.nii.gz"
-FORWARD_TRANSFORM = "forward_transform.h5"
-FORWARD_FIELD = "forward_displacement.nii.gz"
-INVERSE_TRANSFORM = "inverse_transform.h5"
-INVERSE_FIELD = "inverse_displacement.nii.gz"
-SUMMARY = "summary.yaml"
+from .contracts import (FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM,  # noqa: F401
+                        REGISTERED_IMAGE as WARPED, REGISTERED_LABELS as WARPED_LABELS,
+                        REGISTRATION_SUMMARY as SUMMARY)
 
 
 def _read_mask(path, image, name: str):
