@@ -182,6 +182,52 @@ def test_nan_intensities(trained, tmp_path, capsys):
     run_fails(segment_argv(trained, [tmp_path / "nan.nii.gz"], tmp_path / "o"), capsys, "nan.nii.gz", "NaN")
 
 
+def _truncated_nifti(array, path, keep=0.5):
+    """`array` written as NIfTI (`path`: .nii or .nii.gz), then cut to the fraction `keep` of its bytes
+    (0.8 of a 32 x 32 labelmap: SimpleITK reads 119 of its 161 foreground voxels and zeros)."""
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_truncated_image_is_refused_by_segment(trained, tmp_path, capsys, ext):
+    # SimpleITK reads a half .nii.gz as a zero-filled image; segment used to accept it (issue 14).
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "test" / "B101_img.png"))).astype(np.float32)
+    bad = _truncated_nifti(source, tmp_path / f"B101{ext}")
+    out = tmp_path / "o"
+    run_fails(segment_argv(trained, [trained / "test" / "B102_img.png", bad], out), capsys,
+              f"{bad}: truncated")
+    assert not out.exists()
+
+
+def test_truncated_labelmap_is_refused_by_train(trained, tmp_path, capsys):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for f in ("B1_img.png", "B2_img.png", "B2_seg.png"):
+        (folder / f).write_bytes((trained / "train" / f).read_bytes())
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "train" / "B1_seg.png")))
+    bad = _truncated_nifti(labels, folder / "B1_seg.nii.gz", keep=0.8)
+    out = tmp_path / "run"
+    run_fails(["train", str(tiny_config(tmp_path, folder)), "--out", str(out), "--quiet"], capsys,
+              f"{bad}: truncated")
+    assert not (out / "model.ckpt").exists()
+
+
+def test_truncated_reference_is_refused_by_evaluate(trained, tmp_path, capsys):
+    seg = tmp_path / "seg"
+    assert main(segment_argv(trained, [trained / "test" / "B101_img.png"], seg)) == 0
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "test" / "B101_seg.png")))
+    bad = _truncated_nifti(labels, refs / "B101_img.nii.gz", keep=0.8)
+    out = tmp_path / "ev"
+    run_fails(["evaluate", str(seg), "--references", str(refs), "--checkpoint",
+               str(trained / "run" / "model.ckpt"), "--out", str(out)], capsys, f"{bad}: truncated")
+    assert not out.exists()
+
+
 def test_dimensionality_mismatch(trained, tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, SIZE, SIZE).astype(np.float32)),
                     str(tmp_path / "vol.nii.gz"))

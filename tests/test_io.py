@@ -125,6 +125,60 @@ def test_read_image_finite_float_nifti_ok(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(p)), a)
 
 
+def _truncated(path: Path, fraction: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mha", ".nrrd"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_read_image_truncated_volume_is_an_error(tmp_path, ext, dtype):
+    # SimpleITK reads a .nii(.gz) cut to half its bytes as a zero-filled image (issue 14).
+    a = (np.random.default_rng(0).random((12, 16, 20)) * 1000).astype(dtype)
+    p = _truncated(write_image(_img(a), tmp_path / f"cut{ext}"))
+    with pytest.raises(AtlasregError) as ei:
+        read_image(p)
+    msg = str(ei.value)
+    assert msg.startswith(str(p) + ": ") and "\n" not in msg
+    # NRRD: SimpleITK's own message ("expected 96000 bytes but received 47838")
+    problem = "truncated" if ext != ".nrrd" else "but received"
+    assert problem in msg.removeprefix(str(p))
+    with pytest.raises(AtlasregError) as ei:
+        read_labelmap(p, [0, 1])
+    assert problem in str(ei.value).removeprefix(str(p))
+
+
+def test_read_image_truncated_separate_metaimage_data_file(tmp_path):
+    p = write_image(_img(np.ones((6, 8, 10), np.float32)), tmp_path / "v.mhd", compress=False)
+    _truncated(tmp_path / "v.raw")
+    with pytest.raises(AtlasregError) as ei:
+        read_image(p)
+    assert str(ei.value).startswith(str(tmp_path / "v.raw") + ": truncated") and "\n" not in str(ei.value)
+
+
+def test_read_image_corrupt_gzip_stream_is_an_error(tmp_path):
+    p = write_image(_img(np.random.default_rng(0).random((12, 16, 20)).astype(np.float32)),
+                    tmp_path / "crc.nii.gz")
+    data = bytearray(p.read_bytes())
+    data[-6] ^= 0xFF  # the gzip trailer's CRC-32
+    p.write_bytes(bytes(data))
+    with pytest.raises(AtlasregError) as ei:
+        read_image(p)
+    assert str(ei.value).startswith(f"{p}: corrupt gzip stream") and "\n" not in str(ei.value)
+
+
+def test_read_image_nifti_with_extra_bytes_or_uncompressed_under_nii_gz_ok(tmp_path):
+    a = np.random.default_rng(0).random((3, 4, 5)).astype(np.float32)
+    plain = write_image(_img(a), tmp_path / "plain.nii")
+    mislabelled = tmp_path / "plain_as.nii.gz"  # ITK reads uncompressed bytes under .nii.gz too
+    mislabelled.write_bytes(plain.read_bytes())
+    padded = tmp_path / "padded.nii"
+    padded.write_bytes(plain.read_bytes() + b"\0" * 16)
+    for p in (plain, mislabelled, padded):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(p)), a)
+
+
 def test_read_image_folder(tmp_path):
     (tmp_path / "d.png").mkdir()
     with pytest.raises(AtlasregError, match="d.png"):
