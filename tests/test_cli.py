@@ -228,6 +228,40 @@ def test_truncated_reference_is_refused_by_evaluate(trained, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("peak", [1e20, 3e38])
+def test_extreme_intensities_segment_like_the_ordinary_image(trained, tmp_path, peak):
+    # float32 intensities near 3e38 crashed `segment` (SIGSEGV in the refinement, from NaN after
+    # normalisation); near 1e20 the image was normalised to a constant, with exit status 0 (issue 14).
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "test" / "B101_img.png"))).astype(np.float64)
+    for name, array in (("plain", source), ("scaled", source * (peak / source.max()))):
+        (tmp_path / name).mkdir()
+        sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.float32)), str(tmp_path / name / "B101.nii.gz"))
+        assert main(segment_argv(trained, [tmp_path / name / "B101.nii.gz"], tmp_path / f"{name}_out")) == 0
+
+    def output(name, file):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}_out" / "B101" / file)))
+
+    for labelmap in ("itn", "onepass", "refine"):
+        plain, scaled = output("plain", f"{labelmap}_labelmap.nii.gz"), output("scaled", f"{labelmap}_labelmap.nii.gz")
+        assert np.array_equal(plain, scaled), labelmap
+        assert plain.any() or labelmap == "itn"  # the 2-epoch model's ITN finds no letter on this case
+    # The refined field (mm): 1e-6 apart (round-off of the normalisation); 1.7e-3 with the float32
+    # statistics at 1e20 (the image normalised to a constant).
+    field = [output(name, "inverse_displacement.nii.gz") for name in ("plain", "scaled")]
+    assert np.abs(field[0] - field[1]).max() < 1e-4
+
+
+def test_checkpoint_with_nan_weights_is_refused_before_the_refinement(trained, tmp_path, capsys):
+    ckpt = torch.load(trained / "run" / "model.ckpt", weights_only=False)
+    name = next(k for k in ckpt["state_dict"] if k.startswith("net.itn") and k.endswith("weight"))
+    ckpt["state_dict"][name].fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    image = trained / "test" / "B101_img.png"
+    run_fails(["segment", str(image), "--checkpoint", str(tmp_path / "nan.ckpt"), "--out", str(tmp_path / "o"),
+               "--quiet"], capsys, str(image), "NaN")
+    assert not (tmp_path / "o" / "B101").exists()
+
+
 def test_dimensionality_mismatch(trained, tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, SIZE, SIZE).astype(np.float32)),
                     str(tmp_path / "vol.nii.gz"))

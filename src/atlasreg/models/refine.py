@@ -52,10 +52,14 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     Returns the refined transforms Phi*, Phi*^-1 (batch B, Eq. 21) and the loss history (K + 1, B)
     (the last row is the loss of the returned transforms). Case i's losses and STN outputs are those of
     refining case i alone, bit for bit on CPU (see the module docstring). Raises ValueError for
-    negative K.
+    negative K and for NaN or infinite logits, atlas or mask (NaN reaching grid_sample through the
+    STN crashed the process with SIGSEGV, issue 14).
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
+    for name, value in (("logits", logits), ("atlas", atlas_labelmap), ("mask", mask)):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"refine_transforms: the {name} are not finite (NaN or infinite values)")
     logits = logits.detach()
     b = logits.shape[0]
     copies = [copy.deepcopy(net.stn) for _ in range(b)]
