@@ -262,6 +262,36 @@ def test_checkpoint_with_nan_weights_is_refused_before_the_refinement(trained, t
     assert not (tmp_path / "o" / "B101").exists()
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--iterations", "-1"], "refinement.iterations: expected an integer >= 0, got -1"),
+    (["--refine-lr", "0"], "refinement.lr: expected a number > 0, got 0"),
+    (["--refine-lr", "nan"], "refinement.lr: expected a number > 0, got nan"),
+    (["--lambda", "-1"], "refinement.lambda: expected a number >= 0, got -1"),
+    (["--beta", "inf"], "refinement.beta: expected a number >= 0, got inf"),
+    (["--cases-at-once", "0"], "refinement.cases_at_once: expected an integer >= 1, got 0"),
+    (["--iterations", "abc"], "argument --iterations: invalid int value: 'abc'"),
+    (["--refine-lr", "1e10"], "the refinement diverged"),  # valid, but Adam's steps overflow
+])
+def test_segment_with_a_bad_refinement_value_fails_in_one_line_and_writes_nothing(trained, tmp_path, capsys,
+                                                                                  option, message):
+    out = tmp_path / "o"
+    run_fails(segment_argv(trained, [trained / "test" / "B101_img.png"], out) + option, capsys, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["segment", "x.png", "--checkpoint", "m.ckpt"], "the following arguments are required: --out"),
+    (["train", "c.yaml", "--out", "o", "--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
+    (["report", "ev", "--out", "r", "--bootstrap", "1.5"], "argument --bootstrap: invalid int value: '1.5'"),
+    (["segmnt"], "invalid choice: 'segmnt'"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    err = run_fails(argv, capsys, message)
+    assert err.endswith("--help)")
+    assert not any(tmp_path.iterdir())
+
+
 def test_dimensionality_mismatch(trained, tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, SIZE, SIZE).astype(np.float32)),
                     str(tmp_path / "vol.nii.gz"))

@@ -105,3 +105,14 @@ def test_refinement_refuses_non_finite_inputs(where):
     inputs[where][-1, 0, 5, 7] = float("nan")
     with pytest.raises(ValueError, match=f"{where}.*not finite"):
         refine_transforms(net, inputs["logits"], inputs["atlas"], iterations=2, mask=inputs["mask"])
+
+
+def test_a_diverging_refinement_is_an_error_not_a_crash():
+    # lr 1e10 is a valid setting (a number > 0) whose Adam steps give an infinite STN output after 2
+    # iterations; grid_sample on NaN coordinates crashed the process (SIGSEGV).
+    from atlasreg.errors import AtlasregError
+
+    torch.manual_seed(0)
+    net = AtlasISTN(2, 2, Grid.centred((32, 32), (2.0, 2.0)))
+    with pytest.raises(AtlasregError, match=r"diverged .* after 2 of 5 iterations\); lower refinement.lr \(now 1e\+10\)"):
+        refine_transforms(net, square(2, (12, 8), (26, 20)), square(1, (10, 10), (22, 22)), iterations=5, lr=1e10)

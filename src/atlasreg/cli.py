@@ -149,8 +149,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`atlasreg: error: <problem> (see <command> --help)`),
+    exit status 2; subcommand parsers inherit it."""
+
+    def error(self, message):
+        self.exit(2, f"atlasreg: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="atlasreg", description="Atlas-ISTN: joint segmentation, registration "
+    p = _Parser(prog="atlasreg", description="Atlas-ISTN: joint segmentation, registration "
                                 "and atlas construction (Sinclair et al. 2022).")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -239,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = _one_line_warning
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad argument (one line, status 2) or --help (status 0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except AtlasregError as e:
