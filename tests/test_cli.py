@@ -212,7 +212,7 @@ def test_truncated_labelmap_is_refused_by_train(trained, tmp_path, capsys):
     out = tmp_path / "run"
     run_fails(["train", str(tiny_config(tmp_path, folder)), "--out", str(out), "--quiet"], capsys,
               f"{bad}: truncated")
-    assert not (out / "model.ckpt").exists()
+    assert not out.exists()  # the folder train made is removed: it holds no checkpoint
 
 
 def test_truncated_reference_is_refused_by_evaluate(trained, tmp_path, capsys):
@@ -317,6 +317,7 @@ def test_bad_training_labelmaps(trained, tmp_path, capsys, label_array, needle):
     out = tmp_path / "run"
     run_fails(["train", str(config), "--out", str(out), "--quiet"], capsys, "B1_seg.png", needle)
     assert not (out / "model.ckpt").exists()
+    assert not out.exists()  # issue 14: early errors left empty output folders
 
 
 def test_bad_config(tmp_path, capsys):
@@ -377,3 +378,105 @@ def test_train_segment_evaluate_3d_volumes_end_to_end(tmp_path, capsys):
     # The atlas placed on the case covers its outer structure (the grid is centred on the foreground).
     outer = next(r for r in rows if r["method"] == "atlas" and r["structure"] == "outer")
     assert float(outer["dice"]) > 0.5
+
+
+# ---------------------------------------------------------------- output paths (issue 14 item 5)
+
+@pytest.fixture(scope="module")
+def outputs(trained):
+    """A segment folder with two cases, its evaluation and a points CSV: inputs of every command."""
+    seg, ev = trained / "paths_seg", trained / "paths_eval"
+    if not seg.exists():
+        images = [trained / "test" / f"B10{i}_img.png" for i in (1, 2)]
+        assert main(segment_argv(trained, images, seg) + ["--iterations", "0", "--image-suffix", "_img"]) == 0
+        assert main(["evaluate", str(seg), "--references", str(trained / "test"), "--reference-suffix", "_seg",
+                     "--checkpoint", str(trained / "run" / "model.ckpt"), "--out", str(ev)]) == 0
+        (trained / "points.csv").write_text("name,x,y\na,10.0,12.0\n")
+    return trained
+
+
+def command(trained, name, out):
+    """A valid command line of `name` writing to `out`."""
+    ckpt = str(trained / "run" / "model.ckpt")
+    return {
+        "train": ["train", str(trained / "tiny.yaml"), "--out", str(out), "--quiet"],
+        "segment": segment_argv(trained, [trained / "test" / "B101_img.png"], out) + ["--iterations", "1"],
+        "evaluate": ["evaluate", str(trained / "paths_seg"), "--references", str(trained / "test"),
+                     "--reference-suffix", "_seg", "--checkpoint", ckpt, "--out", str(out)],
+        "report": ["report", str(trained / "paths_eval"), "--out", str(out), "--bootstrap", "20"],
+        "correspond": ["correspond", "--from", str(trained / "paths_seg" / "B101"), "--to",
+                       str(trained / "paths_seg" / "B102"), "--points", str(trained / "points.csv"), "--out", str(out)],
+    }[name]
+
+
+COMMANDS = ("train", "segment", "evaluate", "report", "correspond")
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_out_naming_a_file_or_below_a_file_is_a_one_line_error(outputs, tmp_path, capsys, name):
+    folder_out = name != "correspond"  # correspond writes one file
+    existing = tmp_path / ("taken.txt" if folder_out else "taken")
+    if folder_out:
+        existing.write_text("keep")
+    else:
+        existing.mkdir()
+    run_fails(command(outputs, name, existing), capsys, str(existing),
+              "exists and is not a folder" if folder_out else "is a folder, not a file")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    run_fails(command(outputs, name, blocker / "sub" / ("o" if folder_out else "o.csv")), capsys,
+              f"{blocker} is a file, not a folder")
+    assert _tree(tmp_path) == ["file", existing.name] and (not folder_out or existing.read_text() == "keep")
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_out_on_a_read_only_file_system_is_a_one_line_error(outputs, tmp_path, capsys, monkeypatch, name):
+    # The tests run as root, whom permissions do not stop: os.access answers as for a read-only mount.
+    import os
+
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(readonly)) else real(p, mode, **kw))
+    run_fails(command(outputs, name, readonly / "o.csv"), capsys, "not writable", str(readonly))
+    assert _tree(tmp_path) == ["ro"]
+
+
+@pytest.mark.parametrize("name", ["segment", "report", "correspond"])
+def test_a_full_disk_while_writing_is_a_one_line_error(outputs, tmp_path, capsys, monkeypatch, name):
+    import errno
+    import os
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(os, "replace", full)
+    out = tmp_path / ("o.csv" if name == "correspond" else "o")
+    run_fails(command(outputs, name, out), capsys, "No space left on device")
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_leftovers_of_a_killed_run_are_cleaned_by_the_next_run(outputs, tmp_path, name):
+    folder = tmp_path / "o"
+    out = folder if name != "correspond" else folder / "o.csv"
+    (folder / "sub").mkdir(parents=True)
+    stale = [folder / ".tmp-0123abcd-B101", folder / "sub" / ".tmp-89abcdef-x.nii.gz",
+             folder / (".tmp-00ff00ff-o.csv" if name == "correspond" else ".tmp-00ff00ff-report.md")]
+    stale[0].mkdir()
+    (stale[0] / "refine_labelmap.png").write_bytes(b"partial")
+    for p in stale[1:]:
+        p.write_bytes(b"partial")
+    unrelated = folder / ".tmp-notes.txt"  # not an atomic writer's name: kept
+    unrelated.write_text("mine")
+    assert main(command(outputs, name, out)) == 0
+    left = [p for p in stale if p.exists()]
+    if name == "correspond":  # writes one file: only its own temporaries are its business
+        assert left == stale[:2]
+    else:
+        assert left == []
+    assert unrelated.read_text() == "mine"

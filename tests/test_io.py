@@ -417,3 +417,71 @@ def test_same_geometry_small_spacing_is_relative():
     assert not same_geometry(a, b)
     b.SetSpacing((0.0100001, 0.01))  # 1e-5 relative: same
     assert same_geometry(a, b)
+
+
+# ------------------------------------------------------------------------------ output paths (issue 14)
+
+
+def test_check_output_folder_and_file(tmp_path, monkeypatch):
+    import os
+
+    from atlasreg.data.io import check_output_file, check_output_folder
+
+    (tmp_path / "f.txt").write_text("x")
+    assert check_output_folder(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert check_output_file(tmp_path / "new" / "o.csv") == tmp_path / "new" / "o.csv"
+    for call, path, problem in ((check_output_folder, tmp_path / "f.txt", "exists and is not a folder"),
+                                (check_output_folder, tmp_path / "f.txt" / "o", f"{tmp_path / 'f.txt'} is a file"),
+                                (check_output_file, tmp_path, "is a folder, not a file"),
+                                (check_output_file, tmp_path / "f.txt" / "o.csv", "is a file, not a folder")):
+        with pytest.raises(AtlasregError, match=problem) as e:
+            call(path)
+        assert "\n" not in str(e.value)
+    real = os.access  # root ignores permissions: answer as a read-only mount would
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path) else real(p, mode, **kw))
+    with pytest.raises(AtlasregError, match=r"is not writable \(read-only"):
+        check_output_folder(tmp_path)
+    with pytest.raises(AtlasregError, match=f"cannot be created: {tmp_path} is not writable"):
+        check_output_folder(tmp_path / "sub")
+    assert _only_visible(tmp_path) == ["f.txt"]  # nothing created
+
+
+def test_remove_temporaries_cleans_a_killed_run_and_restores_a_replaced_folder(tmp_path):
+    from atlasreg.data.io import remove_temporaries
+
+    (tmp_path / "case1").mkdir()
+    (tmp_path / ".tmp-0123abcd-case1").mkdir()           # killed while building the new case1
+    (tmp_path / ".tmp-0123abcd-case1" / "x.png").write_bytes(b"partial")
+    (tmp_path / ".old-89abcdef-case2").mkdir()           # killed between the two renames: case2 missing
+    (tmp_path / ".old-89abcdef-case2" / "y.png").write_bytes(b"old, complete")
+    (tmp_path / "case3").mkdir()
+    (tmp_path / "case3" / ".tmp-00000000-z.nii.gz").write_bytes(b"partial")
+    (tmp_path / ".tmp-mine.txt").write_text("not an atomic writer's name")
+    removed = remove_temporaries(tmp_path)
+    assert len(removed) == 3
+    assert _only_visible(tmp_path) == [".tmp-mine.txt", "case1", "case2", "case3"]
+    assert (tmp_path / "case2" / "y.png").read_bytes() == b"old, complete" and not any((tmp_path / "case3").iterdir())
+    assert remove_temporaries(tmp_path / "missing") == []
+
+
+def test_files_are_fsynced_before_their_rename(tmp_path, monkeypatch):
+    import os
+
+    from atlasreg.data.io import atomic_file
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b))[1])
+    with atomic_file(tmp_path / "a.txt") as tmp:
+        tmp.write_text("a")
+    write_image(_img(np.zeros((4, 4), np.uint8)), tmp_path / "b.png")
+    with atomic_directory(tmp_path / "case") as tmp:
+        (tmp / "c.txt").write_text("c")
+    renamed = [path for kind, path in events if kind == "replace"]
+    assert [Path(p).name.split("-", 2)[-1] for p in renamed] == ["a.txt", "b.png", "case"]
+    for path in renamed[:2]:  # a file: flushed before its rename
+        assert events.index(("fsync", path)) < events.index(("replace", path))
+    inside = str(Path(renamed[2]) / "c.txt")  # a folder: its files flushed before the folder's rename
+    assert events.index(("fsync", inside)) < events.index(("replace", renamed[2]))

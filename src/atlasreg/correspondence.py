@@ -566,6 +566,10 @@ def map_points_csv(points_csv, case_a, case_b, out_path) -> Path:
 
 def cmd_correspond(args) -> int:
     """``atlasreg correspond``: map a labelmap or CSV points of one segmented case onto another."""
+    from .data.io import check_output_file, remove_temporaries
+
+    out_file = check_output_file(args.out)  # before anything is read or written
+    remove_temporaries(out_file.parent, name=out_file.name)  # those a killed run left beside it
     case_a, case_b = Path(args.from_case), Path(args.to_case)
     if args.labelmap:
         labels = _parse_labels(args.labels) if getattr(args, "labels", None) else None

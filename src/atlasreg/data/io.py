@@ -34,6 +34,11 @@ __all__ = [
     "check_dimension",
     "write_image",
     "atomic_directory",
+    "atomic_file",
+    "write_text",
+    "check_output_folder",
+    "check_output_file",
+    "remove_temporaries",
     "image_geometry",
     "same_geometry",
 ]
@@ -453,7 +458,7 @@ def write_image(image: sitk.Image, path, compress: bool = True) -> Path:
 
     The file is first written to a hidden temporary file beside the target (``.tmp-<random>-<name>``,
     keeping the real extension so SimpleITK picks the right writer) and then moved into place with
-    ``os.replace``; MetaImage ``.mhd`` (header + data file) is written in a temporary folder and both
+    ``os.replace`` after an fsync; MetaImage ``.mhd`` (header + data file) is written in a temporary folder and both
     files are moved, header last. Parent folders are created. ``compress`` enables the format's
     compression (gzip for NIfTI/NRRD/MetaImage, zlib level for PNG).
 
@@ -480,7 +485,9 @@ def write_image(image: sitk.Image, path, compress: bool = True) -> Path:
     tmp = path.with_name(f".tmp-{token}-{path.name}")
     try:
         sitk.WriteImage(image, str(tmp), bool(compress))
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except RuntimeError as exc:
         raise AtlasregError(f"cannot write image: {_short_reason(exc)}", path) from None
     except OSError as exc:
@@ -497,10 +504,12 @@ def _write_mhd(image: sitk.Image, path: Path, compress: bool, token: str) -> Non
         tmp_dir.mkdir()
         sitk.WriteImage(image, str(tmp_dir / path.name), bool(compress))
         header = tmp_dir / path.name
+        _fsync_tree(tmp_dir)
         for f in sorted(tmp_dir.iterdir()):  # data file(s) first, header last
             if f != header:
                 os.replace(f, path.parent / f.name)
         os.replace(header, path)
+        _fsync_folder(path.parent)
     except RuntimeError as exc:
         raise AtlasregError(f"cannot write image: {_short_reason(exc)}", path) from None
     except OSError as exc:
@@ -509,17 +518,133 @@ def _write_mhd(image: sitk.Image, path: Path, compress: bool, token: str) -> Non
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk (before it is renamed into place, so that a crash or
+    power loss never leaves a renamed but empty or partial file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file below `folder`, then the folders themselves (their entries)."""
+    for root, _, files in os.walk(folder):
+        for f in files:
+            _fsync_file(Path(root) / f)
+        _fsync_folder(Path(root))
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync a folder's entries (a rename into it); ignored where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+#: Names of the temporary entries the atomic writers make (``.tmp-<8 hex>-<name>``) and of a folder
+#: being replaced (``.old-<8 hex>-<name>``).
+_TEMPORARY = re.compile(r"^\.(tmp|old)-[0-9a-f]{8}-(.+)$")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_folder(path) -> Path:
+    """Check, before anything is read or written, that ``path`` can be a command's output folder: an
+    existing writable folder, or a new one whose nearest existing parent is a writable folder.
+    Creates nothing. Returns ``Path(path)``.
+
+    Raises AtlasregError (one line naming the path): "exists and is not a folder"; "cannot be created:
+    <parent> is a file, not a folder"; "is not writable (read-only file system or no permission)"."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AtlasregError("exists and is not a folder", path)
+    _check_writable(path)
+    return path
+
+
+def check_output_file(path) -> Path:
+    """Check, before anything is read or written, that the file ``path`` can be written (replaced
+    atomically): not a folder, and its folder exists or can be created and is writable. Creates
+    nothing. Returns ``Path(path)``. Raises AtlasregError as :func:`check_output_folder`, or "is a
+    folder, not a file"."""
+    path = Path(path)
+    if path.is_dir():
+        raise AtlasregError("is a folder, not a file", path)
+    _check_writable(path.parent if str(path.parent) else Path("."))
+    return path
+
+
+def _check_writable(folder: Path) -> None:
+    existing = _existing_ancestor(folder)
+    if not existing.is_dir():
+        raise AtlasregError(f"cannot be created: {existing} is a file, not a folder", folder)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == folder.absolute() else f"cannot be created: {existing} is not " \
+            "writable"
+        raise AtlasregError(f"{where} (read-only file system or no permission)", folder)
+
+
+def remove_temporaries(folder, name: str | None = None) -> list[Path]:
+    """Clean what a killed run (SIGKILL, power loss) of an atomic writer left in ``folder`` and the
+    folders below it: hidden ``.tmp-<8 hex>-<name>`` files and folders are removed; an
+    ``.old-<8 hex>-<name>`` folder (a folder being replaced) is moved back to ``<name>`` when that is
+    missing (the kill fell between the two renames of :func:`atomic_directory`), else removed.
+    With ``name`` only the temporaries of that one entry of ``folder`` (a command whose output is one
+    file in a folder it shares). Call it only when no other run writes there. Returns the entries
+    removed or restored (none when ``folder`` does not exist)."""
+    folder = Path(folder)
+    done: list[Path] = []
+    if not folder.is_dir():
+        return done
+    for root, dirs, files in os.walk(folder):
+        for entry_name in sorted(dirs + files):
+            m = _TEMPORARY.match(entry_name)
+            if not m or (name is not None and m.group(2) != name):
+                continue
+            entry = Path(root) / entry_name
+            final = Path(root) / m.group(2)
+            if m.group(1) == "old" and not final.exists():
+                os.replace(entry, final)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            done.append(entry)
+            if entry_name in dirs:
+                dirs.remove(entry_name)
+        if name is not None:
+            break  # `folder` itself only
+    return done
+
+
 @contextlib.contextmanager
 def atomic_file(path) -> Iterator[Path]:
     """Write a file all-or-nothing: yields a hidden temporary path beside ``path`` (same name, so
-    the same suffixes) which is moved onto ``path`` when the block succeeds and deleted when it
-    raises. Creates parent folders."""
+    the same suffixes) which is flushed to the disk (fsync) and moved onto ``path`` when the block
+    succeeds and deleted when it raises. Creates parent folders. A run killed inside the block leaves
+    the temporary file (:func:`remove_temporaries` cleans it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
     try:
         yield tmp
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -537,7 +662,8 @@ def atomic_directory(final_dir) -> Iterator[Path]:
     """Build a folder all-or-nothing.
 
     Yields a new hidden temporary sibling folder (``.tmp-<random>-<name>``). When the ``with`` block
-    succeeds it replaces ``final_dir`` (an existing ``final_dir`` is removed); when it raises, the
+    succeeds its files are flushed to the disk (fsync) and it replaces ``final_dir`` (an existing
+    ``final_dir`` is removed); when it raises, the
     temporary folder is deleted, any old ``final_dir`` is left untouched and the exception
     propagates.
 
@@ -552,6 +678,7 @@ def atomic_directory(final_dir) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -568,6 +695,7 @@ def atomic_directory(final_dir) -> Iterator[Path]:
                 os.replace(old, final_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_folder(final_dir.parent)
     if moved_old:
         shutil.rmtree(old, ignore_errors=True)
 
