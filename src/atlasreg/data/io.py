@@ -195,15 +195,19 @@ def _verify_nifti(path: Path) -> bool:
             if layout is None:
                 return False  # not a header we understand: SimpleITK judges
             dtype, offset, nbytes = layout
-            pending = hdr[offset:]
-            skip = max(0, offset - len(hdr))
+            if not compressed and dtype is None:  # nothing to decode: the file's size tells
+                got = min(nbytes, max(0, path.stat().st_size - offset))
+                pending, nbytes_to_read = b"", 0
+            else:
+                pending, nbytes_to_read = hdr[offset:], nbytes
+            skip = max(0, offset - len(hdr)) if nbytes_to_read else 0
             while skip:
                 n = len(fh.read(min(skip, _CHUNK)))
                 if not n:
                     break
                 skip -= n
             tail = b""
-            while got < nbytes:
+            while got < nbytes_to_read:
                 buf = pending or fh.read(min(_CHUNK, nbytes - got))
                 pending = b""
                 if not buf:
