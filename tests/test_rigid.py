@@ -12,7 +12,7 @@ from scipy.spatial.transform import Rotation
 
 from atlasreg.errors import AtlasregError
 from atlasreg.registration import rigid_search
-from atlasreg.registration.rigid import _global_rotations, _ngf_field
+from atlasreg.registration.rigid import _global_rotations
 from atlasreg.spatial.grid import Grid
 from atlasreg.spatial.transforms import AffineTransform
 
@@ -96,22 +96,7 @@ OBLIQUE_2D = rotation(2, 25.0) @ np.diag([1.0, -1.0])  # rotated and flipped axe
 OBLIQUE_3D = rotation(3, 20.0, (1.0, 2.0, 3.0)) @ np.diag([1.0, -1.0, 1.0])
 
 
-# ---------------------------------------------------------------- NGF and rotation sets
-
-@pytest.mark.parametrize("ndim", [2, 3])
-def test_ngf_of_a_ramp_is_its_normalised_gradient_in_world_units(ndim):
-    spacing = (0.7, 1.9, 3.1)[:ndim]
-    grid = Grid((9, 11, 13)[:ndim], spacing)
-    slope = torch.tensor([3.0, -4.0, 12.0][:ndim], dtype=torch.float64)  # intensity per mm
-    image = (grid.points(dtype=torch.float64) * slope).sum(-1)[:, None]
-    eps = 0.5
-    n = _ngf_field(image, spacing, eps)
-    expected = slope / math.sqrt(float(slope.pow(2).sum()) + eps ** 2)
-    assert n.shape == (1, ndim, *grid.size)
-    assert torch.allclose(n.movedim(1, -1), expected.expand(1, *grid.size, ndim), atol=1e-12)
-    # Inverted contrast flips the field, so its squared dot products are unchanged.
-    assert torch.allclose(_ngf_field(2.0 - 3.0 * image, spacing, 3.0 * eps), -n, atol=1e-12)
-
+# ---------------------------------------------------------------- rotation sets
 
 def test_rotation_sets_are_rotations_covering_the_group():
     r2 = _global_rotations(2, 10.0)

@@ -335,3 +335,18 @@ def test_box_mean_short_and_long_windows(window):
     for i, j in [(0, 0), (5, 7), (19, 23), (10, 0)]:
         box = x[:, :, max(i - hy, 0):i + hy + 1, max(j - hx, 0):j + hx + 1]
         torch.testing.assert_close(out[:, :, i, j], box.mean((2, 3)), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_ngf_of_a_ramp_is_its_normalised_gradient_in_world_units(ndim):
+    spacing = (0.7, 1.9, 3.1)[:ndim]
+    grid = Grid((9, 11, 13)[:ndim], spacing)
+    slope = torch.tensor([3.0, -4.0, 12.0][:ndim], dtype=torch.float64)  # intensity per mm
+    image = (grid.points(dtype=torch.float64) * slope).sum(-1)[:, None]
+    eps = 0.5
+    n = ngf_field(image, spacing, eps)
+    expected = slope / math.sqrt(float(slope.pow(2).sum()) + eps ** 2)
+    assert n.shape == (1, ndim, *grid.size)
+    assert torch.allclose(n.movedim(1, -1), expected.expand(1, *grid.size, ndim), atol=1e-12)
+    # Inverted contrast flips the field, so its squared dot products are unchanged.
+    assert torch.allclose(ngf_field(2.0 - 3.0 * image, spacing, 3.0 * eps), -n, atol=1e-12)

@@ -1,4 +1,4 @@
-"""The `atlasreg` command line: train, segment, evaluate, demo, letter-b.
+"""The `atlasreg` command line: train, segment, evaluate, correspond, register, report, demo, letter-b.
 
 Every bad input ends with one line `atlasreg: error: <file>: <problem>` and exit status 2.
 """
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .correspondence import add_correspond_parser
     add_correspond_parser(sub)
+
+    from .register import add_register_parser
+    add_register_parser(sub)
 
     r = sub.add_parser("report", help="one HTML page (and Markdown) with tables, statistics and figures "
                        "from evaluation folders")

@@ -61,6 +61,7 @@ from monai.networks.layers import GaussianFilter
 from scipy.spatial.transform import Rotation
 
 from ..errors import AtlasregError
+from ..losses.similarity import _gradient, ngf_field
 from ..spatial.grid import Grid
 from ..spatial.transforms import AffineTransform, sample
 
@@ -76,24 +77,8 @@ _MARGIN = 4
 
 
 # ---------------------------------------------------------------- normalised gradient fields
-
-def _ngf_field(image: torch.Tensor, spacing: Sequence[float], eps: float) -> torch.Tensor:
-    """Normalised gradient field n = grad I / sqrt(|grad I|^2 + eps^2) (Haber and Modersitzki 2006;
-    Cross-Sim-NGF Eq. 1).
-
-    image: (N, 1, *spatial), array order; spacing: (D,) mm, ITK order; eps: intensity per mm (>= 0).
-    Gradients are central differences in world units (one-sided at the borders), along the grid axes.
-    Returns (N, D, *spatial), components in ITK order (x, y[, z]), each vector of norm < 1 (eps > 0).
-    """
-    g = _gradient(image, spacing)
-    return g / torch.sqrt(g.pow(2).sum(1, keepdim=True) + float(eps) ** 2)
-
-
-def _gradient(image: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
-    """(N, 1, *spatial) -> (N, D, *spatial): intensity per mm along the grid axes, ITK order."""
-    d = image.dim() - 2
-    return torch.stack([torch.gradient(image[:, 0], spacing=float(spacing[c]), dim=d - c)[0]
-                        for c in range(d)], dim=1)
+# The field n = grad I / sqrt(|grad I|^2 + eps^2) (Cross-Sim-NGF Eq. 1) is the similarity losses' own
+# (atlasreg.losses.similarity.ngf_field, gradients in world units), with an absolute eps here.
 
 
 def _features(ngf: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -243,7 +228,7 @@ def _prepare(a: torch.Tensor, b: torch.Tensor, ma: torch.Tensor, mb: torch.Tenso
     count = float(ma_w.sum())
     if count < 1:
         raise AtlasregError(f"fixed_mask: no voxel inside the mask at the working spacing {h:g} mm")
-    na = _ngf_field(a_w, (h,) * d, _relative_eps(a_w, ma_w, h, eps, "fixed"))
+    na = ngf_field(a_w, (h,) * d, _relative_eps(a_w, ma_w, h, eps, "fixed"))
     energy = na.pow(2).sum(1, keepdim=True) * ma_w
     extent_m = np.asarray(moving_grid.size_xyz) * np.asarray(moving_grid.spacing)
     diagonal = int(max(2, math.ceil(float(np.linalg.norm(extent_m)) / h)))
@@ -316,7 +301,7 @@ def _score(level: _Level, fixed_grid: Grid, moving_grid: Grid, rotations: np.nda
     for start in range(0, rotations.shape[0], batch):
         rot, nu = rotations[start:start + batch], centres[start:start + batch]
         b, mb = _moving_batch(level, fixed_grid, moving_grid, rot, nu, n_m)
-        nb = _ngf_field(b, (level.h,) * d, level.moving_eps)
+        nb = ngf_field(b, (level.h,) * d, level.moving_eps)
         energy = nb.pow(2).sum(1, keepdim=True) * mb
         fb = torch.fft.rfftn(torch.cat([_features(nb, mb), mb, energy], 1), s=L, dim=dims)
         num = torch.fft.irfftn((fa[:, :p] * fb[:, :p]).sum(1), s=L, dim=out)

@@ -1,0 +1,176 @@
+"""Pairwise image registration: rigid -> affine -> deformable (issue 12, `atlasreg register`).
+
+The stages are atlasreg's own building blocks, in world units (mm) on each image's own grid:
+
+1. ``rigid``: the global rigid search of :func:`atlasreg.registration.rigid.rigid_search`
+   (Cross-Sim-NGF, WBIR 2022), which finds rotations up to 180 degrees without a starting point;
+2. ``affine``: Adam instance optimisation of an affine map (:func:`atlasreg.registration.instance.optimise`,
+   model 'affine') on top of the rigid one;
+3. ``deformable``: Adam instance optimisation of a stationary velocity field (default; diffeomorphic,
+   with an exact inverse), a B-spline or a dense displacement, with diffusion regularisation weighted
+   by lambda in world units, on top of the affine one (VoxelMorph++ and ConvexAdam use the same
+   instance optimisation).
+
+Every transform maps fixed world points to moving world points (the pull-back ITK's resampling
+uses), so ``warped = moving o T`` lies on the fixed grid.
+
+Intensities: each image is clipped to its 0.5-99.5 percentiles inside its mask and z-scored there
+(LNCC, MIND, NGF and MI do not need it; MSE does, and the same step for all keeps the losses' scales
+comparable).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import AtlasregError
+from ..spatial.grid import Grid
+from ..spatial.transforms import AffineTransform, Transform
+
+STAGES = ("rigid", "affine", "deformable")
+DEFORMABLE_MODELS = ("svf", "bspline", "dense")
+
+#: Default regularisation weight lambda (diffusion, world units) per similarity, chosen on mouse-brain
+#: pairs (docs/results.md): each similarity has its own scale.
+DEFAULT_LAMBDA = {"lncc": 1.0, "mse": 0.1, "mind": 0.5, "ngf": 0.5, "mi": 0.5}
+DEFAULT_LEVELS = (4, 2, 1)
+DEFAULT_ITERATIONS = (100, 60, 30)
+
+
+@dataclass
+class RegistrationResult:
+    """The result of :func:`register_images`. transform: fixed world points -> moving world points
+    (batch 1, mm); inverse: moving -> fixed (None where the deformable model has no exact inverse:
+    'bspline', 'dense'); stages: one dict per stage run (name, seconds, similarity before and after);
+    fixed_grid, moving_grid: the images' own grids."""
+
+    transform: Transform
+    inverse: Transform | None
+    fixed_grid: Grid
+    moving_grid: Grid
+    stages: list[dict] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(s["seconds"] for s in self.stages))
+
+
+def normalise_intensities(array: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Clip to the 0.5-99.5 percentiles inside `mask` (default: everywhere) and z-score there.
+    array: any shape; returns float32 of the same shape. A constant image becomes zeros."""
+    a = np.asarray(array, dtype=np.float64)
+    inside = a[mask > 0] if mask is not None else a.ravel()
+    if inside.size == 0:
+        inside = a.ravel()
+    lo, hi = np.percentile(inside, [0.5, 99.5])
+    a = np.clip(a, lo, hi)
+    inside = np.clip(inside, lo, hi)
+    sd = float(inside.std())
+    return ((a - float(inside.mean())) / (sd if sd > 0 else 1.0)).astype(np.float32)
+
+
+def _level_spacing(grid: Grid, size: Sequence[int]) -> tuple[float, ...]:
+    """The spacing (ITK order, mm) of `grid`'s field of view sampled with `size` voxels (array order),
+    as :meth:`Grid.downsample` makes the pyramid levels."""
+    extent = np.asarray(grid.spacing) * np.asarray(grid.size_xyz)
+    return tuple(float(e / n) for e, n in zip(extent, tuple(size)[::-1]))
+
+
+def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = "lncc",
+                    stages: Sequence[str] = STAGES, model: str = "svf", lam: float | None = None,
+                    iterations: int | Sequence[int] | None = None, levels: Sequence[int] = DEFAULT_LEVELS,
+                    fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
+                    device: str | torch.device = "cpu", similarity_options: dict | None = None,
+                    progress: Callable[[str], None] | None = None) -> RegistrationResult:
+    """Register `moving` to `fixed` (scalar SimpleITK images, 2D or 3D, any grids).
+
+    similarity: 'lncc' (default; same modality), 'mind' or 'mi' or 'ngf' (across modalities), 'mse'
+    (same modality and intensity scale): the losses of :mod:`atlasreg.losses.similarity`.
+    stages: a subsequence of ('rigid', 'affine', 'deformable'), run in that order, each starting from
+    the previous one's transform (none: the identity in world coordinates). model: the deformable
+    part, 'svf' (default), 'bspline' or 'dense'. lam: the diffusion weight (world units; default
+    :data:`DEFAULT_LAMBDA` of the similarity). iterations: Adam iterations per pyramid level of the
+    affine and deformable stages (one int, or one per level; default 100 / 60 / 30 for levels
+    4 / 2 / 1). fixed_mask, moving_mask: binary images on the images' grids; only voxels inside count.
+    Returns a :class:`RegistrationResult`. Raises AtlasregError for an unknown stage, model or
+    similarity, images of different dimension, or a mask off its image's grid.
+    """
+    from ..losses.similarity import build_similarity
+    from .instance import optimise
+
+    stages = tuple(stages)
+    if not stages or any(s not in STAGES for s in stages) or list(stages) != sorted(stages, key=STAGES.index):
+        raise AtlasregError(f"--stages: expected a subsequence of {','.join(STAGES)}, got {','.join(stages) or 'none'}")
+    if model not in DEFORMABLE_MODELS:
+        raise AtlasregError(f"--model: expected one of {', '.join(DEFORMABLE_MODELS)}, got {model!r}")
+    if fixed.GetDimension() != moving.GetDimension():
+        raise AtlasregError(f"the fixed image is {fixed.GetDimension()}D and the moving image "
+                            f"{moving.GetDimension()}D")
+    fixed_grid, moving_grid = Grid.from_sitk(fixed), Grid.from_sitk(moving)
+    masks = []
+    for name, mask, image in (("fixed", fixed_mask, fixed), ("moving", moving_mask, moving)):
+        if mask is None:
+            masks.append(None)
+            continue
+        if mask.GetSize() != image.GetSize():
+            raise AtlasregError(f"the {name} mask has size {mask.GetSize()}, its image {image.GetSize()}")
+        m = sitk.GetArrayFromImage(mask) > 0
+        if not m.any():
+            raise AtlasregError(f"the {name} mask is empty")
+        masks.append(m)
+    arrays = [normalise_intensities(sitk.GetArrayFromImage(img), m) for img, m in zip((fixed, moving), masks)]
+    f_t, m_t = (torch.from_numpy(a)[None, None].to(device) for a in arrays)
+    fm_t, mm_t = (None if m is None else torch.from_numpy(m.astype(np.float32))[None, None].to(device) for m in masks)
+    if similarity not in DEFAULT_LAMBDA:
+        raise AtlasregError(f"--similarity: expected one of {', '.join(DEFAULT_LAMBDA)}, got {similarity!r}")
+    lam = DEFAULT_LAMBDA[similarity] if lam is None else float(lam)
+    options = dict(similarity_options or {})
+    if similarity == "lncc":
+        options.setdefault("window_mm", 5 * float(np.mean(fixed_grid.spacing)))
+    levels = tuple(int(f) for f in levels)
+    if iterations is None:
+        iterations = DEFAULT_ITERATIONS[-len(levels):] if len(levels) <= len(DEFAULT_ITERATIONS) else 50
+    modules: dict[tuple, torch.nn.Module] = {}
+
+    def similarity_fn(warped, fixed_level, mask):
+        # Built per pyramid level: the LNCC window in mm and the NGF gradients follow the level's spacing.
+        spacing = _level_spacing(fixed_grid, fixed_level.shape[2:])
+        if spacing not in modules:
+            modules[spacing] = build_similarity(similarity, spacing, **options)
+        return modules[spacing](fixed_level, warped, mask)
+
+    current: Transform | None = None
+    result_stages: list[dict] = []
+    for stage in stages:
+        t0 = time.perf_counter()
+        if progress:
+            progress(stage)
+        if stage == "rigid":
+            from .rigid import rigid_search
+
+            current = rigid_search(f_t.cpu(), m_t.cpu(), fixed_grid, moving_grid,
+                                   None if fm_t is None else fm_t.cpu(), None if mm_t is None else mm_t.cpu())
+            current = AffineTransform(current.matrix.to(f_t.device), current.translation.to(f_t.device))
+            history = []
+        else:
+            kind = "affine" if stage == "affine" else model
+            current, history = optimise(f_t, fixed_grid, m_t, moving_grid, similarity=similarity_fn, model=kind,
+                                        regulariser=None if kind == "affine" else "diffusion",
+                                        lam=0.0 if kind == "affine" else lam, levels=tuple(levels),
+                                        iterations=iterations, initial=current, fixed_mask=fm_t,
+                                        moving_mask=mm_t)
+        result_stages.append({"stage": stage, "seconds": time.perf_counter() - t0,
+                              "similarity_first": history[0]["similarity"] if history else None,
+                              "similarity_last": history[-1]["similarity"] if history else None})
+    inverse = None
+    try:
+        inverse = current.inverse()
+    except ValueError:
+        pass
+    return RegistrationResult(current, inverse, fixed_grid, moving_grid, result_stages)
