@@ -406,6 +406,8 @@ def command(trained, name, out):
         "report": ["report", str(trained / "paths_eval"), "--out", str(out), "--bootstrap", "20"],
         "correspond": ["correspond", "--from", str(trained / "paths_seg" / "B101"), "--to",
                        str(trained / "paths_seg" / "B102"), "--points", str(trained / "points.csv"), "--out", str(out)],
+        "register": ["register", str(trained / "test" / "B101_img.png"), str(trained / "test" / "B102_img.png"),
+                     "--out", str(out), "--quiet"],
     }[name]
 
 
@@ -416,7 +418,7 @@ def _tree(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", COMMANDS + ("register",))
 def test_out_naming_a_file_or_below_a_file_is_a_one_line_error(outputs, tmp_path, capsys, name):
     folder_out = name != "correspond"  # correspond writes one file
     existing = tmp_path / ("taken.txt" if folder_out else "taken")
@@ -433,7 +435,7 @@ def test_out_naming_a_file_or_below_a_file_is_a_one_line_error(outputs, tmp_path
     assert _tree(tmp_path) == ["file", existing.name] and (not folder_out or existing.read_text() == "keep")
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", COMMANDS + ("register",))
 def test_out_on_a_read_only_file_system_is_a_one_line_error(outputs, tmp_path, capsys, monkeypatch, name):
     # The tests run as root, whom permissions do not stop: os.access answers as for a read-only mount.
     import os
