@@ -182,6 +182,116 @@ def test_nan_intensities(trained, tmp_path, capsys):
     run_fails(segment_argv(trained, [tmp_path / "nan.nii.gz"], tmp_path / "o"), capsys, "nan.nii.gz", "NaN")
 
 
+def _truncated_nifti(array, path, keep=0.5):
+    """`array` written as NIfTI (`path`: .nii or .nii.gz), then cut to the fraction `keep` of its bytes
+    (0.8 of a 32 x 32 labelmap: SimpleITK reads 119 of its 161 foreground voxels and zeros)."""
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_truncated_image_is_refused_by_segment(trained, tmp_path, capsys, ext):
+    # SimpleITK reads a half .nii.gz as a zero-filled image; segment used to accept it (issue 14).
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "test" / "B101_img.png"))).astype(np.float32)
+    bad = _truncated_nifti(source, tmp_path / f"B101{ext}")
+    out = tmp_path / "o"
+    run_fails(segment_argv(trained, [trained / "test" / "B102_img.png", bad], out), capsys,
+              f"{bad}: truncated")
+    assert not out.exists()
+
+
+def test_truncated_labelmap_is_refused_by_train(trained, tmp_path, capsys):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for f in ("B1_img.png", "B2_img.png", "B2_seg.png"):
+        (folder / f).write_bytes((trained / "train" / f).read_bytes())
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "train" / "B1_seg.png")))
+    bad = _truncated_nifti(labels, folder / "B1_seg.nii.gz", keep=0.8)
+    out = tmp_path / "run"
+    run_fails(["train", str(tiny_config(tmp_path, folder)), "--out", str(out), "--quiet"], capsys,
+              f"{bad}: truncated")
+    assert not out.exists()  # the folder train made is removed: it holds no checkpoint
+
+
+def test_truncated_reference_is_refused_by_evaluate(trained, tmp_path, capsys):
+    seg = tmp_path / "seg"
+    assert main(segment_argv(trained, [trained / "test" / "B101_img.png"], seg)) == 0
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "test" / "B101_seg.png")))
+    bad = _truncated_nifti(labels, refs / "B101_img.nii.gz", keep=0.8)
+    out = tmp_path / "ev"
+    run_fails(["evaluate", str(seg), "--references", str(refs), "--checkpoint",
+               str(trained / "run" / "model.ckpt"), "--out", str(out)], capsys, f"{bad}: truncated")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("peak", [1e20, 3e38])
+def test_extreme_intensities_segment_like_the_ordinary_image(trained, tmp_path, peak):
+    # float32 intensities near 3e38 crashed `segment` (SIGSEGV in the refinement, from NaN after
+    # normalisation); near 1e20 the image was normalised to a constant, with exit status 0 (issue 14).
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "test" / "B101_img.png"))).astype(np.float64)
+    for name, array in (("plain", source), ("scaled", source * (peak / source.max()))):
+        (tmp_path / name).mkdir()
+        sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.float32)), str(tmp_path / name / "B101.nii.gz"))
+        assert main(segment_argv(trained, [tmp_path / name / "B101.nii.gz"], tmp_path / f"{name}_out")) == 0
+
+    def output(name, file):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}_out" / "B101" / file)))
+
+    for labelmap in ("itn", "onepass", "refine"):
+        plain, scaled = output("plain", f"{labelmap}_labelmap.nii.gz"), output("scaled", f"{labelmap}_labelmap.nii.gz")
+        assert np.array_equal(plain, scaled), labelmap
+        assert plain.any() or labelmap == "itn"  # the 2-epoch model's ITN finds no letter on this case
+    # The refined field (mm): 1e-6 apart (round-off of the normalisation); 1.7e-3 with the float32
+    # statistics at 1e20 (the image normalised to a constant).
+    field = [output(name, "inverse_displacement.nii.gz") for name in ("plain", "scaled")]
+    assert np.abs(field[0] - field[1]).max() < 1e-4
+
+
+def test_checkpoint_with_nan_weights_is_refused_before_the_refinement(trained, tmp_path, capsys):
+    ckpt = torch.load(trained / "run" / "model.ckpt", weights_only=False)
+    name = next(k for k in ckpt["state_dict"] if k.startswith("net.itn") and k.endswith("weight"))
+    ckpt["state_dict"][name].fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    image = trained / "test" / "B101_img.png"
+    run_fails(["segment", str(image), "--checkpoint", str(tmp_path / "nan.ckpt"), "--out", str(tmp_path / "o"),
+               "--quiet"], capsys, str(image), "NaN")
+    assert not (tmp_path / "o" / "B101").exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--iterations", "-1"], "refinement.iterations: expected an integer >= 0, got -1"),
+    (["--refine-lr", "0"], "refinement.lr: expected a number > 0, got 0"),
+    (["--refine-lr", "nan"], "refinement.lr: expected a number > 0, got nan"),
+    (["--lambda", "-1"], "refinement.lambda: expected a number >= 0, got -1"),
+    (["--beta", "inf"], "refinement.beta: expected a number >= 0, got inf"),
+    (["--cases-at-once", "0"], "refinement.cases_at_once: expected an integer >= 1, got 0"),
+    (["--iterations", "abc"], "argument --iterations: invalid int value: 'abc'"),
+    (["--refine-lr", "1e10"], "the refinement diverged"),  # valid, but Adam's steps overflow
+])
+def test_segment_with_a_bad_refinement_value_fails_in_one_line_and_writes_nothing(trained, tmp_path, capsys,
+                                                                                  option, message):
+    out = tmp_path / "o"
+    run_fails(segment_argv(trained, [trained / "test" / "B101_img.png"], out) + option, capsys, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["segment", "x.png", "--checkpoint", "m.ckpt"], "the following arguments are required: --out"),
+    (["train", "c.yaml", "--out", "o", "--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
+    (["report", "ev", "--out", "r", "--bootstrap", "1.5"], "argument --bootstrap: invalid int value: '1.5'"),
+    (["segmnt"], "invalid choice: 'segmnt'"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    err = run_fails(argv, capsys, message)
+    assert err.endswith("--help)")
+    assert not any(tmp_path.iterdir())
+
+
 def test_dimensionality_mismatch(trained, tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, SIZE, SIZE).astype(np.float32)),
                     str(tmp_path / "vol.nii.gz"))
@@ -207,6 +317,7 @@ def test_bad_training_labelmaps(trained, tmp_path, capsys, label_array, needle):
     out = tmp_path / "run"
     run_fails(["train", str(config), "--out", str(out), "--quiet"], capsys, "B1_seg.png", needle)
     assert not (out / "model.ckpt").exists()
+    assert not out.exists()  # issue 14: early errors left empty output folders
 
 
 def test_bad_config(tmp_path, capsys):
@@ -267,3 +378,107 @@ def test_train_segment_evaluate_3d_volumes_end_to_end(tmp_path, capsys):
     # The atlas placed on the case covers its outer structure (the grid is centred on the foreground).
     outer = next(r for r in rows if r["method"] == "atlas" and r["structure"] == "outer")
     assert float(outer["dice"]) > 0.5
+
+
+# ---------------------------------------------------------------- output paths (issue 14 item 5)
+
+@pytest.fixture(scope="module")
+def outputs(trained):
+    """A segment folder with two cases, its evaluation and a points CSV: inputs of every command."""
+    seg, ev = trained / "paths_seg", trained / "paths_eval"
+    if not seg.exists():
+        images = [trained / "test" / f"B10{i}_img.png" for i in (1, 2)]
+        assert main(segment_argv(trained, images, seg) + ["--iterations", "0", "--image-suffix", "_img"]) == 0
+        assert main(["evaluate", str(seg), "--references", str(trained / "test"), "--reference-suffix", "_seg",
+                     "--checkpoint", str(trained / "run" / "model.ckpt"), "--out", str(ev)]) == 0
+        (trained / "points.csv").write_text("name,x,y\na,10.0,12.0\n")
+    return trained
+
+
+def command(trained, name, out):
+    """A valid command line of `name` writing to `out`."""
+    ckpt = str(trained / "run" / "model.ckpt")
+    return {
+        "train": ["train", str(trained / "tiny.yaml"), "--out", str(out), "--quiet"],
+        "segment": segment_argv(trained, [trained / "test" / "B101_img.png"], out) + ["--iterations", "1"],
+        "evaluate": ["evaluate", str(trained / "paths_seg"), "--references", str(trained / "test"),
+                     "--reference-suffix", "_seg", "--checkpoint", ckpt, "--out", str(out)],
+        "report": ["report", str(trained / "paths_eval"), "--out", str(out), "--bootstrap", "20"],
+        "correspond": ["correspond", "--from", str(trained / "paths_seg" / "B101"), "--to",
+                       str(trained / "paths_seg" / "B102"), "--points", str(trained / "points.csv"), "--out", str(out)],
+        "register": ["register", str(trained / "test" / "B101_img.png"), str(trained / "test" / "B102_img.png"),
+                     "--out", str(out), "--quiet"],
+    }[name]
+
+
+COMMANDS = ("train", "segment", "evaluate", "report", "correspond")
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("name", COMMANDS + ("register",))
+def test_out_naming_a_file_or_below_a_file_is_a_one_line_error(outputs, tmp_path, capsys, name):
+    folder_out = name != "correspond"  # correspond writes one file
+    existing = tmp_path / ("taken.txt" if folder_out else "taken")
+    if folder_out:
+        existing.write_text("keep")
+    else:
+        existing.mkdir()
+    run_fails(command(outputs, name, existing), capsys, str(existing),
+              "exists and is not a folder" if folder_out else "is a folder, not a file")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    run_fails(command(outputs, name, blocker / "sub" / ("o" if folder_out else "o.csv")), capsys,
+              f"{blocker} is a file, not a folder")
+    assert _tree(tmp_path) == ["file", existing.name] and (not folder_out or existing.read_text() == "keep")
+
+
+@pytest.mark.parametrize("name", COMMANDS + ("register",))
+def test_out_on_a_read_only_file_system_is_a_one_line_error(outputs, tmp_path, capsys, monkeypatch, name):
+    # The tests run as root, whom permissions do not stop: os.access answers as for a read-only mount.
+    import os
+
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(readonly)) else real(p, mode, **kw))
+    run_fails(command(outputs, name, readonly / "o.csv"), capsys, "not writable", str(readonly))
+    assert _tree(tmp_path) == ["ro"]
+
+
+@pytest.mark.parametrize("name", ["segment", "report", "correspond"])
+def test_a_full_disk_while_writing_is_a_one_line_error(outputs, tmp_path, capsys, monkeypatch, name):
+    import errno
+    import os
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(os, "replace", full)
+    out = tmp_path / ("o.csv" if name == "correspond" else "o")
+    run_fails(command(outputs, name, out), capsys, "No space left on device")
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_leftovers_of_a_killed_run_are_cleaned_by_the_next_run(outputs, tmp_path, name):
+    folder = tmp_path / "o"
+    out = folder if name != "correspond" else folder / "o.csv"
+    (folder / "sub").mkdir(parents=True)
+    stale = [folder / ".tmp-0123abcd-B101", folder / "sub" / ".tmp-89abcdef-x.nii.gz",
+             folder / (".tmp-00ff00ff-o.csv" if name == "correspond" else ".tmp-00ff00ff-report.md")]
+    stale[0].mkdir()
+    (stale[0] / "refine_labelmap.png").write_bytes(b"partial")
+    for p in stale[1:]:
+        p.write_bytes(b"partial")
+    unrelated = folder / ".tmp-notes.txt"  # not an atomic writer's name: kept
+    unrelated.write_text("mine")
+    assert main(command(outputs, name, out)) == 0
+    left = [p for p in stale if p.exists()]
+    if name == "correspond":  # writes one file: only its own temporaries are its business
+        assert left == stale[:2]
+    else:
+        assert left == []
+    assert unrelated.read_text() == "mine"

@@ -329,6 +329,33 @@ def test_train_with_a_bad_set_value_fails_in_one_line_and_leaves_no_folder(tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "training.epochs=abc"], "training.epochs: expected an integer >= 1, got 'abc'"),
+    (["--set", "training.epochs=-1"], "training.epochs: expected an integer >= 1, got -1"),
+    (["--epochs", "-1"], "training.epochs: expected an integer >= 1, got -1"),
+    (["--epochs", "0"], "training.epochs: expected an integer >= 1, got 0"),
+    (["--set", "training.batch_size=0"], "training.batch_size: expected an integer >= 1, got 0"),
+    (["--set", "training.batch_size=2.5"], "training.batch_size: expected an integer >= 1, got 2.5"),
+    (["--set", "training.lr=fast"], "training.lr: expected a number > 0, got 'fast'"),
+    (["--set", "training.lr=0"], "training.lr: expected a number > 0, got 0"),
+    (["--set", "training.lambda=abc"], "training.lambda: expected a number >= 0, got 'abc'"),
+    (["--set", "training.lambda=-0.1"], "training.lambda: expected a number >= 0, got -0.1"),
+    (["--set", "training.lambda=.nan"], "training.lambda: expected a number >= 0, got nan"),
+    (["--set", "training.seed=true"], "training.seed: expected an integer >= 0, got True"),
+    (["--set", "refinement.iterations=-5"], "refinement.iterations: expected an integer >= 0, got -5"),
+    (["--set", "training.epochs"], "--set expects KEY=VALUE"),
+])
+def test_train_with_a_bad_value_fails_in_one_line_and_leaves_nothing(tmp_path, capsys, argv, message):
+    # issue 14: --set training.epochs=abc, batch_size=0, lr=fast, lambda=abc gave tracebacks and left
+    # files behind; epochs=-1 trained forever.
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "run"
+    code = main(["train", str(tmp_path / "tiny.yaml"), "--out", str(out), "--quiet", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("atlasreg: error: ") and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
 def test_train_validates_before_it_creates_its_folder(tmp_path):
     from atlasreg.models.train import train
 

@@ -125,6 +125,60 @@ def test_read_image_finite_float_nifti_ok(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(p)), a)
 
 
+def _truncated(path: Path, fraction: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mha", ".nrrd"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_read_image_truncated_volume_is_an_error(tmp_path, ext, dtype):
+    # SimpleITK reads a .nii(.gz) cut to half its bytes as a zero-filled image (issue 14).
+    a = (np.random.default_rng(0).random((12, 16, 20)) * 1000).astype(dtype)
+    p = _truncated(write_image(_img(a), tmp_path / f"cut{ext}"))
+    with pytest.raises(AtlasregError) as ei:
+        read_image(p)
+    msg = str(ei.value)
+    assert msg.startswith(str(p) + ": ") and "\n" not in msg
+    # NRRD: SimpleITK's own message ("expected 96000 bytes but received 47838")
+    problem = "truncated" if ext != ".nrrd" else "but received"
+    assert problem in msg.removeprefix(str(p))
+    with pytest.raises(AtlasregError) as ei:
+        read_labelmap(p, [0, 1])
+    assert problem in str(ei.value).removeprefix(str(p))
+
+
+def test_read_image_truncated_separate_metaimage_data_file(tmp_path):
+    p = write_image(_img(np.ones((6, 8, 10), np.float32)), tmp_path / "v.mhd", compress=False)
+    _truncated(tmp_path / "v.raw")
+    with pytest.raises(AtlasregError) as ei:
+        read_image(p)
+    assert str(ei.value).startswith(str(tmp_path / "v.raw") + ": truncated") and "\n" not in str(ei.value)
+
+
+def test_read_image_corrupt_gzip_stream_is_an_error(tmp_path):
+    p = write_image(_img(np.random.default_rng(0).random((12, 16, 20)).astype(np.float32)),
+                    tmp_path / "crc.nii.gz")
+    data = bytearray(p.read_bytes())
+    data[-6] ^= 0xFF  # the gzip trailer's CRC-32
+    p.write_bytes(bytes(data))
+    with pytest.raises(AtlasregError) as ei:
+        read_image(p)
+    assert str(ei.value).startswith(f"{p}: corrupt gzip stream") and "\n" not in str(ei.value)
+
+
+def test_read_image_nifti_with_extra_bytes_or_uncompressed_under_nii_gz_ok(tmp_path):
+    a = np.random.default_rng(0).random((3, 4, 5)).astype(np.float32)
+    plain = write_image(_img(a), tmp_path / "plain.nii")
+    mislabelled = tmp_path / "plain_as.nii.gz"  # ITK reads uncompressed bytes under .nii.gz too
+    mislabelled.write_bytes(plain.read_bytes())
+    padded = tmp_path / "padded.nii"
+    padded.write_bytes(plain.read_bytes() + b"\0" * 16)
+    for p in (plain, mislabelled, padded):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(p)), a)
+
+
 def test_read_image_folder(tmp_path):
     (tmp_path / "d.png").mkdir()
     with pytest.raises(AtlasregError, match="d.png"):
@@ -363,3 +417,71 @@ def test_same_geometry_small_spacing_is_relative():
     assert not same_geometry(a, b)
     b.SetSpacing((0.0100001, 0.01))  # 1e-5 relative: same
     assert same_geometry(a, b)
+
+
+# ------------------------------------------------------------------------------ output paths (issue 14)
+
+
+def test_check_output_folder_and_file(tmp_path, monkeypatch):
+    import os
+
+    from atlasreg.data.io import check_output_file, check_output_folder
+
+    (tmp_path / "f.txt").write_text("x")
+    assert check_output_folder(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert check_output_file(tmp_path / "new" / "o.csv") == tmp_path / "new" / "o.csv"
+    for call, path, problem in ((check_output_folder, tmp_path / "f.txt", "exists and is not a folder"),
+                                (check_output_folder, tmp_path / "f.txt" / "o", f"{tmp_path / 'f.txt'} is a file"),
+                                (check_output_file, tmp_path, "is a folder, not a file"),
+                                (check_output_file, tmp_path / "f.txt" / "o.csv", "is a file, not a folder")):
+        with pytest.raises(AtlasregError, match=problem) as e:
+            call(path)
+        assert "\n" not in str(e.value)
+    real = os.access  # root ignores permissions: answer as a read-only mount would
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path) else real(p, mode, **kw))
+    with pytest.raises(AtlasregError, match=r"is not writable \(read-only"):
+        check_output_folder(tmp_path)
+    with pytest.raises(AtlasregError, match=f"cannot be created: {tmp_path} is not writable"):
+        check_output_folder(tmp_path / "sub")
+    assert _only_visible(tmp_path) == ["f.txt"]  # nothing created
+
+
+def test_remove_temporaries_cleans_a_killed_run_and_restores_a_replaced_folder(tmp_path):
+    from atlasreg.data.io import remove_temporaries
+
+    (tmp_path / "case1").mkdir()
+    (tmp_path / ".tmp-0123abcd-case1").mkdir()           # killed while building the new case1
+    (tmp_path / ".tmp-0123abcd-case1" / "x.png").write_bytes(b"partial")
+    (tmp_path / ".old-89abcdef-case2").mkdir()           # killed between the two renames: case2 missing
+    (tmp_path / ".old-89abcdef-case2" / "y.png").write_bytes(b"old, complete")
+    (tmp_path / "case3").mkdir()
+    (tmp_path / "case3" / ".tmp-00000000-z.nii.gz").write_bytes(b"partial")
+    (tmp_path / ".tmp-mine.txt").write_text("not an atomic writer's name")
+    removed = remove_temporaries(tmp_path)
+    assert len(removed) == 3
+    assert _only_visible(tmp_path) == [".tmp-mine.txt", "case1", "case2", "case3"]
+    assert (tmp_path / "case2" / "y.png").read_bytes() == b"old, complete" and not any((tmp_path / "case3").iterdir())
+    assert remove_temporaries(tmp_path / "missing") == []
+
+
+def test_files_are_fsynced_before_their_rename(tmp_path, monkeypatch):
+    import os
+
+    from atlasreg.data.io import atomic_file
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b))[1])
+    with atomic_file(tmp_path / "a.txt") as tmp:
+        tmp.write_text("a")
+    write_image(_img(np.zeros((4, 4), np.uint8)), tmp_path / "b.png")
+    with atomic_directory(tmp_path / "case") as tmp:
+        (tmp / "c.txt").write_text("c")
+    renamed = [path for kind, path in events if kind == "replace"]
+    assert [Path(p).name.split("-", 2)[-1] for p in renamed] == ["a.txt", "b.png", "case"]
+    for path in renamed[:2]:  # a file: flushed before its rename
+        assert events.index(("fsync", path)) < events.index(("replace", path))
+    inside = str(Path(renamed[2]) / "c.txt")  # a folder: its files flushed before the folder's rename
+    assert events.index(("fsync", inside)) < events.index(("replace", renamed[2]))

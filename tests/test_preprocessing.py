@@ -45,6 +45,43 @@ def test_normalisation():
     assert _normalised(spiky, clip_percentiles=(0.5, 99.5)).max() < 2.0
 
 
+@pytest.mark.parametrize("factor", [1e20, 3e38, 1e-30, -3e38])
+@pytest.mark.parametrize("settings", [{}, {"intensity": "zscore_foreground", "foreground_threshold": 0.0},
+                                      {"intensity": "rescale"}, {"clip_percentiles": (1.0, 99.0)}])
+def test_extreme_float32_intensities_normalise_like_ordinary_ones(factor, settings):
+    # float32 statistics overflowed at |x| ~ 1e20 (SD inf: an all-constant image, silently wrong) and
+    # 3e38 (mean inf: NaN, then SIGSEGV in the refinement), and underflowed at 1e-30 (issue 14).
+    from atlasreg.data.cases import case_from_image
+
+    rng = np.random.default_rng(0)
+    a = (rng.random((24, 20)) + np.pad(np.ones((8, 8)), ((4, 12), (6, 6)))).astype(np.float32) / 2.0
+    if settings.get("intensity") == "zscore_foreground" and factor < 0:
+        settings = {**settings, "foreground_threshold": -np.inf}  # every voxel: the negated foreground
+    prep = Preprocessing((0, 1), (16, 16), (1.5, 1.5), 2, **settings)
+    expected = case_from_image(sitk.GetImageFromArray(a), prep).image
+    scaled = (a.astype(np.float64) * factor).astype(np.float32)
+    assert np.all(np.isfinite(scaled)) and np.abs(scaled).max() > 0
+    case = case_from_image(sitk.GetImageFromArray(scaled), prep, path="scaled.nii.gz")
+    got = case.image
+    assert torch.isfinite(got).all()
+    if factor < 0:  # contrast inverted: z-scores change sign, a [0, 1] rescale flips; the padding (the
+        # image minimum) differs, so only the scan's field of view is compared
+        expected = 1.0 - expected if settings.get("intensity") == "rescale" else -expected
+        inside = case.mask == 1.0
+        got, expected = got[inside], expected[inside]
+        assert got.numel() > 100
+    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
+
+
+def test_normalisation_of_ordinary_images_is_unchanged_float32():
+    # The float64 fallback leaves ordinary images bit-identical to the float32 statistics that the
+    # documented results were computed with.
+    a = (np.random.default_rng(1).random((10, 256, 216)) * 700.0).astype(np.float32)
+    prep = Preprocessing((0, 1), (8, 8), (1.0, 1.0), 2)
+    lo, hi, scale, offset = intensity_stats(a, prep)
+    assert (scale, offset) == (1.0 / float(a.std()), -float(a.mean()) / float(a.std()))
+
+
 def test_soft_round_trip_model_grid_loses_little():
     native = Grid((128, 128), (1.0, 1.0))
     yy, xx = np.mgrid[:128, :128]

@@ -92,3 +92,27 @@ def test_a_case_refined_in_3d_does_not_depend_on_its_batch_neighbours():
         diff = (getattr(tr_all, points)()[1] - getattr(tr_one, points)()[0]).abs() / voxel
         assert diff.max() < 1e-4, (points, float(diff.max()))
     assert torch.allclose(tr_all.affine.translation[1], tr_one.affine.translation[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["logits", "atlas", "mask"])
+def test_refinement_refuses_non_finite_inputs(where):
+    # NaN logits (from NaN intensities after normalisation) reached grid_sample through the STN and
+    # crashed `segment` with SIGSEGV (issue 14); the refinement now refuses them first.
+    torch.manual_seed(0)
+    net = AtlasISTN(2, 2, Grid.centred((32, 32), (2.0, 2.0)))
+    inputs = {"logits": square(2, (12, 8), (26, 20)), "atlas": square(1, (10, 10), (22, 22)),
+              "mask": torch.ones(2, 1, 32, 32)}
+    inputs[where][-1, 0, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match=f"{where}.*not finite"):
+        refine_transforms(net, inputs["logits"], inputs["atlas"], iterations=2, mask=inputs["mask"])
+
+
+def test_a_diverging_refinement_is_an_error_not_a_crash():
+    # lr 1e10 is a valid setting (a number > 0) whose Adam steps give an infinite STN output after 2
+    # iterations; grid_sample on NaN coordinates crashed the process (SIGSEGV).
+    from atlasreg.errors import AtlasregError
+
+    torch.manual_seed(0)
+    net = AtlasISTN(2, 2, Grid.centred((32, 32), (2.0, 2.0)))
+    with pytest.raises(AtlasregError, match=r"diverged .* after 2 of 5 iterations\); lower refinement.lr \(now 1e\+10\)"):
+        refine_transforms(net, square(2, (12, 8), (26, 20)), square(1, (10, 10), (22, 22)), iterations=5, lr=1e10)

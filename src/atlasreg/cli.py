@@ -23,10 +23,20 @@ def _refinement_overrides(args) -> dict:
     return out
 
 
+def _output_folder(path) -> Path:
+    """Check an output folder before anything is read or written (:func:`check_output_folder`) and
+    clean the temporary entries a killed run left there (:func:`remove_temporaries`)."""
+    from .data.io import check_output_folder, remove_temporaries
+
+    remove_temporaries(check_output_folder(path))
+    return Path(path)
+
+
 def cmd_train(args) -> int:
     from .config import load_config, parse_set
     from .models.train import train
 
+    _output_folder(args.out)
     overrides = parse_set(args.set)
     if args.epochs is not None:
         overrides.setdefault("training", {})["epochs"] = args.epochs
@@ -40,6 +50,7 @@ def cmd_segment(args) -> int:
     from .models.train import load_module
     from .segment import segment
 
+    _output_folder(args.out)
     module = load_module(args.checkpoint, args.device)
     inputs = list(args.inputs)
     if args.split:
@@ -106,6 +117,7 @@ def cmd_evaluate(args) -> int:
     from .data.dataset import find_pairs
     from .evaluation.evaluate import evaluate_predictions
 
+    _output_folder(args.out)
     config = _config_from(args)
     labels = config["data"]["labels"]
     merge = _parse_merge(args.merge)
@@ -126,6 +138,7 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from .report import build_report
 
+    _output_folder(args.out)
     html_path, md_path = build_report(args.evaluations, args.out, sensitivity=args.sensitivity,
                                       reference=args.reference, title=args.title, n_boot=args.bootstrap)
     print(f"report: {html_path}\nmarkdown: {md_path}")
@@ -149,8 +162,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`atlasreg: error: <problem> (see <command> --help)`),
+    exit status 2; subcommand parsers inherit it."""
+
+    def error(self, message):
+        self.exit(2, f"atlasreg: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="atlasreg", description="Atlas-ISTN: joint segmentation, registration "
+    p = _Parser(prog="atlasreg", description="Atlas-ISTN: joint segmentation, registration "
                                 "and atlas construction (Sinclair et al. 2022).")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -242,11 +263,18 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = _one_line_warning
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad argument (one line, status 2) or --help (status 0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except AtlasregError as e:
         print(f"atlasreg: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output problem found while writing: a full disk, a file system gone read-only
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"atlasreg: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("atlasreg: interrupted", file=sys.stderr)

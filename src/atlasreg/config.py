@@ -530,6 +530,22 @@ def validate(cfg: dict) -> dict:
     return _check_across(SCHEMA(cfg, ""))
 
 
+def validate_section(section: str, values: Mapping, base: Mapping | None = None) -> dict:
+    """One top-level section (e.g. 'refinement') of `base` (a validated config's section; default:
+    DEFAULTS) with `values` merged over it, validated against its schema: the overrides of a command
+    (`segment --iterations`, the Python API's refinement settings) are checked as the config's own
+    values are. Returns the complete section, normalised.
+
+    Raises ConfigError naming the full key ('refinement.lr: expected a number > 0, got 0') for an
+    unknown section or key, a wrong type or a value out of range."""
+    if section not in SCHEMA.fields or not isinstance(SCHEMA.fields[section].type, Section):
+        raise ConfigError(section, "unknown config section")
+    if not isinstance(values, Mapping):
+        raise _expected(section, "a mapping", values)
+    merged = _merge(dict(DEFAULTS[section] if base is None else base), values)
+    return SCHEMA.fields[section].type(merged, section)
+
+
 # ---------------------------------------------------------------- reading files
 
 

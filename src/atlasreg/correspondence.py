@@ -68,8 +68,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .contracts import FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, case_labelmap_path
-from .data import io as _io
-from .data.io import read_any, read_labelmap, write_image, write_text
+from .data.io import read_any, read_labelmap, verify_file, write_image, write_text
 from .errors import AtlasregError
 from .spatial.grid import Grid
 
@@ -136,6 +135,7 @@ def read_displacement_field(case, which: str) -> sitk.Image:
     path = _case_dir(case) / _FIELD_FILES[which]
     if not path.is_file():
         raise AtlasregError(f"{which} displacement field not found; {_REGISTERS}", path)
+    nonfinite_on_disk = verify_file(path)  # ITK 5 reads NaN in NIfTI as 0 and a truncated file as zeros
     try:
         field = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -151,8 +151,7 @@ def read_displacement_field(case, which: str) -> sitk.Image:
         raise AtlasregError("displacement field has complex values", path)
     field = sitk.Cast(field, sitk.sitkVectorFloat64)
     nonfinite = not np.all(np.isfinite(sitk.GetArrayViewFromImage(field)))
-    check = getattr(_io, "_nifti_has_nonfinite", None)  # ITK 5 reads NaN in NIfTI as 0; look at the bytes
-    if nonfinite or (check is not None and check(path)):
+    if nonfinite or nonfinite_on_disk:
         raise AtlasregError("displacement field contains NaN or infinite values", path)
     return field
 
@@ -567,6 +566,10 @@ def map_points_csv(points_csv, case_a, case_b, out_path) -> Path:
 
 def cmd_correspond(args) -> int:
     """``atlasreg correspond``: map a labelmap or CSV points of one segmented case onto another."""
+    from .data.io import check_output_file, remove_temporaries
+
+    out_file = check_output_file(args.out)  # before anything is read or written
+    remove_temporaries(out_file.parent, name=out_file.name)  # those a killed run left beside it
     case_a, case_b = Path(args.from_case), Path(args.to_case)
     if args.labelmap:
         labels = _parse_labels(args.labels) if getattr(args, "labels", None) else None

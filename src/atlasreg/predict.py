@@ -12,6 +12,7 @@ import torch
 import SimpleITK as sitk
 
 from .data.cases import Case, Preprocessing, placement_of, replace_placement
+from .errors import AtlasregError
 from .evaluation.consistency import inverse_consistency
 from .evaluation.topology import jacobian_statistics
 from .models.registry import Method
@@ -62,9 +63,17 @@ def segment_cases(module: Method, cases: list[Case], refinement: dict, refine: b
     and 'refine' -> :class:`AffineSVFTransform` of batch B in the cases' model frames (those the
     model's method has, see the module docstring; the last is the final one); ``history``: refinement
     loss history (K+1, B); ``transform_metrics``: transform name -> :func:`transform_statistics`
-    (numpy arrays (B,)). refine=False skips the refinement (1-pass only)."""
+    (numpy arrays (B,)). refine=False skips the refinement (1-pass only). Raises AtlasregError
+    naming the case's file for a normalised image or an ITN output with NaN or infinite values."""
+    for c in cases:  # cases are normalised to finite values (data.cases.image_on_grid); in-memory ones too
+        if not bool(torch.isfinite(c.image).all()):
+            raise AtlasregError("the normalised image holds NaN or infinite values", c.path or c.name)
     images = torch.cat([c.image for c in cases]).to(module.device)
     out = module.predict(images)
+    if "itn" in out and not bool(torch.isfinite(out["itn"]).all()):  # e.g. a checkpoint with NaN weights
+        bad = [c.path or c.name for c, ok in zip(cases, torch.isfinite(out["itn"]).flatten(1).all(1)) if not ok]
+        raise AtlasregError("the model's segmentation (ITN) holds NaN or infinite values; is the checkpoint "
+                            "damaged?", bad[0])
     masks = [c.mask for c in cases]
     if all(m is not None for m in masks):
         out["mask"] = torch.cat(masks).to(module.device)

@@ -92,16 +92,16 @@ def cmd_register(args) -> int:
     import torch
     import yaml
 
-    from .data.io import atomic_directory, read_image, write_image, write_text
+    from .data.io import atomic_directory, check_output_folder, read_image, remove_temporaries, write_image, \
+        write_text
     from .devices import resolve_device
     from .evaluation.registration import propagate_labels, read_landmark_pair, target_registration_error, \
         transform_regularity
     from .registration.pipeline import register_images
     from .spatial.itk import write_transform
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise AtlasregError("exists and is not a folder", out)
+    out = check_output_folder(args.out)  # before anything is read or written
+    remove_temporaries(out.parent, name=out.name)  # a killed run's temporary folder beside it
     fixed, moving = read_image(args.fixed), read_image(args.moving)
     if fixed.GetDimension() != moving.GetDimension():
         raise AtlasregError(f"is {moving.GetDimension()}D but the fixed image {args.fixed} is "

@@ -19,6 +19,7 @@ from .contracts import (  # noqa: F401 - the case folder's names, re-exported
     DEFORMED_ATLAS_IMAGE, FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, LABELMAP_OUTPUTS,
     TRANSFORM_OUTPUTS, transform_metrics_csv,
 )
+from .config import validate_section
 from .data.cases import Preprocessing, case_name, load_case
 from .data.dataset import find_pairs
 from .errors import AtlasregError
@@ -59,9 +60,10 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
     All inputs are read and checked before anything is written; a bad input raises AtlasregError
     naming the file. Cases are then read again `cases_at_once` at a time, so peak memory does not grow
     with the number of inputs. refinement: overrides of config['refinement'] (iterations, lr, beta, gamma,
-    lambda, cases_at_once). Returns the case output folders."""
+    lambda, cases_at_once), validated as config values (ConfigError naming the key) before anything is
+    read or written. Returns the case output folders."""
     cfg = module.config
-    ref = dict(cfg["refinement"], **(refinement or {}))
+    ref = validate_section("refinement", refinement or {}, cfg["refinement"])  # before anything is written
     labels = list(cfg["data"]["labels"].keys())
     grid = module.net.grid
     prep = Preprocessing.from_config(cfg)
@@ -75,8 +77,7 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
     # the time of a refined case).
     for name, path in tqdm(files, desc="checking", disable=not progress, leave=False):
         read(name, path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created with the first case folder (atomic_directory): none if the first fails
     written = []
     chunk = max(1, int(ref["cases_at_once"]))
     bar = tqdm(total=len(files), desc="segmenting", unit="case", disable=not progress)

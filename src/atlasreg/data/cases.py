@@ -181,7 +181,7 @@ def _case_on_model_grid(image: sitk.Image, indices: np.ndarray | None, prep: Pre
     stats = intensity_stats(array, prep)
     if placement is None:
         placement = placement_of(array, indices, phys, prep)
-    img_t, mask = image_on_grid(array, phys, placement, stats, prep)
+    img_t, mask = image_on_grid(array, phys, placement, stats, prep, path or f"image {name!r}")
     lab_t = None if indices is None else labels_on_grid(indices, len(prep.labels), phys, placement)
     return Case(name, img_t, lab_t, Grid.from_sitk(image), image, path, phys, placement, mask, stats)
 
@@ -257,13 +257,21 @@ def reference_labelmap(prep: Preprocessing) -> torch.Tensor:
 
 def intensity_stats(array: np.ndarray, prep: Preprocessing) -> tuple[float, float, float, float]:
     """(lo, hi, scale, offset): the image's normalisation, ``clip(x, lo, hi) * scale + offset``,
-    computed on its own voxels (never on padding). See :class:`Preprocessing` for the methods."""
+    computed on its own voxels (never on padding). See :class:`Preprocessing` for the methods.
+
+    Statistics (mean and SD, percentiles) are numpy's float32 reductions, bit-identical to earlier
+    versions, wherever they agree with float64 ones (:func:`_mean_std`); float64 otherwise: float32
+    overflows for intensities near 1e19 and beyond (squares, then sums, above 3.4e38) and underflows
+    near 1e-20 and below (issue 14), so any finite float32 image gets finite statistics."""
     a = array.astype(np.float32, copy=False)
     lo, hi = float(a.min()), float(a.max())
     if prep.clip_range is not None:
         lo, hi = max(lo, prep.clip_range[0]), min(hi, prep.clip_range[1])
     if prep.clip_percentiles is not None:
-        p_lo, p_hi = np.percentile(a, prep.clip_percentiles)
+        with np.errstate(over="ignore", invalid="ignore"):
+            p_lo, p_hi = np.percentile(a, prep.clip_percentiles)
+        if not (np.isfinite(p_lo) and np.isfinite(p_hi)):  # (b - a) interpolated in float32 overflowed
+            p_lo, p_hi = np.percentile(a.astype(np.float64), prep.clip_percentiles)
         lo, hi = max(lo, float(p_lo)), min(hi, float(p_hi))
     if hi < lo:
         hi = lo
@@ -276,23 +284,55 @@ def intensity_stats(array: np.ndarray, prep: Preprocessing) -> tuple[float, floa
         c = fg if fg.size > 1 else c
     elif prep.intensity != "zscore":
         raise AtlasregError(f"unknown intensity normalisation {prep.intensity!r}")
-    mean, std = float(c.mean()), float(c.std())
+    mean, std = _mean_std(c)
     scale = 1.0 / std if std > 0 else 1.0
     return lo, hi, scale, -mean * scale
 
 
-def image_on_grid(array: np.ndarray, phys: Grid, target: Grid, stats, prep: Preprocessing
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and SD of float32 `values`: numpy's float32 reductions where they agree with float64 ones
+    within 1e-4 SD + 1e-6 |mean| (every ordinary image: results stay bit-identical to earlier
+    versions), else the float64 ones (float32 overflow, underflow or cancellation)."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        m32, s32 = float(values.mean()), float(values.std())
+    m64, s64 = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+    tol = 1e-4 * s64 + 1e-6 * abs(m64)
+    if np.isfinite(m32) and np.isfinite(s32) and abs(m32 - m64) <= tol and abs(s32 - s64) <= tol:
+        return m32, s32
+    return m64, s64
+
+
+#: |offset| of a z-score above which float32 ``x * scale + offset`` would cancel (ulp of 1e4: 1e-3).
+_FLOAT32_OFFSET_LIMIT = 1e4
+
+
+def image_on_grid(array: np.ndarray, phys: Grid, target: Grid, stats, prep: Preprocessing, where: str = ""
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw image (array order, on `phys`) -> (normalised image (1, 1, *S), field-of-view mask
     (1, 1, *S)) on `target`, by SimpleITK's linear resampling (see :func:`sitk_resample`). Outside the
-    scan the raw image is `prep.pad_value` (the image minimum by default)."""
+    scan the raw image is `prep.pad_value` (the image minimum by default).
+
+    ``raw * scale + offset`` is computed in float32 (as in earlier versions) when scale and offset are
+    normal float32 numbers and |offset| <= 1e4, else in float64 (intensities near 3e38 or 1e-30, or a
+    mean far above the SD), then rounded to float32. Raises AtlasregError naming `where` (the file)
+    if the result is still not finite."""
     lo, hi, scale, offset = stats
     pad = float(array.min()) if prep.pad_value is None else prep.pad_value
     a = np.clip(array.astype(np.float32, copy=False), lo, hi)
     raw = sitk_resample(a, phys, target, default=float(np.clip(pad, lo, hi)))
     ones = np.ones(array.shape, dtype=np.float32)
     mask = sitk_resample(ones, phys, target, default=0.0)
-    img = torch.from_numpy(raw * np.float32(scale) + np.float32(offset))[None, None]
+    tiny = float(np.finfo(np.float32).tiny)
+    with np.errstate(over="ignore"):
+        s32, o32 = np.float32(scale), np.float32(offset)
+    if np.isfinite(s32) and abs(float(s32)) >= tiny and np.isfinite(o32) and abs(offset) <= _FLOAT32_OFFSET_LIMIT:
+        normalised = raw * s32 + o32
+    else:
+        normalised = (raw.astype(np.float64) * scale + offset).astype(np.float32)
+    if not np.all(np.isfinite(normalised)):
+        raise AtlasregError(f"intensities in [{lo:.6g}, {hi:.6g}] cannot be normalised to finite float32 "
+                            "values", where or None)
+    img = torch.from_numpy(normalised)[None, None]
     return img.float(), torch.from_numpy(mask)[None, None]
 
 
@@ -338,7 +378,7 @@ def case_from_image(image: sitk.Image, prep: Preprocessing, name: str = "case", 
 def replace_placement(case: Case, placement: Grid, prep: Preprocessing) -> Case:
     """The same case on another placement of the model grid (test-time second pass); no labelmap."""
     array = sitk.GetArrayFromImage(case.source)
-    img_t, mask = image_on_grid(array, case.physical, placement, case.stats, prep)
+    img_t, mask = image_on_grid(array, case.physical, placement, case.stats, prep, case.path or case.name)
     return Case(case.name, img_t, None, case.grid, case.source, case.path, case.physical, placement, mask,
                 case.stats)
 

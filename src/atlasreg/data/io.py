@@ -29,9 +29,16 @@ from ..errors import AtlasregError
 __all__ = [
     "read_image",
     "read_labelmap",
+    "read_any",
+    "verify_file",
     "check_dimension",
     "write_image",
     "atomic_directory",
+    "atomic_file",
+    "write_text",
+    "check_output_folder",
+    "check_output_file",
+    "remove_temporaries",
     "image_geometry",
     "same_geometry",
 ]
@@ -79,18 +86,59 @@ def _short_reason(exc: Exception) -> str:
 
 
 def read_any(path) -> sitk.Image:
-    """Read any image file, mapping every failure to an AtlasregError naming ``path``."""
+    """Read any image file, mapping every failure to an AtlasregError naming ``path``; the bytes are
+    verified first (:func:`verify_file`: truncated or corrupt NIfTI and MetaImage files)."""
+    return _read_verified(path)[0]
+
+
+def _read_verified(path) -> tuple[sitk.Image, bool]:
+    """(image, True when a float NIfTI file stores NaN or +-Inf on disk): :func:`read_any`'s work."""
     p = Path(path)
     if not p.exists():
         raise AtlasregError("file not found", p)
     if p.is_dir():
         raise AtlasregError("is a folder, not an image file", p)
     try:
-        return sitk.ReadImage(str(p))
+        nonfinite = _verify_bytes(p)
+        return sitk.ReadImage(str(p)), nonfinite
     except RuntimeError as exc:
         raise AtlasregError(f"cannot read image: {_short_reason(exc)}", p) from None
-    except OSError as exc:  # pragma: no cover - e.g. permission denied on some platforms
+    except OSError as exc:  # e.g. permission denied
         raise AtlasregError(f"cannot read image: {exc.strerror or exc}", p) from None
+
+
+def verify_file(path) -> bool:
+    """Check that an image file holds the data its header describes, before SimpleITK reads it: ITK's
+    NIfTI reader fills a truncated .nii or .nii.gz with zeros and raises no error (issue 14), and its
+    MetaImage reader prints to stderr and gives a misleading reason.
+
+    NIfTI-1/2 (.nii, .nii.gz; gzip recognised by its magic number, so uncompressed bytes under
+    .nii.gz are read as ITK does): the whole stream is decompressed (the gzip CRC-32 and length are
+    checked) and the payload counted against ``prod(dim[1..dim[0]]) * bitpix / 8`` bytes after
+    ``vox_offset``. MetaImage (.mha, .mhd): the data bytes (``ElementDataFile``, LOCAL or one file
+    beside the header) against ``prod(DimSize) * ElementNumberOfChannels * sizeof(ElementType)``, or
+    ``CompressedDataSize`` for compressed data. Other formats, and headers these checks do not
+    understand, are left to SimpleITK (its NRRD and PNG readers report truncation themselves).
+
+    Returns True when a float NIfTI payload holds NaN or +-Inf (which ITK 5 reads as 0).
+
+    Raises AtlasregError (one line naming the file): "truncated: N of the M data bytes its header
+    describes"; "corrupt gzip stream (<reason>)"; "cannot read image: <reason>" (e.g. permission)."""
+    p = Path(path)
+    try:
+        return _verify_bytes(p)
+    except OSError as exc:
+        raise AtlasregError(f"cannot read image: {exc.strerror or exc}", p) from None
+
+
+def _verify_bytes(path: Path) -> bool:
+    """:func:`verify_file`; returns True when a float NIfTI payload holds NaN or +-Inf."""
+    name = path.name.lower()
+    if _is_nifti(path):
+        return _verify_nifti(path)
+    if name.endswith((".mha", ".mhd")):
+        _verify_metaimage(path)
+    return False
 
 
 def _is_nifti(path) -> bool:
@@ -98,51 +146,137 @@ def _is_nifti(path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def _nifti_has_nonfinite(path) -> bool:
-    """True when a NIfTI-1/2 file stores float data containing NaN or +-Inf.
+def _nifti_layout(hdr: bytes) -> tuple[np.dtype | None, int, int] | None:
+    """(float dtype of the voxels or None, offset of the payload, payload bytes) from the first bytes
+    of a NIfTI-1 or NIfTI-2 file (either byte order); None when they are not a header we understand."""
+    if len(hdr) < 348:
+        return None
+    for endian in ("<", ">"):
+        sizeof_hdr = struct.unpack(endian + "i", hdr[:4])[0]
+        if sizeof_hdr in (348, 540):
+            break
+    else:
+        return None
+    if sizeof_hdr == 348:
+        dims = struct.unpack(endian + "8h", hdr[40:56])
+        datatype, bitpix = struct.unpack(endian + "2h", hdr[70:74])
+        vox_offset = struct.unpack(endian + "f", hdr[108:112])[0]
+        offset = max(int(vox_offset) if np.isfinite(vox_offset) else 0, sizeof_hdr + 4)
+    else:
+        if len(hdr) < 540:
+            return None
+        datatype, bitpix = struct.unpack(endian + "2h", hdr[12:16])
+        dims = struct.unpack(endian + "8q", hdr[16:80])
+        offset = max(struct.unpack(endian + "q", hdr[168:176])[0], sizeof_hdr)
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]) or bitpix <= 0 or bitpix % 8:
+        return None
+    nbytes = int(np.prod([int(d) for d in dims[1:ndim + 1]], dtype=object)) * (bitpix // 8)
+    # float32, complex64 (2 x float32), float64, complex128 (2 x float64)
+    base = {16: "f4", 32: "f4", 64: "f8", 1792: "f8"}.get(datatype)
+    return (None if base is None else np.dtype(endian + base)), offset, nbytes
 
-    Needed because ITK 5.x's NIfTI reader silently replaces non-finite voxels by 0 (fixed in ITK 6,
-    InsightSoftwareConsortium/ITK#6683), so the check must look at the bytes on disk.
-    """
-    opener = gzip.open if str(path).lower().endswith(".gz") else open
+
+_CHUNK = 1 << 24
+
+
+def _verify_nifti(path: Path) -> bool:
+    """Decompress (when gzip) and count a NIfTI file's payload; True when a float payload holds NaN or
+    +-Inf. Needed because ITK 5.x's NIfTI reader silently replaces non-finite voxels by 0 (fixed in
+    ITK 6, InsightSoftwareConsortium/ITK#6683) and fills a truncated payload with zeros, so the check
+    must look at the bytes on disk. Raises AtlasregError for a truncated file or a corrupt gzip stream."""
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+    got, nbytes, nonfinite = 0, 0, False
     try:
-        with opener(path, "rb") as fh:
-            hdr = fh.read(540)
-            if len(hdr) < 348:
-                return False
-            for endian in ("<", ">"):
-                sizeof_hdr = struct.unpack(endian + "i", hdr[:4])[0]
-                if sizeof_hdr in (348, 540):
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
+            hdr = fh.read(544)
+            layout = _nifti_layout(hdr)
+            if layout is None:
+                return False  # not a header we understand: SimpleITK judges
+            dtype, offset, nbytes = layout
+            if not compressed and dtype is None:  # nothing to decode: the file's size tells
+                got = min(nbytes, max(0, path.stat().st_size - offset))
+                pending, nbytes_to_read = b"", 0
+            else:
+                pending, nbytes_to_read = hdr[offset:], nbytes
+            skip = max(0, offset - len(hdr)) if nbytes_to_read else 0
+            while skip:
+                n = len(fh.read(min(skip, _CHUNK)))
+                if not n:
                     break
-            else:
-                return False
-            if sizeof_hdr == 348:
-                datatype = struct.unpack(endian + "h", hdr[70:72])[0]
-                vox_offset = int(struct.unpack(endian + "f", hdr[108:112])[0])
-            else:
-                if len(hdr) < 540:
-                    return False
-                datatype = struct.unpack(endian + "h", hdr[12:14])[0]
-                vox_offset = int(struct.unpack(endian + "q", hdr[168:176])[0])
-            # float32, complex64 (2 x float32), float64, complex128 (2 x float64)
-            base = {16: "f4", 32: "f4", 64: "f8", 1792: "f8"}.get(datatype)
-            if base is None:
-                return False
-            dtype = np.dtype(endian + base)
-            fh.seek(max(vox_offset, sizeof_hdr + 4 if sizeof_hdr == 348 else sizeof_hdr))
-            chunk = (1 << 24) // dtype.itemsize * dtype.itemsize
+                skip -= n
             tail = b""
-            while True:
-                buf = fh.read(chunk)
+            while got < nbytes_to_read:
+                buf = pending or fh.read(min(_CHUNK, nbytes - got))
+                pending = b""
                 if not buf:
-                    return False
-                buf = tail + buf
-                usable = len(buf) // dtype.itemsize * dtype.itemsize
-                tail = buf[usable:]
-                if not np.all(np.isfinite(np.frombuffer(buf[:usable], dtype=dtype))):
-                    return True
-    except (OSError, EOFError, struct.error, zlib.error):
-        return False  # SimpleITK could read it; leave the judgement to the decoded pixels
+                    break
+                buf = buf[: nbytes - got]
+                got += len(buf)
+                if dtype is not None and not nonfinite:
+                    buf = tail + buf
+                    usable = len(buf) // dtype.itemsize * dtype.itemsize
+                    tail = buf[usable:]
+                    nonfinite = not np.all(np.isfinite(np.frombuffer(buf[:usable], dtype=dtype)))
+            if compressed:
+                while fh.read(_CHUNK):  # to the end of the stream: gzip checks its CRC-32 and length
+                    pass
+    except EOFError:
+        raise AtlasregError(f"truncated: the gzip stream ends after {got} of the {nbytes} data bytes its "
+                            "header describes", path) from None
+    except (zlib.error, gzip.BadGzipFile) as exc:
+        raise AtlasregError(f"corrupt gzip stream ({exc})", path) from None
+    if got < nbytes:
+        raise AtlasregError(f"truncated: {got} of the {nbytes} data bytes its header describes", path)
+    return nonfinite
+
+
+_MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _verify_metaimage(path: Path) -> None:
+    """Compare a MetaImage's data bytes with its header (see :func:`verify_file`); headers with other
+    layouts (HeaderSize, lists or patterns of data files, unknown element types) are left to SimpleITK."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    fields: dict[str, str] = {}
+    offset = None
+    pos = 0
+    for line in head.split(b"\n"):
+        pos += len(line) + 1
+        key, sep, value = line.decode("latin-1").partition("=")
+        if not sep:
+            return
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            offset = pos
+            break
+    if offset is None or fields.get("HeaderSize", "0") != "0":
+        return
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        itemsize = _MET_SIZES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        return
+    data = fields["ElementDataFile"]
+    if data == "LOCAL":
+        data_path, size = path, path.stat().st_size - offset
+    else:
+        if data.upper().startswith("LIST") or "%" in data or " " in data:
+            return
+        data_path = path.parent / data
+        if not data_path.is_file():
+            raise AtlasregError(f"data file {data} named by its header not found", path)
+        size = data_path.stat().st_size
+    if fields.get("CompressedData", "False").lower() == "true":
+        expected = int(fields["CompressedDataSize"]) if fields.get("CompressedDataSize", "").isdigit() else 0
+    else:
+        expected = int(np.prod(dims, dtype=object)) * channels * itemsize
+    if size < expected:
+        raise AtlasregError(f"truncated: {size} of the {expected} data bytes its header describes", data_path)
 
 
 def _scalar_from_array(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
@@ -196,10 +330,10 @@ def read_image(path) -> sitk.Image:
     direction.
 
     Raises AtlasregError (naming ``path``): "file not found"; "cannot read image: <reason>" for
-    unreadable or corrupt files; unsupported component count; "contains NaN or infinite
-    intensities".
+    unreadable or corrupt files; "truncated: ..." or "corrupt gzip stream" (:func:`verify_file`);
+    unsupported component count; "contains NaN or infinite intensities".
     """
-    img = read_any(path)
+    img, nonfinite_on_disk = _read_verified(path)
     ncomp = img.GetNumberOfComponentsPerPixel()
     if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise AtlasregError("has complex-valued pixels; expected a real intensity image", path)
@@ -216,8 +350,7 @@ def read_image(path) -> sitk.Image:
                 f"has {ncomp} components per pixel; expected greyscale, grey+alpha, RGB or RGBA", path)
         out = _scalar_from_array(np.ascontiguousarray(grey, dtype=np.float32), img)
     if img.GetPixelID() not in _INTEGER_IDS or ncomp in (3, 4):
-        if not np.all(np.isfinite(sitk.GetArrayViewFromImage(out))) or (
-                _is_nifti(path) and _nifti_has_nonfinite(path)):
+        if not np.all(np.isfinite(sitk.GetArrayViewFromImage(out))) or nonfinite_on_disk:
             raise AtlasregError("contains NaN or infinite intensities", path)
     return out
 
@@ -238,14 +371,14 @@ def read_labelmap(path, labels: Sequence[int], reference: sitk.Image | None = No
     65535) with the file's geometry.
 
     Raises AtlasregError (naming ``path``): "file not found"; "cannot read image: <reason>";
-    non-integer or non-finite values; "label values [7, 9] are not in the declared label list
+    "truncated: ..." or "corrupt gzip stream" (:func:`verify_file`); non-integer or non-finite values; "label values [7, 9] are not in the declared label list
     [0, 1, 2, 3]"; "size 128x128 differs from image <reference_path> 256x256"; geometry mismatch
     (naming both files); "has no foreground (only label 0)" when ``require_foreground``.
     """
     labels = [int(v) for v in labels]
     if not labels:
         raise AtlasregError("the declared label list is empty", path)
-    img = read_any(path)
+    img, nonfinite_on_disk = _read_verified(path)
     if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise AtlasregError("has complex-valued pixels; expected integer labels", path)
     if img.GetNumberOfComponentsPerPixel() > 1:
@@ -263,7 +396,7 @@ def read_labelmap(path, labels: Sequence[int], reference: sitk.Image | None = No
 
     arr = sitk.GetArrayViewFromImage(img)
     if img.GetPixelID() not in _INTEGER_IDS:
-        if not np.all(np.isfinite(arr)) or (_is_nifti(path) and _nifti_has_nonfinite(path)):
+        if not np.all(np.isfinite(arr)) or nonfinite_on_disk:
             raise AtlasregError("contains NaN or infinite values; a labelmap must hold integer labels", path)
         frac = arr != np.round(arr)
         if np.any(frac):
@@ -329,7 +462,7 @@ def write_image(image: sitk.Image, path, compress: bool = True) -> Path:
 
     The file is first written to a hidden temporary file beside the target (``.tmp-<random>-<name>``,
     keeping the real extension so SimpleITK picks the right writer) and then moved into place with
-    ``os.replace``; MetaImage ``.mhd`` (header + data file) is written in a temporary folder and both
+    ``os.replace`` after an fsync; MetaImage ``.mhd`` (header + data file) is written in a temporary folder and both
     files are moved, header last. Parent folders are created. ``compress`` enables the format's
     compression (gzip for NIfTI/NRRD/MetaImage, zlib level for PNG).
 
@@ -356,7 +489,9 @@ def write_image(image: sitk.Image, path, compress: bool = True) -> Path:
     tmp = path.with_name(f".tmp-{token}-{path.name}")
     try:
         sitk.WriteImage(image, str(tmp), bool(compress))
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except RuntimeError as exc:
         raise AtlasregError(f"cannot write image: {_short_reason(exc)}", path) from None
     except OSError as exc:
@@ -373,10 +508,12 @@ def _write_mhd(image: sitk.Image, path: Path, compress: bool, token: str) -> Non
         tmp_dir.mkdir()
         sitk.WriteImage(image, str(tmp_dir / path.name), bool(compress))
         header = tmp_dir / path.name
+        _fsync_tree(tmp_dir)
         for f in sorted(tmp_dir.iterdir()):  # data file(s) first, header last
             if f != header:
                 os.replace(f, path.parent / f.name)
         os.replace(header, path)
+        _fsync_folder(path.parent)
     except RuntimeError as exc:
         raise AtlasregError(f"cannot write image: {_short_reason(exc)}", path) from None
     except OSError as exc:
@@ -385,17 +522,133 @@ def _write_mhd(image: sitk.Image, path: Path, compress: bool, token: str) -> Non
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk (before it is renamed into place, so that a crash or
+    power loss never leaves a renamed but empty or partial file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file below `folder`, then the folders themselves (their entries)."""
+    for root, _, files in os.walk(folder):
+        for f in files:
+            _fsync_file(Path(root) / f)
+        _fsync_folder(Path(root))
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync a folder's entries (a rename into it); ignored where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+#: Names of the temporary entries the atomic writers make (``.tmp-<8 hex>-<name>``) and of a folder
+#: being replaced (``.old-<8 hex>-<name>``).
+_TEMPORARY = re.compile(r"^\.(tmp|old)-[0-9a-f]{8}-(.+)$")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_folder(path) -> Path:
+    """Check, before anything is read or written, that ``path`` can be a command's output folder: an
+    existing writable folder, or a new one whose nearest existing parent is a writable folder.
+    Creates nothing. Returns ``Path(path)``.
+
+    Raises AtlasregError (one line naming the path): "exists and is not a folder"; "cannot be created:
+    <parent> is a file, not a folder"; "is not writable (read-only file system or no permission)"."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AtlasregError("exists and is not a folder", path)
+    _check_writable(path)
+    return path
+
+
+def check_output_file(path) -> Path:
+    """Check, before anything is read or written, that the file ``path`` can be written (replaced
+    atomically): not a folder, and its folder exists or can be created and is writable. Creates
+    nothing. Returns ``Path(path)``. Raises AtlasregError as :func:`check_output_folder`, or "is a
+    folder, not a file"."""
+    path = Path(path)
+    if path.is_dir():
+        raise AtlasregError("is a folder, not a file", path)
+    _check_writable(path.parent if str(path.parent) else Path("."))
+    return path
+
+
+def _check_writable(folder: Path) -> None:
+    existing = _existing_ancestor(folder)
+    if not existing.is_dir():
+        raise AtlasregError(f"cannot be created: {existing} is a file, not a folder", folder)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == folder.absolute() else f"cannot be created: {existing} is not " \
+            "writable"
+        raise AtlasregError(f"{where} (read-only file system or no permission)", folder)
+
+
+def remove_temporaries(folder, name: str | None = None) -> list[Path]:
+    """Clean what a killed run (SIGKILL, power loss) of an atomic writer left in ``folder`` and the
+    folders below it: hidden ``.tmp-<8 hex>-<name>`` files and folders are removed; an
+    ``.old-<8 hex>-<name>`` folder (a folder being replaced) is moved back to ``<name>`` when that is
+    missing (the kill fell between the two renames of :func:`atomic_directory`), else removed.
+    With ``name`` only the temporaries of that one entry of ``folder`` (a command whose output is one
+    file in a folder it shares). Call it only when no other run writes there. Returns the entries
+    removed or restored (none when ``folder`` does not exist)."""
+    folder = Path(folder)
+    done: list[Path] = []
+    if not folder.is_dir():
+        return done
+    for root, dirs, files in os.walk(folder):
+        for entry_name in sorted(dirs + files):
+            m = _TEMPORARY.match(entry_name)
+            if not m or (name is not None and m.group(2) != name):
+                continue
+            entry = Path(root) / entry_name
+            final = Path(root) / m.group(2)
+            if m.group(1) == "old" and not final.exists():
+                os.replace(entry, final)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            done.append(entry)
+            if entry_name in dirs:
+                dirs.remove(entry_name)
+        if name is not None:
+            break  # `folder` itself only
+    return done
+
+
 @contextlib.contextmanager
 def atomic_file(path) -> Iterator[Path]:
     """Write a file all-or-nothing: yields a hidden temporary path beside ``path`` (same name, so
-    the same suffixes) which is moved onto ``path`` when the block succeeds and deleted when it
-    raises. Creates parent folders."""
+    the same suffixes) which is flushed to the disk (fsync) and moved onto ``path`` when the block
+    succeeds and deleted when it raises. Creates parent folders. A run killed inside the block leaves
+    the temporary file (:func:`remove_temporaries` cleans it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
     try:
         yield tmp
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -413,7 +666,8 @@ def atomic_directory(final_dir) -> Iterator[Path]:
     """Build a folder all-or-nothing.
 
     Yields a new hidden temporary sibling folder (``.tmp-<random>-<name>``). When the ``with`` block
-    succeeds it replaces ``final_dir`` (an existing ``final_dir`` is removed); when it raises, the
+    succeeds its files are flushed to the disk (fsync) and it replaces ``final_dir`` (an existing
+    ``final_dir`` is removed); when it raises, the
     temporary folder is deleted, any old ``final_dir`` is left untouched and the exception
     propagates.
 
@@ -428,6 +682,7 @@ def atomic_directory(final_dir) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -444,6 +699,7 @@ def atomic_directory(final_dir) -> Iterator[Path]:
                 os.replace(old, final_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_folder(final_dir.parent)
     if moved_old:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -55,6 +55,9 @@ def _read_labelmap(path: Path, kind: str):
     """Read a labelmap with SimpleITK: (int64 array in numpy order, image). AtlasregError on failure."""
     import SimpleITK as sitk
 
+    from ..data.io import verify_file
+
+    verify_file(path)  # a truncated NIfTI reads as zeros (AtlasregError "truncated" naming the file)
     try:
         image = sitk.ReadImage(str(path))
     except Exception as error:  # SimpleITK raises RuntimeError for missing/corrupt files

@@ -229,12 +229,14 @@ class AtlasISTNModule(Method):
     def refine(self, images: torch.Tensor, predicted: dict, settings: dict | None = None) -> dict | None:
         """Test-time refinement (Eqs. 17-21) towards the ITN logits of :meth:`predict`: returns
         {'transform': refined Phi* (batch N), 'history': losses (K+1, N)}, or None where the method
-        does not refine. settings: overrides of ``config['refinement']``."""
+        does not refine. settings: overrides of ``config['refinement']``, validated as the config's
+        own values (ConfigError naming the key, e.g. 'refinement.lr: expected a number > 0, got 0')."""
         if not self.refines():
             return None
+        from ..config import validate_section
         from .refine import refine_transforms
 
-        r = dict(self.config["refinement"], **(settings or {}))
+        r = validate_section("refinement", settings or {}, self.config["refinement"])
         transform, history = refine_transforms(self.net, predicted["logits"], self.atlas_labelmap,
                                                int(r["iterations"]), float(r["lr"]), float(r["beta"]),
                                                float(r["gamma"]), float(r["lambda"]),

@@ -35,6 +35,7 @@ import copy
 
 import torch
 
+from ..errors import AtlasregError
 from ..spatial.transforms import AffineSVFTransform, compose_transform
 from .atlas_istn import AtlasISTN, deformation_losses
 from .optim import adam
@@ -52,10 +53,15 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     Returns the refined transforms Phi*, Phi*^-1 (batch B, Eq. 21) and the loss history (K + 1, B)
     (the last row is the loss of the returned transforms). Case i's losses and STN outputs are those of
     refining case i alone, bit for bit on CPU (see the module docstring). Raises ValueError for
-    negative K.
+    negative K and for NaN or infinite logits, atlas or mask (NaN reaching grid_sample through the
+    STN crashed the process with SIGSEGV, issue 14); AtlasregError when the refinement diverges (a NaN
+    or infinite STN output, e.g. with too large a learning rate).
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
+    for name, value in (("logits", logits), ("atlas", atlas_labelmap), ("mask", mask)):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"refine_transforms: the {name} are not finite (NaN or infinite values)")
     logits = logits.detach()
     b = logits.shape[0]
     copies = [copy.deepcopy(net.stn) for _ in range(b)]
@@ -65,6 +71,10 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     def case(i: int) -> tuple[torch.Tensor, dict]:
         """Case i's loss (1,) and STN outputs, computed as if it were refined alone."""
         out = copies[i](x[i:i + 1], use_affine=use_affine)
+        if not all(bool(torch.isfinite(v).all()) for v in out.values() if v is not None):
+            # NaN or Inf would reach grid_sample (SIGSEGV on CPU, issue 14)
+            raise AtlasregError(f"the refinement diverged (NaN or infinite transform after {len(history)} of "
+                                f"{iterations} iterations); lower refinement.lr (now {lr:g})")
         tr = compose_transform(out["svf"], out["A"], out["t"], net.grid, net.steps)
         terms = deformation_losses(tr, logits[i:i + 1], atlas_labelmap, reduction="per_case",
                                    with_s2a=gamma != 0.0, mask=None if mask is None else mask[i:i + 1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     for a device this machine lacks). Returns the final checkpoint path.
     The config is validated (`config.validate`) and the case list found before out_dir is created, so
     bad input leaves no output folder behind. Raises AtlasregError naming the file for a bad training
-    case (at the latest when it is first read)."""
+    case (at the latest when it is first read); an out_dir this call created is then removed unless it
+    holds a checkpoint to resume from."""
     config = validate(config)
     accelerator, devices = lightning_accelerator(resolve_device(device))
     if config["data"]["train"] is None:
@@ -129,45 +131,53 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     dataset = training_dataset(config, out_dir)
     if len(dataset) == 0:
         raise AtlasregError("the training set is empty")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(paths.config, yaml.safe_dump(config, sort_keys=False))
+    try:
+        write_text(paths.config, yaml.safe_dump(config, sort_keys=False))
 
-    module = build_method(config)
-    module.set_training_data(dataset)
-    # Not persistent_workers: a new iterator every epoch draws its base seed from the global RNG, as
-    # with num_workers=0, so the shuffling (and every number) is the same for any number of workers.
-    loader = DataLoader(dataset, batch_size=int(t["batch_size"]), shuffle=True, drop_last=False,
-                        num_workers=workers)
-    last = paths.last_checkpoint
-    # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes the last checkpoint only
-    # when it has saved a top-k checkpoint in that epoch (save_top_k=0 would leave nothing to resume
-    # from). It names it CHECKPOINT_NAME_LAST + FILE_EXTENSION, the contract's LAST_CHECKPOINT (tested).
-    checkpoint = ModelCheckpoint(dirpath=paths.checkpoints, filename=EPOCH_CHECKPOINT, auto_insert_metric_name=False,
-                                 save_last=True, save_top_k=1, every_n_epochs=1)
-    trainer = L.Trainer(
-        max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=TensorBoardLogger(out_dir, name=LOG_DIR),
-        callbacks=[AtlasUpdate(paths.atlas_initial), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
-        num_sanity_val_steps=0, deterministic=False, precision=t.get("precision", "32-true"))
-    ckpt_path = str(last) if (resume and last.is_file()) else None
-    if ckpt_path:
-        print(f"resuming from {ckpt_path}", flush=True)
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
+        module = build_method(config)
+        module.set_training_data(dataset)
+        # Not persistent_workers: a new iterator every epoch draws its base seed from the global RNG, as
+        # with num_workers=0, so the shuffling (and every number) is the same for any number of workers.
+        loader = DataLoader(dataset, batch_size=int(t["batch_size"]), shuffle=True, drop_last=False,
+                            num_workers=workers)
+        last = paths.last_checkpoint
+        # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes the last checkpoint only
+        # when it has saved a top-k checkpoint in that epoch (save_top_k=0 would leave nothing to resume
+        # from). It names it CHECKPOINT_NAME_LAST + FILE_EXTENSION, the contract's LAST_CHECKPOINT (tested).
+        checkpoint = ModelCheckpoint(dirpath=paths.checkpoints, filename=EPOCH_CHECKPOINT,
+                                     auto_insert_metric_name=False, save_last=True, save_top_k=1, every_n_epochs=1)
+        trainer = L.Trainer(
+            max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=TensorBoardLogger(out_dir, name=LOG_DIR),
+            callbacks=[AtlasUpdate(paths.atlas_initial), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+            num_sanity_val_steps=0, deterministic=False, precision=t.get("precision", "32-true"))
+        ckpt_path = str(last) if (resume and last.is_file()) else None
+        if ckpt_path:
+            print(f"resuming from {ckpt_path}", flush=True)
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
 
-    final = paths.final_checkpoint
-    trainer.save_checkpoint(final)
-    save_atlas(module.atlas_labelmap, module.atlas_image, list(config["data"]["labels"].keys()),
-               module.net.grid, paths.atlas)
-    # Lightning leaves the module reachable from every callback (callback.log is module.log), and the
-    # module reaches the trainer, its data loader and the training data. A caller that keeps a
-    # callback (e.g. an EpochTimer) and segments next in the same process held them through its peak
-    # (Letter-B, when the training set was one tensor: 704 instead of 654 MiB,
-    # benchmarks/letter_b_speed.py), so release them here.
-    module.set_training_data(None)
-    module.trainer = None
-    del trainer, module, loader, dataset
-    gc.collect()
-    return final
+        final = paths.final_checkpoint
+        trainer.save_checkpoint(final)
+        save_atlas(module.atlas_labelmap, module.atlas_image, list(config["data"]["labels"].keys()),
+                   module.net.grid, paths.atlas)
+        # Lightning leaves the module reachable from every callback (callback.log is module.log), and the
+        # module reaches the trainer, its data loader and the training data. A caller that keeps a
+        # callback (e.g. an EpochTimer) and segments next in the same process held them through its peak
+        # (Letter-B, when the training set was one tensor: 704 instead of 654 MiB,
+        # benchmarks/letter_b_speed.py), so release them here.
+        module.set_training_data(None)
+        module.trainer = None
+        del trainer, module, loader, dataset
+        gc.collect()
+        return final
+    except AtlasregError:
+        # bad input found after the folder was made (a training case is checked when first read):
+        # a folder this call made and that holds no checkpoint yet is removed, as if never begun
+        if created and not paths.last_checkpoint.is_file():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def load_module(checkpoint: str | Path, map_location="cpu") -> AtlasISTNModule:

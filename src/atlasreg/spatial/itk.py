@@ -175,6 +175,9 @@ def read_transform(path: str | Path, dtype=torch.float32) -> Transform:
     ext = _extension(path)
     try:
         if ext in _FIELD_EXTENSIONS:
+            from ..data.io import verify_file
+
+            verify_file(path)
             return field_from_image(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
         return from_sitk(sitk.ReadTransform(str(path)), dtype)
     except (RuntimeError, ValueError) as e:
