@@ -97,7 +97,7 @@ def cmd_register(args) -> int:
     from .devices import resolve_device
     from .evaluation.registration import propagate_labels, read_landmark_pair, target_registration_error, \
         transform_regularity
-    from .registration.pipeline import register_images
+    from .registration.pipeline import DEFAULT_LAMBDA, default_iterations, register_images
     from .spatial.itk import write_transform
 
     out = check_output_folder(args.out)  # before anything is read or written
@@ -141,7 +141,8 @@ def cmd_register(args) -> int:
     summary = {
         "fixed": str(Path(args.fixed).resolve()), "moving": str(Path(args.moving).resolve()),
         "similarity": args.similarity, "stages": list(stages), "model": args.model,
-        "lambda": args.lam, "levels": list(levels), "iterations": iterations,
+        "lambda": DEFAULT_LAMBDA[args.similarity] if args.lam is None else args.lam, "levels": list(levels),
+        "iterations": default_iterations(levels) if iterations is None else iterations,
         "seconds": round(seconds, 3),
         "stage_results": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.items()}
                           for s in result.stages],

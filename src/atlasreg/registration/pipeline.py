@@ -75,6 +75,13 @@ def normalise_intensities(array: np.ndarray, mask: np.ndarray | None = None) -> 
     return ((a - float(inside.mean())) / (sd if sd > 0 else 1.0)).astype(np.float32)
 
 
+def default_iterations(levels: Sequence[int]) -> list[int] | int:
+    """Adam iterations per level when none are given: the last len(levels) of (100, 60, 30), coarse to
+    fine; 50 per level for more than three levels."""
+    levels = tuple(levels)
+    return list(DEFAULT_ITERATIONS[-len(levels):]) if len(levels) <= len(DEFAULT_ITERATIONS) else 50
+
+
 def _level_spacing(grid: Grid, size: Sequence[int]) -> tuple[float, ...]:
     """The spacing (ITK order, mm) of `grid`'s field of view sampled with `size` voxels (array order),
     as :meth:`Grid.downsample` makes the pyramid levels."""
@@ -135,7 +142,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
         options.setdefault("window_mm", 5 * float(np.mean(fixed_grid.spacing)))
     levels = tuple(int(f) for f in levels)
     if iterations is None:
-        iterations = DEFAULT_ITERATIONS[-len(levels):] if len(levels) <= len(DEFAULT_ITERATIONS) else 50
+        iterations = default_iterations(levels)
     modules: dict[tuple, torch.nn.Module] = {}
 
     def similarity_fn(warped, fixed_level, mask):
