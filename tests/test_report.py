@@ -89,21 +89,9 @@ def _write_eval(folder, info, rows, case_dirs=None):
 
 
 def test_report_command_writes_html_and_markdown(tmp_path):
-    # One case folder with an image, labelmaps and an inverse displacement for the qualitative figure.
+    # One case folder per case with an image, labelmaps and an inverse displacement for the qualitative figure.
     seg = tmp_path / "seg"
-    refs = {}
-    for c in CASES:
-        d = seg / c
-        d.mkdir(parents=True)
-        img = np.zeros((32, 32), np.uint8)
-        img[8:24, 8:24] = 200
-        sitk.WriteImage(sitk.GetImageFromArray(img), str(d / "image.png"))
-        lab = (img > 0).astype(np.uint8)
-        for out in ("itn", "onepass", "refine"):
-            sitk.WriteImage(sitk.GetImageFromArray(lab), str(d / f"{out}_labelmap.png"))
-        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((32, 32, 2)), isVector=True), str(d / "inverse_displacement.nii.gz"))
-        (d / "case.yaml").write_text(yaml.safe_dump({"image": str(d / "image.png")}))
-        refs[c] = str(d / "refine_labelmap.png")
+    refs = {c: _case2d(seg, c) for c in CASES}
     base = np.linspace(0.8, 0.95, 12)
     main_rows = _rows("itn", base - 0.1) + _rows("onepass", base - 0.05) + _rows("refine", base) + _rows("atlas", base - 0.3)
     _write_eval(tmp_path / "ev_main", {"test_set": "corrupt", "model": "m", "predictions": str(seg),
