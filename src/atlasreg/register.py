@@ -63,23 +63,22 @@ def _read_labels(path, image):
     return arr
 
 
-def _label_metrics(moving_labels, fixed_labels, transform, result):
+def _label_metrics(moving_labels, fixed_labels, warped_labels, result) -> dict:
+    """Dice and HD95 (mm) of the moving labelmap against the fixed one, before (the identity in world
+    coordinates) and after registration (`warped_labels`, already on the fixed grid)."""
     import numpy as np
-
-    from .evaluation.registration import propagate_labels, propagated_label_metrics
-
     import torch
 
+    from .evaluation.registration import propagate_labels, propagated_label_metrics
     from .spatial.transforms import AffineTransform
 
     labels = sorted(set(np.unique(moving_labels).tolist()) | set(np.unique(fixed_labels).tolist()) | {0})
-    out = {}
     d = result.fixed_grid.ndim
     identity = AffineTransform(torch.eye(d)[None], torch.zeros(1, d))
-    spacing = result.fixed_grid.spacing
-    for name, tr in (("before", identity), ("after", transform)):
-        warped = propagate_labels(moving_labels, labels, tr, result.moving_grid, result.fixed_grid)
-        m = propagated_label_metrics(warped, fixed_labels, labels, spacing)
+    before = propagate_labels(moving_labels, labels, identity, result.moving_grid, result.fixed_grid)
+    out = {}
+    for name, warped in (("before", before), ("after", warped_labels)):
+        m = propagated_label_metrics(warped, fixed_labels, labels, result.fixed_grid.spacing)
         out[name] = {"dice_mean": m["dice_mean"], "hd95_mean_mm": m["hd95_mean"],
                      "per_label": {int(k): {"dice": float(v["dice"]), "hd95_mm": float(v["hd95"])}
                                    for k, v in m["per_label"].items()}}
@@ -152,8 +151,12 @@ def cmd_register(args) -> int:
         reg = transform_regularity(T, result.fixed_grid)
     summary["jacobian"] = {"fraction_nonpositive": float(reg["fraction_nonpositive"][0]),
                            "std_log_jacobian": float(reg["std_log_jacobian"][0])}
-    if fixed_labels is not None and moving_labels is not None:
-        summary["labels"] = _label_metrics(moving_labels, fixed_labels, T, result)
+    warped_labels = None
+    if moving_labels is not None:  # propagated once: written, and scored against the fixed labels
+        labels = sorted(set(np.unique(moving_labels).tolist()) | {0})
+        warped_labels = propagate_labels(moving_labels, labels, T, result.moving_grid, result.fixed_grid)
+    if fixed_labels is not None and warped_labels is not None:
+        summary["labels"] = _label_metrics(moving_labels, fixed_labels, warped_labels, result)
     if landmarks is not None:
         tre = target_registration_error(T, *landmarks)
         summary["landmarks"] = {k: float(v) for k, v in tre.items() if k != "tre_mm"}
@@ -165,10 +168,8 @@ def cmd_register(args) -> int:
         img = sitk.GetImageFromArray(warped[0, 0].cpu().numpy())
         img.CopyInformation(fixed)
         write_image(img, tmp / WARPED)
-        if moving_labels is not None:
-            labels = sorted(set(np.unique(moving_labels).tolist()) | {0})
-            lab = propagate_labels(moving_labels, labels, T, result.moving_grid, result.fixed_grid)
-            lab_img = sitk.GetImageFromArray(lab.astype(np.int32))
+        if warped_labels is not None:
+            lab_img = sitk.GetImageFromArray(warped_labels.astype(np.int32))
             lab_img.CopyInformation(fixed)
             write_image(lab_img, tmp / WARPED_LABELS)
         write_transform(T, tmp / FORWARD_TRANSFORM)
