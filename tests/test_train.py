@@ -72,3 +72,121 @@ def test_bad_num_workers_is_a_clear_error(tmp_path):
     with pytest.raises(AtlasregError, match=r"^data.num_workers: expected an integer >= 0, got -1$"):
         load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}, "num_workers": -1}})
     assert not (tmp_path / "run").exists()
+
+
+def _tiny_run_config(tmp_path, epochs: int):
+    """A Letter-B config (7 cases of 32x32, 16x16 model grid) with augmentation and fade-in on, so a
+    resume must restore every random state; written to a YAML file."""
+    import yaml
+
+    from atlasreg.data.letter_b import write_letter_b_dataset
+
+    write_letter_b_dataset(tmp_path / "train", 7, seed=0, size=32)
+    cfg = {"data": {"train": {"images": str(tmp_path / "train"), "image_suffix": "_img", "label_suffix": "_seg"},
+                    "labels": {0: "background", 255: "letter"}, "spacing": [1.0, 1.0]},
+           "model": {"size": [16, 16], "itn_channels": [4, 4, 4, 4], "stn_channels": [4, 4, 4]},
+           "training": {"epochs": epochs, "batch_size": 3, "atlas_batch_size": 4, "threads": 1,
+                        "fade_in": {"e0": 1, "tau": 1}, "affine_start_epoch": 1,
+                        "augmentation": {"enabled": True}}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train_command(config, out, *extra):
+    import sys
+    from pathlib import Path
+
+    import atlasreg
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(atlasreg.__file__).parents[1])}
+    return [sys.executable, "-m", "atlasreg.cli", "train", str(config), "--out", str(out), "--quiet", *extra], env
+
+
+def _scalars(run):
+    """{tag: [(step, value), ...]} of the TensorBoard log of a training run folder (asserting it is one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    versions = sorted((run / "logs").iterdir())
+    assert [v.name for v in versions] == ["version_0"], versions
+    acc = EventAccumulator(str(versions[0]))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if not tag.startswith("time/")}
+
+
+def _equal(a, b) -> bool:
+    """Deep equality of checkpoint contents (tensors bit for bit)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    """Issue 14 item 3: a run killed with SIGKILL after epoch 1 and resumed ends with the same weights,
+    atlas, optimiser state and random states as an uninterrupted run, and the same losses in one
+    TensorBoard log (the killed run's events after its last checkpoint are purged)."""
+    import signal
+    import subprocess
+
+    import torch
+
+    config = _tiny_run_config(tmp_path, epochs=5)
+    cmd, env = _train_command(config, tmp_path / "whole")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+
+    cmd, env = _train_command(config, tmp_path / "killed")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch    1"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "model.ckpt").exists()
+    resumed = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=300)
+    assert "resuming from" in resumed.stdout
+
+    whole = torch.load(tmp_path / "whole" / "model.ckpt", weights_only=False)
+    again = torch.load(tmp_path / "killed" / "model.ckpt", weights_only=False)
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "atlasreg_random_states", "epoch", "global_step"):
+        assert _equal(whole[key], again[key]), key
+    assert whole["state_dict"]["atlas_labelmap"].std() > 0  # the atlas is in the compared state
+    assert _scalars(tmp_path / "killed") == _scalars(tmp_path / "whole")
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    """Issue 14 item 3: `train` into a folder holding a run compares the configs: another lambda is a
+    one-line error naming the key and both values, and nothing in the folder changes; more epochs
+    continue the run; --force-new starts over (no older checkpoint, log or atlas survives)."""
+    import subprocess
+
+    config = _tiny_run_config(tmp_path, epochs=1)
+    out = tmp_path / "run"
+    cmd, env = _train_command(config, out)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if "cache" not in p.parts}
+
+    changed = subprocess.run(cmd + ["--set", "training.lambda=0.5"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert changed.returncode == 2
+    lines = changed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"atlasreg: error: {out / 'config.yaml'}: ")
+    assert "training.lambda: " in lines[0] and "-> 0.5" in lines[0] and "--force-new" in lines[0]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if "cache" not in p.parts} == before
+
+    longer = subprocess.run(cmd + ["--epochs", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0 and "resuming from" in longer.stdout
+    assert "epoch    1" in longer.stdout and "epoch    0" not in longer.stdout
+
+    fresh = subprocess.run(cmd + ["--set", "training.lambda=0.5", "--force-new"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert fresh.returncode == 0 and "resuming" not in fresh.stdout and "epoch    0" in fresh.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch0000.ckpt", "last.ckpt"]
+    assert "lambda: 0.5" in (out / "config.yaml").read_text()

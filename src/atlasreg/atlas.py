@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from .contracts import ATLAS_IMAGE, ATLAS_LABELMAP, ATLAS_PROBABILITIES
-from .data.io import write_image
+from .data.io import atomic_directory, write_image
 from .data.preprocessing import indices_to_values
 from .spatial.grid import Grid
 
@@ -35,8 +35,9 @@ def save_atlas(labelmap: torch.Tensor, image: torch.Tensor, labels: Sequence[int
     the model's, so transforms that atlasreg writes apply to these files as they are): the labelmap
     (argmax, declared label values, int32), the probabilities (C-component float32 vector image) and
     the image (float32). labelmap: (1, C, *grid.size); image: (1, 1, *grid.size). Returns the paths,
-    keyed by file name (:data:`~atlasreg.contracts.ATLAS_LABELMAP`, ...). Raises ValueError when the
-    atlas is not on `grid`."""
+    keyed by file name (:data:`~atlasreg.contracts.ATLAS_LABELMAP`, ...). The folder is written all or
+    nothing (:func:`atlasreg.data.io.atomic_directory`; an existing one is replaced), so a run killed
+    while writing never leaves a partial atlas. Raises ValueError when the atlas is not on `grid`."""
     out_dir = Path(out_dir)
     if tuple(labelmap.shape[2:]) != grid.size:
         raise ValueError(f"atlas of shape {tuple(labelmap.shape[2:])} is not on the grid {grid.size}")
@@ -46,8 +47,8 @@ def save_atlas(labelmap: torch.Tensor, image: torch.Tensor, labels: Sequence[int
     imgs = {ATLAS_LABELMAP: sitk.GetImageFromArray(arg),
             ATLAS_PROBABILITIES: probs,
             ATLAS_IMAGE: sitk.GetImageFromArray(image[0, 0].detach().cpu().float().numpy())}
-    paths = {}
-    for name, img in imgs.items():
-        grid.copy_information_to(img)
-        paths[name] = write_image(img, out_dir / name)
-    return paths
+    with atomic_directory(out_dir) as tmp:
+        for name, img in imgs.items():
+            grid.copy_information_to(img)
+            write_image(img, tmp / name)
+    return {name: out_dir / name for name in imgs}

@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
     if args.epochs is not None:
         overrides.setdefault("training", {})["epochs"] = args.epochs
     cfg = load_config(args.config, overrides)
-    final = train(cfg, args.out, resume=not args.no_resume, progress=not args.quiet, device=args.device)
+    final = train(cfg, args.out, resume=not args.force_new, progress=not args.quiet, device=args.device)
     print(f"model: {final}\natlas: {run_paths(args.out).atlas}")
     return 0
 
@@ -181,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="override training.epochs")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. "
                    "training.lambda=0.2 (repeatable)")
-    t.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    t.add_argument("--force-new", "--no-resume", dest="force_new", action="store_true",
+                   help="start a new run even if --out holds one (its checkpoints, atlas and logs are deleted); "
+                   "without it a run with the same config resumes and one with another config is refused")
     t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<index>")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)

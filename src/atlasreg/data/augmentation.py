@@ -21,7 +21,10 @@ def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float], se
     (2D; 3D: the same about every axis), or one per array axis in 3D, about axes (0, 1, 2) of the
     (z, y, x) array, so [45, 0, 0] turns the slices in-plane only (anisotropic cine MRI). seed: seeds
     MONAI's own random state (which the global seeds do not reach), so the same seed gives the same
-    augmentation. Raises ConfigError for a per-axis list of the wrong length."""
+    augmentation. The function's attribute ``random_states`` holds those states (numpy RandomStates of
+    RandAffine and of its RandAffineGrid), which checkpoints store so that a resumed run draws the same
+    affines. Raises ConfigError for a per-axis
+    list of the wrong length."""
     rot = _per_axis(cfg["rotation_degrees"], 1 if ndim == 2 else 3, "rotation_degrees")
     rot = tuple(math.radians(r) for r in rot)
     lo, hi = cfg["scale"]
@@ -54,6 +57,7 @@ def make_spatial_augmentation(cfg: dict, ndim: int, spacing: Sequence[float], se
         lab = torch.cat([(1.0 - lab.sum(1, keepdim=True)).clamp(0.0, 1.0), lab], dim=1)
         return out[:, :1].contiguous(), lab.contiguous(), moved[:, -1:].contiguous()
 
+    augment.random_states = (rand.R, rand.rand_affine_grid.R)
     return augment
 
 

@@ -1,13 +1,18 @@
 """Training entry point: Lightning Trainer with TensorBoard logging, a progress bar, atomic checkpoints
-holding weights, optimiser, atlas and config, and resume from the last checkpoint."""
+holding weights, optimiser, atlas, config and random states, and an exact resume from the last
+checkpoint (only with the same config)."""
 
 from __future__ import annotations
 
 import gc
 import os
+import random
 import shutil
 import time
 from pathlib import Path
+from typing import Mapping
+
+import numpy as np
 
 import lightning as L
 import torch
@@ -19,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..atlas import save_atlas
 from ..config import ConfigError, validate
-from ..contracts import EPOCH_CHECKPOINT, FINAL_CHECKPOINT, LOG_DIR, run_paths
+from ..contracts import EPOCH_CHECKPOINT, FINAL_CHECKPOINT, LOG_DIR, read_run_config, run_paths
 from ..data.case_dataset import CaseDataset
 from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
@@ -29,6 +34,18 @@ from .registry import build_method, load_model
 
 #: Environment variable naming a case-cache folder shared by runs (default: the run folder's cache folder).
 CACHE_ENV = "ATLASREG_CACHE"
+
+#: Config keys that may change when a run is resumed: they change its speed or its length, not the
+#: numbers of the epochs it trains (the learning-rate and fade-in schedules do not depend on
+#: training.epochs; workers give the same batches, see `train`).
+RESUMABLE_KEYS = ("training.epochs", "training.threads", "data.num_workers")
+
+#: Key of the random states in a checkpoint (:class:`RandomStates`).
+RNG_KEY = "atlasreg_random_states"
+
+#: TensorBoard run of a training folder: one, continued by every resume (the events a killed run wrote
+#: after its last checkpoint are purged).
+LOG_VERSION = 0
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -71,6 +88,118 @@ class EpochTimer(Callback):
                   f"atlas {self.times[-1][1]:.1f}s", flush=True)
 
 
+def random_states(module=None) -> dict:
+    """The states of every random generator training draws from: Python's, NumPy's global, torch's CPU
+    (and CUDA) generators and, when `module` has a spatial augmentation, MONAI's own RandomState of it
+    (:func:`atlasreg.data.augmentation.make_spatial_augmentation`). Plain types and tensors only, so a
+    checkpoint holding them loads with ``weights_only=True``."""
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": _plain_numpy_state(np.random.get_state())}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    augment = getattr(module, "_augment", None)
+    if augment is not None and hasattr(augment, "random_states"):
+        states["augmentation"] = [_plain_numpy_state(r.get_state()) for r in augment.random_states]
+    return states
+
+
+def _plain_numpy_state(state: tuple) -> list:
+    kind, keys, pos, has_gauss, gauss = state
+    return [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
+
+
+def set_random_states(states: Mapping, module=None) -> None:
+    """Restore what :func:`random_states` returned (the CUDA states only where CUDA is available; the
+    augmentation's only when `module` has one)."""
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in states["python"]))
+    np.random.set_state(_numpy_state(states["numpy"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    _set_augmentation_states(module, states.get("augmentation"))
+
+
+def _set_augmentation_states(module, states) -> None:
+    augment = getattr(module, "_augment", None)
+    if states is not None and augment is not None and hasattr(augment, "random_states"):
+        for generator, state in zip(augment.random_states, states):
+            generator.set_state(_numpy_state(state))
+
+
+def _numpy_state(value) -> tuple:
+    kind, keys, pos, has_gauss, gauss = value
+    return kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)
+
+
+class RandomStates(Callback):
+    """Stores the random states (:func:`random_states`) in every checkpoint and restores them when a
+    run resumes. Checkpoints are written at the end of an epoch, after the atlas update, so the resumed
+    run continues from the states the uninterrupted run has at the start of the next epoch: on the same
+    machine and thread count, the same numbers (tests/test_train.py kills a run with SIGKILL and
+    compares). The global states are restored as soon as the checkpoint is read: on resume Lightning
+    creates the first epoch's DataLoader iterator, which draws its base seed from torch's generator,
+    before the training-start hooks. The augmentation's state is restored at the start of training,
+    after the module has built its augmentation (`on_fit_start`)."""
+
+    def __init__(self):
+        self._augmentation = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint[RNG_KEY] = random_states(pl_module)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        states = checkpoint.get(RNG_KEY)
+        if states is not None:
+            set_random_states({k: v for k, v in states.items() if k != "augmentation"})
+            self._augmentation = states.get("augmentation")
+
+    def on_train_start(self, trainer, pl_module):
+        _set_augmentation_states(pl_module, self._augmentation)
+        self._augmentation = None
+
+
+def config_differences(stored: Mapping, requested: Mapping, prefix: str = "") -> list[str]:
+    """The dotted keys at which two configs differ, each as ``'key: stored -> requested'`` (a key
+    missing on one side shows as ``<unset>``), in the order of `requested`."""
+    out = []
+    for key in [*requested, *(k for k in stored if k not in requested)]:
+        a, b = stored.get(key, "<unset>"), requested.get(key, "<unset>")
+        name = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a} -> {b}")
+    return out
+
+
+def _check_resumable(stored: Mapping, config: Mapping, folder: Path) -> None:
+    """AtlasregError naming the run's config file and the differing keys unless `config` may resume
+    the run whose config is `stored` (equal up to :data:`RESUMABLE_KEYS`)."""
+    plain = yaml.safe_load(yaml.safe_dump(dict(config), sort_keys=False))  # tuples -> lists, as stored
+    changed = [d for d in config_differences(stored, plain) if d.split(":")[0] not in RESUMABLE_KEYS]
+    if changed:
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise AtlasregError(f"holds a run trained with another config ({shown}): give the same config to "
+                            f"resume it, or --force-new to start a new run there (its checkpoints, atlas "
+                            f"and logs are deleted), or another --out", run_paths(folder).config)
+
+
+def _clear_run(paths) -> None:
+    """Delete what a training run wrote in its folder except the case cache (keyed by preprocessing)."""
+    for folder in (paths.checkpoints, paths.atlas, paths.atlas_initial, paths.logs):
+        shutil.rmtree(folder, ignore_errors=True)
+    for file in (paths.final_checkpoint, paths.config):
+        file.unlink(missing_ok=True)
+
+
+def _resume_step(last: Path) -> int | None:
+    """The global step of the checkpoint a run resumes from (None when unreadable)."""
+    try:
+        return int(torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+    except Exception:  # an unreadable checkpoint is reported by Lightning when it loads it
+        return None
+
+
 class AtlasUpdate(Callback):
     """Atlas update at every epoch end (Eqs. 15-16). As a callback it runs before ModelCheckpoint
     (Lightning orders checkpoint callbacks last), so checkpoints and resumed runs see the new atlas.
@@ -110,7 +239,11 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     cases, see `training_dataset`).
     The cases are read on demand (`data.num_workers` DataLoader workers); batches are shuffled by the
     global RNG seeded with `training.seed`, so a seed gives the same batches whatever the workers.
-    Resumes from the last checkpoint if present and `resume`. device: 'auto' (CUDA when
+    Resumes from the last checkpoint if present and `resume`, exactly: the checkpoint holds the random
+    states (:class:`RandomStates`), and TensorBoard continues in the same log. A folder holding a run
+    with another config (other than :data:`RESUMABLE_KEYS`) is refused with an AtlasregError naming
+    the differing keys; with `resume` False that run's checkpoints, atlas folders, logs and config are
+    deleted first (the case cache is kept) and a new run starts. device: 'auto' (CUDA when
     available), 'cpu', 'cuda' or 'cuda:<i>' (:func:`atlasreg.devices.resolve_device`; AtlasregError
     for a device this machine lacks). Returns the final checkpoint path.
     The config is validated (`config.validate`) and the case list found before out_dir is created, so
@@ -132,6 +265,13 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     if len(dataset) == 0:
         raise AtlasregError("the training set is empty")
     created = not out_dir.exists()
+    has_run = paths.last_checkpoint.is_file() or paths.final_checkpoint.is_file()
+    if resume and has_run:
+        _check_resumable(read_run_config(out_dir), config, out_dir)
+    elif not created:
+        # a new run: nothing of an older one (or of a run that died before its first checkpoint)
+        # may survive into it, e.g. its initial atlas or its logs
+        _clear_run(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         write_text(paths.config, yaml.safe_dump(config, sort_keys=False))
@@ -148,12 +288,18 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
         # from). It names it CHECKPOINT_NAME_LAST + FILE_EXTENSION, the contract's LAST_CHECKPOINT (tested).
         checkpoint = ModelCheckpoint(dirpath=paths.checkpoints, filename=EPOCH_CHECKPOINT,
                                      auto_insert_metric_name=False, save_last=True, save_top_k=1, every_n_epochs=1)
+        ckpt_path = str(last) if (resume and last.is_file()) else None
+        # one TensorBoard log per run folder; on resume, the events of steps after the checkpoint
+        # (written by the run that was killed) are purged so that no step appears twice
+        step = _resume_step(last) if ckpt_path else None
+        logger = TensorBoardLogger(out_dir, name=LOG_DIR, version=LOG_VERSION, default_hp_metric=False,
+                                   **({"purge_step": step} if step is not None else {}))
         trainer = L.Trainer(
-            max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=TensorBoardLogger(out_dir, name=LOG_DIR),
-            callbacks=[AtlasUpdate(paths.atlas_initial), timer or EpochTimer(verbose=not progress), *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
+            max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=logger,
+            callbacks=[AtlasUpdate(paths.atlas_initial), RandomStates(), timer or EpochTimer(verbose=not progress),
+                       *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
             enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
             num_sanity_val_steps=0, deterministic=False, precision=t.get("precision", "32-true"))
-        ckpt_path = str(last) if (resume and last.is_file()) else None
         if ckpt_path:
             print(f"resuming from {ckpt_path}", flush=True)
         trainer.fit(module, loader, ckpt_path=ckpt_path)
