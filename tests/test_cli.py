@@ -482,3 +482,115 @@ def test_leftovers_of_a_killed_run_are_cleaned_by_the_next_run(outputs, tmp_path
     else:
         assert left == []
     assert unrelated.read_text() == "mine"
+
+
+def _other_checkpoint(trained, path):
+    """The tiny model with one ITN weight changed (another checkpoint, same config)."""
+    ckpt = torch.load(trained / "run" / "model.ckpt", weights_only=False)
+    name = next(k for k in ckpt["state_dict"] if k.startswith("net.itn") and k.endswith("weight"))
+    ckpt["state_dict"][name] += 1e-3
+    torch.save(ckpt, path)
+    return path
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_segment_refuses_a_folder_of_another_run_and_overwrite_clears_it(trained, tmp_path, capsys):
+    """Issue 14 item 4: segment.yaml names the run (checkpoint bytes, settings); another checkpoint or
+    other settings are refused naming it, and nothing changes; the same run grows the folder;
+    --overwrite deletes the other run's cases; case folders without a manifest are refused."""
+    test, out = trained / "test", tmp_path / "seg"
+    assert main(segment_argv(trained, [test / "B101_img.png"], out) + ["--iterations", "2", "--image-suffix", "_img"]) == 0
+    info = yaml.safe_load((out / "segment.yaml").read_text())
+    assert info["status"] == "complete" and info["cases"] == ["B101"] and len(info["checkpoint_sha256"]) == 64
+    other = _other_checkpoint(trained, tmp_path / "other.ckpt")
+    before = _snapshot(out)
+    run_fails(["segment", str(test / "B102_img.png"), "--checkpoint", str(other), "--out", str(out), "--quiet",
+               "--iterations", "2", "--image-suffix", "_img"], capsys, f"{out / 'segment.yaml'}: holds segmentations of another run",
+              "checkpoint", "--overwrite")
+    run_fails(segment_argv(trained, [test / "B102_img.png"], out) + ["--iterations", "3", "--image-suffix", "_img"], capsys,
+              "refinement.iterations: 2 -> 3")
+    assert _snapshot(out) == before
+
+    assert main(segment_argv(trained, [test / "B102_img.png"], out) + ["--iterations", "2", "--image-suffix", "_img"]) == 0
+    assert yaml.safe_load((out / "segment.yaml").read_text())["cases"] == ["B101", "B102"]
+
+    assert main(["segment", str(test / "B103_img.png"), "--checkpoint", str(other), "--out", str(out), "--quiet",
+                 "--iterations", "2", "--overwrite", "--image-suffix", "_img"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["B103", "segment.yaml"]
+    assert yaml.safe_load((out / "segment.yaml").read_text())["checkpoint"] == str(other.resolve())
+
+    (out / "segment.yaml").unlink()
+    run_fails(segment_argv(trained, [test / "B101_img.png"], out), capsys,
+              f"{out}: holds segmentations (B103) without segment.yaml")
+
+
+def test_evaluate_refuses_an_interrupted_or_mixed_segmentation_run(trained, tmp_path, capsys, monkeypatch):
+    """Issue 14 item 4: a segment run interrupted after its first case stays marked in progress, and
+    evaluate refuses it; rerunning the same command completes it; a case folder the manifest does not
+    list (another run's) is refused by evaluate too."""
+    import shutil
+
+    import atlasreg.segment as segment_module
+
+    test, out = trained / "test", tmp_path / "seg"
+    write = segment_module.write_case_outputs
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(segment_module, "write_case_outputs", interrupted)
+    argv = segment_argv(trained, [test], out) + ["--image-suffix", "_img", "--iterations", "2", "--cases-at-once", "1"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == "atlasreg: interrupted"
+    assert (out / "B101").is_dir() and not (out / "B102").exists()
+    assert yaml.safe_load((out / "segment.yaml").read_text())["status"] == "in_progress"
+    evaluate = ["evaluate", str(out), "--references", str(test), "--reference-suffix", "_seg", "--checkpoint",
+                str(trained / "run" / "model.ckpt"), "--out", str(tmp_path / "ev")]
+    run_fails(evaluate, capsys, f"{out / 'segment.yaml'}: the segmentation run is incomplete")
+    assert not (tmp_path / "ev").exists()
+
+    monkeypatch.setattr(segment_module, "write_case_outputs", write)
+    assert main(argv) == 0
+    assert yaml.safe_load((out / "segment.yaml").read_text())["status"] == "complete"
+    assert main(evaluate) == 0
+
+    shutil.copytree(out / "B101", out / "B999")
+    run_fails(evaluate + ["--overwrite"], capsys, f"{out}: holds 1 case folder(s) its segmentation run did not write (B999")
+
+
+def test_evaluate_and_report_refuse_an_output_of_other_inputs(trained, tmp_path, capsys):
+    """Issue 14 item 4: evaluate into a folder holding the evaluation of other predictions, and report
+    into a folder holding a report of other evaluations, are refused naming the manifest; --overwrite
+    replaces them; a report rerun leaves no figure of the earlier report."""
+    test = trained / "test"
+    evs = []
+    for name in ("a", "b"):
+        seg = tmp_path / f"seg_{name}"
+        assert main(segment_argv(trained, [test / "B101_img.png", test / "B102_img.png"], seg)
+                    + ["--iterations", "1", "--image-suffix", "_img"]) == 0
+        evs.append(["evaluate", str(seg), "--references", str(test), "--reference-suffix", "_seg", "--checkpoint",
+                    str(trained / "run" / "model.ckpt"), "--out", str(tmp_path / "ev")])
+    assert main(evs[0]) == 0
+    before = _snapshot(tmp_path / "ev")
+    run_fails(evs[1], capsys, f"{tmp_path / 'ev' / 'info.yaml'}: holds an evaluation of another run",
+              f"predictions: {tmp_path / 'seg_a'} -> {tmp_path / 'seg_b'}")
+    assert _snapshot(tmp_path / "ev") == before
+    assert main(evs[1] + ["--overwrite"]) == 0
+    assert yaml.safe_load((tmp_path / "ev" / "info.yaml").read_text())["predictions"] == str(tmp_path / "seg_b")
+
+    report = ["report", str(tmp_path / "ev"), "--out", str(tmp_path / "report"), "--bootstrap", "50"]
+    assert main(report) == 0
+    (tmp_path / "report" / "figures" / "figure99.png").write_bytes(b"stale")
+    assert main(report) == 0
+    assert "figure99.png" not in {p.name for p in (tmp_path / "report" / "figures").iterdir()}
+    assert main(evs[0][:-1] + [str(tmp_path / "ev_a")]) == 0
+    other = ["report", str(tmp_path / "ev_a"), "--out", str(tmp_path / "report"), "--bootstrap", "50"]
+    run_fails(other, capsys, f"{tmp_path / 'report' / 'report.yaml'}: holds a report of another run", "evaluations")
+    assert main(other + ["--overwrite"]) == 0

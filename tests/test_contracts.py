@@ -88,10 +88,15 @@ def test_case_info_round_trip(tmp_path):
 
 def test_segment_info_round_trip(tmp_path):
     refinement = {"iterations": 50, "lr": 0.001, "beta": 1.0, "gamma": 1.0, "lambda": 0.126, "cases_at_once": 8}
-    c.write_segment_info(tmp_path, "model/m.ckpt", refinement)
+    c.write_segment_info(tmp_path, "model/m.ckpt", refinement, "ab12", c.IN_PROGRESS, ["B2", "B10", "B1"])
     info = c.read_segment_info(tmp_path)
-    assert info == {"checkpoint": str(Path("model/m.ckpt").resolve()), "refinement": refinement}
-    assert list(info) == ["checkpoint", "refinement"]
+    assert info == {"checkpoint": str(Path("model/m.ckpt").resolve()), "checkpoint_sha256": "ab12",
+                    "refinement": refinement, "status": "in_progress", "cases": ["B1", "B10", "B2"]}
+    assert list(info) == ["checkpoint", "checkpoint_sha256", "refinement", "status", "cases"]
+    c.write_segment_info(tmp_path, "model/m.ckpt", refinement)
+    assert c.read_segment_info(tmp_path)["status"] == c.COMPLETE
+    with pytest.raises(ValueError, match="status"):
+        c.write_segment_info(tmp_path, "model/m.ckpt", refinement, status="done")
     assert c.read_segment_info(tmp_path / "none") == {}
 
 

@@ -269,8 +269,8 @@ def test_info_transforms_and_quality_control(tmp_path, qc_tree):
 def test_no_quality_control_without_refine(tmp_path, png_case_tree):
     pred, refs = png_case_tree
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "quality_control.csv").write_text("stale\n")
+    evaluate_predictions(pred, refs, LABELS, out)
+    (out / "quality_control.csv").write_text("stale\n")  # as if an earlier evaluation of these predictions
     evaluate_predictions(pred, refs, LABELS, out)
     assert not (out / "quality_control.csv").exists()  # no case has refine; the stale file is gone
     assert (out / "transforms_per_case.csv").read_text() == "case," + TRANSFORM_HEADER + "\n"

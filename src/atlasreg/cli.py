@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .contracts import FINAL_CHECKPOINT, METRICS_PER_CASE, read_segment_info, run_paths, write_segment_info
+from .contracts import FINAL_CHECKPOINT, METRICS_PER_CASE, REPORT_HTML, REPORT_MD, read_segment_info, run_paths
 from .errors import AtlasregError
 
 
@@ -58,10 +58,10 @@ def cmd_segment(args) -> int:
     if not inputs:
         raise AtlasregError("give input images/folders or --split")
     refinement = _refinement_overrides(args)
+    # segment() writes the run's manifest (checkpoint, settings, status, cases), read back by `atlasreg
+    # evaluate` (and the report's sensitivity study)
     written = segment(module, inputs, args.out, refinement, progress=not args.quiet,
-                      image_suffix=args.image_suffix)
-    # The settings of this run, read back by `atlasreg evaluate` (and the report's sensitivity study).
-    write_segment_info(args.out, args.checkpoint, dict(module.config["refinement"], **refinement))
+                      image_suffix=args.image_suffix, checkpoint=args.checkpoint, overwrite=args.overwrite)
     print(f"{len(written)} case(s) written to {args.out}")
     return 0
 
@@ -107,7 +107,7 @@ def _evaluation_info(config: dict, args, references: dict) -> dict:
             "fixed_atlas": config["training"].get("fixed_atlas"),
             "seg_weight": config["training"].get("seg_weight", 1.0), "label": args.label,
             "references": {k: str(Path(v).resolve()) for k, v in references.items()}}
-    info.update(read_segment_info(args.predictions))
+    info.update({k: v for k, v in read_segment_info(args.predictions).items() if k not in ("status", "cases")})
     if args.checkpoint:
         info["checkpoint"] = str(Path(args.checkpoint).resolve())
     return info
@@ -129,7 +129,7 @@ def cmd_evaluate(args) -> int:
         raise AtlasregError("evaluate needs --references or --split")
     info = _evaluation_info(config, args, refs)
     per_case, summary = evaluate_predictions(args.predictions, refs, labels, args.out, merge=merge,
-                                             test_set=args.test_set, info=info)
+                                             test_set=args.test_set, info=info, overwrite=args.overwrite)
     print(Path(summary).read_text())
     print(f"per-case metrics: {per_case}")
     return 0
@@ -140,7 +140,8 @@ def cmd_report(args) -> int:
 
     _output_folder(args.out)
     html_path, md_path = build_report(args.evaluations, args.out, sensitivity=args.sensitivity,
-                                      reference=args.reference, title=args.title, n_boot=args.bootstrap)
+                                      reference=args.reference, title=args.title, n_boot=args.bootstrap,
+                                      overwrite=args.overwrite)
     print(f"report: {html_path}\nmarkdown: {md_path}")
     return 0
 
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cases-at-once", type=int, help="cases refined together, each with its own STN copy")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<index>; "
                    "the model and the refinement run there")
+    s.add_argument("--overwrite", action="store_true", help="delete the results of another run that --out "
+                   "holds (without it such a folder is refused)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
 
@@ -219,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test-set", help="name of the test set in the report (default: the predictions folder)")
     e.add_argument("--label", help="name of the model in the report (default: from its config, e.g. "
                    "'Atlas-ISTN', 'U-Net', 'VML', 'Fixed', 'SVF')")
+    e.add_argument("--overwrite", action="store_true", help="delete the results of another run that --out "
+                   "holds (without it such a folder is refused)")
     e.set_defaults(func=cmd_evaluate)
 
     from .correspondence import add_correspond_parser
@@ -230,12 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="one HTML page (and Markdown) with tables, statistics and figures "
                        "from evaluation folders")
     r.add_argument("evaluations", nargs="+", help="folders written by `atlasreg evaluate`")
-    r.add_argument("--out", required=True, help="folder for report.html, report.md and figures")
+    r.add_argument("--out", required=True, help=f"folder for {REPORT_HTML}, {REPORT_MD} and figures")
     r.add_argument("--sensitivity", nargs="*", default=[], help="evaluation folders of one model refined "
                    "with different lambda* (the paper's regularisation study)")
     r.add_argument("--reference", default="Refine", help="column compared with every other one")
     r.add_argument("--title", default="atlasreg evaluation report")
     r.add_argument("--bootstrap", type=int, default=10000, help="bootstrap repetitions (paper: 10,000)")
+    r.add_argument("--overwrite", action="store_true", help="delete the results of another run that --out "
+                   "holds (without it such a folder is refused)")
     r.set_defaults(func=cmd_report)
 
     g = sub.add_parser("letter-b", help="generate synthetic Letter-B pairs (paper Sec. 3.1)")

@@ -671,3 +671,17 @@ def parse_set(items: list[str] | None) -> dict:
                 raise AtlasregError(f"--set {key}: {'.'.join(parts[:i + 1])} is also set to a value")
         node[parts[-1]] = value
     return out
+
+
+def differences(stored: Mapping, requested: Mapping, prefix: str = "") -> list[str]:
+    """The dotted keys at which two configs differ, each as ``'key: stored -> requested'`` (a key
+    missing on one side shows as ``<unset>``), in the order of `requested`."""
+    out = []
+    for key in [*requested, *(k for k in stored if k not in requested)]:
+        a, b = stored.get(key, "<unset>"), requested.get(key, "<unset>")
+        name = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a} -> {b}")
+    return out

@@ -56,9 +56,13 @@ Case folder ``<out>/<case>/`` (``atlasreg segment``; :func:`atlasreg.export.writ
 Segmentation run folder (``atlasreg segment --out``)
 ----------------------------------------------------
 One case folder per case, and ``segment.yaml`` (:data:`SEGMENT_INFO`; :func:`write_segment_info`,
-:func:`read_segment_info`): ``checkpoint`` (absolute path of the model checkpoint) and ``refinement``
-(the refinement settings used: iterations, lr, beta, gamma, lambda, cases_at_once). ``atlasreg
-evaluate`` takes the declared labels from that checkpoint and copies both entries into the
+:func:`read_segment_info`), the run's manifest: ``checkpoint`` (absolute path of the model checkpoint),
+``checkpoint_sha256`` (its SHA-256), ``refinement`` (the refinement settings used: iterations, lr,
+beta, gamma, lambda, cases_at_once), ``status`` (:data:`IN_PROGRESS` from before the first case folder
+is written until the last is, then :data:`COMPLETE`) and ``cases`` (the case folders of the run).
+``atlasreg segment`` refuses a folder whose manifest names another checkpoint or other settings
+(:mod:`atlasreg.outputs`); ``atlasreg evaluate`` refuses a run in progress and case folders the
+manifest does not list, takes the declared labels from the checkpoint and copies the entries into the
 evaluation's ``info.yaml`` (the report's lambda* sensitivity study reads them there).
 
 Training run folder (``atlasreg train --out``; :func:`run_paths`)
@@ -115,6 +119,13 @@ Evaluation folder (``atlasreg evaluate --out``; :func:`write_evaluation`, :func:
   on the refined labelmap's background; ``qc_score = 1 - dice_itn_refine`` (higher: look at this
   case); ``refine_dice``, the mean Dice of ``refine`` against the reference (to judge the score);
   ``flagged``: ``True`` for the cases with the 10 % highest scores (at least one).
+
+Report folder (``atlasreg report --out``)
+-----------------------------------------
+``report.html`` (:data:`REPORT_HTML`, self-contained), ``report.md`` (:data:`REPORT_MD`), ``figures/``
+(:data:`FIGURE_DIR`, the Markdown's figures, replaced as a whole) and, written last, ``report.yaml``
+(:data:`REPORT_INFO`): ``evaluations`` and ``sensitivity``, the absolute paths of the evaluation
+folders the report was built from.
 """
 
 from __future__ import annotations
@@ -154,6 +165,10 @@ TRANSFORM_METRIC_COLUMNS = ("method", "mice_mm", "mice_voxels", "ic_dsc", "nonpo
 
 # segmentation run folder
 SEGMENT_INFO = "segment.yaml"
+#: ``status`` of a segmentation run in :data:`SEGMENT_INFO` until its last case folder is written ...
+IN_PROGRESS = "in_progress"
+#: ... and after.
+COMPLETE = "complete"
 
 # registration folder (`atlasreg register`): the transforms and fields share the case folder's names
 # (FORWARD_TRANSFORM, FORWARD_FIELD, INVERSE_TRANSFORM, INVERSE_FIELD); there "forward" maps fixed
@@ -186,6 +201,12 @@ SUMMARY_MD = "summary.md"
 EVALUATION_INFO = "info.yaml"
 TRANSFORMS_PER_CASE = "transforms_per_case.csv"
 QUALITY_CONTROL = "quality_control.csv"
+
+# report folder
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+REPORT_INFO = "report.yaml"
+FIGURE_DIR = "figures"
 PER_CASE_COLUMNS = ("case", "method", "label", "structure", "dice", "hd", "hd95", "asd", "components", "holes",
                     "reference_components", "reference_holes")
 SUMMARY_COLUMNS = ("method", "label", "structure", "n",
@@ -199,9 +220,9 @@ QUALITY_COLUMNS = ("case", "dice_itn_refine", "itn_outside_refine", "qc_score", 
 FILE_NAMES = (DEFORMED_ATLAS_IMAGE, FORWARD_FIELD, INVERSE_FIELD, FORWARD_TRANSFORM, INVERSE_TRANSFORM, CASE_INFO,
               TRANSFORM_METRICS, SEGMENT_INFO, RUN_CONFIG, FINAL_CHECKPOINT, LAST_CHECKPOINT, ATLAS_LABELMAP,
               ATLAS_PROBABILITIES, ATLAS_IMAGE, METRICS_PER_CASE, SUMMARY_CSV, SUMMARY_MD, EVALUATION_INFO,
-              TRANSFORMS_PER_CASE, QUALITY_CONTROL)
+              TRANSFORMS_PER_CASE, QUALITY_CONTROL, REPORT_HTML, REPORT_MD, REPORT_INFO)
 #: Every folder name above.
-FOLDER_NAMES = (CHECKPOINT_DIR, ATLAS_DIR, INITIAL_ATLAS_DIR, LOG_DIR, CACHE_DIR)
+FOLDER_NAMES = (CHECKPOINT_DIR, ATLAS_DIR, INITIAL_ATLAS_DIR, LOG_DIR, CACHE_DIR, FIGURE_DIR)
 #: Every column tuple above.
 COLUMN_TUPLES = (TRANSFORM_METRIC_COLUMNS, PER_CASE_COLUMNS, SUMMARY_COLUMNS, TRANSFORMS_PER_CASE_COLUMNS,
                  QUALITY_COLUMNS)
@@ -344,11 +365,18 @@ def read_case_info(case_dir: str | Path) -> dict | None:
     return info
 
 
-def write_segment_info(run_dir: str | Path, checkpoint: str | Path, refinement: Mapping) -> Path:
-    """Write :data:`SEGMENT_INFO` into a segmentation run folder: ``checkpoint`` (made absolute) and
-    ``refinement`` (the settings used, a plain mapping). Returns the file."""
+def write_segment_info(run_dir: str | Path, checkpoint: str | Path, refinement: Mapping,
+                       checkpoint_sha256: str | None = None, status: str = COMPLETE,
+                       cases: Sequence[str] | None = None) -> Path:
+    """Write :data:`SEGMENT_INFO` into a segmentation run folder: ``checkpoint`` (made absolute),
+    ``checkpoint_sha256``, ``refinement`` (the settings used, a plain mapping), ``status``
+    (:data:`IN_PROGRESS` or :data:`COMPLETE`) and ``cases`` (case names, sorted). Returns the file."""
+    if status not in (IN_PROGRESS, COMPLETE):
+        raise ValueError(f"status must be {IN_PROGRESS!r} or {COMPLETE!r}, got {status!r}")
     return write_text(Path(run_dir) / SEGMENT_INFO, yaml.safe_dump({
-        "checkpoint": str(Path(checkpoint).resolve()), "refinement": dict(refinement)}, sort_keys=False))
+        "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": checkpoint_sha256,
+        "refinement": dict(refinement), "status": status,
+        "cases": sorted(str(c) for c in cases) if cases is not None else None}, sort_keys=False))
 
 
 def read_segment_info(run_dir: str | Path) -> dict:
@@ -357,6 +385,20 @@ def read_segment_info(run_dir: str | Path) -> dict:
     file if it is unreadable, not YAML or not a mapping."""
     path = Path(run_dir) / SEGMENT_INFO
     return _read_yaml(path, "segmentation settings") if path.is_file() else {}
+
+
+def read_report_info(folder: str | Path) -> dict:
+    """The :data:`REPORT_INFO` of a report folder, or ``{}`` when it has none. AtlasregError naming the
+    file if it is unreadable, not YAML or not a mapping."""
+    path = Path(folder) / REPORT_INFO
+    return _read_yaml(path, "report information") if path.is_file() else {}
+
+
+def write_report_info(folder: str | Path, evaluations: Sequence[str | Path], sensitivity: Sequence[str | Path]) -> Path:
+    """Write :data:`REPORT_INFO` (absolute folder paths). Returns the file."""
+    return write_text(Path(folder) / REPORT_INFO, yaml.safe_dump({
+        "evaluations": [str(Path(e).resolve()) for e in evaluations],
+        "sensitivity": [str(Path(e).resolve()) for e in sensitivity]}, sort_keys=False))
 
 
 def read_run_config(run_dir: str | Path) -> dict:

@@ -4,7 +4,7 @@ Writes under `out/` (the folders' contracts: :mod:`atlasreg.contracts`): data/ (
 test and corrupt test pairs), model/ (a training run folder: checkpoints, atlas, TensorBoard logs),
 segment/{clean,corrupt}/ (segmentation run folders of `atlasreg segment`), evaluation/{clean,corrupt}/
 (evaluation folders: per-case CSV and summary tables), the Markdown summary of both test sets (named
-as an evaluation folder's) and report/report.html (tables with paired statistics and figures,
+as an evaluation folder's) and report/ (a report folder: tables with paired statistics and figures,
 `atlasreg report`).
 The schedule is shortened from the paper's (300 epochs on 1000 cases) to run in minutes on a CPU.
 """

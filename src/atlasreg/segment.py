@@ -10,21 +10,25 @@ depends on the model's method.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
 from .contracts import (  # noqa: F401 - the case folder's names, re-exported
-    DEFORMED_ATLAS_IMAGE, FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, LABELMAP_OUTPUTS,
-    TRANSFORM_OUTPUTS, transform_metrics_csv,
+    CASE_INFO, COMPLETE, DEFORMED_ATLAS_IMAGE, FORWARD_FIELD, FORWARD_TRANSFORM, IN_PROGRESS, INVERSE_FIELD,
+    INVERSE_TRANSFORM, LABELMAP_OUTPUTS, SEGMENT_INFO, TRANSFORM_OUTPUTS, read_segment_info, transform_metrics_csv,
+    write_segment_info,
 )
 from .config import validate_section
 from .data.cases import Preprocessing, case_name, load_case
 from .data.dataset import find_pairs
+from .data.io import write_bytes
 from .errors import AtlasregError
 from .export import world_transforms, write_case_outputs  # noqa: F401 - re-exported
 from .models.registry import Method
+from .outputs import claim_output, file_sha256
 from .predict import predict_cases, segment_cases, transform_statistics  # noqa: F401
 
 
@@ -53,15 +57,37 @@ def collect_inputs(inputs: Sequence[str | Path], image_suffix: str = "") -> list
     return found
 
 
+def _begin_run(out_dir: Path, checkpoint: str | Path, refinement: dict, names: Sequence[str],
+               overwrite: bool) -> tuple[dict, set[str]]:
+    """Claim `out_dir` for a segmentation run (:func:`atlasreg.outputs.claim_output`) and mark it in
+    progress (:data:`SEGMENT_INFO` with status :data:`IN_PROGRESS`). A folder holding the same run
+    (same checkpoint bytes and refinement settings) is continued: its case list grows by `names`.
+    Returns (identity, case names)."""
+    identity = {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(checkpoint),
+                "refinement": dict(refinement)}
+    previous = read_segment_info(out_dir)
+    owned = [p for p in out_dir.iterdir() if p.is_dir() and (p / CASE_INFO).is_file()] if out_dir.is_dir() else []
+    cases = set(names)
+    if claim_output(out_dir, out_dir / SEGMENT_INFO, previous, identity, owned, "segmentations", overwrite):
+        cases |= {p.name for p in owned} | set(previous.get("cases") or [])
+    write_segment_info(out_dir, checkpoint, refinement, identity["checkpoint_sha256"], IN_PROGRESS, cases)
+    return identity, cases
+
+
 def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
-            refinement: dict | None = None, progress: bool = True, image_suffix: str = "") -> list[Path]:
+            refinement: dict | None = None, progress: bool = True, image_suffix: str = "",
+            checkpoint: str | Path | None = None, overwrite: bool = False) -> list[Path]:
     """Segment every input image (files or folders) and write the outputs under out_dir.
 
     All inputs are read and checked before anything is written; a bad input raises AtlasregError
     naming the file. Cases are then read again `cases_at_once` at a time, so peak memory does not grow
     with the number of inputs. refinement: overrides of config['refinement'] (iterations, lr, beta, gamma,
     lambda, cases_at_once), validated as config values (ConfigError naming the key) before anything is
-    read or written. Returns the case output folders."""
+    read or written. checkpoint: the file `module` was loaded from; when given, out_dir gets the run's
+    manifest (:data:`SEGMENT_INFO`: checkpoint, its SHA-256, the settings, status and cases): marked
+    in progress before the first case folder is written and complete after the last, and a folder
+    holding segmentations of another checkpoint or settings is refused (AtlasregError naming its
+    manifest) unless `overwrite`, which deletes them first. Returns the case output folders."""
     cfg = module.config
     ref = validate_section("refinement", refinement or {}, cfg["refinement"])  # before anything is written
     labels = list(cfg["data"]["labels"].keys())
@@ -77,16 +103,36 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
     # the time of a refined case).
     for name, path in tqdm(files, desc="checking", disable=not progress, leave=False):
         read(name, path)
-    out_dir = Path(out_dir)  # created with the first case folder (atomic_directory): none if the first fails
+    out_dir = Path(out_dir)  # created by the manifest or the first case folder: none if an input is bad
+    created = not out_dir.exists()
+    manifest = out_dir / SEGMENT_INFO
+    previous = manifest.read_bytes() if manifest.is_file() else None
+    run = _begin_run(out_dir, checkpoint, ref, [n for n, _ in files], overwrite) if checkpoint else None
     written = []
     chunk = max(1, int(ref["cases_at_once"]))
     bar = tqdm(total=len(files), desc="segmenting", unit="case", disable=not progress)
-    for i in range(0, len(files), chunk):
-        group = [read(name, path) for name, path in files[i:i + chunk]]
-        for pred in predict_cases(module, group, ref):
-            written.append(write_case_outputs(out_dir, pred.case, labels, grid, pred.itn, pred.transforms,
-                                              module.atlas_labelmap, module.atlas_image,
-                                              transform_metrics=pred.transform_metrics))
-        bar.update(len(group))
-    bar.close()
+    try:
+        for i in range(0, len(files), chunk):
+            group = [read(name, path) for name, path in files[i:i + chunk]]
+            for pred in predict_cases(module, group, ref):
+                written.append(write_case_outputs(out_dir, pred.case, labels, grid, pred.itn, pred.transforms,
+                                                  module.atlas_labelmap, module.atlas_image,
+                                                  transform_metrics=pred.transform_metrics))
+            bar.update(len(group))
+    except AtlasregError:
+        # a failure before the first case folder (e.g. a diverged refinement) leaves the folder as it
+        # was; after it, the manifest stays "in progress": the folder is incomplete
+        if run is not None and not written:
+            if previous is not None:
+                write_bytes(manifest, previous)
+            else:
+                manifest.unlink(missing_ok=True)
+                if created:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    if run is not None:
+        identity, cases = run
+        write_segment_info(out_dir, checkpoint, ref, identity["checkpoint_sha256"], COMPLETE, cases)
     return written

@@ -661,6 +661,13 @@ def write_text(path, text: str) -> Path:
     return Path(path)
 
 
+def write_bytes(path, data: bytes) -> Path:
+    """Write a file's bytes atomically (see :func:`atomic_file`); returns the path."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_directory(final_dir) -> Iterator[Path]:
     """Build a folder all-or-nothing.

@@ -16,6 +16,7 @@ row (:func:`_evaluate_case`), the summary rows (:func:`_summary_rows`), the qual
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 from atlasreg.contracts import (  # noqa: F401 - names of the case and evaluation folders, re-exported
     LABELMAP_EXTENSIONS, LABELMAP_SUFFIX, PER_CASE_COLUMNS, QUALITY_COLUMNS, SUMMARY_COLUMNS, TRANSFORM_METRIC_COLUMNS,
     TRANSFORM_METRICS, TRANSFORMS_PER_CASE_COLUMNS, find_labelmap, labelmap_extension, read_transform_metrics,
-    write_evaluation,
+    CASE_INFO, IN_PROGRESS, SEGMENT_INFO, evaluation_paths, read_evaluation_info, read_segment_info, write_evaluation,
 )
 from atlasreg.contracts import LABELMAP_OUTPUTS as METHODS
 from atlasreg.errors import AtlasregError
@@ -35,6 +36,7 @@ from atlasreg.evaluation.metrics import METRIC_NAMES, labelmap_connected_compone
 from atlasreg.evaluation.quality import flag_top, qc_scores, ranking_quality
 from atlasreg.evaluation.statistics import nan_mean_std
 from atlasreg.evaluation.topology import count_holes
+from atlasreg.outputs import claim_output
 
 __all__ = ["METHODS", "LABELMAP_EXTENSIONS", "TRANSFORM_METRIC_COLUMNS", "TRANSFORMS_PER_CASE_COLUMNS",
            "QUALITY_COLUMNS", "QC_FRACTION", "evaluate_predictions", "find_prediction",
@@ -194,6 +196,25 @@ def _structures(labels: Mapping[int, str], merge: Mapping[int, Sequence[int]] | 
     if not evaluated:
         raise AtlasregError("no foreground labels to evaluate")
     return _Structures(evaluated, names, allowed, merge)
+
+
+def _check_segmentation_run(prediction_dir: Path) -> None:
+    """AtlasregError naming the manifest of a segmentation run folder (:data:`SEGMENT_INFO`) whose run
+    is still in progress (or was killed), or naming the folder when it holds case folders its manifest
+    does not list (results of another run). A folder without a manifest (written through the Python
+    API) passes."""
+    info = read_segment_info(prediction_dir)
+    if info.get("status") == IN_PROGRESS:
+        raise AtlasregError("the segmentation run is incomplete (in progress, or killed): rerun the same "
+                            "`atlasreg segment` command to finish it", prediction_dir / SEGMENT_INFO)
+    listed = info.get("cases")
+    if listed is not None and prediction_dir.is_dir():
+        extra = sorted(p.name for p in prediction_dir.iterdir()
+                       if p.is_dir() and (p / CASE_INFO).is_file() and p.name not in set(listed))
+        if extra:
+            raise AtlasregError(f"holds {len(extra)} case folder(s) its segmentation run did not write "
+                                f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; see "
+                                f"{SEGMENT_INFO}): remove them or segment into a new folder", prediction_dir)
 
 
 def _find_cases(prediction_dir: Path, reference_paths: Mapping[str, str | Path]) -> tuple[list[str], list[str]]:
@@ -367,7 +388,7 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
                          labels: Mapping[int, str], out_dir: str | Path,
                          merge: Mapping[int, Sequence[int]] | None = None,
                          methods: Sequence[str] = METHODS, test_set: str | None = None,
-                         info: Mapping | None = None) -> tuple[Path, Path]:
+                         info: Mapping | None = None, overwrite: bool = False) -> tuple[Path, Path]:
     """Compute per-case, per-method, per-structure metrics and write CSV and Markdown summaries.
 
     Parameters
@@ -395,6 +416,9 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
     info:
         Extra entries for the info (e.g. model name, method, STN variant, label; YAML-safe values,
         paths are written as strings); the keys written by this function take precedence.
+    overwrite:
+        Delete the results of another evaluation that `out_dir` holds (other predictions, references,
+        checkpoint or merge; :func:`atlasreg.outputs.claim_output`); without it such a folder is refused.
 
     Returns
     -------
@@ -407,13 +431,22 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
     AtlasregError
         If a reference or prediction cannot be read, their sizes differ, the reference holds values
         that are not declared labels (or merge keys), no prediction file is found at all, or a case's
-        transform metrics file is malformed.
+        transform metrics file is malformed; if the predictions are a segmentation run still in progress
+        (or killed), or hold case folders their run's manifest does not list (:data:`SEGMENT_INFO`);
+        if `out_dir` holds another evaluation and not `overwrite`.
     """
     prediction_dir = Path(prediction_dir)
+    _check_segmentation_run(prediction_dir)
     labels = {int(k): str(v) for k, v in labels.items()}
     if not reference_paths:
         raise AtlasregError("no reference labelmaps given")
     structures = _structures(labels, merge)
+    # out_dir is claimed before the metrics are computed, so a refused folder costs nothing
+    planned = _evaluation_info(info, test_set, prediction_dir, structures, labels, 0)
+    identity = {k: planned.get(k) for k in ("predictions", "references", "checkpoint", "checkpoint_sha256", "merge")}
+    files = evaluation_paths(out_dir)
+    owned = [p for p in dataclasses.astuple(files) if p.exists() and p != files.info]
+    claim_output(out_dir, files.info, read_evaluation_info(out_dir), identity, owned, "an evaluation", overwrite)
     present, missing = _find_cases(prediction_dir, reference_paths)
     rows: list[dict] = []
     transform_rows: list[dict] = []

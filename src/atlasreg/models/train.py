@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from ..atlas import save_atlas
-from ..config import ConfigError, validate
+from ..config import ConfigError, differences, validate
 from ..contracts import EPOCH_CHECKPOINT, FINAL_CHECKPOINT, LOG_DIR, read_run_config, run_paths
 from ..data.case_dataset import CaseDataset
 from ..data.io import atomic_file, write_text
@@ -158,25 +158,11 @@ class RandomStates(Callback):
         self._augmentation = None
 
 
-def config_differences(stored: Mapping, requested: Mapping, prefix: str = "") -> list[str]:
-    """The dotted keys at which two configs differ, each as ``'key: stored -> requested'`` (a key
-    missing on one side shows as ``<unset>``), in the order of `requested`."""
-    out = []
-    for key in [*requested, *(k for k in stored if k not in requested)]:
-        a, b = stored.get(key, "<unset>"), requested.get(key, "<unset>")
-        name = f"{prefix}{key}"
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += config_differences(a, b, name + ".")
-        elif a != b:
-            out.append(f"{name}: {a} -> {b}")
-    return out
-
-
 def _check_resumable(stored: Mapping, config: Mapping, folder: Path) -> None:
     """AtlasregError naming the run's config file and the differing keys unless `config` may resume
     the run whose config is `stored` (equal up to :data:`RESUMABLE_KEYS`)."""
     plain = yaml.safe_load(yaml.safe_dump(dict(config), sort_keys=False))  # tuples -> lists, as stored
-    changed = [d for d in config_differences(stored, plain) if d.split(":")[0] not in RESUMABLE_KEYS]
+    changed = [d for d in differences(stored, plain) if d.split(":")[0] not in RESUMABLE_KEYS]
     if changed:
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise AtlasregError(f"holds a run trained with another config ({shown}): give the same config to "

@@ -21,8 +21,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..contracts import EVALUATION_INFO, RUN_CONFIG, read_run_config
-from ..data.io import atomic_file, write_text
+from ..contracts import (EVALUATION_INFO, FIGURE_DIR, REPORT_HTML, REPORT_INFO, REPORT_MD, RUN_CONFIG,
+                         read_report_info, read_run_config, write_report_info)
+from ..data.io import atomic_directory, write_text
+from ..outputs import claim_output
 from ..errors import AtlasregError
 from ..evaluation.quality import ranking_quality
 from . import figures
@@ -38,13 +40,13 @@ td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}h2{border-bott
 
 
 class _Page:
-    """Collects the report as parallel HTML and Markdown fragments; figures go to both."""
+    """Collects the report as parallel HTML and Markdown fragments; figures go to both (kept as PNG
+    bytes in `figures` until the report is written)."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self):
         self.html: list[str] = []
         self.md: list[str] = []
-        self.fig_dir = out_dir / "figures"
-        self.n_fig = 0
+        self.figures: dict[str, bytes] = {}
 
     def heading(self, text: str, level: int = 2) -> None:
         self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
@@ -63,15 +65,12 @@ class _Page:
     def figure(self, png: bytes | None, caption: str) -> None:
         if png is None:
             return
-        self.n_fig += 1
-        name = f"figure{self.n_fig:02d}.png"
-        self.fig_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.fig_dir / name) as tmp:
-            Path(tmp).write_bytes(png)
+        name = f"figure{len(self.figures) + 1:02d}.png"
+        self.figures[name] = png
         data = base64.b64encode(png).decode("ascii")
         self.html.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
                          f"<figcaption class='note'>{html.escape(caption)}</figcaption></figure>")
-        self.md.append(f"![{caption}](figures/{name})\n\n*{caption}*\n")
+        self.md.append(f"![{caption}]({FIGURE_DIR}/{name})\n\n*{caption}*\n")
 
 
 def _case_means(values: dict, column: str, metric: str = "dice") -> dict[str, float]:
@@ -166,23 +165,25 @@ def _sensitivity(page: _Page, folders: Sequence[str | Path], column: str) -> Non
 
 def build_report(evaluations: Sequence[str | Path], out_dir: str | Path, sensitivity: Sequence[str | Path] = (),
                  reference: str = "Refine", title: str = "atlasreg evaluation report",
-                 n_boot: int = 10000) -> tuple[Path, Path]:
-    """Write `report.html` (self-contained) and `report.md` (+ figures/) into out_dir from evaluation
-    folders of `atlasreg evaluate`. Raises AtlasregError for a folder that is not an evaluation or for
-    two folders giving the same column on one test set. Returns (html path, markdown path)."""
+                 n_boot: int = 10000, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a report folder (:mod:`atlasreg.contracts`) into out_dir from evaluation folders of
+    `atlasreg evaluate`: the self-contained HTML page, the Markdown and its figures (the figure folder
+    replaced as a whole), then the report information naming the folders. Nothing is written before every folder has been read. Raises
+    AtlasregError for a folder that is not an evaluation, for two folders giving the same column on one
+    test set, or when out_dir holds a report of other evaluation folders and not `overwrite` (which
+    deletes it; :func:`atlasreg.outputs.claim_output`). Returns (html path, markdown path)."""
     if not evaluations:
         raise AtlasregError("no evaluation folders given")
     with warnings.catch_warnings():  # means of all-NaN columns (e.g. HD of empty outputs) are shown as '–'
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _build(evaluations, out_dir, sensitivity, reference, title, n_boot)
+        return _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrite)
 
 
-def _build(evaluations, out_dir, sensitivity, reference, title, n_boot) -> tuple[Path, Path]:
+def _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrite) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     evs = [load_evaluation(p) for p in evaluations]
     table = collect(evs)
-    page = _Page(out_dir)
+    page = _Page()
     page.text(f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} from "
               f"{len(evs)} evaluation folder(s): " + "; ".join(
                   f"{e.path} ({e.info.get('model', '?')}, {e.test_set}, {len({r['case'] for r in e.rows})} cases)"
@@ -233,6 +234,14 @@ def _build(evaluations, out_dir, sensitivity, reference, title, n_boot) -> tuple
     body = "\n".join(page.html)
     html_text = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                  f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
-    html_path = write_text(out_dir / "report.html", html_text)
-    md_path = write_text(out_dir / "report.md", f"# {title}\n\n" + "\n".join(page.md))
+    identity = {"evaluations": [str(Path(e).resolve()) for e in evaluations],
+                "sensitivity": [str(Path(e).resolve()) for e in sensitivity]}
+    owned = [out_dir / n for n in (REPORT_HTML, REPORT_MD, FIGURE_DIR) if (out_dir / n).exists()]
+    claim_output(out_dir, out_dir / REPORT_INFO, read_report_info(out_dir), identity, owned, "a report", overwrite)
+    with atomic_directory(out_dir / FIGURE_DIR) as tmp:  # no figure of an earlier report survives
+        for name, png in page.figures.items():
+            (tmp / name).write_bytes(png)
+    html_path = write_text(out_dir / REPORT_HTML, html_text)
+    md_path = write_text(out_dir / REPORT_MD, f"# {title}\n\n" + "\n".join(page.md))
+    write_report_info(out_dir, evaluations, sensitivity)
     return Path(html_path), Path(md_path)
