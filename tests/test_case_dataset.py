@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -124,6 +125,26 @@ def test_errors_name_the_file_also_from_a_worker(folder, tmp_path):
     with pytest.raises(AtlasregError, match="no labelmap"):
         CaseDataset(pairs_from_spec({"images": str(work), "image_suffix": "_img", "label_suffix": "_seg"},
                                     need_labels=False) + [type(data.pairs[0])("X", work / "X.png", None)], PREP)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_degenerate_case_warns_once_per_file_not_every_epoch(folder, tmp_path, cache):
+    work = tmp_path / "data"
+    work.mkdir()
+    for f in ("B1_img.png", "B1_seg.png", "B2_seg.png"):
+        (work / f).write_bytes((folder / f).read_bytes())
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((32, 32), 9, np.uint8)), str(work / "B2_img.png"))
+    data = CaseDataset(pairs(work), PREP, tmp_path / "cache" if cache else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(3):
+            batches = list(DataLoader(data, batch_size=2, shuffle=True))
+            assert torch.isfinite(batches[0][0]).all()
+    assert [str(w.message) for w in caught] == [f"{work / 'B2_img.png'}: constant intensity 9: normalised to zeros"]
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((1, 32), 9, np.uint8)), str(work / "B2_img.png"))
+    with pytest.raises(CaseError, match="image is 32x1 voxels; a 2D model needs at least 2") as e:
+        data[1]
+    assert e.value.path == str(work / "B2_img.png")
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 16), (3, 8, 8, 8), (1, 64, 64)])

@@ -119,3 +119,40 @@ def test_transform_metrics_csv_format():
                                               "std_log_jacobian": math.nan}})
     assert text.splitlines() == ["method,mice_mm,mice_voxels,ic_dsc,nonpositive_jacobian_fraction,std_log_jacobian",
                                  "onepass,0.5,0.25,0.99,0.0,nan"]
+
+
+def test_degenerate_inputs_warn_once_each_and_give_finite_outputs(tmp_path):
+    # A constant image (normalised to zeros) and one twice the field of view (cropped), each read twice
+    # by segment (checked, then segmented): one warning each, and no NaN in anything written.
+    import warnings
+
+    import SimpleITK as sitk
+
+    flat, big = tmp_path / "flat.png", tmp_path / "big.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((32, 32), 7, np.uint8)), str(flat))
+    sitk.WriteImage(sitk.GetImageFromArray((np.random.default_rng(0).random((64, 64)) * 200).astype(np.uint8)),
+                    str(big))
+    out = tmp_path / "seg"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        segment(tiny_module(), [flat, big], out, progress=False)
+    assert [str(w.message) for w in caught] == [
+        f"{flat}: constant intensity 7: normalised to zeros",
+        f"{big}: extent 64x64 mm of the image exceeds the model's field of view 32x32 mm: 75% of the image's "
+        "voxels lie outside and were cropped; the region around (31.5, 31.5) mm was used"]
+    for case in ("flat", "big"):
+        files = sorted((out / case).glob("*.nii.gz"))
+        assert len(files) >= 3
+        for f in files:
+            assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(f)))).all(), f
+        for row in read_rows(out / case / "transform_metrics.csv"):
+            assert all(math.isfinite(float(v)) for k, v in row.items() if k != "method"), row
+    # A 1x1 image: an error naming it, before anything is written.
+    dot = tmp_path / "dot.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((1, 1), 7, np.uint8)), str(dot))
+    from atlasreg.errors import AtlasregError
+
+    with pytest.raises(AtlasregError, match="image is 1x1 voxels; a 2D model needs at least 2 voxels along every "
+                                            "axis") as e:
+        segment(tiny_module(), [flat, dot], tmp_path / "none", progress=False)
+    assert e.value.path == str(dot) and not (tmp_path / "none").exists()

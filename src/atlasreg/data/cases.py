@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,9 +154,16 @@ def load_case(image_path, label_path, prep: Preprocessing, require_foreground: b
               name: str | None = None, placement: Grid | None = None) -> Case:
     """Read one image (and labelmap), check them, and resample them onto the model grid placed on the
     case (:func:`placement_of`, or `placement` when given: the test-time second pass). Raises
-    AtlasregError naming the file for every bad input."""
+    AtlasregError naming the file for every bad input, among them an image with a single voxel along
+    an axis (:func:`check_voxels`) and one that covers no voxel centre of the model grid (e.g. 4x4
+    voxels of 0.1 mm on 2 mm model voxels: nothing to segment). Degenerate inputs that can still be
+    segmented give one warning per file and process (``warnings.warn("<file>: ...")``, see
+    :func:`_warn_once`): an image whose intensities are one value after clipping ("constant
+    intensity 7: normalised to zeros"; the normalised image and its padding are then 0, never NaN)
+    and content cut off by the model's field of view (:func:`cropping_message`)."""
     image = read_image(image_path)
     check_dimension(image, prep.ndim, image_path)
+    check_voxels(image, image_path)
     indices = None
     if label_path is not None:
         lab = read_labelmap(label_path, prep.labels, require_foreground=False)
@@ -176,14 +184,136 @@ def _case_on_model_grid(image: sitk.Image, indices: np.ndarray | None, prep: Pre
                         path: str, placement: Grid | None = None) -> Case:
     """The checked image (and label indices on its grid) as a :class:`Case` on the model grid placed
     on it (:func:`placement_of` unless `placement` is given): the one path of files and in-memory images."""
+    where = path or f"image {name!r}"
     phys = physical_grid(image, prep.spacing_override, path or name)
     array = sitk.GetArrayFromImage(image)
     stats = intensity_stats(array, prep)
+    if stats[1] <= stats[0]:
+        _warn_once(_constant_message(array, stats), where, once=bool(path))
     if placement is None:
         placement = placement_of(array, indices, phys, prep)
-    img_t, mask = image_on_grid(array, phys, placement, stats, prep, path or f"image {name!r}")
+    img_t, mask = image_on_grid(array, phys, placement, stats, prep, where)
+    if not bool(mask.any()):
+        extent = "x".join(f"{n * s:.4g}" for n, s in zip(phys.size_xyz, phys.spacing))
+        raise AtlasregError(f"image extent {extent} mm covers no voxel centre of the model grid (spacing "
+                            f"{'x'.join(f'{s:.4g}' for s in prep.spacing)} mm); nothing to segment", where)
+    cropped = cropping_message(array, indices, phys, placement, prep)
+    if cropped is not None:
+        _warn_once(cropped, where, once=bool(path))
     lab_t = None if indices is None else labels_on_grid(indices, len(prep.labels), phys, placement)
     return Case(name, img_t, lab_t, Grid.from_sitk(image), image, path, phys, placement, mask, stats)
+
+
+def check_voxels(image: sitk.Image, where) -> None:
+    """Raise AtlasregError naming `where` ("image is 1x1 voxels; a 2D model needs at least 2 voxels
+    along every axis (nothing to segment)") for an image with a single voxel along any axis: a 1x1
+    or 1x1x1 image, a 1xN strip, a 3D volume of one slice. Linear resampling onto the model grid
+    interpolates between neighbouring voxels; along an axis of one voxel there is no neighbour, so
+    the image is a point, a line or a plane, not a 2D or 3D image: it covers only the model voxels
+    whose centres fall inside its one voxel's width (often none: the whole case would be padding,
+    its labelmap background, its field-of-view mask 0), and the model has nothing to segment."""
+    size = image.GetSize()
+    if min(size) < 2:
+        raise AtlasregError(f"image is {'x'.join(str(n) for n in size)} voxels; a {len(size)}D model needs at "
+                            "least 2 voxels along every axis (nothing to segment)", where)
+
+
+#: (file, message) of every degenerate-input warning given in this process (:func:`_warn_once`).
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(message: str, where: str, once: bool = True) -> None:
+    """``warnings.warn("<where>: <message>")`` (`where`: the file) the first time this process meets
+    this file and message when `once`: a file is read more than once per run (``atlasreg segment``
+    checks every input before it reads it again; training reads a case every epoch when the case
+    cache is off), and a degenerate input is reported once. Images in memory (``once=False``) are
+    reported every time. (DataLoader workers are separate processes: with ``data.num_workers > 0``
+    and ``data.cache: false``, each epoch's workers report a case again; with the cache, a case is
+    read from its files once.)"""
+    if once:
+        key = (str(where), message)
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    warnings.warn(f"{where}: {message}", stacklevel=3)
+
+
+def _constant_message(array: np.ndarray, stats) -> str:
+    """What a warning says of an image whose clipped intensities are one value (normalised to 0)."""
+    a_lo, a_hi = float(array.min()), float(array.max())
+    if a_lo == a_hi:
+        return f"constant intensity {a_lo:.6g}: normalised to zeros"
+    return (f"intensities in [{a_lo:.6g}, {a_hi:.6g}] are all {stats[0]:.6g} after clipping; normalised to "
+            "zeros")
+
+
+#: Fraction of the content's voxels outside the model grid from which :func:`cropping_message` warns: a
+#: sliver at the edge of a structure that nearly fills the field of view is not worth a warning (the
+#: mouse brain scans lose 0.02-0.16% of their foreground voxels at the edge of the model grid).
+CROP_WARNING_FRACTION = 0.01
+
+
+def cropping_message(array: np.ndarray, indices: np.ndarray | None, phys: Grid, placed: Grid,
+                     prep: Preprocessing) -> str | None:
+    """What a warning says when the content that the model grid is centred on (``prep.centre``: the
+    whole image; the voxels above ``foreground_threshold``; the labelled voxels, checked only when a
+    labelmap is given) lies partly outside the placed model grid `placed`, i.e. is cropped; None
+    when less than :data:`CROP_WARNING_FRACTION` of its voxels lie outside. array: raw image (array order) and indices: label indices, both on
+    `phys`, the case's physical grid (mm).
+
+    The extent (mm, ITK order along the model's axes) is that of the content's bounding box in the
+    image's voxels (voxel edges), so exact where the model's axes follow the image's (``orientation:
+    native``) and an upper bound otherwise. A voxel counts as outside when its centre lies outside the
+    model grid's field of view (size x spacing around its centre); the fraction outside is counted by
+    nearest-neighbour resampling of the model grid's support onto the image grid (SimpleITK), only
+    when a corner of the bounding box lies outside (a convex field of view then holds the whole box)."""
+    if prep.centre == "labels":
+        if indices is None:  # test time: the structure is found by the ITN's first pass (predict.localise)
+            return None
+        content, what, of = indices > 0, "the labelled structures", "their voxels"
+    elif prep.centre == "foreground":
+        content = array > prep.foreground_threshold
+        what, of = f"the foreground (intensities above {prep.foreground_threshold:g})", "its voxels"
+    else:
+        content, what, of = None, "the image", "the image's voxels"
+    if content is not None and not content.any():
+        content, what, of = None, "the image", "the image's voxels"  # placed on the image centre
+    if content is None:
+        first, last = np.zeros(phys.ndim, dtype=np.int64), np.asarray(phys.size) - 1
+    else:
+        nonzero = [np.flatnonzero(content.any(axis=tuple(j for j in range(phys.ndim) if j != k)))
+                   for k in range(phys.ndim)]
+        first = np.array([n[0] for n in nonzero])
+        last = np.array([n[-1] for n in nonzero])
+    # bounding box corners (voxel centres, ITK order) -> continuous indices of the placed grid
+    lo, hi = first[::-1].astype(np.float64), last[::-1].astype(np.float64)
+    corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(phys.ndim, -1)
+    to_world = phys.direction_matrix @ np.diag(phys.spacing)
+    world = to_world @ corners + np.asarray(phys.origin)[:, None]
+    from_world = np.diag(1.0 / np.asarray(placed.spacing)) @ placed.direction_matrix.T
+    index = from_world @ (world - np.asarray(placed.origin)[:, None])
+    size = np.asarray(placed.size_xyz, dtype=np.float64)[:, None]
+    if np.all(index >= -0.5 - 1e-6) and np.all(index <= size - 0.5 + 1e-6):
+        return None
+    support = sitk.Image(list(placed.size_xyz), sitk.sitkUInt8) + 1
+    placed.copy_information_to(support)
+    inside = sitk.GetArrayFromImage(sitk.Resample(support, phys.reference_image(), sitk.Transform(),
+                                                  sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
+    total = int(content.sum()) if content is not None else inside.size
+    outside = total - int((inside & content).sum() if content is not None else inside.sum())
+    if outside < CROP_WARNING_FRACTION * total:
+        return None
+    # extent of the box (voxel edges) along the model's axes
+    counts = (hi - lo + 1.0) * np.asarray(phys.spacing)
+    along = np.abs(placed.direction_matrix.T @ phys.direction_matrix) @ counts
+    fov = np.asarray(placed.size_xyz) * np.asarray(placed.spacing)
+    fmt = "x".join
+    text = (f"extent {fmt(f'{v:.4g}' for v in along)} mm of {what} "
+            + ("exceeds" if np.any(along > fov * (1 + 1e-6)) else "lies partly outside")
+            + f" the model's field of view {fmt(f'{v:.4g}' for v in fov)} mm: {100.0 * outside / total:.3g}% "
+            f"of {of} lie outside and were cropped; the region around "
+            f"({', '.join(f'{c:.6g}' for c in placed.centre)}) mm was used")
+    return text
 
 
 def placement_of(array: np.ndarray, indices: np.ndarray | None, phys: Grid, prep: Preprocessing,
@@ -364,7 +494,9 @@ def sitk_resample(array: np.ndarray, source: Grid, target: Grid, default: float 
 def case_from_image(image: sitk.Image, prep: Preprocessing, name: str = "case", path: str = "") -> Case:
     """A case from an image already in memory (no labelmap), placed and normalised as
     :func:`load_case` does for files. `path` names the source in errors and in the outputs (empty: in
-    memory). Raises AtlasregError for an image of the wrong dimension or with non-finite values."""
+    memory). Raises AtlasregError for an image of the wrong dimension, with non-finite values, with a
+    single voxel along an axis or covering no model voxel; warns as :func:`load_case` does (naming
+    `path`, or ``image '<name>'`` every time for an image in memory)."""
     where = path or f"image {name!r}"
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise AtlasregError(f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a "
@@ -372,6 +504,7 @@ def case_from_image(image: sitk.Image, prep: Preprocessing, name: str = "case", 
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise AtlasregError("contains NaN or infinite values", where)
     check_dimension(image, prep.ndim, where)
+    check_voxels(image, where)
     return _case_on_model_grid(sitk.Cast(image, sitk.sitkFloat32), None, prep, name, path)
 
 
