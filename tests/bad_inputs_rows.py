@@ -803,28 +803,24 @@ def _evaluation_copy(m, d, change=None) -> Path:
     return ev
 
 
-@row("report", "evaluation folder missing",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "evaluation folder missing")
 def _(m, d):
     return report_argv([d / "none"], d / "rep"), "none"
 
 
-@row("report", "folder that is not an evaluation (no metrics_per_case.csv)",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "folder that is not an evaluation (no metrics_per_case.csv)")
 def _(m, d):
     (d / "ev").mkdir()
     return report_argv([d / "ev"], d / "rep"), "metrics_per_case.csv"
 
 
-@row("report", "metrics_per_case.csv empty (0 bytes)",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "metrics_per_case.csv empty (0 bytes)")
 def _(m, d):
     ev = _evaluation_copy(m, d, lambda e: (e / "metrics_per_case.csv").write_text(""))
     return report_argv([ev], d / "rep"), "metrics_per_case.csv"
 
 
-@row("report", "metrics_per_case.csv header only",
-     "report: a traceback (KeyError) for an evaluation without rows (fixed in a following commit)")
+@row("report", "metrics_per_case.csv header only")
 def _(m, d):
     def header_only(e):
         p = e / "metrics_per_case.csv"
@@ -833,8 +829,7 @@ def _(m, d):
     return report_argv([ev], d / "rep"), "metrics_per_case.csv"
 
 
-@row("report", "metrics_per_case.csv with dice = abc",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "metrics_per_case.csv with dice = abc")
 def _(m, d):
     def bad_dice(e):
         p = e / "metrics_per_case.csv"
@@ -848,8 +843,7 @@ def _(m, d):
     return report_argv([ev], d / "rep"), "metrics_per_case.csv"
 
 
-@row("report", "metrics_per_case.csv without its dice column",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "metrics_per_case.csv without its dice column")
 def _(m, d):
     def drop(e):
         import csv
@@ -861,29 +855,25 @@ def _(m, d):
     return report_argv([ev], d / "rep"), "metrics_per_case.csv"
 
 
-@row("report", "metrics_per_case.csv a binary file",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "metrics_per_case.csv a binary file")
 def _(m, d):
     ev = _evaluation_copy(m, d, lambda e: (e / "metrics_per_case.csv").write_bytes(os.urandom(500)))
     return report_argv([ev], d / "rep"), "metrics_per_case.csv"
 
 
-@row("report", "info.yaml not YAML",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "info.yaml not YAML")
 def _(m, d):
     ev = _evaluation_copy(m, d, lambda e: (e / "info.yaml").write_text("model: [unclosed\n"))
     return report_argv([ev], d / "rep"), "info.yaml"
 
 
-@row("report", "info.yaml a list",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "info.yaml a list")
 def _(m, d):
     ev = _evaluation_copy(m, d, lambda e: (e / "info.yaml").write_text("- a\n- b\n"))
     return report_argv([ev], d / "rep"), "info.yaml"
 
 
-@row("report", "transforms_per_case.csv with ic_dsc = high",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "transforms_per_case.csv with ic_dsc = high")
 def _(m, d):
     def bad(e):
         p = e / "transforms_per_case.csv"
@@ -897,15 +887,13 @@ def _(m, d):
     return report_argv([ev], d / "rep"), "transforms_per_case.csv"
 
 
-@row("report", "evaluation folder is a file",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "evaluation folder is a file")
 def _(m, d):
     (d / "ev").write_text("x")
     return report_argv([d / "ev"], d / "rep"), "ev"
 
 
-@row("report", "metrics_per_case.csv with dice = inf",
-     "report accepts a Dice of inf (fixed in a following commit)")
+@row("report", "metrics_per_case.csv with dice = inf")
 def _(m, d):
     def bad_dice(e):
         p = e / "metrics_per_case.csv"
@@ -919,8 +907,7 @@ def _(m, d):
     return report_argv([ev], d / "rep"), "metrics_per_case.csv"
 
 
-@row("report", "quality_control.csv with flagged = maybe",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "quality_control.csv with flagged = maybe")
 def _(m, d):
     def bad(e):
         p = e / "quality_control.csv"
@@ -934,26 +921,22 @@ def _(m, d):
     return report_argv([ev], d / "rep"), "quality_control.csv"
 
 
-@row("report", "--bootstrap 0",
-     "report: a traceback (ValueError from the bootstrap) for --bootstrap < 1 (fixed in a following commit)")
+@row("report", "--bootstrap 0")
 def _(m, d):
     return report_argv([m.evaluation], d / "rep", "--bootstrap", "0"), "--bootstrap"
 
 
-@row("report", "--bootstrap -5",
-     "report: a traceback (ValueError from the bootstrap) for --bootstrap < 1 (fixed in a following commit)")
+@row("report", "--bootstrap -5")
 def _(m, d):
     return report_argv([m.evaluation], d / "rep", "--bootstrap", "-5"), "--bootstrap"
 
 
-@row("report", "--sensitivity folder missing",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "--sensitivity folder missing")
 def _(m, d):
     return report_argv([m.evaluation], d / "rep", "--sensitivity", str(d / "none")), "none"
 
 
-@row("report", "--sensitivity folder without a refinement lambda",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "--sensitivity folder without a refinement lambda")
 def _(m, d):
     def no_lambda(e):
         info = yaml.safe_load((e / "info.yaml").read_text())
@@ -963,8 +946,7 @@ def _(m, d):
     return report_argv([m.evaluation], d / "rep", "--sensitivity", str(ev)), "info.yaml"
 
 
-@row("report", "a reference in info.yaml corrupt (found while drawing the figures)",
-     "report makes its output folder (and writes figures) before it has read every input (fixed in a following commit)")
+@row("report", "a reference in info.yaml corrupt (found while drawing the figures)")
 def _(m, d):
     (d / "ref.png").write_bytes(b"\x89PNG not really")
     def bad_reference(e):

@@ -40,11 +40,17 @@ td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}h2{border-bott
 class _Page:
     """Collects the report as parallel HTML and Markdown fragments; figures go to both."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self):
         self.html: list[str] = []
         self.md: list[str] = []
-        self.fig_dir = out_dir / "figures"
-        self.n_fig = 0
+        self.figures: list[tuple[str, bytes]] = []  # (file name, PNG), written by `write`
+
+    def write(self, out_dir: Path) -> None:
+        """Write the figures into out_dir/figures (each atomically); the page is complete, so a bad input
+        found while building it leaves no folder and no figure behind."""
+        for name, png in self.figures:
+            with atomic_file(out_dir / "figures" / name) as tmp:
+                Path(tmp).write_bytes(png)
 
     def heading(self, text: str, level: int = 2) -> None:
         self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
@@ -63,11 +69,8 @@ class _Page:
     def figure(self, png: bytes | None, caption: str) -> None:
         if png is None:
             return
-        self.n_fig += 1
-        name = f"figure{self.n_fig:02d}.png"
-        self.fig_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.fig_dir / name) as tmp:
-            Path(tmp).write_bytes(png)
+        name = f"figure{len(self.figures) + 1:02d}.png"
+        self.figures.append((name, png))
         data = base64.b64encode(png).decode("ascii")
         self.html.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
                          f"<figcaption class='note'>{html.escape(caption)}</figcaption></figure>")
@@ -139,16 +142,25 @@ def _quality(page: _Page, ev: Evaluation) -> None:
     page.table(cells)
 
 
-def _sensitivity(page: _Page, folders: Sequence[str | Path], column: str) -> None:
-    if not folders:
-        return
-    by_set: dict[str, list] = {}
+def _sensitivity_evaluations(folders: Sequence[str | Path]) -> list[tuple[float, Evaluation]]:
+    """(refinement lambda, evaluation) of each folder of the sensitivity study; AtlasregError naming the
+    folder when it is not an evaluation or records no lambda."""
+    out = []
     for folder in folders:
         ev = load_evaluation(folder)
         lam = (ev.info.get("refinement") or {}).get("lambda")
         if lam is None:
             raise AtlasregError(f"no refinement lambda in {EVALUATION_INFO} (segment with `atlasreg segment`, "
                                 "which records it)", ev.path)
+        out.append((lam, ev))
+    return out
+
+
+def _sensitivity(page: _Page, evaluations: Sequence[tuple[float, Evaluation]], column: str) -> None:
+    if not evaluations:
+        return
+    by_set: dict[str, list] = {}
+    for lam, ev in evaluations:
         stats = {}
         for metric in METRICS:
             v = np.array([r[metric] for r in ev.rows if column_name(ev.info, r["method"]) == column], float)
@@ -168,10 +180,14 @@ def build_report(evaluations: Sequence[str | Path], out_dir: str | Path, sensiti
                  reference: str = "Refine", title: str = "atlasreg evaluation report",
                  n_boot: int = 10000) -> tuple[Path, Path]:
     """Write `report.html` (self-contained) and `report.md` (+ figures/) into out_dir from evaluation
-    folders of `atlasreg evaluate`. Raises AtlasregError for a folder that is not an evaluation or for
-    two folders giving the same column on one test set. Returns (html path, markdown path)."""
+    folders of `atlasreg evaluate`. Raises AtlasregError for a folder that is not an evaluation (or one
+    without rows, or with metrics out of range), for two folders giving the same column on one test set
+    or for n_boot < 1; the whole report is built before anything is written, so nothing is written
+    then. Returns (html path, markdown path)."""
     if not evaluations:
         raise AtlasregError("no evaluation folders given")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise AtlasregError(f"--bootstrap: expected an integer >= 1 (bootstrap repetitions), got {n_boot!r}")
     with warnings.catch_warnings():  # means of all-NaN columns (e.g. HD of empty outputs) are shown as '–'
         warnings.simplefilter("ignore", RuntimeWarning)
         return _build(evaluations, out_dir, sensitivity, reference, title, n_boot)
@@ -179,10 +195,10 @@ def build_report(evaluations: Sequence[str | Path], out_dir: str | Path, sensiti
 
 def _build(evaluations, out_dir, sensitivity, reference, title, n_boot) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     evs = [load_evaluation(p) for p in evaluations]
+    sensitivity = _sensitivity_evaluations(sensitivity)
     table = collect(evs)
-    page = _Page(out_dir)
+    page = _Page()
     page.text(f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} from "
               f"{len(evs)} evaluation folder(s): " + "; ".join(
                   f"{e.path} ({e.info.get('model', '?')}, {e.test_set}, {len({r['case'] for r in e.rows})} cases)"
@@ -233,6 +249,7 @@ def _build(evaluations, out_dir, sensitivity, reference, title, n_boot) -> tuple
     body = "\n".join(page.html)
     html_text = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                  f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    page.write(out_dir)
     html_path = write_text(out_dir / "report.html", html_text)
     md_path = write_text(out_dir / "report.md", f"# {title}\n\n" + "\n".join(page.md))
     return Path(html_path), Path(md_path)
