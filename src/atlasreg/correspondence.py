@@ -68,7 +68,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .contracts import FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, case_labelmap_path
-from .data.io import read_any, read_labelmap, verify_file, write_image, write_text
+from .data.io import read_any, read_labelmap, read_transform_file, verify_file, write_image, write_text
 from .errors import AtlasregError
 from .spatial.grid import Grid
 
@@ -101,10 +101,11 @@ _COORDS = ("x", "y", "z")
 
 
 def _one_line(exc: Exception) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")]
-    text = lines[-1] if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    """One line out of SimpleITK's multi-line exception text (:func:`atlasreg.data.io._short_reason`:
+    without its 'sitk::ERROR:' prefix; 'unrecognised or corrupt file format' for a file no reader takes)."""
+    from .data.io import _short_reason
+
+    return _short_reason(exc)
 
 
 def _case_dir(case) -> Path:
@@ -183,7 +184,7 @@ def _read_parts(case, which: str) -> tuple[list[sitk.Transform], Path]:
         raise AtlasregError(f"{which} transform not found; {_REGISTERS} (case folders written before "
                             "atlasreg wrote .h5 transforms must be segmented again)", path)
     try:
-        tx = sitk.ReadTransform(str(path))
+        tx = read_transform_file(path)  # a truncated .h5 is refused; HDF5's error stack is not printed
     except RuntimeError as exc:
         text = str(exc)
         reason = ("not an ITK transform file" if "Could not create Transform IO object" in text

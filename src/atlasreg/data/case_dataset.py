@@ -156,6 +156,15 @@ class CaseDataset(Dataset):
                 self._write_entry(entry, data)
         return data[:1], data[1:-1], index, data[-1:]
 
+    def check(self) -> None:
+        """Read every case that is not in the cache yet, writing nothing, so that a bad case is found
+        before a run writes anything (raises :class:`CaseError` naming the file of the first bad one).
+        A case is read again when first indexed (it is not kept: memory does not grow with the cases)."""
+        for index, pair in enumerate(self.pairs):
+            entry = self._cache_entry(index)
+            if entry is None or self._read_entry(entry) is None:
+                self._load(pair)
+
     # ------------------------------------------------------------------------------------------
     def _load(self, pair: CasePair) -> torch.Tensor:
         """Image and labelmap channels of one case, (1 + C, *size) float32, from its files."""

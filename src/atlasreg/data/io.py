@@ -31,6 +31,7 @@ __all__ = [
     "read_labelmap",
     "read_any",
     "verify_file",
+    "read_transform_file",
     "check_dimension",
     "write_image",
     "atomic_directory",
@@ -100,7 +101,8 @@ def _read_verified(path) -> tuple[sitk.Image, bool]:
         raise AtlasregError("is a folder, not an image file", p)
     try:
         nonfinite = _verify_bytes(p)
-        return sitk.ReadImage(str(p)), nonfinite
+        with _native_stderr_held():  # libpng prints its warnings and errors on a corrupt PNG
+            return sitk.ReadImage(str(p)), nonfinite
     except RuntimeError as exc:
         raise AtlasregError(f"cannot read image: {_short_reason(exc)}", p) from None
     except OSError as exc:  # e.g. permission denied
@@ -187,7 +189,7 @@ def _verify_nifti(path: Path) -> bool:
     must look at the bytes on disk. Raises AtlasregError for a truncated file or a corrupt gzip stream."""
     with open(path, "rb") as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
-    got, nbytes, nonfinite = 0, 0, False
+    got, nbytes, nonfinite, layout = 0, 0, False, None
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
             hdr = fh.read(544)
@@ -223,6 +225,8 @@ def _verify_nifti(path: Path) -> bool:
                 while fh.read(_CHUNK):  # to the end of the stream: gzip checks its CRC-32 and length
                     pass
     except EOFError:
+        if layout is None:  # the stream ends within the first 544 bytes: before the header was read
+            raise AtlasregError("truncated: the gzip stream ends within its NIfTI header", path) from None
         raise AtlasregError(f"truncated: the gzip stream ends after {got} of the {nbytes} data bytes its "
                             "header describes", path) from None
     except (zlib.error, gzip.BadGzipFile) as exc:
@@ -230,6 +234,119 @@ def _verify_nifti(path: Path) -> bool:
     if got < nbytes:
         raise AtlasregError(f"truncated: {got} of the {nbytes} data bytes its header describes", path)
     return nonfinite
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _verify_hdf5(path: Path) -> None:
+    """Compare an HDF5 file's size with the end-of-file address its superblock records (formats 0-3;
+    the superblock at offset 0 or after a user block of 512 * 2^k bytes). AtlasregError "truncated" when
+    the file is shorter; files without a superblock we understand are left to the reader."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        offset = 0
+        while offset + 64 <= size:
+            fh.seek(offset)
+            block = fh.read(64)
+            if block[:8] == _HDF5_SIGNATURE:
+                break
+            offset = 512 if offset == 0 else 2 * offset
+        else:
+            return
+    version = block[8]
+    if version in (0, 1):
+        n_offset, start = block[13], 24 if version == 0 else 28
+    elif version in (2, 3):
+        n_offset, start = block[9], 12
+    else:
+        return
+    if n_offset not in (2, 4, 8) or start + 3 * n_offset > len(block):
+        return
+    fmt = {2: "<H", 4: "<I", 8: "<Q"}[n_offset]
+    base = struct.unpack_from(fmt, block, start)[0]
+    end = struct.unpack_from(fmt, block, start + 2 * n_offset)[0]
+    undefined = 2 ** (8 * n_offset) - 1
+    if base == undefined or end == undefined:
+        return
+    needed = base + end  # addresses are relative to the base address (absolute)
+    if size < needed:
+        raise AtlasregError(f"truncated: {size} of the {needed} bytes its HDF5 superblock describes", path)
+
+
+_NATIVE_OUTPUT_AT_EXIT_SILENCED = False
+
+
+def _silence_native_output_at_exit() -> None:
+    """After a failed HDF5 read ITK leaves the file open, and the HDF5 library prints 'infinite loop
+    closing library' and a line of its interfaces when the process exits (after our one-line error):
+    point the stderr descriptor at /dev/null when Python has finished, once, only then."""
+    global _NATIVE_OUTPUT_AT_EXIT_SILENCED
+    if _NATIVE_OUTPUT_AT_EXIT_SILENCED:
+        return
+    _NATIVE_OUTPUT_AT_EXIT_SILENCED = True
+    import atexit
+
+    def silence():
+        with contextlib.suppress(OSError, ValueError):
+            import sys
+            sys.stderr.flush()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+
+    atexit.register(silence)
+
+
+@contextlib.contextmanager
+def _native_stderr_held(hdf5: bool = False) -> Iterator[None]:
+    """Hold back what native libraries print to the stderr descriptor inside the block (libpng's
+    "libpng warning: ..." / "libpng error: ..." lines, HDF5's error stack of tens of lines): dropped when
+    the block raises (the caller's one-line AtlasregError says what went wrong), written out when it
+    succeeds. hdf5: the block reads an HDF5 file (see :func:`_silence_native_output_at_exit`)."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr descriptor to hold: run as it is
+        yield
+        return
+    held = tempfile.TemporaryFile()
+    failed = True
+    try:
+        os.dup2(held.fileno(), 2)
+        yield
+        failed = False
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if failed:
+            if hdf5:
+                _silence_native_output_at_exit()
+        else:
+            held.seek(0)
+            text = held.read()
+            if text:
+                os.write(2, text)
+        held.close()
+
+
+def read_transform_file(path) -> sitk.Transform:
+    """``sitk.ReadTransform(path)`` for a file that exists, with the HDF5 file of a ``.h5`` transform
+    checked against its superblock first (AtlasregError "truncated", naming the file) and what the
+    HDF5 library prints to the stderr descriptor (its error stack) dropped when the read fails (the
+    RuntimeError propagates, for the caller's one-line message)."""
+    p = Path(path)
+    hdf5 = p.suffix.lower() in (".h5", ".hdf5", ".hdf")
+    if hdf5:
+        try:
+            _verify_hdf5(p)
+        except OSError as exc:
+            raise AtlasregError(f"cannot read transform: {exc.strerror or exc}", p) from None
+    with _native_stderr_held(hdf5):
+        return sitk.ReadTransform(str(p))
 
 
 _MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,

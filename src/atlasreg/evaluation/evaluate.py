@@ -53,19 +53,23 @@ _QC_SCORES = QUALITY_COLUMNS[1:4]
 find_prediction = find_labelmap
 
 
+#: Largest label value a float labelmap may hold: every integer up to it is exact in float64 and int64.
+_LARGEST_LABEL = 2.0 ** 53
+
+
 def _read_labelmap(path: Path, kind: str):
     """Read a labelmap with SimpleITK: (int64 array in numpy order, image). AtlasregError on failure."""
     import SimpleITK as sitk
 
-    from ..data.io import verify_file
+    from ..data.io import _native_stderr_held, _short_reason, verify_file
 
-    verify_file(path)  # a truncated NIfTI reads as zeros (AtlasregError "truncated" naming the file)
+    # a truncated NIfTI reads as zeros and NaN in a float NIfTI as 0 (AtlasregError naming the file)
+    nonfinite_on_disk = verify_file(path)
     try:
-        image = sitk.ReadImage(str(path))
+        with _native_stderr_held():  # libpng prints its warnings and errors on a corrupt PNG
+            image = sitk.ReadImage(str(path))
     except Exception as error:  # SimpleITK raises RuntimeError for missing/corrupt files
-        detail = str(error).strip().splitlines()
-        reason = detail[-1].strip().removeprefix("sitk::ERROR:").strip() if detail else type(error).__name__
-        raise AtlasregError(f"cannot read {kind} labelmap ({reason})", path) from error
+        raise AtlasregError(f"cannot read {kind} labelmap ({_short_reason(error)})", path) from error
     array = sitk.GetArrayFromImage(image)
     if image.GetNumberOfComponentsPerPixel() > 1:
         # e.g. an RGB(A) PNG: accept only if it is grey (all colour channels equal)
@@ -75,8 +79,13 @@ def _read_labelmap(path: Path, kind: str):
                                 "channels; expected a single-channel labelmap", path)
         array = channels[..., 0]
     if not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+        if nonfinite_on_disk or not np.all(np.isfinite(array)):
+            raise AtlasregError(f"{kind} labelmap has NaN or infinite values; expected label values", path)
+        if not np.all(array == np.round(array)):
             raise AtlasregError(f"{kind} labelmap has non-integer values; expected label values", path)
+        if array.size and np.abs(array).max() > _LARGEST_LABEL:  # int64 would not hold it (3e38)
+            raise AtlasregError(f"{kind} labelmap has values beyond ±2^53 (e.g. {float(np.abs(array).max()):g}); "
+                                "expected label values", path)
     return array.astype(np.int64), image
 
 
@@ -181,11 +190,18 @@ class _Structures:
 
 def _structures(labels: Mapping[int, str], merge: Mapping[int, Sequence[int]] | None) -> _Structures:
     """The structures to evaluate for the declared `labels` (value -> name) and an optional `merge` (see
-    :func:`evaluate_predictions`). Raises AtlasregError for an empty merge or no foreground label."""
+    :func:`evaluate_predictions`). Raises AtlasregError for an empty merge, a merge of labels that are not
+    declared (no labelmap could hold them) or no foreground label."""
     if merge is not None:
         merge = {int(k): [int(s) for s in v] for k, v in merge.items()}
         if not merge:
             raise AtlasregError("merge is empty")
+        for key, sources in merge.items():
+            undeclared = sorted({s for s in sources if s not in labels})
+            if not sources or undeclared:
+                what = f"label(s) {undeclared} are not declared" if undeclared else "no source labels"
+                raise AtlasregError(f"--merge {key}={','.join(map(str, sources))}: {what} (declared labels: "
+                                    f"{sorted(labels)})")
         evaluated = sorted(k for k in merge if k != BACKGROUND)
         names = {k: labels.get(k) or "+".join(labels.get(s, str(s)) for s in merge[k]) for k in evaluated}
         allowed = set(labels) | set(merge) | {BACKGROUND}
@@ -266,12 +282,24 @@ def _method_rows(case: str, method: str, prediction: np.ndarray, reference: np.n
             for label in evaluated]
 
 
+def _geometry_difference(prediction, prediction_path: Path, reference, reference_path: Path) -> str | None:
+    """The first difference of spacing, origin or direction (relative tolerance 1e-4, as a training
+    labelmap against its image) between a prediction and its reference when both files store a geometry,
+    else None: a PNG (or a NIfTI header without one) has none, and its spacing is the reference's."""
+    from ..data.io import _geometry_difference as difference, has_no_spacing
+
+    if has_no_spacing(prediction, prediction_path) or has_no_spacing(reference, reference_path):
+        return None
+    return difference(prediction, reference, 1e-4)
+
+
 def _evaluate_case(case: str, case_dir: Path, reference_path: Path, structures: _Structures,
                    methods: Sequence[str]) -> _CaseResult:
     """Metrics of every method's labelmap found in case_dir against the reference, the case's transform
     metrics, and its quality-control row when it has both ``itn`` and ``refine`` labelmaps. Raises
     AtlasregError naming the file for an unreadable reference, prediction or transform metrics file, or
-    a prediction whose size differs from the reference's; warns when the spacing differs."""
+    a prediction whose size or geometry differs from the reference's (geometry: when both files store
+    one); warns when the spacing of a file without geometry differs."""
     reference, reference_image = _read_reference(reference_path, structures)
     spacing = reference_image.GetSpacing()
     result = _CaseResult()
@@ -287,6 +315,10 @@ def _evaluate_case(case: str, case_dir: Path, reference_path: Path, structures: 
         if prediction.shape != reference.shape:
             raise AtlasregError(f"prediction size {prediction_image.GetSize()} differs from the "
                                 f"reference size {reference_image.GetSize()} ({reference_path})",
+                                prediction_path)
+        difference = _geometry_difference(prediction_image, prediction_path, reference_image, reference_path)
+        if difference:
+            raise AtlasregError(f"geometry differs from the reference {reference_path}: {difference}",
                                 prediction_path)
         if not np.allclose(prediction_image.GetSpacing(), spacing, rtol=1e-3, atol=1e-6):
             warnings.warn(f"{prediction_path}: spacing {prediction_image.GetSpacing()} differs from the "
@@ -429,13 +461,19 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
     Raises
     ------
     AtlasregError
-        If a reference or prediction cannot be read, their sizes differ, the reference holds values
-        that are not declared labels (or merge keys), no prediction file is found at all, or a case's
-        transform metrics file is malformed; if the predictions are a segmentation run still in progress
-        (or killed), or hold case folders their run's manifest does not list (:data:`SEGMENT_INFO`);
-        if `out_dir` holds another evaluation and not `overwrite`.
+        If the prediction folder is missing or holds no folder of a reference case, a reference or
+        prediction cannot be read (truncated, NaN, non-integer values), their sizes differ, or their
+        geometries when both files store one, the reference holds values that are not declared labels
+        (or merge keys), the merge names labels that are not declared, no prediction file is found at
+        all, or a case's transform metrics file is malformed; if the predictions are a segmentation run
+        still in progress (or killed), or hold case folders their run's manifest does not list
+        (:data:`SEGMENT_INFO`); if `out_dir` holds another evaluation and not `overwrite`. Nothing is
+        written then, and no warning of the cases is shown.
     """
     prediction_dir = Path(prediction_dir)
+    if not prediction_dir.is_dir():
+        raise AtlasregError("predictions folder not found" if not prediction_dir.exists() else
+                            "is not a folder; expected the output folder of `atlasreg segment`", prediction_dir)
     _check_segmentation_run(prediction_dir)
     labels = {int(k): str(v) for k, v in labels.items()}
     if not reference_paths:
@@ -448,23 +486,32 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
     owned = [p for p in dataclasses.astuple(files) if p.exists() and p != files.info]
     claim_output(out_dir, files.info, read_evaluation_info(out_dir), identity, owned, "an evaluation", overwrite)
     present, missing = _find_cases(prediction_dir, reference_paths)
+    if not present:
+        raise AtlasregError(f"no case folder for any of the {len(missing)} reference case(s) "
+                            f"(e.g. {', '.join(missing[:3])})", prediction_dir)
     rows: list[dict] = []
     transform_rows: list[dict] = []
     quality_rows: list[dict] = []
     n_cases = 0  # cases with at least one prediction file
-    for case in present:
-        result = _evaluate_case(case, prediction_dir / case, Path(reference_paths[case]), structures, methods)
-        rows.extend(result.rows)
-        transform_rows.extend(result.transforms)
-        if result.quality is not None:
-            quality_rows.append(result.quality)
-        n_cases += bool(result.rows)
-    if missing:  # one warning: evaluating a subset of a reference folder is common (e.g. B901-B1000)
-        warnings.warn(f"{prediction_dir}: {len(missing)} reference case(s) have no prediction folder and were "
-                      f"skipped (e.g. {', '.join(missing[:3])})", UserWarning, stacklevel=2)
+    # The cases' warnings (empty structures, ...) are shown once every case was read: bad input found in
+    # a later case is then the only line printed.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for case in present:
+            result = _evaluate_case(case, prediction_dir / case, Path(reference_paths[case]), structures, methods)
+            rows.extend(result.rows)
+            transform_rows.extend(result.transforms)
+            if result.quality is not None:
+                quality_rows.append(result.quality)
+            n_cases += bool(result.rows)
     if not n_cases:
         raise AtlasregError(f"no prediction labelmaps (<method>{LABELMAP_SUFFIX}{' / '.join(LABELMAP_EXTENSIONS)} "
                             f"for methods {list(methods)}) found for any case", prediction_dir)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if missing:  # one warning: evaluating a subset of a reference folder is common (e.g. B901-B1000)
+        warnings.warn(f"{prediction_dir}: {len(missing)} reference case(s) have no prediction folder and were "
+                      f"skipped (e.g. {', '.join(missing[:3])})", UserWarning, stacklevel=2)
     summary = _summary_rows(rows, methods, structures)
     ranking = _flag_quality(quality_rows)
     markdown = _summary_markdown(summary, transform_rows, quality_rows, ranking)

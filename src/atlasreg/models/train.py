@@ -232,10 +232,9 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     deleted first (the case cache is kept) and a new run starts. device: 'auto' (CUDA when
     available), 'cpu', 'cuda' or 'cuda:<i>' (:func:`atlasreg.devices.resolve_device`; AtlasregError
     for a device this machine lacks). Returns the final checkpoint path.
-    The config is validated (`config.validate`) and the case list found before out_dir is created, so
-    bad input leaves no output folder behind. Raises AtlasregError naming the file for a bad training
-    case (at the latest when it is first read); an out_dir this call created is then removed unless it
-    holds a checkpoint to resume from."""
+    The config is validated (`config.validate`) and every training case not yet in the cache is read
+    (:meth:`CaseDataset.check`) before anything is written into out_dir, so bad input leaves no output
+    behind: AtlasregError naming the file of a bad training case."""
     config = validate(config)
     accelerator, devices = lightning_accelerator(resolve_device(device))
     if config["data"]["train"] is None:
@@ -254,7 +253,10 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     has_run = paths.last_checkpoint.is_file() or paths.final_checkpoint.is_file()
     if resume and has_run:
         _check_resumable(read_run_config(out_dir), config, out_dir)
-    elif not created:
+    # every case not cached yet is read once before anything is written (Lightning would meet a bad case
+    # only inside fit, after its banners, with the run folder begun)
+    dataset.check()
+    if not (resume and has_run) and not created:
         # a new run: nothing of an older one (or of a run that died before its first checkpoint)
         # may survive into it, e.g. its initial atlas or its logs
         _clear_run(paths)

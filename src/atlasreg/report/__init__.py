@@ -138,16 +138,25 @@ def _quality(page: _Page, ev: Evaluation) -> None:
     page.table(cells)
 
 
-def _sensitivity(page: _Page, folders: Sequence[str | Path], column: str) -> None:
-    if not folders:
-        return
-    by_set: dict[str, list] = {}
+def _sensitivity_evaluations(folders: Sequence[str | Path]) -> list[tuple[float, Evaluation]]:
+    """(refinement lambda, evaluation) of each folder of the sensitivity study; AtlasregError naming the
+    folder when it is not an evaluation or records no lambda."""
+    out = []
     for folder in folders:
         ev = load_evaluation(folder)
         lam = (ev.info.get("refinement") or {}).get("lambda")
         if lam is None:
             raise AtlasregError(f"no refinement lambda in {EVALUATION_INFO} (segment with `atlasreg segment`, "
                                 "which records it)", ev.path)
+        out.append((lam, ev))
+    return out
+
+
+def _sensitivity(page: _Page, evaluations: Sequence[tuple[float, Evaluation]], column: str) -> None:
+    if not evaluations:
+        return
+    by_set: dict[str, list] = {}
+    for lam, ev in evaluations:
         stats = {}
         for metric in METRICS:
             v = np.array([r[metric] for r in ev.rows if column_name(ev.info, r["method"]) == column], float)
@@ -168,12 +177,16 @@ def build_report(evaluations: Sequence[str | Path], out_dir: str | Path, sensiti
                  n_boot: int = 10000, overwrite: bool = False) -> tuple[Path, Path]:
     """Write a report folder (:mod:`atlasreg.contracts`) into out_dir from evaluation folders of
     `atlasreg evaluate`: the self-contained HTML page, the Markdown and its figures (the figure folder
-    replaced as a whole), then the report information naming the folders. Nothing is written before every folder has been read. Raises
-    AtlasregError for a folder that is not an evaluation, for two folders giving the same column on one
-    test set, or when out_dir holds a report of other evaluation folders and not `overwrite` (which
-    deletes it; :func:`atlasreg.outputs.claim_output`). Returns (html path, markdown path)."""
+    replaced as a whole), then the report information naming the folders. Raises AtlasregError for a
+    folder that is not an evaluation (or one without rows, or with metrics out of range), for two
+    folders giving the same column on one test set, for n_boot < 1, or when out_dir holds a report of
+    other evaluation folders and not `overwrite` (which deletes it; :func:`atlasreg.outputs.claim_output`);
+    the whole report is built before anything is written, so nothing is written then. Returns (html
+    path, markdown path)."""
     if not evaluations:
         raise AtlasregError("no evaluation folders given")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise AtlasregError(f"--bootstrap: expected an integer >= 1 (bootstrap repetitions), got {n_boot!r}")
     with warnings.catch_warnings():  # means of all-NaN columns (e.g. HD of empty outputs) are shown as '–'
         warnings.simplefilter("ignore", RuntimeWarning)
         return _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrite)
@@ -181,7 +194,10 @@ def build_report(evaluations: Sequence[str | Path], out_dir: str | Path, sensiti
 
 def _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrite) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
+    identity = {"evaluations": [str(Path(e).resolve()) for e in evaluations],
+                "sensitivity": [str(Path(e).resolve()) for e in sensitivity]}
     evs = [load_evaluation(p) for p in evaluations]
+    sensitivity = _sensitivity_evaluations(sensitivity)
     table = collect(evs)
     page = _Page()
     page.text(f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} from "
@@ -234,8 +250,6 @@ def _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrit
     body = "\n".join(page.html)
     html_text = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                  f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
-    identity = {"evaluations": [str(Path(e).resolve()) for e in evaluations],
-                "sensitivity": [str(Path(e).resolve()) for e in sensitivity]}
     owned = [out_dir / n for n in (REPORT_HTML, REPORT_MD, FIGURE_DIR) if (out_dir / n).exists()]
     claim_output(out_dir, out_dir / REPORT_INFO, read_report_info(out_dir), identity, owned, "a report", overwrite)
     with atomic_directory(out_dir / FIGURE_DIR) as tmp:  # no figure of an earlier report survives
@@ -243,5 +257,5 @@ def _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrit
             (tmp / name).write_bytes(png)
     html_path = write_text(out_dir / REPORT_HTML, html_text)
     md_path = write_text(out_dir / REPORT_MD, f"# {title}\n\n" + "\n".join(page.md))
-    write_report_info(out_dir, evaluations, sensitivity)
+    write_report_info(out_dir, identity["evaluations"], identity["sensitivity"])
     return Path(html_path), Path(md_path)

@@ -11,10 +11,11 @@ with a fixed atlas, 'Independent'; a VML folder 'VML'.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..contracts import read_evaluation_info, read_metrics_per_case, read_quality_control, read_transforms_per_case
+from ..contracts import METRICS_PER_CASE, read_evaluation_info, read_metrics_per_case, read_quality_control, read_transforms_per_case
 from ..errors import AtlasregError
 
 METRICS = ("dice", "hd", "hd95", "asd")
@@ -57,11 +58,33 @@ class Evaluation:
         return str(self.info.get("test_set") or self.path.name)
 
 
+def _check_metrics(rows: list[dict], path: Path) -> None:
+    """AtlasregError naming the per-case metrics file when it has no rows or a metric out of its range
+    (NaN is allowed: a structure empty in the prediction or the reference)."""
+    if not rows:
+        raise AtlasregError("per-case metrics file has no rows", path)
+    for line, row in enumerate(rows, start=2):
+        for metric in METRICS:
+            value = row[metric]
+            if math.isnan(value):
+                continue
+            ok = 0.0 <= value <= 1.0 if metric == "dice" else 0.0 <= value < math.inf
+            if not ok:
+                expected = "in [0, 1]" if metric == "dice" else "a finite distance >= 0"
+                raise AtlasregError(f"line {line}: {metric} = {value!r} is not {expected}", path)
+
+
 def load_evaluation(path: str | Path) -> Evaluation:
     """Read an evaluation folder (:mod:`atlasreg.contracts`). Raises AtlasregError naming the folder if
-    it has no per-case metrics (not an evaluation folder), or naming the file that is malformed."""
+    it is missing or has no per-case metrics (not an evaluation folder), or naming the file that is
+    malformed (also: no rows, a Dice outside [0, 1], a negative or infinite distance)."""
     path = Path(path)
+    if not path.exists():
+        raise AtlasregError("evaluation folder not found", path)
+    if not path.is_dir():
+        raise AtlasregError("is not a folder; expected an evaluation folder of `atlasreg evaluate`", path)
     rows = read_metrics_per_case(path)
+    _check_metrics(rows, path / METRICS_PER_CASE)
     return Evaluation(path, read_evaluation_info(path), rows, read_transforms_per_case(path),
                       read_quality_control(path))
 

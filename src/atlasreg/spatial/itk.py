@@ -179,7 +179,9 @@ def read_transform(path: str | Path, dtype=torch.float32) -> Transform:
 
             verify_file(path)
             return field_from_image(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
-        return from_sitk(sitk.ReadTransform(str(path)), dtype)
+        from ..data.io import read_transform_file
+
+        return from_sitk(read_transform_file(path), dtype)
     except (RuntimeError, ValueError) as e:
         msg = [ln for ln in str(e).splitlines() if ln.strip()]
         raise AtlasregError(f"cannot read transform: {(msg[-1] if msg else type(e).__name__)[:200]}", path) from None
