@@ -594,3 +594,20 @@ def test_evaluate_and_report_refuse_an_output_of_other_inputs(trained, tmp_path,
     other = ["report", str(tmp_path / "ev_a"), "--out", str(tmp_path / "report"), "--bootstrap", "50"]
     run_fails(other, capsys, f"{tmp_path / 'report' / 'report.yaml'}: holds a report of another run", "evaluations")
     assert main(other + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["letter-b", "--out", "{file}/sub", "--n", "2"], "{file}/sub: cannot be created: {file} is a file, not a folder"),
+    (["letter-b", "--out", "{file}"], "{file}: exists and is not a folder"),
+    (["demo", "--out", "{file}", "--epochs", "1"], "{file}: exists and is not a folder"),
+    (["letter-b", "--out", "{tmp}/lb", "--n", "0"], "argument --n: expected an integer >= 1, got 0"),
+    (["letter-b", "--out", "{tmp}/lb", "--n", "-3"], "argument --n: expected an integer >= 1, got -3"),
+    (["demo", "--out", "{tmp}/demo", "--train-cases", "0"], "argument --train-cases: expected an integer >= 1"),
+])
+def test_letter_b_and_demo_check_their_arguments_before_writing(tmp_path, capsys, argv, message):
+    """Issue 14 item 5 for the two generating commands: a bad --out or count is one line, status 2,
+    and nothing is created (was: a traceback for --n -3, and data written before a bad --out failed)."""
+    (tmp_path / "file").write_text("keep")
+    fill = {"file": str(tmp_path / "file"), "tmp": str(tmp_path)}
+    run_fails([a.format(**fill) for a in argv], capsys, message.format(**fill))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "keep"

@@ -149,6 +149,7 @@ def cmd_report(args) -> int:
 def cmd_letter_b(args) -> int:
     from .data.letter_b import write_letter_b_dataset
 
+    _output_folder(args.out)
     files = write_letter_b_dataset(args.out, args.n, seed=args.seed, corrupt=args.corrupt,
                                    start_index=args.start)
     print(f"{len(files)} files written to {args.out}")
@@ -158,9 +159,21 @@ def cmd_letter_b(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _output_folder(args.out)
     run_demo(args.out, epochs=args.epochs, n_train=args.train_cases, n_test=args.test_cases,
              progress=not args.quiet)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else in one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -247,17 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("letter-b", help="generate synthetic Letter-B pairs (paper Sec. 3.1)")
     g.add_argument("--out", required=True)
-    g.add_argument("--n", type=int, default=100)
-    g.add_argument("--start", type=int, default=1, help="index of the first case (B<start>)")
+    g.add_argument("--n", type=_positive_int, default=100, help="number of image/labelmap pairs")
+    g.add_argument("--start", type=_positive_int, default=1, help="index of the first case (B<start>)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--corrupt", action="store_true", help="add clutter and missing pieces")
     g.set_defaults(func=cmd_letter_b)
 
     d = sub.add_parser("demo", help="generate Letter-B, train, segment and evaluate (no external data)")
     d.add_argument("--out", default="demo_output")
-    d.add_argument("--epochs", type=int, default=None)
-    d.add_argument("--train-cases", type=int, default=None)
-    d.add_argument("--test-cases", type=int, default=None)
+    d.add_argument("--epochs", type=_positive_int, default=None)
+    d.add_argument("--train-cases", type=_positive_int, default=None)
+    d.add_argument("--test-cases", type=_positive_int, default=None)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     return p
