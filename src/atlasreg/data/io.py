@@ -117,7 +117,7 @@ def verify_file(path) -> bool:
     NIfTI-1/2 (.nii, .nii.gz; gzip recognised by its magic number, so uncompressed bytes under
     .nii.gz are read as ITK does): the whole stream is decompressed (the gzip CRC-32 and length are
     checked) and the payload counted against ``prod(dim[1..dim[0]]) * bitpix / 8`` bytes after
-    ``vox_offset``. MetaImage (.mha, .mhd): the data bytes (``ElementDataFile``, LOCAL or one file
+    ``vox_offset`` (the header parsed by nibabel). MetaImage (.mha, .mhd): the data bytes (``ElementDataFile``, LOCAL or one file
     beside the header) against ``prod(DimSize) * ElementNumberOfChannels * sizeof(ElementType)``, or
     ``CompressedDataSize`` for compressed data. Other formats, and headers these checks do not
     understand, are left to SimpleITK (its NRRD and PNG readers report truncation themselves).
@@ -150,33 +150,35 @@ def _is_nifti(path) -> bool:
 
 def _nifti_layout(hdr: bytes) -> tuple[np.dtype | None, int, int] | None:
     """(float dtype of the voxels or None, offset of the payload, payload bytes) from the first bytes
-    of a NIfTI-1 or NIfTI-2 file (either byte order); None when they are not a header we understand."""
-    if len(hdr) < 348:
-        return None
-    for endian in ("<", ">"):
-        sizeof_hdr = struct.unpack(endian + "i", hdr[:4])[0]
-        if sizeof_hdr in (348, 540):
-            break
-    else:
-        return None
-    if sizeof_hdr == 348:
-        dims = struct.unpack(endian + "8h", hdr[40:56])
-        datatype, bitpix = struct.unpack(endian + "2h", hdr[70:74])
-        vox_offset = struct.unpack(endian + "f", hdr[108:112])[0]
-        offset = max(int(vox_offset) if np.isfinite(vox_offset) else 0, sizeof_hdr + 4)
-    else:
-        if len(hdr) < 540:
+    of a NIfTI-1 or NIfTI-2 file (either byte order), parsed by nibabel's header classes; None when
+    they are not a header we understand."""
+    import nibabel as nib  # imported here: only NIfTI files need it
+
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        if len(hdr) < klass.sizeof_hdr:
+            continue
+        try:
+            # from the header block only (from_fileobj would read and judge the extensions too)
+            header = klass(binaryblock=hdr[:klass.sizeof_hdr], check=False)
+            if int(header["sizeof_hdr"]) != klass.sizeof_hdr:
+                continue
+            dims = [int(d) for d in header["dim"]]
+            bitpix = int(header["bitpix"])
+            dtype = header.get_data_dtype()
+        except Exception:  # noqa: BLE001 - a header nibabel cannot parse: SimpleITK judges
+            continue
+        ndim = dims[0]
+        if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]) or bitpix <= 0 or bitpix % 8:
             return None
-        datatype, bitpix = struct.unpack(endian + "2h", hdr[12:16])
-        dims = struct.unpack(endian + "8q", hdr[16:80])
-        offset = max(struct.unpack(endian + "q", hdr[168:176])[0], sizeof_hdr)
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]) or bitpix <= 0 or bitpix % 8:
-        return None
-    nbytes = int(np.prod([int(d) for d in dims[1:ndim + 1]], dtype=object)) * (bitpix // 8)
-    # float32, complex64 (2 x float32), float64, complex128 (2 x float64)
-    base = {16: "f4", 32: "f4", 64: "f8", 1792: "f8"}.get(datatype)
-    return (None if base is None else np.dtype(endian + base)), offset, nbytes
+        vox_offset = float(header["vox_offset"])
+        offset = max(int(vox_offset) if np.isfinite(vox_offset) else 0,
+                     klass.sizeof_hdr + (4 if klass is nib.Nifti1Header else 0))
+        nbytes = int(np.prod(dims[1:ndim + 1], dtype=object)) * (bitpix // 8)
+        # float32, float64, and complex64 / complex128 read as pairs of their float parts
+        if dtype.kind == "c":
+            dtype = np.dtype(f"{dtype.byteorder}f{dtype.itemsize // 2}")
+        return (dtype if dtype.kind == "f" and dtype.itemsize in (4, 8) else None), offset, nbytes
+    return None
 
 
 _CHUNK = 1 << 24
