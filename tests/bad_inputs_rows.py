@@ -630,6 +630,36 @@ def _(m, d):
     return segment_argv(m, [write_array(np.ones((1, 1), np.float32), d / "dot.nii.gz")], d / "out"), "dot.nii.gz"
 
 
+def _dicom_series(folder: Path, uid: str, names=None, slices: int = 4) -> Path:
+    """A small DICOM volume (tests/dicom_series.py) in `folder`."""
+    from dicom_series import UID_ROOT, write_dicom_series
+
+    write_dicom_series(folder, np.zeros((slices, 32, 32), np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3),
+                       series_uid=f"{UID_ROOT}.{uid}", names=names)
+    return folder
+
+
+@row("segment", "DICOM folder with a corrupt .dcm beside its series")
+def _(m, d):
+    folder = _dicom_series(d / "ct", "91")
+    (folder / "bad.dcm").write_bytes(os.urandom(600))
+    return segment_argv(m, [folder], d / "out"), "bad.dcm"
+
+
+@row("segment", "DICOM folder holding two series")
+def _(m, d):
+    _dicom_series(d / "ct", "92", names=[f"a{k}.dcm" for k in range(4)])
+    _dicom_series(d / "ct", "93", names=[f"b{k}.dcm" for k in range(4)])
+    return segment_argv(m, [d], d / "out"), "ct"
+
+
+@row("segment", "DICOM series with a missing slice")
+def _(m, d):
+    folder = _dicom_series(d / "ct", "94")
+    (folder / "slice001.dcm").unlink()
+    return segment_argv(m, [folder], d / "out"), "ct"
+
+
 # ---------------------------------------------------------------------------------------- evaluate
 
 @row("evaluate", "predictions folder missing")

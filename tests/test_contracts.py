@@ -59,6 +59,13 @@ def test_labelmap_extension_is_the_input_extension(image, ext):
     assert c.labelmap_extension(image) == ext
 
 
+@pytest.mark.parametrize("image", ["scans/pt01", "a/IM0001.dcm", "a/X.DICOM", "a/1.2.840.113619.2.55.3",
+                                   Path("CT_1.5mm")])
+def test_labelmap_extension_of_a_dicom_series_is_nifti(image):
+    """A DICOM folder, a .dcm file, a file named by its UID: the labelmaps are NIfTI (.nii.gz)."""
+    assert c.labelmap_extension(image) == ".nii.gz"
+
+
 def test_find_labelmap_prefers_the_given_extension(tmp_path):
     assert c.find_labelmap(tmp_path, "itn") is None
     png = c.case_labelmap_path(tmp_path, "itn", ".png")

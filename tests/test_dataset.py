@@ -276,3 +276,88 @@ def test_select_bad_specs():
         select_cases(pairs, {"frac": [0, 1]})
     with pytest.raises(AtlasregError):
         select_cases(pairs, 3.5)
+
+
+# ---------------------------------------------------------------------------------------------- DICOM
+
+
+def _series(folder: Path, uid_end: str = "1", prefix: str = "slice") -> Path:
+    """A small DICOM volume (3 files named <prefix><k>.dcm) in `folder`."""
+    import numpy as np
+    from dicom_series import UID_ROOT, write_dicom_series
+
+    write_dicom_series(folder, np.zeros((3, 4, 5), np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3),
+                       series_uid=f"{UID_ROOT}.6{uid_end}", names=[f"{prefix}{k}.dcm" for k in range(3)])
+    return folder
+
+
+def _radiograph(path: Path, uid_end: str) -> Path:
+    import numpy as np
+    from dicom_series import UID_ROOT, write_dicom_image
+
+    return write_dicom_image(path, np.ones((6, 5), np.uint16), (0.2, 0.2), series_uid=f"{UID_ROOT}.7{uid_end}")
+
+
+def test_a_folder_of_one_dicom_series_is_one_case_named_after_it(tmp_path):
+    series = _series(tmp_path / "patient7")
+    assert find_pairs(series) == [CasePair("patient7", series, None)]
+    single = _radiograph(tmp_path / "xr3" / "IM1", "1").parent  # one radiograph in its folder
+    assert find_pairs(single) == [CasePair("xr3", single, None)]
+
+
+def test_a_folder_of_dicom_case_folders_and_of_radiographs(tmp_path):
+    """Case folders (one series each) beside other images are one case each, named after the folder;
+    DICOM files that are images of their own (radiographs, one series each) are one case each, named
+    without .dcm; with a labels folder they pair by these names."""
+    images = tmp_path / "images"
+    _series(images / "case2", "2")
+    _series(images / "case10", "3")
+    _touch(images, "case1.nii.gz", "notes.txt")
+    (images / "empty_folder").mkdir()
+    assert find_pairs(images) == [CasePair("case1", images / "case1.nii.gz", None),
+                                  CasePair("case2", images / "case2", None),
+                                  CasePair("case10", images / "case10", None)]
+    _touch(tmp_path / "labels", "case1.nii.gz", "case2.nii.gz", "case10.nii.gz")
+    assert [(p.name, p.image.name, p.label.name) for p in find_pairs(images, tmp_path / "labels")] == \
+        [("case1", "case1.nii.gz", "case1.nii.gz"), ("case2", "case2", "case2.nii.gz"),
+         ("case10", "case10", "case10.nii.gz")]
+
+    xrays = tmp_path / "xrays"
+    for k, name in enumerate(("JPCLN002.dcm", "JPCLN001.DCM", "JPCLN010_img.dcm")):
+        _radiograph(xrays / name, str(k))
+    assert find_pairs(xrays) == [CasePair("JPCLN001", xrays / "JPCLN001.DCM", None),
+                                 CasePair("JPCLN002", xrays / "JPCLN002.dcm", None),
+                                 CasePair("JPCLN010_img", xrays / "JPCLN010_img.dcm", None)]
+    assert find_pairs(xrays, image_suffix="_img") == [CasePair("JPCLN010", xrays / "JPCLN010_img.dcm", None)]
+
+
+def test_dicom_folders_that_are_not_one_case_each_are_refused(tmp_path):
+    two = tmp_path / "two"
+    _series(two, "4", prefix="a")
+    _series(two, "5", prefix="b")
+    with pytest.raises(AtlasregError, match="holds 2 DICOM series") as ei:
+        find_pairs(two)
+    assert str(two) in str(ei.value) and "\n" not in str(ei.value)
+
+    mixed = _series(tmp_path / "mixed", "6")
+    _touch(mixed, "mask.nii.gz")
+    with pytest.raises(AtlasregError, match="a series needs a folder of its own") as ei:
+        find_pairs(mixed)
+    assert str(mixed) in str(ei.value)
+
+    _touch(tmp_path / "corrupt", "bad.dcm")
+    with pytest.raises(AtlasregError, match="GDCM does not recognise it") as ei:
+        find_pairs(tmp_path / "corrupt")
+    assert str(tmp_path / "corrupt" / "bad.dcm") in str(ei.value)
+
+    _touch(tmp_path / "nothing")
+    with pytest.raises(AtlasregError, match="no images found.*DICOM"):
+        find_pairs(tmp_path / "nothing")
+
+
+def test_csv_names_a_dicom_folder(tmp_path):
+    series = _series(tmp_path / "scans" / "pt01")
+    _touch(tmp_path / "segs", "pt01.nii.gz")
+    csv = tmp_path / "cases.csv"
+    csv.write_text("image,label\nscans/pt01,segs/pt01.nii.gz\n")
+    assert find_pairs(csv=csv) == [CasePair("pt01", series, tmp_path / "segs" / "pt01.nii.gz")]

@@ -485,3 +485,172 @@ def test_files_are_fsynced_before_their_rename(tmp_path, monkeypatch):
         assert events.index(("fsync", path)) < events.index(("replace", path))
     inside = str(Path(renamed[2]) / "c.txt")  # a folder: its files flushed before the folder's rename
     assert events.index(("fsync", inside)) < events.index(("replace", renamed[2]))
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+
+#: An oblique direction (rows: ITK's row-major direction matrix; columns: the row, column and slice
+#: normal directions): 30 degrees about z times a swap of y and z.
+_OBLIQUE = (np.array([[np.cos(np.pi / 6), -np.sin(np.pi / 6), 0.0], [np.sin(np.pi / 6), np.cos(np.pi / 6), 0.0],
+                      [0.0, 0.0, 1.0]]) @ np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))
+
+
+def _ct_series(folder, names=None, uid=None):
+    """A 3D series of 8x10x12 voxels of (0.8, 0.9, 2.5) mm, oblique, with SliceThickness 1 mm (not the
+    spacing) and rescale slope 0.5, intercept -1024 (Hounsfield units in half units). Returns (array in
+    rescaled units (z, y, x), the volume written)."""
+    from dicom_series import UID_ROOT, write_dicom_series
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(-2000, 4000, size=(12, 10, 8)) * 0.5 - 1024.0
+    volume = write_dicom_series(folder, array, (0.8, 0.9, 2.5), (10.0, -20.0, 30.0), _OBLIQUE,
+                                series_uid=uid or UID_ROOT + ".31", thickness=1.0, names=names, rescale=(0.5, -1024.0))
+    return array, volume
+
+
+def _same_geometry_within(image, size, spacing, origin, direction, atol=1e-4):
+    assert image.GetSize() == tuple(size)
+    np.testing.assert_allclose(image.GetSpacing(), spacing, atol=atol)
+    np.testing.assert_allclose(image.GetOrigin(), origin, atol=atol)
+    np.testing.assert_allclose(image.GetDirection(), np.asarray(direction).ravel(), atol=atol)
+
+
+def test_read_dicom_series_gives_the_array_and_the_series_geometry(tmp_path, capfd):
+    """The folder and any one of its files read the whole series: slices ordered by their position (the
+    file names are shuffled), spacing from the positions (2.5 mm, not the SliceThickness of 1 mm), the
+    oblique direction and origin of the series, intensities rescaled (slope 0.5, intercept -1024)."""
+    names = [f"IM{k:02d}" for k in np.random.default_rng(1).permutation(12)]  # no extension, out of order
+    array, volume = _ct_series(tmp_path / "ct", names=names)
+    for path in (tmp_path / "ct", tmp_path / "ct" / names[0], tmp_path / "ct" / names[7]):
+        image = read_image(path)
+        assert image.GetPixelID() == sitk.sitkFloat32
+        _same_geometry_within(image, (8, 10, 12), (0.8, 0.9, 2.5), (10.0, -20.0, 30.0), _OBLIQUE)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array.astype(np.float32))
+        assert same_geometry(image, volume)
+    assert capfd.readouterr().err == ""  # no ITK or GDCM warning on the way
+
+
+def test_a_single_frame_dicom_is_2d(tmp_path):
+    """A radiograph (one file, 16x20) and a series of one slice are 2D images: in-plane spacing, and the
+    in-plane origin and direction when the image lies in the patient's x-y plane; coordinates along
+    the image's rows and columns when it does not (coronal); zero origin, identity direction without
+    ImagePositionPatient / ImageOrientationPatient."""
+    from dicom_series import write_dicom_image
+
+    array = (np.arange(20 * 16).reshape(20, 16) * 37 % 4096).astype(np.uint16)
+    cases = {  # (origin, row, column) -> expected 2D origin, direction
+        "plain": (None, (1, 0, 0), (0, 1, 0), (0.0, 0.0), np.eye(2)),
+        "rotated": ((5.0, 7.0, -3.0), (0, 1, 0), (-1, 0, 0), (5.0, 7.0), [[0.0, -1.0], [1.0, 0.0]]),
+        "coronal": ((5.0, 7.0, -3.0), (1, 0, 0), (0, 0, -1), (5.0, 3.0), np.eye(2)),
+    }
+    for name, (origin, row, column, origin2, direction2) in cases.items():
+        path = write_dicom_image(tmp_path / name / "xr.dcm", array, (0.15, 0.2), origin, row, column)
+        for given in (path, path.parent):
+            image = read_image(given)
+            _same_geometry_within(image, (16, 20), (0.15, 0.2), origin2, direction2)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array)
+            check_dimension(image, 2, given)  # a 2D model takes it (was: "image is 3D but the model is 2D")
+
+    from dicom_series import write_dicom_series
+
+    one = write_dicom_series(tmp_path / "one", array[None].astype(np.int16), (0.7, 0.6, 3.0), (1.0, 2.0, 3.0),
+                             np.eye(3))
+    image = read_image(tmp_path / "one")
+    _same_geometry_within(image, (16, 20), (0.7, 0.6), (1.0, 2.0), np.eye(2))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(one)[0])
+
+
+def _one_line(error: AtlasregError, *names) -> str:
+    text = str(error.value)
+    assert "\n" not in text and "Traceback" not in text
+    for name in names:
+        assert str(name) in text, (name, text)
+    return text
+
+
+def test_bad_dicom_folders_are_one_line_errors_naming_them(tmp_path, capfd):
+    from dicom_series import UID_ROOT
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AtlasregError, match="is a folder") as error:
+        read_image(tmp_path / "empty")
+    _one_line(error, tmp_path / "empty")
+
+    _ct_series(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "zz.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"not a data set" * 20)
+    with pytest.raises(AtlasregError, match="GDCM does not recognise it") as error:
+        read_image(tmp_path / "corrupt")
+    _one_line(error, tmp_path / "corrupt" / "zz.dcm")
+
+    _ct_series(tmp_path / "truncated")  # a slice cut short: GDCM leaves it out of the series; refused
+    data = (tmp_path / "truncated" / "slice004.dcm").read_bytes()
+    (tmp_path / "truncated" / "slice004.dcm").write_bytes(data[:-40])
+    with pytest.raises(AtlasregError, match="GDCM does not recognise it") as error:
+        read_image(tmp_path / "truncated")
+    _one_line(error, tmp_path / "truncated" / "slice004.dcm")
+
+    a, b = UID_ROOT + ".41", UID_ROOT + ".42"
+    _ct_series(tmp_path / "two", names=[f"a{k:02d}.dcm" for k in range(12)], uid=a)
+    array_b, _ = _ct_series(tmp_path / "two", names=[f"b{k:02d}.dcm" for k in range(12)], uid=b)
+    with pytest.raises(AtlasregError, match="holds 2 DICOM series") as error:
+        read_image(tmp_path / "two")
+    _one_line(error, tmp_path / "two", a, b, "12 files")
+    # one file of a series picks that series
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "two" / "b03.dcm")), array_b)
+
+    _ct_series(tmp_path / "missing")
+    (tmp_path / "missing" / "slice005.dcm").unlink()
+    with pytest.raises(AtlasregError, match=r"not evenly spaced \(steps of 2.5 to 5 mm") as error:
+        read_image(tmp_path / "missing")
+    _one_line(error, tmp_path / "missing")
+
+    from dicom_series import write_dicom_series
+
+    positions = [(0.0, 0.0, 2.5 * (k // 2)) for k in range(6)]  # two phases at each of 3 positions
+    write_dicom_series(tmp_path / "phases", np.zeros((6, 4, 4), np.int16), (1.0, 1.0, 2.5), (0, 0, 0), np.eye(3),
+                       positions=positions)
+    with pytest.raises(AtlasregError, match="6 files lie at 3 positions") as error:
+        read_image(tmp_path / "phases")
+    _one_line(error, tmp_path / "phases")
+
+    sheared = [(0.0, 0.5 * k, 2.5 * k) for k in range(4)]  # gantry tilt
+    write_dicom_series(tmp_path / "tilt", np.zeros((4, 4, 4), np.int16), (1.0, 1.0, 2.5), (0, 0, 0), np.eye(3),
+                       positions=sheared)
+    with pytest.raises(AtlasregError, match="sheared") as error:
+        read_image(tmp_path / "tilt")
+    _one_line(error, tmp_path / "tilt")
+    assert capfd.readouterr().err == ""
+
+
+def test_two_views_of_one_series_are_two_2d_images(tmp_path):
+    """Files of one series without a position (the two views of a chest radiograph) are 2D images each:
+    the folder is refused naming them, each file reads alone."""
+    from dicom_series import UID_ROOT, write_dicom_image
+
+    uid = UID_ROOT + ".51"
+    pa = np.full((20, 16), 100, np.uint16)
+    write_dicom_image(tmp_path / "chest" / "pa.dcm", pa, (0.15, 0.2), series_uid=uid)
+    write_dicom_image(tmp_path / "chest" / "lat.dcm", pa + 7, (0.15, 0.2), series_uid=uid)
+    with pytest.raises(AtlasregError, match="holds 2 2D DICOM images of series") as error:
+        read_image(tmp_path / "chest")
+    _one_line(error, tmp_path / "chest", "lat.dcm", "pa.dcm")
+    assert sitk.GetArrayFromImage(read_image(tmp_path / "chest" / "lat.dcm")).min() == 107
+    assert read_image(tmp_path / "chest" / "pa.dcm").GetSize() == (16, 20)
+
+
+def test_dicom_labelmap_written_as_nifti_keeps_the_series_geometry(tmp_path):
+    """A labelmap on a DICOM series' grid written as .nii.gz (what segment does) reads back, with SimpleITK
+    and with nibabel (RAS: x and y negated), with the series' spacing, origin and direction."""
+    import nibabel as nib
+
+    _, volume = _ct_series(tmp_path / "ct")
+    image = read_image(tmp_path / "ct")
+    labels = sitk.Cast(sitk.BinaryThreshold(image, 0.0, 1e9, 1, 0), sitk.sitkUInt8)
+    path = write_image(labels, tmp_path / "out" / "itn_labelmap.nii.gz")
+    back = sitk.ReadImage(str(path))
+    _same_geometry_within(back, (8, 10, 12), (0.8, 0.9, 2.5), (10.0, -20.0, 30.0), _OBLIQUE)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(labels))
+    affine = nib.load(str(path)).affine
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(affine[:3, :3], lps_to_ras @ _OBLIQUE @ np.diag([0.8, 0.9, 2.5]), atol=1e-4)
+    np.testing.assert_allclose(affine[:3, 3], lps_to_ras @ [10.0, -20.0, 30.0], atol=1e-4)

@@ -156,3 +156,83 @@ def test_degenerate_inputs_warn_once_each_and_give_finite_outputs(tmp_path):
                                             "axis") as e:
         segment(tiny_module(), [flat, dot], tmp_path / "none", progress=False)
     assert e.value.path == str(dot) and not (tmp_path / "none").exists()
+
+
+def _dicom_outputs_have(case_dir, source, ndim):
+    """Every labelmap of `case_dir` is NIfTI with the geometry of `source` (the image read from the
+    DICOM input), read back with SimpleITK and with nibabel (RAS: ITK's x and y negated)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    labelmaps = sorted(case_dir.glob("*_labelmap*"))
+    assert [p.name for p in labelmaps] == [f"{n}_labelmap.nii.gz" for n in ("atlas", "itn", "itn_lcc", "onepass",
+                                                                            "refine")]
+    d = np.asarray(source.GetDirection()).reshape(ndim, ndim)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0][:ndim])
+    for path in labelmaps:
+        back = sitk.ReadImage(str(path))
+        assert back.GetSize() == source.GetSize(), path
+        np.testing.assert_allclose(back.GetSpacing(), source.GetSpacing(), atol=1e-4)
+        np.testing.assert_allclose(back.GetOrigin(), source.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(back.GetDirection(), source.GetDirection(), atol=1e-4)
+        assert set(np.unique(sitk.GetArrayFromImage(back))) <= {0, 255, 1}
+        nifti = nib.load(str(path))
+        assert nifti.shape == source.GetSize(), path
+        np.testing.assert_allclose(nifti.affine[:ndim, :ndim], lps_to_ras @ d @ np.diag(source.GetSpacing()),
+                                   atol=1e-4)
+        np.testing.assert_allclose(nifti.affine[:ndim, 3], lps_to_ras @ np.asarray(source.GetOrigin()), atol=1e-4)
+
+
+def test_dicom_radiographs_segment_with_a_2d_model_into_nifti(tmp_path):
+    """A folder of DICOM case folders (a radiograph in each) and a radiograph file given directly: 2D
+    cases named after the folder and the file, segmented by a 2D model, outputs .nii.gz with the
+    radiographs' spacing, in-plane origin and direction."""
+    import yaml
+
+    from atlasreg.data.io import read_image
+    from dicom_series import UID_ROOT, write_dicom_image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:20, :16]
+    disc = ((yy - 10) ** 2 + (xx - 8) ** 2 < 30).astype(np.uint16)
+    for k, path in enumerate((tmp_path / "dicom" / "xr1" / "IM0001", tmp_path / "xr2.dcm")):
+        array = disc * 900 + rng.integers(0, 100, size=(20, 16)).astype(np.uint16)
+        write_dicom_image(path, array, (1.5, 1.4), (5.0, 7.0, -3.0), (0, 1, 0), (-1, 0, 0),
+                          series_uid=f"{UID_ROOT}.8{k}")
+    out = tmp_path / "seg"
+    written = segment(tiny_module(), [tmp_path / "dicom", tmp_path / "xr2.dcm"], out, progress=False)
+    assert sorted(p.name for p in written) == ["xr1", "xr2"]
+    for case, given in (("xr1", tmp_path / "dicom" / "xr1"), ("xr2", tmp_path / "xr2.dcm")):
+        source = read_image(given)
+        assert source.GetDimension() == 2 and source.GetOrigin() == (5.0, 7.0)
+        _dicom_outputs_have(out / case, source, 2)
+        assert yaml.safe_load((out / case / "case.yaml").read_text()) == {"image": str(given.resolve())}
+
+
+def test_a_dicom_series_segments_with_a_3d_model_into_nifti(tmp_path):
+    """A folder holding one oblique DICOM series, given as the input: one case named after the folder,
+    outputs .nii.gz on the series' grid (spacing from the slice positions, origin, direction)."""
+    from atlasreg.data.io import read_image
+    from dicom_series import write_dicom_series
+
+    direction = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]) @ np.diag([1.0, -1.0, 1.0])
+    zz, yy, xx = np.mgrid[:12, :10, :8]
+    ball = ((zz - 6) ** 2 / 9 + (yy - 5) ** 2 / 9 + (xx - 4) ** 2 / 4 < 1.5).astype(np.int16)
+    array = ball * 800 + np.random.default_rng(0).integers(0, 50, size=ball.shape).astype(np.int16)
+    write_dicom_series(tmp_path / "ct7", array, (0.8, 0.9, 2.5), (10.0, -20.0, 30.0), direction, thickness=1.0)
+    torch.manual_seed(0)
+    cfg = load_config(None, {
+        "data": {"labels": {0: "background", 1: "ball"}},
+        "model": {"method": "atlas_istn", "ndim": 3, "size": [8, 8, 8], "spacing": [4.0, 4.0, 4.0],
+                  "itn_channels": [4, 8, 8, 8], "stn_channels": [4, 4, 8]},
+        "refinement": {"iterations": 1}})
+    module = build_method(cfg).eval()
+    r = Grid.centred((8, 8, 8), (4.0, 4.0, 4.0)).points()[0].norm(dim=-1)
+    module.atlas_labelmap.copy_(torch.nn.functional.one_hot((r < 8.0).long(), 2).movedim(-1, 0)[None].float())
+    module.atlas_image.copy_(module.atlas_labelmap[:, 1:])
+    written = segment(module, [tmp_path / "ct7"], tmp_path / "seg", progress=False)
+    assert [p.name for p in written] == ["ct7"]
+    source = read_image(tmp_path / "ct7")
+    assert source.GetSize() == (8, 10, 12)
+    np.testing.assert_allclose(source.GetSpacing(), (0.8, 0.9, 2.5), atol=1e-6)
+    _dicom_outputs_have(tmp_path / "seg" / "ct7", source, 3)

@@ -18,10 +18,11 @@ Case folder ``<out>/<case>/`` (``atlasreg segment``; :func:`atlasreg.export.writ
   registration (Eq. 9); ``refine`` the atlas warped after test-time refinement (Eqs. 17-21); ``atlas``
   the undeformed atlas (identity, "Id"). Voxel values are the declared label values, on the input's
   own grid and geometry; ``<ext>`` is the input image's extension (:func:`labelmap_extension`:
-  ``.png``, ``.nii.gz``, ...; ``.nii.gz`` for an image given in memory). Which outputs exist depends on
-  the model's method: Atlas-ISTN writes all; a U-Net writes itn and itn_lcc only, plus onepass (its
-  untrained STN: the identity), refine and atlas when it has a fixed atlas (the paper's
-  'Independent'); VML has no ITN and writes onepass and atlas.
+  ``.png``, ``.nii.gz``, ...; ``.nii.gz`` for a DICOM series or file, with the series' geometry, and for
+  an image given in memory). Which outputs exist depends on the model's method: Atlas-ISTN writes
+  all; a U-Net writes itn and itn_lcc only, plus onepass (its untrained STN: the identity), refine and
+  atlas when it has a fixed atlas (the paper's 'Independent'); VML has no ITN and writes onepass and
+  atlas.
 - ``deformed_atlas_image.nii.gz`` (:data:`DEFORMED_ATLAS_IMAGE`): the atlas image resampled onto the
   input grid (float32).
 - The transforms of the final (refined, else 1-pass) registration, consistent as files with the saved
@@ -293,13 +294,20 @@ def evaluation_paths(folder: str | Path) -> EvaluationPaths:
 # labelmaps of a case folder
 
 
+#: Input image extensions a case's labelmaps keep (:func:`labelmap_extension`).
+KEPT_IMAGE_EXTENSIONS = (".png", ".nii", ".nrrd", ".mha", ".mhd", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+
+
 def labelmap_extension(image_path: str | Path | None) -> str:
     """The ``<ext>`` of a case's labelmaps: the input image's extension, lower case, ``.nii.gz`` kept
-    whole; ``.nii.gz`` for an image given in memory (no path, or an empty one)."""
+    whole, when it is one of :data:`KEPT_IMAGE_EXTENSIONS`; ``.nii.gz`` for every other input: a DICOM
+    series (its folder, a ``.dcm`` file or a file named by its UID; the NIfTI file then holds the
+    series' geometry) and an image given in memory (no path, or an empty one)."""
     name = str(image_path or "").lower()
-    if not name:
+    if name.endswith(".nii.gz"):
         return ".nii.gz"
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+    suffix = Path(name).suffix
+    return suffix if suffix in KEPT_IMAGE_EXTENSIONS else ".nii.gz"
 
 
 def case_labelmap_path(case_dir: str | Path, output: str, ext: str) -> Path:

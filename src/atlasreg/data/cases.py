@@ -13,9 +13,9 @@ import torch
 
 from ..errors import AtlasregError
 from ..spatial.grid import Grid
-from .dataset import CasePair, find_pairs, select_cases
+from .dataset import CasePair, dicom_stem, find_pairs, select_cases
 from .io import NO_GEOMETRY_FORMATS, has_no_spacing  # noqa: F401 (defined in io, which the report uses without torch)
-from .io import check_dimension, read_image, read_labelmap, same_geometry
+from .io import check_dimension, is_dicom_file, read_image, read_labelmap, same_geometry
 from ..spatial.transforms import AffineTransform, resample
 from .placement import canonical_direction, mask_centroid, orientation_candidates, overlap_score, place
 from .preprocessing import one_hot, values_to_indices
@@ -517,11 +517,15 @@ def replace_placement(case: Case, placement: Grid, prep: Preprocessing) -> Case:
 
 
 def case_name(path) -> str:
-    """File name without its image extension (handles .nii.gz)."""
+    """File name without its image extension (handles .nii.gz); a DICOM file without ``.dcm`` /
+    ``.dicom``; a folder (a DICOM series) or a DICOM file without those extensions (e.g. named by its
+    SOP Instance UID), its whole name."""
     name = Path(path).name
     for ext in (".nii.gz", ".nii", ".png", ".nrrd", ".mha", ".mhd"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
+    if Path(path).is_dir() or is_dicom_file(path):
+        return dicom_stem(name)
     return Path(path).stem
 
 

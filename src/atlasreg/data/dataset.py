@@ -7,6 +7,14 @@ Three layouts are supported by :func:`find_pairs`:
   e.g. JSRT ``images/X.png`` + ``labels/X.png``;
 * one folder holding both, told apart by suffixes before the extension, e.g. Letter-B
   ``B12_img.png`` + ``B12_seg.png`` (``image_suffix="_img"``, ``label_suffix="_seg"``, case ``B12``).
+
+DICOM images (:mod:`atlasreg.data.io`, :func:`~atlasreg.data.io.read_dicom`) are cases too: a
+subfolder holding DICOM files is one case named after the subfolder (``images/<case>/*.dcm``, one
+series each); DICOM files directly in the scanned folder are one case each when each is an image of
+its own (2D radiographs: ``images/<case>.dcm``, the name without ``.dcm``); and a scanned images
+folder that holds one DICOM image and no other image is itself one case, named after the folder
+(``atlasreg segment path/to/series/``). A folder whose own DICOM files make a volume beside other
+images is refused, naming the series.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AtlasregError
+from .io import DICOM_EXTENSIONS, describe_dicom_images, dicom_images, holds_dicom, is_dicom_file
 
-__all__ = ["CasePair", "EXTENSIONS", "find_pairs", "select_cases", "natural_key", "split_extension"]
+__all__ = ["CasePair", "EXTENSIONS", "find_pairs", "select_cases", "natural_key", "split_extension", "dicom_stem"]
 
 #: Supported image file extensions (matched case-insensitively; ``.nii.gz`` before ``.nii``).
 EXTENSIONS = (".nii.gz", ".nii", ".png", ".nrrd", ".mha", ".mhd")
@@ -64,27 +73,69 @@ def _check_folder(folder: Path, what: str) -> Path:
     return folder
 
 
-def _scan(folder: Path, suffix: str, exclude_suffix: str = "") -> dict[str, list[Path]]:
+def dicom_stem(name: str) -> str:
+    """A DICOM file's or folder's name without ``.dcm`` / ``.dicom`` (any case): ``"IM12.dcm" -> "IM12"``;
+    other names (a folder, a file named by its SOP Instance UID) whole."""
+    lower = name.lower()
+    for ext in DICOM_EXTENSIONS:
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _scan(folder: Path, suffix: str, exclude_suffix: str = "", whole_folder: bool = False) -> dict[str, list[Path]]:
     """Case name -> files in ``folder`` whose stem ends with ``suffix`` (hidden files skipped).
     Files whose stem ends with ``exclude_suffix`` (when it is longer than or not matched by
-    ``suffix``) are left out."""
+    ``suffix``) are left out. DICOM (module docstring): subfolders holding DICOM files and DICOM files
+    that are images of their own count as files, named by :func:`dicom_stem`; with ``whole_folder``
+    a folder holding one DICOM image and no other image is itself the one case (its name, no suffix
+    rule). AtlasregError naming the folder when its own DICOM files make a volume beside other
+    images (and the errors of :func:`~atlasreg.data.io.dicom_images`)."""
     found: dict[str, list[Path]] = {}
-    for f in folder.iterdir():
-        if f.name.startswith(".") or not f.is_file():
-            continue
-        split = split_extension(f.name)
-        if split is None:
-            continue
-        stem = split[0]
+    own_dicom = False
+
+    def add(stem: str, path: Path) -> None:
         if exclude_suffix and stem.endswith(exclude_suffix) and (
                 not suffix or not stem.endswith(suffix) or len(exclude_suffix) > len(suffix)):
-            continue
+            return
         if suffix and not stem.endswith(suffix):
-            continue
+            return
         name = stem[: len(stem) - len(suffix)] if suffix else stem
-        if not name:
+        if name:
+            found.setdefault(name, []).append(path)
+
+    others = 0
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith("."):
             continue
-        found.setdefault(name, []).append(f)
+        if f.is_dir():
+            if holds_dicom(f):
+                others += 1
+                add(dicom_stem(f.name), f)
+            continue
+        if not f.is_file():
+            continue
+        split = split_extension(f.name)
+        if split is not None:
+            others += 1
+            add(split[0], f)
+        elif is_dicom_file(f):
+            own_dicom = True
+    if not own_dicom:
+        return found
+    images = dicom_images(folder)
+    if whole_folder and len(images) == 1 and not others:
+        return {folder.name: [folder]}
+    volumes = [image for image in images if len(image.files) > 1]
+    if volumes and len(images) > 1 and not others:
+        raise AtlasregError(describe_dicom_images(images), folder)
+    if volumes:
+        v = volumes[0]
+        raise AtlasregError(f"holds the DICOM series {v.series} ({len(v.files)} files, e.g. {v.files[0].name}) "
+                            f"among {len(images) + others} images; a series needs a folder of its own (one case "
+                            "per folder)", folder)
+    for image in images:
+        add(dicom_stem(image.files[0].name), image.files[0])
     return found
 
 
@@ -98,7 +149,8 @@ def _unique(found: dict[str, list[Path]], what: str, folder: Path) -> dict[str, 
 
 def _no_images(folder: Path, suffix: str) -> AtlasregError:
     return AtlasregError(
-        f"no images found (looked for *{suffix} with extensions {', '.join(EXTENSIONS)})", folder)
+        f"no images found (looked for *{suffix} with extensions {', '.join(EXTENSIONS)}, DICOM files and "
+        "folders of DICOM files)", folder)
 
 
 def find_pairs(images: str | Path | None = None, labels: str | Path | None = None,
@@ -117,7 +169,9 @@ def find_pairs(images: str | Path | None = None, labels: str | Path | None = Non
       ending in ``image_suffix`` the images.
     * ``images`` only and no ``label_suffix``: images only (``label`` None), e.g. at test time.
 
-    Supported extensions: .png .nii .nii.gz .nrrd .mha .mhd. Hidden files are ignored.
+    Supported extensions: .png .nii .nii.gz .nrrd .mha .mhd, and DICOM (module docstring: a folder of
+    one series per case, a file per 2D image, or the images folder itself holding one series). Hidden
+    files are ignored.
 
     Raises AtlasregError: folder or CSV missing; "no images found"; "no labelmap for image <path>"
     when labelmaps are expected; two files for one case name; CSV without an ``image`` column;
@@ -135,7 +189,7 @@ def find_pairs(images: str | Path | None = None, labels: str | Path | None = Non
 
     if separate:
         labels_dir = _check_folder(Path(labels), "labels")
-        imgs = _unique(_scan(images_dir, image_suffix), "image", images_dir)
+        imgs = _unique(_scan(images_dir, image_suffix, whole_folder=True), "image", images_dir)
         labs = _unique(_scan(labels_dir, label_suffix), "labelmap", labels_dir)
     else:
         if labels is not None and not label_suffix:
@@ -147,7 +201,8 @@ def find_pairs(images: str | Path | None = None, labels: str | Path | None = Non
                 f"image_suffix and label_suffix are both {label_suffix!r}; they must differ when images "
                 "and labelmaps share a folder", images_dir)
         labels_dir = images_dir
-        imgs = _unique(_scan(images_dir, image_suffix, exclude_suffix=label_suffix), "image", images_dir)
+        imgs = _unique(_scan(images_dir, image_suffix, exclude_suffix=label_suffix, whole_folder=not label_suffix),
+                       "image", images_dir)
         labs = (_unique(_scan(images_dir, label_suffix, exclude_suffix=image_suffix), "labelmap", images_dir)
                 if label_suffix else None)
 
@@ -200,7 +255,7 @@ def _pairs_from_csv(csv_path: Path, image_suffix: str) -> list[CasePair]:
         if not img_s:
             raise AtlasregError(f"row {lineno}: empty image entry", csv_path)
         img = Path(img_s) if Path(img_s).is_absolute() else base / img_s
-        if not img.is_file():
+        if not img.is_file() and not holds_dicom(img):
             raise AtlasregError(f"row {lineno}: image file {img} not found", csv_path)
         lab = None
         if has_labels:
@@ -213,7 +268,7 @@ def _pairs_from_csv(csv_path: Path, image_suffix: str) -> list[CasePair]:
         name = cell(row, "name")
         if not name:
             split = split_extension(img.name)
-            name = split[0] if split else img.stem
+            name = split[0] if split else dicom_stem(img.name) if img.is_dir() or is_dicom_file(img) else img.stem
             if image_suffix and name.endswith(image_suffix) and len(name) > len(image_suffix):
                 name = name[: -len(image_suffix)]
         if name in seen:

@@ -1,4 +1,6 @@
-"""Image and labelmap file I/O through SimpleITK (PNG, NIfTI .nii/.nii.gz, NRRD, MetaImage .mha/.mhd).
+"""Image and labelmap file I/O through SimpleITK (PNG, NIfTI .nii/.nii.gz, NRRD, MetaImage .mha/.mhd,
+and DICOM: a folder of one series or one of its files, read with SimpleITK's GDCM series reader,
+:func:`read_dicom`).
 
 Every bad input raises :class:`~atlasreg.errors.AtlasregError` with a one-line message that names the
 file and the problem. Writes are atomic: a reader never sees a half-written file or output folder.
@@ -18,6 +20,7 @@ import secrets
 import shutil
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -30,6 +33,14 @@ __all__ = [
     "read_image",
     "read_labelmap",
     "read_any",
+    "read_dicom",
+    "dicom_images",
+    "DicomImage",
+    "describe_dicom_images",
+    "DICOM_EXTENSIONS",
+    "is_dicom_file",
+    "dicom_files",
+    "holds_dicom",
     "verify_file",
     "read_transform_file",
     "check_dimension",
@@ -87,8 +98,9 @@ def _short_reason(exc: Exception) -> str:
 
 
 def read_any(path) -> sitk.Image:
-    """Read any image file, mapping every failure to an AtlasregError naming ``path``; the bytes are
-    verified first (:func:`verify_file`: truncated or corrupt NIfTI and MetaImage files)."""
+    """Read any image file, or a DICOM series (a folder, or one of its files: :func:`read_dicom`),
+    mapping every failure to an AtlasregError naming ``path``; the bytes are verified first
+    (:func:`verify_file`: truncated or corrupt NIfTI and MetaImage files)."""
     return _read_verified(path)[0]
 
 
@@ -98,7 +110,11 @@ def _read_verified(path) -> tuple[sitk.Image, bool]:
     if not p.exists():
         raise AtlasregError("file not found", p)
     if p.is_dir():
-        raise AtlasregError("is a folder, not an image file", p)
+        if not holds_dicom(p):
+            raise AtlasregError("is a folder, not an image file (nor a folder of DICOM files)", p)
+        return read_dicom(p), False
+    if is_dicom_file(p):
+        return read_dicom(p), False
     try:
         nonfinite = _verify_bytes(p)
         with _native_stderr_held():  # libpng prints its warnings and errors on a corrupt PNG
@@ -436,11 +452,300 @@ def _geometry_difference(a: sitk.Image, b: sitk.Image, tol: float) -> str | None
 
 
 # --------------------------------------------------------------------------------------------------
+# DICOM
+
+#: File name extensions of DICOM files (matched case-insensitively). A file without one of them is
+#: DICOM when it carries the Part 10 preamble ("DICM" at byte 128), as most PACS exports (e.g. files
+#: named by their SOP Instance UID) do.
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+#: Files that are never images: the index of a DICOM medium.
+_NOT_IMAGE_NAMES = ("dicomdir",)
+#: Image formats read without GDCM (their files are never taken for DICOM).
+_OTHER_FORMATS = (".nii.gz", ".nii", ".png", ".nrrd", ".nhdr", ".mha", ".mhd", ".jpg", ".jpeg", ".bmp", ".tif",
+                  ".tiff", ".h5", ".tfm")
+#: The slices of a DICOM volume must be evenly spaced along the slice normal: every step between
+#: neighbouring slices (ImagePositionPatient, mm) within this fraction of their mean step, and no step
+#: moving across the slice plane by more than this fraction of it (SimpleITK's series reader gives a
+#: volume the mean step as its slice spacing and cannot represent a shear).
+DICOM_SPACING_TOLERANCE = 0.01
+#: Positions (mm) closer than this are one position.
+_SAME_POSITION_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class DicomImage:
+    """One image of a folder of DICOM files: ``series``, its SeriesInstanceUID (0020,000E); ``files``,
+    the files that make it, in the order of SimpleITK's series reader (GDCM: by position along the
+    slice normal). Several files: the slices of a volume; one file: a 2D image (a radiograph, a single
+    slice) or a multi-frame file."""
+
+    series: str
+    files: tuple[Path, ...]
+
+
+def is_dicom_file(path) -> bool:
+    """True for a visible file named ``*.dcm`` or ``*.dicom`` (:data:`DICOM_EXTENSIONS`, any case), or
+    one with the DICOM Part 10 preamble ("DICM" at byte 128) whose name has none of the extensions of
+    the other image formats; False for ``DICOMDIR`` (an index, not an image) and for what cannot be
+    read. Says nothing of whether GDCM can read the file (:func:`dicom_images` does)."""
+    p = Path(path)
+    name = p.name.lower()
+    if name.startswith(".") or name in _NOT_IMAGE_NAMES or name.endswith(_OTHER_FORMATS) or not p.is_file():
+        return False
+    if name.endswith(DICOM_EXTENSIONS):
+        return True
+    try:
+        with open(p, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_files(folder) -> list[Path]:
+    """The DICOM files directly in ``folder`` (:func:`is_dicom_file`; no subfolders), sorted by name;
+    [] for a folder that cannot be listed."""
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if is_dicom_file(p)]
+
+
+def holds_dicom(folder) -> bool:
+    """True when ``folder`` is a folder with at least one DICOM file directly in it (:func:`is_dicom_file`)."""
+    try:
+        return Path(folder).is_dir() and any(is_dicom_file(p) for p in Path(folder).iterdir())
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK's warnings off inside the block (GDCM's "No Series were found", the series reader's "Non
+    uniform sampling": :func:`dicom_images` checks and reports these itself, as one line)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+_DICOM_IMAGES: dict[tuple, list[DicomImage]] = {}
+_DICOM_IMAGES_KEPT = 32
+
+
+def dicom_images(folder) -> list[DicomImage]:
+    """The DICOM images of ``folder`` (its own files, not subfolders), sorted by the name of their first
+    file; [] when it holds no DICOM file.
+
+    Files are grouped by SeriesInstanceUID and the slices of a series ordered by SimpleITK's series
+    reader (``ImageSeriesReader.GetGDCMSeriesFileNames``). A series of several files is one volume when
+    its slices lie at distinct positions (ImagePositionPatient), evenly spaced along the normal of one
+    slice orientation (ImageOrientationPatient) within :data:`DICOM_SPACING_TOLERANCE`; a series whose
+    files lie at one position or have no position (e.g. the two views of a chest radiograph) is one 2D
+    image per file. The result is kept per folder while its files' names, sizes and times stay the same.
+
+    Raises AtlasregError (one line): naming a DICOM file (:func:`is_dicom_file`) that GDCM cannot read
+    ("corrupt, truncated or not a DICOM image": it belongs to no series), or whose header SimpleITK
+    cannot read; naming the folder for a series that is no volume: files of several frames, slices
+    without a position among slices with one, slices at repeated positions (several phases, echoes or
+    acquisitions in one series), differing slice orientations, uneven slice steps (missing slices) or
+    sheared slices (gantry tilt)."""
+    folder = Path(folder)
+    try:
+        stamp = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                             for e in os.scandir(folder) if e.is_file()))
+    except OSError as exc:
+        raise AtlasregError(f"cannot read folder: {exc.strerror or exc}", folder) from None
+    key = (str(folder.resolve()), stamp)
+    if key not in _DICOM_IMAGES:
+        if len(_DICOM_IMAGES) >= _DICOM_IMAGES_KEPT:
+            _DICOM_IMAGES.pop(next(iter(_DICOM_IMAGES)))
+        _DICOM_IMAGES[key] = _find_dicom_images(folder)
+    return list(_DICOM_IMAGES[key])
+
+
+def _find_dicom_images(folder: Path) -> list[DicomImage]:
+    """:func:`dicom_images` without its memory."""
+    candidates = dicom_files(folder)
+    if not candidates:
+        return []
+    reader = sitk.ImageSeriesReader
+    try:
+        with _itk_warnings_off(), _native_stderr_held():
+            series = {uid: [Path(f) for f in reader.GetGDCMSeriesFileNames(str(folder), uid)]
+                      for uid in reader.GetGDCMSeriesIDs(str(folder))}
+    except RuntimeError as exc:
+        raise AtlasregError(f"cannot read DICOM folder: {_short_reason(exc)}", folder) from None
+    listed = {f.name for files in series.values() for f in files}
+    unread = [f for f in candidates if f.name not in listed]
+    if unread:
+        more = f" (and {len(unread) - 1} more file(s) of this folder)" if len(unread) > 1 else ""
+        raise AtlasregError(f"cannot read DICOM file: GDCM does not recognise it (corrupt, truncated or not a "
+                            f"DICOM image){more}", unread[0])
+    images = [image for uid, files in series.items() for image in _series_images(folder, uid, files)]
+    return sorted(images, key=lambda image: image.files[0].name)
+
+
+def _dicom_header(path: Path) -> tuple[int, np.ndarray | None, np.ndarray]:
+    """(frames, ImagePositionPatient in mm or None when the file has none, 3x3 direction) of one file."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        with _itk_warnings_off(), _native_stderr_held():
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise AtlasregError(f"cannot read DICOM file: {_short_reason(exc)}", path) from None
+    d = reader.GetDimension()
+    frames = int(reader.GetSize()[2]) if d > 2 else 1
+    direction = np.eye(3)
+    direction[:d, :d] = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(d, d)
+    position = np.zeros(3)
+    position[:d] = reader.GetOrigin()
+    return frames, (position if reader.HasMetaDataKey("0020|0032") else None), direction
+
+
+def _series_images(folder: Path, uid: str, files: list[Path]) -> list[DicomImage]:
+    """The images of one series (:func:`dicom_images`)."""
+    if len(files) == 1:
+        return [DicomImage(uid, tuple(files))]
+    n = len(files)
+    headers = [_dicom_header(f) for f in files]
+    where = f"series {uid}"
+    if any(frames > 1 for frames, _, _ in headers):
+        raise AtlasregError(f"{where}: {n} files of which some hold several frames; give one file to read it alone",
+                            folder)
+    missing = sum(position is None for _, position, _ in headers)
+    if missing == n:
+        return [DicomImage(uid, (f,)) for f in files]  # 2D images without a place in space: one each
+    if missing:
+        raise AtlasregError(f"{where}: {missing} of its {n} files have no ImagePositionPatient (0020,0032)", folder)
+    positions = np.stack([position for _, position, _ in headers])
+    if np.all(np.linalg.norm(positions - positions[0], axis=1) <= _SAME_POSITION_MM):
+        return [DicomImage(uid, (f,)) for f in files]  # 2D images at one place (e.g. two views): one each
+    direction = headers[0][2]
+    if any(not np.allclose(d, direction, atol=1e-4) for _, _, d in headers):
+        raise AtlasregError(f"{where}: the slices' orientations (ImageOrientationPatient) differ", folder)
+    normal = direction[:, 2]
+    steps = np.diff(positions, axis=0)
+    along = steps @ normal
+    distinct = 1 + int(np.sum(np.diff(np.sort(positions @ normal)) > _SAME_POSITION_MM))
+    if distinct < n:
+        raise AtlasregError(f"{where}: its {n} files lie at {distinct} positions (several phases, echoes or "
+                            "acquisitions in one series?); put each in a folder of its own", folder)
+    mean = float(along.mean())
+    if np.any(along * mean <= 0) or np.max(np.abs(along - mean)) > DICOM_SPACING_TOLERANCE * abs(mean):
+        low, high = np.abs(along).min(), np.abs(along).max()
+        raise AtlasregError(f"{where}: slices are not evenly spaced (steps of {low:.4g} to {high:.4g} mm "
+                            "along the slice normal; missing slices?)", folder)
+    across = float(np.max(np.linalg.norm(steps - np.outer(along, normal), axis=1)))
+    if across > DICOM_SPACING_TOLERANCE * abs(mean):
+        raise AtlasregError(f"{where}: slices are sheared: a step of {abs(mean):.4g} mm along the slice normal "
+                            f"moves {across:.4g} mm across the slice plane (gantry tilt?); resample it first",
+                            folder)
+    return [DicomImage(uid, tuple(files))]
+
+
+def describe_dicom_images(images: Sequence[DicomImage]) -> str:
+    """One line (without the folder) listing the images of a folder that holds more than one: their
+    series' SeriesInstanceUID, number of files and first file, and how to pick one."""
+    by_series: dict[str, list[DicomImage]] = {}
+    for image in images:
+        by_series.setdefault(image.series, []).append(image)
+    if len(by_series) == 1:
+        uid, shown = images[0].series, images[:5]
+        names = ", ".join(image.files[0].name for image in shown) + (", ..." if len(images) > 5 else "")
+        return (f"holds {len(images)} 2D DICOM images of series {uid} ({names}); give one of their files, or put "
+                "each in a folder of its own")
+    parts = []
+    for uid, group in list(by_series.items())[:5]:
+        count = sum(len(image.files) for image in group)
+        parts.append(f"{uid} ({count} file{'s' if count > 1 else ''}, e.g. {group[0].files[0].name})")
+    more = f" and {len(by_series) - 5} more" if len(by_series) > 5 else ""
+    return (f"holds {len(by_series)} DICOM series (SeriesInstanceUID: {', '.join(parts)}{more}); give one file of "
+            "a series to read that series, or put each series in a folder of its own")
+
+
+def read_dicom(path) -> sitk.Image:
+    """Read a DICOM image through SimpleITK (GDCM): ``path`` is a folder holding one DICOM image
+    (:func:`dicom_images`: one series, read with ``ImageSeriesReader`` in its order), or one DICOM
+    file, which stands for the image it belongs to in its folder (the whole volume for a slice of a
+    series; so one of its files picks a series out of a folder holding several).
+
+    Geometry from the series: spacing (mm; the slice spacing from the slices' positions, not the
+    SliceThickness), origin (ImagePositionPatient of the first slice, mm) and direction
+    (ImageOrientationPatient and the slice normal), in ITK's LPS world. Intensities have the rescale
+    slope and intercept applied (e.g. Hounsfield units). A single-frame image (a radiograph, one
+    slice: ``x * y * 1``) is returned as a 2D image, keeping its in-plane spacing; its origin and
+    direction are the first two components of the 3D ones when the image lies in the patient's
+    x-y plane (the in-plane 2x2 direction is a rotation or reflection), else the coordinates along its
+    row and column directions (identity direction, origin projected on them).
+
+    Returns the image as SimpleITK reads it (the pixel type of the file, or float when rescaled), 2D or 3D.
+
+    Raises AtlasregError (one line naming the folder or file): a folder with no DICOM file; a folder
+    with several images ("holds 2 DICOM series (SeriesInstanceUID: <uid> (12 files, e.g. a.dcm), ...)",
+    naming each); the errors of :func:`dicom_images`; "cannot read DICOM file/series: <reason>"."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    images = dicom_images(folder)
+    if p.is_dir():
+        if not images:
+            raise AtlasregError("holds no DICOM files", p)
+        if len(images) > 1:
+            raise AtlasregError(describe_dicom_images(images), p)
+        image = images[0]
+    else:
+        image = next((im for im in images if any(f.name == p.name for f in im.files)), None)
+        if image is None:
+            raise AtlasregError("cannot read DICOM file: GDCM does not recognise it (corrupt, truncated or not a "
+                                "DICOM image)", p)
+    what = "series" if len(image.files) > 1 else "file"
+    try:
+        with _itk_warnings_off(), _native_stderr_held():
+            if len(image.files) > 1:
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames([str(f) for f in image.files])
+            else:
+                reader = sitk.ImageFileReader()
+                reader.SetImageIO("GDCMImageIO")
+                reader.SetFileName(str(image.files[0]))
+            img = reader.Execute()
+    except RuntimeError as exc:
+        raise AtlasregError(f"cannot read DICOM {what}: {_short_reason(exc)}", p) from None
+    if img.GetDimension() == 3 and img.GetSize()[2] == 1:
+        img = _drop_slice_axis(img)
+    return img
+
+
+def _drop_slice_axis(image: sitk.Image) -> sitk.Image:
+    """A 3D image of one slice as a 2D image (:func:`read_dicom`)."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    in_plane = direction[:2, :2]
+    if np.allclose(in_plane.T @ in_plane, np.eye(2), atol=1e-6):
+        direction2, origin2 = in_plane, origin[:2]
+    else:
+        direction2, origin2 = np.eye(2), direction[:, :2].T @ origin
+    vector = image.GetNumberOfComponentsPerPixel() > 1
+    out = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[0], isVector=vector)
+    out.SetSpacing(tuple(float(s) for s in image.GetSpacing()[:2]))
+    out.SetOrigin(tuple(float(o) for o in origin2))
+    out.SetDirection(tuple(float(d) for d in direction2.ravel()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # reading
 
 
 def read_image(path) -> sitk.Image:
-    """Read an intensity image (2D or 3D) from PNG, NIfTI, NRRD or MetaImage.
+    """Read an intensity image (2D or 3D) from PNG, NIfTI, NRRD or MetaImage, or DICOM: a folder holding
+    one series or one of its files (:func:`read_dicom`: geometry from the series, rescale slope and
+    intercept applied, a single-frame image such as a radiograph read as 2D).
 
     RGB/RGBA images are converted to greyscale (Rec. 601 luminance, alpha ignored); a two-component
     image (grey + alpha) keeps its first channel.
@@ -450,7 +755,8 @@ def read_image(path) -> sitk.Image:
 
     Raises AtlasregError (naming ``path``): "file not found"; "cannot read image: <reason>" for
     unreadable or corrupt files; "truncated: ..." or "corrupt gzip stream" (:func:`verify_file`);
-    unsupported component count; "contains NaN or infinite intensities".
+    the DICOM errors of :func:`read_dicom` (naming the folder or file); unsupported component count;
+    "contains NaN or infinite intensities".
     """
     img, nonfinite_on_disk = _read_verified(path)
     ncomp = img.GetNumberOfComponentsPerPixel()
