@@ -54,7 +54,8 @@ def test_names_are_distinct_and_paths_are_built_from_them(tmp_path):
 
 
 @pytest.mark.parametrize("image, ext", [("a/B1_img.png", ".png"), ("x/CT.NII.GZ", ".nii.gz"), ("v.nrrd", ".nrrd"),
-                                        ("", ".nii.gz"), (None, ".nii.gz"), (Path("d.x/s.mha"), ".mha")])
+                                        ("", ".nii.gz"), (None, ".nii.gz"), (Path("d.x/s.mha"), ".mha"),
+                                        ("photo.JPG", ".png"), ("x.jpeg", ".png")])
 def test_labelmap_extension_is_the_input_extension(image, ext):
     assert c.labelmap_extension(image) == ext
 

@@ -295,18 +295,23 @@ def evaluation_paths(folder: str | Path) -> EvaluationPaths:
 
 
 #: Input image extensions a case's labelmaps keep (:func:`labelmap_extension`).
-KEPT_IMAGE_EXTENSIONS = (".png", ".nii", ".nrrd", ".mha", ".mhd", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+KEPT_IMAGE_EXTENSIONS = (".png", ".nii", ".nrrd", ".mha", ".mhd", ".tif", ".tiff", ".bmp")
+#: Lossy image formats: their labelmaps are written losslessly (JPEG would blur the label values).
+LOSSLESS_FOR = {".jpg": ".png", ".jpeg": ".png"}
 
 
 def labelmap_extension(image_path: str | Path | None) -> str:
     """The ``<ext>`` of a case's labelmaps: the input image's extension, lower case, ``.nii.gz`` kept
-    whole, when it is one of :data:`KEPT_IMAGE_EXTENSIONS`; ``.nii.gz`` for every other input: a DICOM
+    whole, when it is one of :data:`KEPT_IMAGE_EXTENSIONS`; ``.png`` for a JPEG image
+    (:data:`LOSSLESS_FOR`); ``.nii.gz`` for every other input: a DICOM
     series (its folder, a ``.dcm`` file or a file named by its UID; the NIfTI file then holds the
     series' geometry) and an image given in memory (no path, or an empty one)."""
     name = str(image_path or "").lower()
     if name.endswith(".nii.gz"):
         return ".nii.gz"
     suffix = Path(name).suffix
+    if suffix in LOSSLESS_FOR:
+        return LOSSLESS_FOR[suffix]
     return suffix if suffix in KEPT_IMAGE_EXTENSIONS else ".nii.gz"
 
 
