@@ -611,3 +611,92 @@ def test_letter_b_and_demo_check_their_arguments_before_writing(tmp_path, capsys
     fill = {"file": str(tmp_path / "file"), "tmp": str(tmp_path)}
     run_fails([a.format(**fill) for a in argv], capsys, message.format(**fill))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "keep"
+
+
+# ------------------------------------------------------------------------- --help, --version, options
+
+
+def test_the_parser_help_and_version_import_no_heavy_module():
+    """`atlasreg --help` answers at once: building the parser, --version and every command's --help
+    import neither torch nor SimpleITK, numpy or the other heavy libraries (checked in a fresh
+    interpreter, not by timing)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import atlasreg
+
+    script = (
+        "import contextlib, io, sys\n"
+        "from atlasreg.cli import build_parser, main\n"
+        "build_parser()\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    codes = [main(['--version'])] + [main([c, '--help']) for c in ('train', 'segment', 'evaluate',\n"
+        "             'correspond', 'register', 'report', 'letter-b', 'demo')] + [main(['--help'])]\n"
+        "heavy = ('torch', 'numpy', 'SimpleITK', 'scipy', 'nibabel', 'monai', 'lightning', 'matplotlib')\n"
+        "print(codes, sorted(m for m in heavy if m in sys.modules), out.getvalue().splitlines()[0])\n")
+    src = str(Path(atlasreg.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"{[0] * 10} [] atlasreg {atlasreg.__version__}"
+
+
+def test_version(capsys):
+    import atlasreg
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"atlasreg {atlasreg.__version__}\n"
+
+
+def _commands():
+    import argparse
+
+    from atlasreg.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return parser, sub
+
+
+def test_every_option_of_every_command_has_help_and_its_default_shown():
+    import argparse
+
+    parser, sub = _commands()
+    assert set(sub.choices) == {"train", "segment", "evaluate", "correspond", "register", "report", "letter-b",
+                                "demo"}
+    assert all(c.help and c.help.strip() for c in sub._choices_actions)  # the list in `atlasreg --help`
+    for name, command in [("atlasreg", parser), *sub.choices.items()]:
+        text = " ".join(command.format_help().split())  # words, without argparse's wrapping
+        for action in command._actions:
+            what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help and action.help.strip(), f"{what} has no help"
+            if action.default not in (None, False, "", [], argparse.SUPPRESS):
+                assert f"default: {action.default}" in text, f"{what}: its default {action.default!r} is not shown"
+
+
+def test_the_correspond_parser_is_the_command_lines(tmp_path):
+    """atlasreg.correspondence.add_correspond_parser (public) adds the same command as `atlasreg`'s."""
+    import argparse
+
+    from atlasreg.correspondence import add_correspond_parser
+
+    own = argparse.ArgumentParser(prog="atlasreg")
+    added = add_correspond_parser(own.add_subparsers(dest="command"))
+    _, sub = _commands()
+    assert [a.option_strings for a in added._actions] == [a.option_strings for a in sub.choices["correspond"]._actions]
+    args = own.parse_args(["correspond", "--from", "a", "--to", "b", "--points", "p.csv", "--out", "o.csv"])
+    assert (args.from_case, args.to_case, args.points, args.interpolation) == ("a", "b", "p.csv", "linear")
+
+
+def test_segment_leaves_out_the_labelmaps_of_a_folder_as_the_config_names_them(trained, tmp_path, capsys):
+    out = tmp_path / "seg"
+    with pytest.warns(UserWarning, match=r"3 file\(s\) named as the labelmaps of the checkpoint's config "
+                                         r"\(\*_seg\) left out, 3 image\(s\) taken; --image-suffix _img names"):
+        assert main(segment_argv(trained, [trained / "test"], out) + ["--iterations", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["B101_img", "B102_img", "B103_img"]
+    assert "3 case(s) written" in capsys.readouterr().out

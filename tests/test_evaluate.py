@@ -1,7 +1,9 @@
 """Tests of atlasreg.evaluation.evaluate on tiny synthetic prediction folders."""
 
 import csv
+import io
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,38 @@ def test_nifti_3d_with_spacing(tmp_path):
     assert row["method"] == "onepass"
     assert float(row["hd"]) == pytest.approx(6.0)  # 3 voxels x 2 mm along x
     assert float(row["dice"]) == pytest.approx(0.5)
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal (tqdm shows its bar only there when asked to, disable=None)."""
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("progress, terminal", [(True, True), (True, False), (False, True)])
+def test_progress_bar_per_case_on_a_terminal_only(tmp_path, png_case_tree, monkeypatch, progress, terminal):
+    pred, refs = png_case_tree
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    evaluate_predictions(pred, refs, LABELS, tmp_path / "out", progress=progress)
+    shown = err.getvalue()
+    if progress and terminal:
+        assert "evaluating" in shown and "0/2 " in shown and "case/s" in shown  # total: the cases
+        assert shown.endswith("\r")  # cleared at the end (leave=False): the summary follows on a clean line
+    else:
+        assert shown == ""
+
+
+def test_a_failed_case_clears_the_progress_bar(tmp_path, png_case_tree, monkeypatch):
+    pred, refs = png_case_tree
+    bad = tmp_path / "broken_ref.png"
+    bad.write_bytes(b"not an image")
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    with pytest.raises(AtlasregError, match="broken_ref.png"):
+        evaluate_predictions(pred, dict(refs, c2=bad), LABELS, tmp_path / "out", progress=True)
+    assert "evaluating" in err.getvalue() and err.getvalue().endswith("\r")  # the error starts a clean line
 
 
 def test_unreadable_reference_raises(tmp_path, png_case_tree):

@@ -236,3 +236,104 @@ def test_a_dicom_series_segments_with_a_3d_model_into_nifti(tmp_path):
     assert source.GetSize() == (8, 10, 12)
     np.testing.assert_allclose(source.GetSpacing(), (0.8, 0.9, 2.5), atol=1e-6)
     _dicom_outputs_have(tmp_path / "seg" / "ct7", source, 3)
+
+
+# ------------------------------------------------------------------- folders: images and labelmaps
+
+
+def _touch(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")  # collect_inputs looks at names only
+    return folder
+
+
+@pytest.mark.parametrize("label, image, suggested", [
+    ("_seg", "_img", "_img"), ("_label", "_t1", "_t1"), ("_labels", "_img", "_img"), ("_mask", "_ct", "_ct"),
+    ("_gt", "_img", "_img"), ("_SEG", "_img", "_img"), ("_mask", "", "<suffix of the images>")])
+def test_a_folder_mixing_images_and_labelmaps_is_refused_with_a_suffix_to_give(tmp_path, label, image, suggested):
+    from atlasreg.errors import AtlasregError
+    from atlasreg.segment import collect_inputs
+
+    ext = ".nii.gz"
+    folder = _touch(tmp_path / "data", *[f"case{i}{s}{ext}" for i in (1, 2, 3) for s in (image, label)])
+    with pytest.raises(AtlasregError) as e:
+        collect_inputs([folder])
+    assert e.value.path == str(folder) and "\n" not in str(e.value)
+    assert str(e.value).endswith(f"mixes images and files named like labelmaps (3 of 6, e.g. case1{label}{ext}); "
+                                 f"give the images' suffix to take only them, e.g. --image-suffix {suggested}")
+    if image:  # with the suffix: the images, named without it
+        assert collect_inputs([folder], image) == [(f"case{i}", folder / f"case{i}{image}{ext}") for i in (1, 2, 3)]
+    # files given by name are taken as they are; a folder of images only (or labelmaps only) is not refused
+    assert collect_inputs([folder / f"case1{label}{ext}"]) == [(f"case1{label}", folder / f"case1{label}{ext}")]
+    only = _touch(tmp_path / "only", "a_mask.png", "b_mask.png")
+    assert [n for n, _ in collect_inputs([only])] == ["a_mask", "b_mask"]
+
+
+def test_files_named_as_the_configs_labelmaps_are_left_out_with_one_warning(tmp_path):
+    import warnings
+
+    from atlasreg.errors import AtlasregError
+    from atlasreg.segment import collect_inputs
+
+    folder = _touch(tmp_path / "data", "B1_img.png", "B1_seg.png", "B2_img.png", "B2_seg.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = collect_inputs([folder], label_suffixes=["_seg"], config_image_suffix="_img")
+        assert found == [("B1_img", folder / "B1_img.png"), ("B2_img", folder / "B2_img.png")]
+        assert [str(w.message) for w in caught] == [
+            f"{folder}: 2 file(s) named as the labelmaps of the checkpoint's config (*_seg) left out, 2 image(s) "
+            "taken; --image-suffix _img names the cases without it"]
+        caught.clear()
+        assert collect_inputs([folder], "_img", ["_seg"], "_img") == [("B1", folder / "B1_img.png"),
+                                                                     ("B2", folder / "B2_img.png")]
+        assert not caught  # nothing was left out
+    labels_only = _touch(tmp_path / "labels", "B1_seg.png")
+    with pytest.raises(AtlasregError, match="no images found: all 1 image files are named as the labelmaps of "
+                                            r"the checkpoint's config \(\*_seg\)") as e:
+        collect_inputs([labels_only], label_suffixes=["_seg"])
+    assert e.value.path == str(labels_only)
+
+
+def test_segment_takes_the_images_of_a_folder_as_its_config_names_them(images, tmp_path):
+    import warnings
+
+    from atlasreg.errors import AtlasregError
+
+    module = tiny_module()
+    # no label suffix in the config: the folder of B<i>_img.png and B<i>_seg.png is refused, nothing written
+    with pytest.raises(AtlasregError, match=r"mixes images .* --image-suffix _img$"):
+        segment(module, [images], tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    # the training split of the config names its labelmaps *_seg: those are left out, with one warning
+    module.config["data"]["train"] = {"images": str(images), "image_suffix": "_img", "label_suffix": "_seg"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = segment(module, [images], tmp_path / "seg", {"iterations": 0}, progress=False)
+    assert sorted(p.name for p in written) == ["B1_img", "B2_img"]
+    assert [str(w.message) for w in caught] == [
+        f"{images}: 2 file(s) named as the labelmaps of the checkpoint's config (*_seg) left out, 2 image(s) "
+        "taken; --image-suffix _img names the cases without it"]
+
+
+def test_the_progress_bar_advances_per_written_case(images, tmp_path, monkeypatch):
+    import atlasreg.segment as segment_module
+
+    events = []
+
+    class Recording(segment_module.tqdm):
+        def update(self, n=1):
+            events.append((self.desc, n))
+            return super().update(n)
+
+    real = segment_module.write_case_outputs
+
+    def write(out_dir, case, *args, **kwargs):
+        events.append(("written", case.name))
+        return real(out_dir, case, *args, **kwargs)
+
+    monkeypatch.setattr(segment_module, "tqdm", Recording)
+    monkeypatch.setattr(segment_module, "write_case_outputs", write)
+    # both cases in one group (cases_at_once 2): the bar moves after each case, not once for the group
+    segment(tiny_module(), [images], tmp_path / "seg", {"iterations": 0, "cases_at_once": 2}, image_suffix="_img")
+    assert events == [("written", "B1"), ("segmenting", 1), ("written", "B2"), ("segmenting", 1)]

@@ -1,6 +1,9 @@
 """The `atlasreg` command line: train, segment, evaluate, correspond, register, report, demo, letter-b.
 
 Every bad input ends with one line `atlasreg: error: <file>: <problem>` and exit status 2.
+
+Building the parser imports nothing heavy (no torch, SimpleITK or numpy: ``atlasreg --help`` and
+``atlasreg --version`` answer at once, tests/test_cli.py checks); each command imports what it runs.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .contracts import FINAL_CHECKPOINT, METRICS_PER_CASE, REPORT_HTML, REPORT_MD, read_segment_info, run_paths
+from . import __version__
+from .contracts import (FINAL_CHECKPOINT, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, METRICS_PER_CASE,
+                        REPORT_HTML, REPORT_MD, SEGMENT_INFO, case_labelmap_path, read_segment_info, run_paths)
 from .errors import AtlasregError
 
 
@@ -129,7 +134,8 @@ def cmd_evaluate(args) -> int:
         raise AtlasregError("evaluate needs --references or --split")
     info = _evaluation_info(config, args, refs)
     per_case, summary = evaluate_predictions(args.predictions, refs, labels, args.out, merge=merge,
-                                             test_set=args.test_set, info=info, overwrite=args.overwrite)
+                                             test_set=args.test_set, info=info, overwrite=args.overwrite,
+                                             progress=not args.quiet)
     print(Path(summary).read_text())
     print(f"per-case metrics: {per_case}")
     return 0
@@ -144,6 +150,12 @@ def cmd_report(args) -> int:
                                       overwrite=args.overwrite)
     print(f"report: {html_path}\nmarkdown: {md_path}")
     return 0
+
+
+def cmd_correspond(args) -> int:
+    from .correspondence import cmd_correspond as run
+
+    return run(args)
 
 
 def cmd_letter_b(args) -> int:
@@ -176,18 +188,75 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each option's default, except where there is none to show (None, False,
+    empty) or the help already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, "", []) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (`atlasreg: error: <problem> (see <command> --help)`),
-    exit status 2; subcommand parsers inherit it."""
+    exit status 2, and the defaults in --help (:class:`_HelpFormatter`); subcommand parsers inherit
+    both."""
+
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         self.exit(2, f"atlasreg: error: {message} (see {self.prog} --help)\n")
 
 
+_DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:<index>"
+_OVERWRITE_HELP = "delete the results of another run that --out holds (without it such a folder is refused)"
+_QUIET_HELP = "no progress bars"
+
+
+def add_correspond_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``correspond`` command to an argparse sub-parser collection (``add_subparsers()``) and
+    return its parser; its ``func`` imports :mod:`atlasreg.correspondence` when the command runs."""
+    c = subparsers.add_parser(
+        "correspond", help="map a labelmap or points of one segmented case onto another via the atlas "
+        "(Eqs. 22-23)",
+        description="Inter-subject correspondence through atlas space (Atlas-ISTN Eqs. 22-23), using the "
+        f"transforms that `atlasreg segment` writes in each case folder ({INVERSE_TRANSFORM}, "
+        f"{FORWARD_TRANSFORM}; {INVERSE_FIELD} gives the case's grid).")
+    c.add_argument("--from", dest="from_case", required=True, metavar="CASE_DIR",
+                   help="case folder of `atlasreg segment` of the source subject A")
+    c.add_argument("--to", dest="to_case", required=True, metavar="CASE_DIR",
+                   help="case folder of `atlasreg segment` of the target subject B")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--labelmap", metavar="FILE",
+                      help="labelmap of A to resample onto B's grid (e.g. "
+                           f"{case_labelmap_path('CASE_DIR', 'refine', '.nii.gz')})")
+    what.add_argument("--points", metavar="FILE.csv",
+                      help="CSV of world points (mm) of A, columns x,y[,z] (other columns are kept)")
+    c.add_argument("--out", required=True, metavar="FILE",
+                   help="output labelmap (.nii.gz, .png, ...) or CSV file")
+    c.add_argument("--labels", metavar="L0,L1,...",
+                   help="declared label values, background first (default: 0 and the values present)")
+    c.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
+                   help="labelmap interpolation: per-label linear + argmax, or nearest neighbour")
+    c.set_defaults(func=cmd_correspond)
+    return c
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `atlasreg` parser: one sub-parser per command, each option with its help and default, and
+    ``--version``. Imports no command's module (no torch, SimpleITK or numpy)."""
+    from .demo import DEMO_SETTINGS
+    from .register import add_register_parser
+
     p = _Parser(prog="atlasreg", description="Atlas-ISTN: joint segmentation, registration "
-                                "and atlas construction (Sinclair et al. 2022).")
-    sub = p.add_subparsers(dest="command", required=True)
+                "and atlas construction (Sinclair et al. 2022).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True,
+                           help="the command; `atlasreg <command> --help` describes its options")
 
     t = sub.add_parser("train", help="train Atlas-ISTN from a YAML config (resumes if interrupted)")
     t.add_argument("config", help="experiment YAML, e.g. configs/letter_b.yaml")
@@ -198,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force-new", "--no-resume", dest="force_new", action="store_true",
                    help="start a new run even if --out holds one (its checkpoints, atlas and logs are deleted); "
                    "without it a run with the same config resumes and one with another config is refused")
-    t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<index>")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    t.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("segment", help="ITN, 1-pass and refined segmentation of images or folders")
@@ -209,18 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help=f"{FINAL_CHECKPOINT} written by `atlasreg train`")
     s.add_argument("--out", required=True, help="output folder, one subfolder per case")
     s.add_argument("--image-suffix", default="", help="in folders, take only images named <case><suffix>.<ext>, "
-                   "e.g. _img for Letter-B (B901_img.png -> case B901)")
+                   "e.g. _img for Letter-B (B901_img.png -> case B901); without it, files named with the "
+                   "label suffix of the checkpoint's config are left out, and a folder mixing images and "
+                   "what look like labelmaps (*_seg, *_label, *_mask, ...) is refused")
     s.add_argument("--iterations", type=int, help="refinement iterations K (default from the config: 50)")
-    s.add_argument("--beta", type=float, help="weight of L*_a2s (Eq. 17)")
-    s.add_argument("--gamma", type=float, help="weight of L*_s2a (Eq. 18)")
-    s.add_argument("--lambda", dest="lam", type=float, help="regularisation weight lambda* (world units)")
-    s.add_argument("--refine-lr", type=float, help="Adam learning rate of the refinement")
-    s.add_argument("--cases-at-once", type=int, help="cases refined together, each with its own STN copy")
-    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<index>; "
-                   "the model and the refinement run there")
-    s.add_argument("--overwrite", action="store_true", help="delete the results of another run that --out "
-                   "holds (without it such a folder is refused)")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--beta", type=float, help="weight of L*_a2s (Eq. 17; default from the config)")
+    s.add_argument("--gamma", type=float, help="weight of L*_s2a (Eq. 18; default from the config)")
+    s.add_argument("--lambda", dest="lam", type=float, help="regularisation weight lambda* (world units; "
+                   "default from the config)")
+    s.add_argument("--refine-lr", type=float, help="Adam learning rate of the refinement (default from the "
+                   "config)")
+    s.add_argument("--cases-at-once", type=int, help="cases refined together, each with its own STN copy "
+                   "(default from the config)")
+    s.add_argument("--device", default="auto", help=_DEVICE_HELP + "; the model and the refinement run there")
+    s.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    s.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     s.set_defaults(func=cmd_segment)
 
     e = sub.add_parser("evaluate", help="Dice, HD, HD95, ASD per structure for ITN, 1-pass, refine, atlas")
@@ -228,21 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--references", help="folder of reference labelmaps named like the cases")
     e.add_argument("--split", help="take the references from this data split of the config, e.g. validation")
     e.add_argument("--reference-suffix", default="", help="suffix of reference files, e.g. _seg")
-    e.add_argument("--checkpoint", help="checkpoint whose config declares the labels")
+    e.add_argument("--checkpoint", help="checkpoint whose config declares the labels (default: the one "
+                   f"the predictions' {SEGMENT_INFO} names)")
     e.add_argument("--config", help="config that declares the labels")
     e.add_argument("--merge", help="merge labels before evaluating, e.g. 255=1,2 (lungs)")
     e.add_argument("--out", required=True, help=f"folder for {METRICS_PER_CASE} and summary tables")
     e.add_argument("--test-set", help="name of the test set in the report (default: the predictions folder)")
     e.add_argument("--label", help="name of the model in the report (default: from its config, e.g. "
                    "'Atlas-ISTN', 'U-Net', 'VML', 'Fixed', 'SVF')")
-    e.add_argument("--overwrite", action="store_true", help="delete the results of another run that --out "
-                   "holds (without it such a folder is refused)")
+    e.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    e.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     e.set_defaults(func=cmd_evaluate)
 
-    from .correspondence import add_correspond_parser
     add_correspond_parser(sub)
-
-    from .register import add_register_parser
     add_register_parser(sub)
 
     r = sub.add_parser("report", help="one HTML page (and Markdown) with tables, statistics and figures "
@@ -252,26 +322,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sensitivity", nargs="*", default=[], help="evaluation folders of one model refined "
                    "with different lambda* (the paper's regularisation study)")
     r.add_argument("--reference", default="Refine", help="column compared with every other one")
-    r.add_argument("--title", default="atlasreg evaluation report")
+    r.add_argument("--title", default="atlasreg evaluation report", help="title of the page")
     r.add_argument("--bootstrap", type=int, default=10000, help="bootstrap repetitions (paper: 10,000)")
-    r.add_argument("--overwrite", action="store_true", help="delete the results of another run that --out "
-                   "holds (without it such a folder is refused)")
+    r.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     r.set_defaults(func=cmd_report)
 
     g = sub.add_parser("letter-b", help="generate synthetic Letter-B pairs (paper Sec. 3.1)")
-    g.add_argument("--out", required=True)
+    g.add_argument("--out", required=True, help="output folder (B<i>_img.png and B<i>_seg.png pairs)")
     g.add_argument("--n", type=_positive_int, default=100, help="number of image/labelmap pairs")
     g.add_argument("--start", type=_positive_int, default=1, help="index of the first case (B<start>)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same images)")
     g.add_argument("--corrupt", action="store_true", help="add clutter and missing pieces")
     g.set_defaults(func=cmd_letter_b)
 
     d = sub.add_parser("demo", help="generate Letter-B, train, segment and evaluate (no external data)")
-    d.add_argument("--out", default="demo_output")
-    d.add_argument("--epochs", type=_positive_int, default=None)
-    d.add_argument("--train-cases", type=_positive_int, default=None)
-    d.add_argument("--test-cases", type=_positive_int, default=None)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--out", default="demo_output", help="output folder (data, model, segmentations, "
+                   "evaluations, report)")
+    d.add_argument("--epochs", type=_positive_int, default=DEMO_SETTINGS["epochs"], help="training epochs")
+    d.add_argument("--train-cases", type=_positive_int, default=DEMO_SETTINGS["n_train"],
+                   help="generated training pairs")
+    d.add_argument("--test-cases", type=_positive_int, default=DEMO_SETTINGS["n_test"],
+                   help="generated test pairs, clean and corrupt each")
+    d.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
     d.set_defaults(func=cmd_demo)
     return p
 

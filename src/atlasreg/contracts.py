@@ -140,8 +140,15 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from .data.io import write_text
 from .errors import AtlasregError
+
+
+def _write_text(path: str | Path, text: str) -> Path:
+    """:func:`atlasreg.data.io.write_text` (atomic), imported on first use: the command line imports
+    this module to build its parser, and data.io would bring SimpleITK and numpy with it."""
+    from .data.io import write_text as atomic_write_text
+
+    return atomic_write_text(path, text)
 
 # --------------------------------------------------------------------------------------------------
 # case folder
@@ -360,7 +367,7 @@ def write_case_info(case_dir: str | Path, image: str | Path | None) -> Path:
     """Write :data:`CASE_INFO` into `case_dir`: ``image``, the absolute path of the input image (None
     for an image given in memory). Returns the file."""
     value = str(Path(image).resolve()) if image else None
-    return write_text(Path(case_dir) / CASE_INFO, yaml.safe_dump({"image": value}, sort_keys=False))
+    return _write_text(Path(case_dir) / CASE_INFO, yaml.safe_dump({"image": value}, sort_keys=False))
 
 
 def read_case_info(case_dir: str | Path) -> dict | None:
@@ -386,7 +393,7 @@ def write_segment_info(run_dir: str | Path, checkpoint: str | Path, refinement: 
     (:data:`IN_PROGRESS` or :data:`COMPLETE`) and ``cases`` (case names, sorted). Returns the file."""
     if status not in (IN_PROGRESS, COMPLETE):
         raise ValueError(f"status must be {IN_PROGRESS!r} or {COMPLETE!r}, got {status!r}")
-    return write_text(Path(run_dir) / SEGMENT_INFO, yaml.safe_dump({
+    return _write_text(Path(run_dir) / SEGMENT_INFO, yaml.safe_dump({
         "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": checkpoint_sha256,
         "refinement": dict(refinement), "status": status,
         "cases": sorted(str(c) for c in cases) if cases is not None else None}, sort_keys=False))
@@ -409,7 +416,7 @@ def read_report_info(folder: str | Path) -> dict:
 
 def write_report_info(folder: str | Path, evaluations: Sequence[str | Path], sensitivity: Sequence[str | Path]) -> Path:
     """Write :data:`REPORT_INFO` (absolute folder paths). Returns the file."""
-    return write_text(Path(folder) / REPORT_INFO, yaml.safe_dump({
+    return _write_text(Path(folder) / REPORT_INFO, yaml.safe_dump({
         "evaluations": [str(Path(e).resolve()) for e in evaluations],
         "sensitivity": [str(Path(e).resolve()) for e in sensitivity]}, sort_keys=False))
 
@@ -424,7 +431,7 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 def write_evaluation_info(folder: str | Path, info: Mapping) -> Path:
     """Write :data:`EVALUATION_INFO` (a YAML-safe mapping, key order kept). Returns the file."""
-    return write_text(Path(folder) / EVALUATION_INFO, yaml.safe_dump(dict(info), sort_keys=False, allow_unicode=True))
+    return _write_text(Path(folder) / EVALUATION_INFO, yaml.safe_dump(dict(info), sort_keys=False, allow_unicode=True))
 
 
 def read_evaluation_info(folder: str | Path) -> dict:
@@ -524,7 +531,7 @@ def transform_metrics_csv(metrics: Mapping[str, Mapping[str, float]]) -> str:
 
 def write_transform_metrics(case_dir: str | Path, metrics: Mapping[str, Mapping[str, float]]) -> Path:
     """Write :func:`transform_metrics_csv` as the :data:`TRANSFORM_METRICS` of `case_dir`. Returns it."""
-    return write_text(Path(case_dir) / TRANSFORM_METRICS, transform_metrics_csv(metrics))
+    return _write_text(Path(case_dir) / TRANSFORM_METRICS, transform_metrics_csv(metrics))
 
 
 def read_transform_metrics(path: str | Path) -> list[dict[str, object]]:
@@ -588,13 +595,13 @@ def write_evaluation(folder: str | Path, per_case: Sequence[Mapping], summary: S
     :data:`TRANSFORMS_PER_CASE_COLUMNS` and :data:`QUALITY_COLUMNS`. Returns the paths."""
     paths = evaluation_paths(folder)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    write_text(paths.metrics_per_case, csv_text(PER_CASE_COLUMNS, per_case))
-    write_text(paths.summary_csv, csv_text(SUMMARY_COLUMNS, summary))
-    write_text(paths.transforms_per_case, csv_text(TRANSFORMS_PER_CASE_COLUMNS, transforms))
+    _write_text(paths.metrics_per_case, csv_text(PER_CASE_COLUMNS, per_case))
+    _write_text(paths.summary_csv, csv_text(SUMMARY_COLUMNS, summary))
+    _write_text(paths.transforms_per_case, csv_text(TRANSFORMS_PER_CASE_COLUMNS, transforms))
     if quality:
-        write_text(paths.quality_control, csv_text(QUALITY_COLUMNS, quality))
+        _write_text(paths.quality_control, csv_text(QUALITY_COLUMNS, quality))
     elif paths.quality_control.is_file():
         paths.quality_control.unlink()  # a stale file from an earlier evaluation into the same folder
     write_evaluation_info(folder, info)
-    write_text(paths.summary_md, summary_md)
+    _write_text(paths.summary_md, summary_md)
     return paths

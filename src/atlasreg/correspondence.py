@@ -67,7 +67,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .contracts import FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, case_labelmap_path
+from .contracts import FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM
 from .data.io import read_any, read_labelmap, read_transform_file, verify_file, write_image, write_text
 from .errors import AtlasregError
 from .spatial.grid import Grid
@@ -593,28 +593,8 @@ def _parse_labels(text: str) -> list[int]:
 
 def add_correspond_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``correspond`` command to an argparse sub-parser collection (``add_subparsers()``) and
-    return its parser; it sets ``func=cmd_correspond``."""
-    c = subparsers.add_parser(
-        "correspond", help="map a labelmap or points of one segmented case onto another via the atlas "
-        "(Eqs. 22-23)",
-        description="Inter-subject correspondence through atlas space (Atlas-ISTN Eqs. 22-23), using the "
-        f"transforms that `atlasreg segment` writes in each case folder ({INVERSE_TRANSFORM}, "
-        f"{FORWARD_TRANSFORM}; {INVERSE_FIELD} gives the case's grid).")
-    c.add_argument("--from", dest="from_case", required=True, metavar="CASE_DIR",
-                   help="case folder of `atlasreg segment` of the source subject A")
-    c.add_argument("--to", dest="to_case", required=True, metavar="CASE_DIR",
-                   help="case folder of `atlasreg segment` of the target subject B")
-    what = c.add_mutually_exclusive_group(required=True)
-    what.add_argument("--labelmap", metavar="FILE",
-                      help="labelmap of A to resample onto B's grid (e.g. "
-                           f"{case_labelmap_path('CASE_DIR', 'refine', '.nii.gz')})")
-    what.add_argument("--points", metavar="FILE.csv",
-                      help="CSV of world points (mm) of A, columns x,y[,z] (other columns are kept)")
-    c.add_argument("--out", required=True, metavar="FILE",
-                   help="output labelmap (.nii.gz, .png, ...) or CSV file")
-    c.add_argument("--labels", metavar="L0,L1,...",
-                   help="declared label values, background first (default: 0 and the values present)")
-    c.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
-                   help="labelmap interpolation: per-label linear + argmax (default) or nearest neighbour")
-    c.set_defaults(func=cmd_correspond)
-    return c
+    return its parser; it runs :func:`cmd_correspond`. Defined in :func:`atlasreg.cli.add_correspond_parser`,
+    which builds it without importing this module (torch, SimpleITK)."""
+    from .cli import add_correspond_parser as add
+
+    return add(subparsers)

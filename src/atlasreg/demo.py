@@ -13,16 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import load_config
 from .contracts import SUMMARY_MD, run_paths
-from .data.dataset import find_pairs
-from .data.io import write_text
-from .data.letter_b import write_letter_b_dataset
-from .evaluation.evaluate import evaluate_predictions
-from .models.train import load_module, train
-from .report import build_report
-from .segment import segment
 
+# The config and the steps (torch, SimpleITK) are imported when used: the command line reads
+# DEMO_SETTINGS for its --help without them.
 DEMO_SETTINGS = {"epochs": 40, "n_train": 300, "n_test": 30}
 
 LETTER_B = {
@@ -36,6 +30,8 @@ LETTER_B = {
 def demo_config(train_folder: str | Path, epochs: int) -> dict:
     """The demo's validated config, training on the Letter-B pairs in `train_folder`; a relative folder
     is resolved against the current working directory, so the checkpoint stores an absolute path."""
+    from .config import load_config
+
     return load_config(None, dict(LETTER_B, data=dict(LETTER_B["data"], train={
         "images": str(train_folder), "image_suffix": "_img", "label_suffix": "_seg"}),
         training=dict(LETTER_B["training"], epochs=epochs)))
@@ -45,6 +41,14 @@ def run_demo(out: str | Path = "demo_output", epochs: int | None = None, n_train
              n_test: int | None = None, progress: bool = True) -> Path:
     """Generate data, train, segment clean and corrupt test images, evaluate; returns the path of the
     Markdown summary of both test sets."""
+    from .data.dataset import find_pairs
+    from .data.io import write_text
+    from .data.letter_b import write_letter_b_dataset
+    from .evaluation.evaluate import evaluate_predictions
+    from .models.train import load_module, train
+    from .report import build_report
+    from .segment import segment
+
     out = Path(out)
     epochs = epochs or DEMO_SETTINGS["epochs"]
     n_train = n_train or DEMO_SETTINGS["n_train"]

@@ -197,8 +197,7 @@ def add_register_parser(subparsers) -> argparse.ArgumentParser:
         "register", help="register a moving image to a fixed image (rigid -> affine -> deformable)",
         description="Pairwise registration in world units: a global rigid search (Cross-Sim-NGF), Adam on "
         "an affine map, then on an SVF (diffeomorphic, exact inverse), B-spline or dense field with "
-        "diffusion regularisation. Outputs lie on the fixed image's grid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "diffusion regularisation. Outputs lie on the fixed image's grid.")
     r.add_argument("fixed", help="fixed image (NIfTI, MetaImage, NRRD, PNG, ...)")
     r.add_argument("moving", help="moving image, any grid of the same dimension")
     r.add_argument("--out", required=True, help="output folder (warped image, transforms, summary.yaml)")

@@ -11,6 +11,7 @@ depends on the model's method.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,9 +22,9 @@ from .contracts import (  # noqa: F401 - the case folder's names, re-exported
     INVERSE_TRANSFORM, LABELMAP_OUTPUTS, SEGMENT_INFO, TRANSFORM_OUTPUTS, read_segment_info, transform_metrics_csv,
     write_segment_info,
 )
-from .config import validate_section
+from .config import SPLITS, validate_section
 from .data.cases import Preprocessing, case_name, load_case
-from .data.dataset import find_pairs
+from .data.dataset import CasePair, find_pairs, split_extension
 from .data.io import write_bytes
 from .errors import AtlasregError
 from .export import world_transforms, write_case_outputs  # noqa: F401 - re-exported
@@ -32,15 +33,75 @@ from .outputs import claim_output, file_sha256
 from .predict import predict_cases, segment_cases, transform_statistics  # noqa: F401
 
 
-def collect_inputs(inputs: Sequence[str | Path], image_suffix: str = "") -> list[tuple[str, Path]]:
+#: Endings of file names (before the extension, any letter case) that mark labelmaps by convention. A
+#: folder holding such files beside others mixes images and labelmaps: :func:`collect_inputs` refuses
+#: to guess which are the images.
+LABELMAP_NAME_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt")
+
+
+def _stem(pair: CasePair) -> str:
+    """The image's file name without its extension (a DICOM series folder: its name)."""
+    split = split_extension(pair.image.name)
+    return split[0] if split else pair.image.name
+
+
+def _named_as_label(stem: str, label_suffix: str, image_suffix: str) -> bool:
+    """Whether a file found as an image is named as a labelmap (as data.dataset.find_pairs tells the
+    two apart in one folder: the longer of two matching suffixes wins)."""
+    return stem.endswith(label_suffix) and not (
+        image_suffix and stem.endswith(image_suffix) and len(image_suffix) >= len(label_suffix))
+
+
+def _folder_images(folder: Path, image_suffix: str, label_suffixes: Sequence[str],
+                   config_image_suffix: str) -> tuple[list[CasePair], str | None]:
+    """The images of one folder: (pairs, note). Files named with one of `label_suffixes` are left
+    out, and the note says how many (None when none were). Raises AtlasregError naming the folder when
+    it holds files named like labelmaps (:data:`LABELMAP_NAME_SUFFIXES`) beside others."""
+    pairs = find_pairs(folder, image_suffix=image_suffix)
+    left_out = [p for p in pairs if any(_named_as_label(_stem(p), s, image_suffix) for s in label_suffixes)]
+    kept = [p for p in pairs if p not in left_out]
+    named = ", ".join(f"*{s}" for s in label_suffixes)
+    if not kept:
+        raise AtlasregError(f"no images found: all {len(pairs)} image files are named as the labelmaps of the "
+                            f"checkpoint's config ({named})", folder)
+    note = None
+    if left_out:
+        hint = (f"; --image-suffix {config_image_suffix} names the cases without it"
+                if config_image_suffix and not image_suffix else "")
+        note = (f"{folder}: {len(left_out)} file(s) named as the labelmaps of the checkpoint's config ({named}) "
+                f"left out, {len(kept)} image(s) taken{hint}")
+    labelish = [p for p in kept if _stem(p).lower().endswith(LABELMAP_NAME_SUFFIXES)]
+    if labelish and len(labelish) < len(kept):
+        others = [_stem(p) for p in kept if p not in labelish]
+        tails = {s[s.rfind("_"):] if "_" in s[1:] else None for s in others}
+        suffix = tails.pop() if len(tails) == 1 and None not in tails else "<suffix of the images>"
+        raise AtlasregError(
+            f"mixes images and files named like labelmaps ({len(labelish)} of {len(kept)}, e.g. "
+            f"{labelish[0].image.name}); give the images' suffix to take only them, e.g. --image-suffix {suffix}",
+            folder)
+    return kept, note
+
+
+def collect_inputs(inputs: Sequence[str | Path], image_suffix: str = "",
+                   label_suffixes: Sequence[str] = (), config_image_suffix: str = "") -> list[tuple[str, Path]]:
     """(case name, image file) for a list of files and/or folders. In folders, every image file whose
     name ends with `image_suffix` before the extension (e.g. '_img'); the suffix is dropped from the
-    case name. Raises AtlasregError for a missing path, no images, or colliding case names."""
+    case name. Files named with one of `label_suffixes` (the label suffixes of the model's config,
+    e.g. '_seg') are left out of folders, with one warning per folder saying how many (naming
+    `config_image_suffix`, the config's image suffix, when `image_suffix` is not given); files given
+    by name are always taken.
+
+    Raises AtlasregError for a missing path, no images, colliding case names, or a folder holding
+    files named like labelmaps (:data:`LABELMAP_NAME_SUFFIXES`, e.g. B1_seg.png) beside others (e.g.
+    B1_img.png): the error suggests an image suffix."""
     found: list[tuple[str, Path]] = []
+    notes: list[str] = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            found.extend((p.name, p.image) for p in find_pairs(item, image_suffix=image_suffix))
+            pairs, note = _folder_images(item, image_suffix, label_suffixes, config_image_suffix)
+            found.extend((p.name, p.image) for p in pairs)
+            notes += [note] if note else []
         elif item.exists():
             name = case_name(item)
             if image_suffix and name.endswith(image_suffix):
@@ -54,6 +115,8 @@ def collect_inputs(inputs: Sequence[str | Path], image_suffix: str = "") -> list
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise AtlasregError(f"several inputs share the case name(s) {dup[:5]}; outputs would collide")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     return found
 
 
@@ -79,9 +142,13 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
             checkpoint: str | Path | None = None, overwrite: bool = False) -> list[Path]:
     """Segment every input image (files or folders) and write the outputs under out_dir.
 
+    Folders are read with :func:`collect_inputs`: files named with the label suffix of a data split of
+    the model's config (``data.train.label_suffix``, e.g. '_seg') are left out with one warning, shown
+    once every input was checked, and a folder mixing images and files named like labelmaps is refused.
     All inputs are read and checked before anything is written; a bad input raises AtlasregError
     naming the file. Cases are then read again `cases_at_once` at a time, so peak memory does not grow
-    with the number of inputs. refinement: overrides of config['refinement'] (iterations, lr, beta, gamma,
+    with the number of inputs; progress: bars on stderr (tqdm) while checking, then one advancing per
+    written case. refinement: overrides of config['refinement'] (iterations, lr, beta, gamma,
     lambda, cases_at_once), validated as config values (ConfigError naming the key) before anything is
     read or written. checkpoint: the file `module` was loaded from; when given, out_dir gets the run's
     manifest (:data:`SEGMENT_INFO`: checkpoint, its SHA-256, the settings, status and cases): marked
@@ -93,7 +160,13 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
     labels = list(cfg["data"]["labels"].keys())
     grid = module.net.grid
     prep = Preprocessing.from_config(cfg)
-    files = collect_inputs(list(inputs), image_suffix)
+    splits = [cfg["data"].get(s) or {} for s in SPLITS]
+    label_suffixes = sorted({s.get("label_suffix") or "" for s in splits} - {""})
+    image_suffixes = {s.get("image_suffix") or "" for s in splits if s.get("label_suffix")}
+    with warnings.catch_warnings(record=True) as notes:  # shown once every input was checked
+        warnings.simplefilter("always")
+        files = collect_inputs(list(inputs), image_suffix, label_suffixes,
+                               image_suffixes.pop() if len(image_suffixes) == 1 else "")
 
     def read(name, path):
         return load_case(path, None, prep, name=name)
@@ -103,6 +176,8 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
     # the time of a refined case).
     for name, path in tqdm(files, desc="checking", disable=not progress, leave=False):
         read(name, path)
+    for note in notes:
+        warnings.warn_explicit(note.message, note.category, note.filename, note.lineno, source=note.source)
     out_dir = Path(out_dir)  # created by the manifest or the first case folder: none if an input is bad
     created = not out_dir.exists()
     manifest = out_dir / SEGMENT_INFO
@@ -118,8 +193,9 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
                 written.append(write_case_outputs(out_dir, pred.case, labels, grid, pred.itn, pred.transforms,
                                                   module.atlas_labelmap, module.atlas_image,
                                                   transform_metrics=pred.transform_metrics))
-            bar.update(len(group))
+                bar.update()  # per written case
     except AtlasregError:
+        bar.leave = False  # cleared: the error is the last line
         # a failure before the first case folder (e.g. a diverged refinement) leaves the folder as it
         # was; after it, the manifest stays "in progress": the folder is incomplete
         if run is not None and not written:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from atlasreg.contracts import (  # noqa: F401 - names of the case and evaluation folders, re-exported
     LABELMAP_EXTENSIONS, LABELMAP_SUFFIX, PER_CASE_COLUMNS, QUALITY_COLUMNS, SUMMARY_COLUMNS, TRANSFORM_METRIC_COLUMNS,
@@ -420,7 +421,8 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
                          labels: Mapping[int, str], out_dir: str | Path,
                          merge: Mapping[int, Sequence[int]] | None = None,
                          methods: Sequence[str] = METHODS, test_set: str | None = None,
-                         info: Mapping | None = None, overwrite: bool = False) -> tuple[Path, Path]:
+                         info: Mapping | None = None, overwrite: bool = False,
+                         progress: bool = False) -> tuple[Path, Path]:
     """Compute per-case, per-method, per-structure metrics and write CSV and Markdown summaries.
 
     Parameters
@@ -451,6 +453,9 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
     overwrite:
         Delete the results of another evaluation that `out_dir` holds (other predictions, references,
         checkpoint or merge; :func:`atlasreg.outputs.claim_output`); without it such a folder is refused.
+    progress:
+        Show a progress bar on stderr, one step per case, when stderr is a terminal (tqdm); it is
+        cleared when the evaluation ends or fails.
 
     Returns
     -------
@@ -494,8 +499,9 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
     quality_rows: list[dict] = []
     n_cases = 0  # cases with at least one prediction file
     # The cases' warnings (empty structures, ...) are shown once every case was read: bad input found in
-    # a later case is then the only line printed.
-    with warnings.catch_warnings(record=True) as caught:
+    # a later case is then the only line printed (the progress bar, on a terminal only, is cleared first).
+    bar = tqdm(total=len(present), desc="evaluating", unit="case", leave=False, disable=None if progress else True)
+    with warnings.catch_warnings(record=True) as caught, bar:
         warnings.simplefilter("always")
         for case in present:
             result = _evaluate_case(case, prediction_dir / case, Path(reference_paths[case]), structures, methods)
@@ -504,6 +510,7 @@ def evaluate_predictions(prediction_dir: str | Path, reference_paths: Mapping[st
             if result.quality is not None:
                 quality_rows.append(result.quality)
             n_cases += bool(result.rows)
+            bar.update()
     if not n_cases:
         raise AtlasregError(f"no prediction labelmaps (<method>{LABELMAP_SUFFIX}{' / '.join(LABELMAP_EXTENSIONS)} "
                             f"for methods {list(methods)}) found for any case", prediction_dir)
