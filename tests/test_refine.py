@@ -116,3 +116,40 @@ def test_a_diverging_refinement_is_an_error_not_a_crash():
     net = AtlasISTN(2, 2, Grid.centred((32, 32), (2.0, 2.0)))
     with pytest.raises(AtlasregError, match=r"diverged .* after 2 of 5 iterations\); lower refinement.lr \(now 1e\+10\)"):
         refine_transforms(net, square(2, (12, 8), (26, 20)), square(1, (10, 10), (22, 22)), iterations=5, lr=1e10)
+
+
+def test_image_based_refinement_adds_the_image_term_and_moves_the_atlas_image_towards_the_image():
+    """Issue 12 item 7: with an image similarity the refinement loss holds the image term (its first
+    value equals the label-only loss plus the weighted LNCC of the undeformed case), and the refined
+    deformed atlas image is closer to the image (LNCC) than with the label term alone."""
+    import torch
+
+    from atlasreg.losses.similarity import build_similarity
+    from atlasreg.models.atlas_istn import AtlasISTN
+    from atlasreg.models.refine import refine_transforms
+    from atlasreg.spatial.grid import Grid
+    from atlasreg.spatial.transforms import warp
+
+    torch.manual_seed(0)
+    grid = Grid.centred((32, 32), (2.0, 2.0))
+    net = AtlasISTN(2, 2, grid)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = lambda cy, cx: (((yy - cy) ** 2 + (xx - cx) ** 2) < 49).float()[None, None]
+    atlas_fg = disc(16, 16)
+    atlas = torch.cat([1 - atlas_fg, atlas_fg], 1)
+    atlas_image = atlas_fg * 2 - 1
+    image = disc(18, 19) * 2 - 1  # the image's disc lies 2 and 3 voxels off the ITN's
+    logits = torch.cat([1 - atlas_fg, atlas_fg], 1) * 4  # the ITN sees the atlas position
+    plain, h0 = refine_transforms(net, logits, atlas, iterations=30, lr=1e-2)
+    both, h1 = refine_transforms(net, logits, atlas, iterations=30, lr=1e-2, images=image,
+                                 atlas_image=atlas_image, image_similarity="lncc", image_weight=1.0)
+    sim = build_similarity("lncc", grid.spacing)
+    start, _ = refine_transforms(net, logits, atlas, iterations=0)  # the unrefined (1-pass) transform
+    first_image_term = float(sim(image, warp(atlas_image, start.inverse_points(), grid)))
+    assert h1.shape == h0.shape
+    assert abs(float(h1[0, 0]) - (float(h0[0, 0]) + first_image_term)) < 1e-5
+    d_plain = float(sim(image, warp(atlas_image, plain.inverse_points(), grid)))
+    d_both = float(sim(image, warp(atlas_image, both.inverse_points(), grid)))
+    assert d_both < d_plain, (d_both, d_plain, first_image_term)
+    with __import__("pytest").raises(ValueError, match="images and the atlas image"):
+        refine_transforms(net, logits, atlas, iterations=1, image_similarity="lncc", image_weight=1.0)

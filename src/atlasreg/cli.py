@@ -21,7 +21,8 @@ from .errors import AtlasregError
 def _refinement_overrides(args) -> dict:
     out = {}
     for key, attr in (("iterations", "iterations"), ("beta", "beta"), ("gamma", "gamma"),
-                      ("lambda", "lam"), ("lr", "refine_lr"), ("cases_at_once", "cases_at_once")):
+                      ("lambda", "lam"), ("lr", "refine_lr"), ("cases_at_once", "cases_at_once"),
+                      ("image_similarity", "image_similarity"), ("image_weight", "image_weight")):
         value = getattr(args, attr, None)
         if value is not None:
             out[key] = value
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "config)")
     s.add_argument("--cases-at-once", type=int, help="cases refined together, each with its own STN copy "
                    "(default from the config)")
+    s.add_argument("--image-similarity", help="also fit the deformed atlas image to the image during the "
+                   "refinement: lncc, mind, ngf, mi or mse (default from the config: none)")
+    s.add_argument("--image-weight", type=float, help="weight of that image term (default from the config: 1)")
     s.add_argument("--device", default="auto", help=_DEVICE_HELP + "; the model and the refinement run there")
     s.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     s.add_argument("--quiet", action="store_true", help=_QUIET_HELP)

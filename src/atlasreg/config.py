@@ -487,11 +487,18 @@ SCHEMA = Section({
         "gamma": Field(Float(0.0), 0.0, "weight of L*_s2a (Eq. 18)"),
         "lambda": Field(Float(0.0), 0.126),
         "cases_at_once": Field(Int(1), 16, "cases refined together, each with its own STN copy"),
+        "image_similarity": Field(Optional(Choice(lambda: IMAGE_SIMILARITIES)), None,
+                                  "null, or lncc | mind | ngf | mi | mse: also fit the deformed atlas image to the "
+                                  "image (issue 12 item 7)"),
+        "image_weight": Field(Float(0.0), 1.0, "weight of the image term when image_similarity is set"),
     })),
 })
 
 
 INTENSITY = ("zscore", "zscore_foreground", "rescale")
+
+#: Image similarities of the image-based refinement (atlasreg.losses.similarity.SIMILARITIES).
+IMAGE_SIMILARITIES = ("lncc", "mind", "ngf", "mi", "mse")
 
 
 def _check_across(cfg: dict) -> dict:

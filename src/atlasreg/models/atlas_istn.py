@@ -240,7 +240,10 @@ class AtlasISTNModule(Method):
         transform, history = refine_transforms(self.net, predicted["logits"], self.atlas_labelmap,
                                                int(r["iterations"]), float(r["lr"]), float(r["beta"]),
                                                float(r["gamma"]), float(r["lambda"]),
-                                               mask=predicted.get("mask"))
+                                               mask=predicted.get("mask"), images=images,
+                                               atlas_image=self.atlas_image,
+                                               image_similarity=r.get("image_similarity"),
+                                               image_weight=float(r.get("image_weight", 0.0)))
         return {"transform": transform, "history": history}
 
     # ---------------------------------------------------------------- report naming

@@ -36,7 +36,7 @@ import copy
 import torch
 
 from ..errors import AtlasregError
-from ..spatial.transforms import AffineSVFTransform, compose_transform
+from ..spatial.transforms import AffineSVFTransform, compose_transform, warp
 from .atlas_istn import AtlasISTN, deformation_losses
 from .optim import adam
 
@@ -44,9 +44,17 @@ from .optim import adam
 def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torch.Tensor,
                       iterations: int = 50, lr: float = 1e-3, beta: float = 1.0, gamma: float = 0.0,
                       lam: float = 0.126, use_affine: bool = True,
-                      mask: torch.Tensor | None = None) -> tuple[AffineSVFTransform, torch.Tensor]:
+                      mask: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                      atlas_image: torch.Tensor | None = None, image_similarity: str | None = None,
+                      image_weight: float = 0.0) -> tuple[AffineSVFTransform, torch.Tensor]:
     """Refine the STN per case so that the deformed atlas labelmap fits the ITN logits (Eq. 19:
     L* = beta L*_a2s + gamma L*_s2a + lambda L_reg), K = `iterations` Adam steps.
+
+    Image-based refinement (issue 12 item 7; the paper's Sec. 4 found an MSE image term harmful on
+    CT): with `image_similarity` ('lncc', 'mind', 'ngf', 'mi' or 'mse', :mod:`atlasreg.losses.similarity`
+    on the model grid's spacing) and `image_weight` > 0, L* also holds ``image_weight *
+    S(image_i, atlas_image o Phi*^-1)``: the deformed atlas image against the case's normalised image
+    (images: (B, 1, *size); atlas_image: (1, 1, *size); the scan's field-of-view mask applies).
 
     logits: (B, C, *size) ITN output (the target, no gradient); atlas_labelmap: (1, C, *size).
     mask: (B, 1, *size) the scans' field of view on the model grid (padding does not count), or None.
@@ -64,6 +72,14 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
             raise ValueError(f"refine_transforms: the {name} are not finite (NaN or infinite values)")
     logits = logits.detach()
     b = logits.shape[0]
+    similarity = None
+    if image_similarity and image_weight > 0:
+        if images is None or atlas_image is None:
+            raise ValueError("image-based refinement needs the images and the atlas image")
+        from ..losses.similarity import build_similarity
+
+        similarity = build_similarity(image_similarity, net.grid.spacing)
+        images = images.detach()
     copies = [copy.deepcopy(net.stn) for _ in range(b)]
     weights = [w.requires_grad_(True) for stn in copies for w in stn.parameters()]
     x = AtlasISTN.label_stn_input(logits, atlas_labelmap)
@@ -81,6 +97,10 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
         loss = beta * terms["a2s"] + lam * terms["reg"]
         if gamma != 0.0:
             loss = loss + gamma * terms["s2a"]
+        if similarity is not None:
+            deformed = warp(atlas_image, tr.inverse_points(), net.grid)
+            loss = loss + image_weight * similarity(images[i:i + 1], deformed,
+                                                    None if mask is None else mask[i:i + 1]).reshape(1)
         return loss, out
 
     opt = adam(weights, lr)
