@@ -391,3 +391,17 @@ def test_declared_spacing_is_the_data_spacing_of_the_checkpoint_run(tmp_path):
     with pytest.raises(AtlasregError, match=r"data.spacing = \[1.5, 'x'\] is not a list of positive numbers") as error:
         _declared_spacing(info)
     assert error.value.path == str(run.config)
+
+# --------------------------------------------------------------------------------------------------
+# the page (issue 13 item 6): contents and anchors, provenance, every column, one name for the atlas,
+# p-values, per-case table; loaded in headless Chromium
+
+def test_every_output_has_a_column_and_the_undeformed_atlas_one_name():
+    assert column_name({}, "itn_lcc") == "ITN_lcc" and column_name({"fixed_atlas": "B1"}, "itn_lcc") == "Fixed ITN_lcc"
+    assert [column_name(info, "atlas") for info in ({}, {"fixed_atlas": "B1"}, {"method": "unet"}, {"method": "vml"},
+                                                    {"seg_weight": 0.0})] == \
+        ["Id", "Fixed Id", "U-Net Id", "VML Id", "Atlas-ISTN-L_s Id"]
+    from atlasreg.report.results import hidden_reason
+
+    assert "untrained" in hidden_reason({"method": "unet"}, "onepass")
+    assert "without L_s" in hidden_reason({"seg_weight": 0.0}, "itn_lcc")
