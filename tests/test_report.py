@@ -49,7 +49,8 @@ def test_pairwise_table_gives_one_sided_p_values():
     table = collect([Evaluation(Path("e"), {"test_set": "t"}, _rows("refine", good) + _rows("itn", good - 0.2))])
     rows = pairwise_table(table, "t", "fg", "dice", n_boot=2000)
     cells = {(r[0].text, h.text): c for r in rows[1:] for h, c in zip(rows[0][1:], r[1:])}
-    assert cells[("Refine", "ITN")].bold and float(cells[("Refine", "ITN")].text) < 0.01
+    # Refine is 0.2 better on every case: no bootstrap sample disagrees, p < 1/2000
+    assert cells[("Refine", "ITN")].bold and cells[("Refine", "ITN")].text == "< 5e-4"
     assert not cells[("ITN", "Refine")].bold and float(cells[("ITN", "Refine")].text) > 0.99
     assert cells[("ITN", "ITN")].text == "–"
 
@@ -395,6 +396,29 @@ def test_declared_spacing_is_the_data_spacing_of_the_checkpoint_run(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # the page (issue 13 item 6): contents and anchors, provenance, every column, one name for the atlas,
 # p-values, per-case table; loaded in headless Chromium
+
+def test_format_p_is_one_over_n_boot_where_no_bootstrap_sample_disagrees():
+    from atlasreg.evaluation.statistics import paired_bootstrap
+    from atlasreg.report.tables import format_p
+
+    a = 0.9 + 0.01 * np.random.default_rng(5).standard_normal(12)
+    res = paired_bootstrap(a, a - 0.2, n_boot=10000)
+    assert res["p_value"] == 0.0 and format_p(res["p_value"], 10000) == "< 1e-4"
+    assert [format_p(0.0, n) for n in (500, 2000, 3000, 1)] == ["< 0.002", "< 5e-4", "< 3.3e-4", "< 1"]
+    assert [format_p(p, 10000) for p in (0.0123, 0.001, 4e-4, 2.5e-4, 1.0)] == ["0.012", "0.001", "4e-4", "2.5e-4",
+                                                                               "1.000"]
+
+
+def test_claims_cells_name_the_direction_each_p_value_tests():
+    good = 0.9 + 0.01 * np.random.default_rng(3).standard_normal(12)
+    table = collect([Evaluation(Path("e"), {"test_set": "t"}, _rows("refine", good) + _rows("itn", good - 0.2)),
+                     Evaluation(Path("f"), {"test_set": "t", "fixed_atlas": "C0"}, _rows("refine", good + 0.1))])
+    claims = {r[0].text: r for r in claims_table(table, "t", n_boot=2000)[1:]}
+    itn = claims["Refine beats the ITN (Refine vs ITN)"]
+    assert itn[2].text == "+0.200 (p < 5e-4 that Refine is better)" and itn[2].bold
+    fixed = claims["A learnt atlas beats a fixed one (refine) (Refine vs Fixed Refine)"]
+    assert fixed[2].text == "-0.100 (worse: p < 5e-4 that Fixed Refine is better)" and not fixed[2].bold
+
 
 def test_every_output_has_a_column_and_the_undeformed_atlas_one_name():
     assert column_name({}, "itn_lcc") == "ITN_lcc" and column_name({"fixed_atlas": "B1"}, "itn_lcc") == "Fixed ITN_lcc"
