@@ -151,7 +151,8 @@ def test_claims_verdict_names_partial_reversals():
 # figures of 2-D and 3-D case folders and atlases (report.figures)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-RED, LIME, YELLOW = (mcolors.to_rgba(c) for c in ("red", "lime", "yellow"))
+# predictions, references and the deformed grid in the Okabe-Ito palette (orange, sky blue, yellow)
+PREDICTION, REFERENCE, GRID = (mcolors.to_rgba(c) for c in ("#E69F00", "#56B4E9", "#F0E442"))
 
 
 def _figures_of(monkeypatch) -> list:
@@ -175,7 +176,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 def _colours(ax) -> set:
     """The line colours of the contour sets drawn on an Axes."""
-    return {tuple(np.round(c, 3)) for coll in ax.collections for c in np.atleast_2d(coll.get_edgecolor())}
+    return {tuple(float(v) for v in c) for coll in ax.collections for c in np.atleast_2d(coll.get_edgecolor())}
 
 
 def _write(array, path, spacing=None, vector=False) -> Path:
@@ -233,9 +234,9 @@ def test_qualitative_figure_shows_three_planes_of_a_volume_through_the_reference
             for ax in ax_row:
                 np.testing.assert_array_equal(ax.images[0].get_array(), plane)
                 assert ax.get_aspect() == pytest.approx(aspect)
-            assert YELLOW in _colours(ax_row[4])  # the deformed grid's isolines
-            for ax in ax_row[1:4]:  # the outputs in red, the reference in green where there is one
-                assert RED in _colours(ax) and (LIME in _colours(ax)) == (row == 0)
+            assert GRID in _colours(ax_row[4])  # the deformed grid's isolines
+            for ax in ax_row[1:4]:  # the outputs in orange, the reference in sky blue where there is one
+                assert PREDICTION in _colours(ax) and (REFERENCE in _colours(ax)) == (row == 0)
     assert axes[1, 0].get_title() == "A (best), coronal y=3" and height > width
 
 
@@ -249,7 +250,8 @@ def test_qualitative_figure_takes_the_declared_spacing_for_a_volume_without_one(
     assert [ax.get_aspect() for ax in figs[0].axes[::5]] == [1.0, 1.0, 1.0]
     # rows as high as their panels at unit spacing: (10 x 12), (6 x 12) and (6 x 10) voxels
     heights = figs[0].axes[0].get_subplotspec().get_gridspec().get_height_ratios()
-    assert heights == pytest.approx([2.6 * 10 / 12, 2.6 * 6 / 12, 2.6 * 6 / 10])
+    w = figures.PANEL_INCHES
+    assert heights == pytest.approx([w * 10 / 12, w * 6 / 12, w * 6 / 10])
     assert [ax.get_aspect() for ax in figs[1].axes[::5]] == pytest.approx([1.0, 8.0 / 1.5, 8.0 / 1.5])
     _case3d(seg, "B")   # a file with its own spacing keeps it
     figures.qualitative_figure(seg, refs, ["B"], ["t"], spacing=declared)
@@ -324,24 +326,32 @@ def _case2d(seg: Path, case: str) -> str:
     return str(contracts.case_labelmap_path(d, "refine", ".png"))
 
 
+def _panel_pixels(ax) -> tuple[float, float]:
+    """Width and height (pixels of the PNG, at figures.DPI) of the image drawn on an Axes."""
+    box = ax.get_window_extent()
+    return box.width * figures.DPI / ax.figure.dpi, box.height * figures.DPI / ax.figure.dpi
+
+
 def test_2d_figures_keep_their_layout_and_size(tmp_path, monkeypatch):
-    """2-D output as before the 3-D views: one row per case, square panels, and the PNG size that the
-    code before them gave for these folders (855 x 559 and 481 x 463 pixels, measured at commit
-    c8e7040; the PNG bytes were identical too)."""
+    """2-D output: one row per case, square panels, and the PNG size measured for these folders when
+    the figures were made larger (issue 13: panels of about 170 pixels, 855 x 559 and 481 x 463 before,
+    measured at commit c8e7040; 1580 x 1137 and 677 x 628 now, panels of 300 and 250 pixels)."""
     figs = _figures_of(monkeypatch)
     seg = tmp_path / "seg"
     refs = {c: _case2d(seg, c) for c in ("C0", "C1", "C2")}
     png = figures.qualitative_figure(seg, refs, ["C0", "C1", "C2"], ["best", "median", "worst"])
-    assert _png_size(png) == (855, 559)
+    assert _png_size(png) == (1580, 1137)
     axes = np.array(figs[0].axes).reshape(3, 5)
+    assert all(min(_panel_pixels(ax)) >= 295 for ax in axes.flat)
     assert [ax.get_title() for ax in axes[0]] == ["C0 (best)", "ITN", "1-pass", "Refine", "deformed grid (refine)"]
     assert all(ax.get_aspect() == 1.0 for ax in axes.flat)
     np.testing.assert_array_equal(axes[1, 2].images[0].get_array(),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(seg / "C1" / "image.png"))))
     atlases = _save_atlases(tmp_path / "run", (16, 16), (2.0, 2.0), n_labels=2)
     png = figures.atlas_figure(tmp_path / "run")
-    assert _png_size(png) == (481, 463)
+    assert _png_size(png) == (677, 628)
     axes = np.array(figs[1].axes).reshape(2, 2)
+    assert all(min(_panel_pixels(ax)) >= 250 for ax in axes.flat)
     assert [ax.get_title() for ax in axes[:, 1]] == ["atlas image (end)",
                                                      "atlas labelmap, foreground probability (end)"]
     np.testing.assert_allclose(axes[1, 1].images[0].get_array(), 1.0 - atlases["atlas"][0][0], atol=1e-6)
@@ -392,6 +402,7 @@ def test_declared_spacing_is_the_data_spacing_of_the_checkpoint_run(tmp_path):
     with pytest.raises(AtlasregError, match=r"data.spacing = \[1.5, 'x'\] is not a list of positive numbers") as error:
         _declared_spacing(info)
     assert error.value.path == str(run.config)
+
 
 # --------------------------------------------------------------------------------------------------
 # the page (issue 13 item 6): contents and anchors, provenance, every column, one name for the atlas,

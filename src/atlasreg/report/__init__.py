@@ -116,8 +116,8 @@ def _qualitative(page: _Page, table: ResultTable, test_set: str, column: str) ->
     predictions = Path(ev.info.get("predictions") or ev.path)
     png = figures.qualitative_figure(predictions, ev.info.get("references") or {}, [c for c, _ in picks],
                                      [t for _, t in picks], spacing=_declared_spacing(ev.info))
-    page.figure(png, f"{test_set}: image; ITN, 1-pass and refine contours (red) with the reference (green); "
-                     "deformed atlas grid after refinement (paper Figs. 6-7).")
+    page.figure(png, f"{test_set}: image; ITN, 1-pass and refine contours (orange) with the reference "
+                     "(sky blue); deformed atlas grid after refinement (yellow) (paper Figs. 6-7).")
 
 
 def _quality(page: _Page, ev: Evaluation) -> None:
