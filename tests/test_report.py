@@ -3,6 +3,13 @@ self-contained HTML and Markdown."""
 
 import csv
 import io
+import json
+import platform
+import re
+import shutil
+import subprocess
+from html import unescape
+from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.colors as mcolors
@@ -440,3 +447,202 @@ def test_every_output_has_a_column_and_the_undeformed_atlas_one_name():
 
     assert "untrained" in hidden_reason({"method": "unet"}, "onepass")
     assert "without L_s" in hidden_reason({"seg_weight": 0.0}, "itn_lcc")
+
+
+REFINE_ORDER = [3, 7, 0, 11, 5, 1, 9, 2, 10, 6, 4, 8]   # case index of the 1st, 2nd, ... lowest Refine DSC
+SHA = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def issue13_report(tmp_path_factory):
+    """`atlasreg report` (the command line) of an Atlas-ISTN evaluation with all five outputs and a
+    U-Net evaluation with a fixed atlas, 12 2-D case folders, a training run folder with its config:
+    (report folder, the Atlas-ISTN evaluation's info, {case: Refine DSC})."""
+    tmp = tmp_path_factory.mktemp("issue13")
+    seg = tmp / "seg"
+    refs = {c: _case2d(seg, c) for c in CASES}
+    run = contracts.run_paths(tmp / "run")
+    run.root.mkdir()
+    run.config.write_text(yaml.safe_dump({"name": "m"}))
+    refine = np.empty(12)
+    refine[REFINE_ORDER] = np.linspace(0.8, 0.95, 12)
+    info = {"test_set": "corrupt", "model": "m", "method": "atlas_istn", "predictions": str(seg), "references": refs,
+            "checkpoint": str(run.final_checkpoint), "checkpoint_sha256": SHA,
+            "refinement": {"iterations": 50, "lambda": 0.126}}
+    _write_eval(tmp / "ev_main", info, _rows("itn", refine - 0.1) + _rows("itn_lcc", refine - 0.02)
+                + _rows("onepass", refine - 0.05) + _rows("refine", refine) + _rows("atlas", refine - 0.3))
+    _write_eval(tmp / "ev_unet", {"test_set": "corrupt", "method": "unet", "fixed_atlas": "C0"},
+                _rows("itn", refine - 0.12) + _rows("itn_lcc", refine - 0.08) + _rows("onepass", refine - 0.3)
+                + _rows("refine", refine - 0.01) + _rows("atlas", refine - 0.3))
+    out = tmp / "report"
+    assert main(["report", str(tmp / "ev_main"), str(tmp / "ev_unet"), "--out", str(out), "--bootstrap", "500"]) == 0
+    return out, info, dict(zip(CASES, refine))
+
+
+class _ParsedPage(HTMLParser):
+    """Headings (tag, id, text), links, image sources, the navigation's links and the tables (rows of
+    (cell text, data-value or None)) of an HTML page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.headings, self.links, self.sources, self.nav, self.tables = [], [], [], [], []
+        self._heading, self._in_nav, self._cell = None, False, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "nav":
+            self._in_nav = True
+        elif tag in ("h2", "h3") and not self._in_nav:
+            self._heading = [tag, a.get("id"), ""]
+        elif tag == "a" and "href" in a:
+            (self.nav if self._in_nav else self.links).append(a["href"])
+        elif tag in ("img", "script", "link") and ("src" in a or "href" in a):
+            self.sources.append(a.get("src") or a.get("href"))
+        elif tag == "table":
+            self.tables.append((a.get("class"), []))
+        elif tag == "tr":
+            self.tables[-1][1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ["", a.get("data-value")]
+
+    def handle_endtag(self, tag):
+        if tag == "nav":
+            self._in_nav = False
+        elif tag in ("h2", "h3") and self._heading:
+            self.headings.append(tuple(self._heading))
+            self._heading = None
+        elif tag in ("td", "th") and self._cell:
+            self.tables[-1][1][-1].append(tuple(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._heading is not None:
+            self._heading[2] += data
+        if self._cell is not None:
+            self._cell[0] += data
+
+    def table(self, first_header: str) -> list[list[tuple]]:
+        return next(rows for _, rows in self.tables if rows and rows[0][0][0] == first_header)
+
+
+def test_report_has_contents_provenance_every_column_and_a_per_case_table(issue13_report):
+    import torch
+
+    import atlasreg
+
+    out, info, refine = issue13_report
+    text = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    page = _ParsedPage(text)
+    # every heading has a unique id; the contents link to each, in order; every link and source is inside
+    ids = [h[1] for h in page.headings]
+    assert all(ids) and len(set(ids)) == len(ids) and page.nav == [f"#{i}" for i in ids]
+    assert {"provenance", "test-set-corrupt", "corrupt-per-case", "corrupt-claims"} <= set(ids)
+    assert all(link[1:] in ids + ["contents"] for link in page.links)
+    assert page.sources and all(s.startswith("data:image/png;base64,") for s in page.sources)
+    for ident in ids:  # the Markdown has the same anchors and contents
+        assert f'<a id="{ident}"></a>' in md and f"](#{ident})" in md
+    # provenance: the evaluation's checkpoint, its SHA-256, the run's config, refinement; the versions
+    provenance = dict((row[0][0], row[1][0]) for row in page.table("")[1:])
+    assert provenance["Checkpoint"] == info["checkpoint"] and provenance["Checkpoint SHA-256"] == SHA
+    assert provenance["Training configuration"] == str(Path(info["checkpoint"]).parent / contracts.RUN_CONFIG)
+    assert provenance["Refinement settings"] == "iterations = 50, lambda = 0.126"
+    assert provenance["References named"] == provenance["Cases evaluated"] == "12"
+    for version in (f"atlasreg {atlasreg.__version__}", f"torch {torch.__version__}",
+                    f"SimpleITK {sitk.Version.VersionString()}", f"Python {platform.python_version()}"):
+        assert version in text
+    manifest = contracts.read_report_info(out)
+    assert manifest["evaluations"] == [str(out.parent / "ev_main"), str(out.parent / "ev_unet")]
+    assert manifest["sensitivity"] == []
+    assert manifest["provenance"]["evaluations"][0]["checkpoint_sha256"] == SHA
+    assert manifest["provenance"]["software"]["torch"] == str(torch.__version__)
+    # every output a column (ITN_lcc too), the undeformed atlas named 'Id'; the U-Net's 1-pass listed as hidden
+    accuracy = [c[0] for c in page.table("Structure")[0]]
+    assert accuracy[2:] == ["ITN", "ITN_lcc", "1-pass", "Refine", "Id", "U-Net", "U-Net_lcc", "Independent", "U-Net Id"]
+    columns = {c[0] for _, rows in page.tables for c in rows[0]} | {r[0][0] for r in page.table("Method")}
+    assert "Id" in columns and "Identity" not in text and not {"atlas", "Atlas", "Identity"} & columns
+    hidden = page.table("Evaluation folder")
+    assert [c[0] for c in hidden[1]][1:] == ["onepass",
+                                             "the U-Net's STN is untrained: its 1-pass is the undeformed atlas"]
+    # p-values: '< 1/500' where no bootstrap sample disagrees (Refine beats Id on every case), never 0.0000
+    cells = [c[0] for _, rows in page.tables for row in rows for c in row]
+    assert "< 0.002" in cells and "0.0000" not in cells and not any("p=0.000" in c for c in cells)
+    # the per-case table: one row per case in natural order, sortable, its cells carrying their values
+    sortable = [rows for cls, rows in page.tables if cls == "sortable"]
+    assert len(sortable) == 1
+    head, *rows = sortable[0]
+    column = [c[0] for c in head].index("Refine DSC")
+    assert [r[0][0] for r in rows] == CASES
+    for r in rows:
+        assert float(r[column][1]) == pytest.approx(refine[r[0][0]], abs=1e-12)
+        assert r[column][0] == f"{refine[r[0][0]]:.3f}"
+    assert "| C11 | fg |" in md
+
+
+CHECK = """<script>
+window.addEventListener("error", function (event) {
+  var t = event.target;
+  if (t && t !== window) console.error("failed to load: " + (t.src || t.href || t.tagName));
+}, true);
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  images.forEach(function (i) {
+    if (!i.complete || i.naturalWidth === 0) console.error("image not shown: " + i.src.slice(0, 40));
+  });
+  var result = {images: images.length, shown: images.filter(function (i) { return i.naturalWidth > 0; }).length};
+  var table = document.querySelector("table.sortable");
+  if (table) {
+    var head = Array.prototype.slice.call(table.tHead.rows[0].cells);
+    var th = head.filter(function (h) { return h.textContent === "Refine DSC"; })[0];
+    var cases = function () {
+      return Array.prototype.map.call(table.tBodies[0].rows, function (r) { return r.cells[0].textContent; });
+    };
+    th.click();
+    result.ascending = cases();
+    th.click();
+    result.descending = cases();
+  }
+  var pre = document.createElement("pre");
+  pre.id = "atlasreg-check";
+  pre.textContent = JSON.stringify(result);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium(page: Path, profile: Path) -> tuple[list[str], dict | None]:
+    """Load `page` in headless Chromium: its console messages (what the page logged and every uncaught
+    error, from Chromium's log on stderr) and the result the CHECK script left in the page."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    done = subprocess.run([binary, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={profile}",
+                           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=180)
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    found = re.search(r"<pre id=\"atlasreg-check\">(.*?)</pre>", done.stdout, re.S)
+    return console, json.loads(unescape(found.group(1))) if found else None
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="no chromium binary on PATH (Debian: apt-get install chromium); the page is not "
+                           "loaded in a browser")
+def test_report_page_loads_in_headless_chromium_without_errors(issue13_report, tmp_path):
+    out, _, refine = issue13_report
+    text = (out / "report.html").read_text()
+    page = out / "chromium_check.html"   # beside the report, so relative paths resolve as they would there
+    page.write_text(text.replace("<head>", "<head>" + CHECK, 1))
+    console, result = _chromium(page, tmp_path / "profile")
+    assert console == [] and result is not None
+    assert result["images"] == result["shown"] == text.count("<img ") >= 3
+    by_refine = sorted(refine, key=refine.get)
+    assert result["ascending"] == by_refine and result["descending"] == by_refine[::-1]
+    # the check sees a figure that does not load, and a script error
+    broken = text.replace("<img src='data:image/png;base64,", "<img src='figures/none.png' data-x='", 1)
+    broken = broken.replace("</body>", "<script>nothing();</script></body>")
+    page.write_text(broken.replace("<head>", "<head>" + CHECK, 1))
+    console, result = _chromium(page, tmp_path / "profile")
+    assert any("failed to load: file://" in line and "figures/none.png" in line for line in console)
+    assert any("image not shown" in line for line in console)
+    assert any("Uncaught ReferenceError: nothing is not defined" in line for line in console)
+    assert result["shown"] == result["images"] - 1
+    page.unlink()
