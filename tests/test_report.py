@@ -3,6 +3,13 @@ self-contained HTML and Markdown."""
 
 import csv
 import io
+import json
+import platform
+import re
+import shutil
+import subprocess
+from html import unescape
+from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.colors as mcolors
@@ -49,7 +56,8 @@ def test_pairwise_table_gives_one_sided_p_values():
     table = collect([Evaluation(Path("e"), {"test_set": "t"}, _rows("refine", good) + _rows("itn", good - 0.2))])
     rows = pairwise_table(table, "t", "fg", "dice", n_boot=2000)
     cells = {(r[0].text, h.text): c for r in rows[1:] for h, c in zip(rows[0][1:], r[1:])}
-    assert cells[("Refine", "ITN")].bold and float(cells[("Refine", "ITN")].text) < 0.01
+    # Refine is 0.2 better on every case: no bootstrap sample disagrees, p < 1/2000
+    assert cells[("Refine", "ITN")].bold and cells[("Refine", "ITN")].text == "< 5e-4"
     assert not cells[("ITN", "Refine")].bold and float(cells[("ITN", "Refine")].text) > 0.99
     assert cells[("ITN", "ITN")].text == "–"
 
@@ -150,7 +158,8 @@ def test_claims_verdict_names_partial_reversals():
 # figures of 2-D and 3-D case folders and atlases (report.figures)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-RED, LIME, YELLOW = (mcolors.to_rgba(c) for c in ("red", "lime", "yellow"))
+# predictions, references and the deformed grid in the Okabe-Ito palette (orange, sky blue, yellow)
+PREDICTION, REFERENCE, GRID = (mcolors.to_rgba(c) for c in ("#E69F00", "#56B4E9", "#F0E442"))
 
 
 def _figures_of(monkeypatch) -> list:
@@ -174,7 +183,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 def _colours(ax) -> set:
     """The line colours of the contour sets drawn on an Axes."""
-    return {tuple(np.round(c, 3)) for coll in ax.collections for c in np.atleast_2d(coll.get_edgecolor())}
+    return {tuple(float(v) for v in c) for coll in ax.collections for c in np.atleast_2d(coll.get_edgecolor())}
 
 
 def _write(array, path, spacing=None, vector=False) -> Path:
@@ -232,9 +241,9 @@ def test_qualitative_figure_shows_three_planes_of_a_volume_through_the_reference
             for ax in ax_row:
                 np.testing.assert_array_equal(ax.images[0].get_array(), plane)
                 assert ax.get_aspect() == pytest.approx(aspect)
-            assert YELLOW in _colours(ax_row[4])  # the deformed grid's isolines
-            for ax in ax_row[1:4]:  # the outputs in red, the reference in green where there is one
-                assert RED in _colours(ax) and (LIME in _colours(ax)) == (row == 0)
+            assert GRID in _colours(ax_row[4])  # the deformed grid's isolines
+            for ax in ax_row[1:4]:  # the outputs in orange, the reference in sky blue where there is one
+                assert PREDICTION in _colours(ax) and (REFERENCE in _colours(ax)) == (row == 0)
     assert axes[1, 0].get_title() == "A (best), coronal y=3" and height > width
 
 
@@ -248,7 +257,8 @@ def test_qualitative_figure_takes_the_declared_spacing_for_a_volume_without_one(
     assert [ax.get_aspect() for ax in figs[0].axes[::5]] == [1.0, 1.0, 1.0]
     # rows as high as their panels at unit spacing: (10 x 12), (6 x 12) and (6 x 10) voxels
     heights = figs[0].axes[0].get_subplotspec().get_gridspec().get_height_ratios()
-    assert heights == pytest.approx([2.6 * 10 / 12, 2.6 * 6 / 12, 2.6 * 6 / 10])
+    w = figures.PANEL_INCHES
+    assert heights == pytest.approx([w * 10 / 12, w * 6 / 12, w * 6 / 10])
     assert [ax.get_aspect() for ax in figs[1].axes[::5]] == pytest.approx([1.0, 8.0 / 1.5, 8.0 / 1.5])
     _case3d(seg, "B")   # a file with its own spacing keeps it
     figures.qualitative_figure(seg, refs, ["B"], ["t"], spacing=declared)
@@ -323,24 +333,32 @@ def _case2d(seg: Path, case: str) -> str:
     return str(contracts.case_labelmap_path(d, "refine", ".png"))
 
 
+def _panel_pixels(ax) -> tuple[float, float]:
+    """Width and height (pixels of the PNG, at figures.DPI) of the image drawn on an Axes."""
+    box = ax.get_window_extent()
+    return box.width * figures.DPI / ax.figure.dpi, box.height * figures.DPI / ax.figure.dpi
+
+
 def test_2d_figures_keep_their_layout_and_size(tmp_path, monkeypatch):
-    """2-D output as before the 3-D views: one row per case, square panels, and the PNG size that the
-    code before them gave for these folders (855 x 559 and 481 x 463 pixels, measured at commit
-    c8e7040; the PNG bytes were identical too)."""
+    """2-D output: one row per case, square panels, and the PNG size measured for these folders when
+    the figures were made larger (issue 13: panels of about 170 pixels, 855 x 559 and 481 x 463 before,
+    measured at commit c8e7040; 1580 x 1137 and 677 x 628 now, panels of 300 and 250 pixels)."""
     figs = _figures_of(monkeypatch)
     seg = tmp_path / "seg"
     refs = {c: _case2d(seg, c) for c in ("C0", "C1", "C2")}
     png = figures.qualitative_figure(seg, refs, ["C0", "C1", "C2"], ["best", "median", "worst"])
-    assert _png_size(png) == (855, 559)
+    assert _png_size(png) == (1580, 1137)
     axes = np.array(figs[0].axes).reshape(3, 5)
+    assert all(min(_panel_pixels(ax)) >= 295 for ax in axes.flat)
     assert [ax.get_title() for ax in axes[0]] == ["C0 (best)", "ITN", "1-pass", "Refine", "deformed grid (refine)"]
     assert all(ax.get_aspect() == 1.0 for ax in axes.flat)
     np.testing.assert_array_equal(axes[1, 2].images[0].get_array(),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(seg / "C1" / "image.png"))))
     atlases = _save_atlases(tmp_path / "run", (16, 16), (2.0, 2.0), n_labels=2)
     png = figures.atlas_figure(tmp_path / "run")
-    assert _png_size(png) == (481, 463)
+    assert _png_size(png) == (677, 628)
     axes = np.array(figs[1].axes).reshape(2, 2)
+    assert all(min(_panel_pixels(ax)) >= 250 for ax in axes.flat)
     assert [ax.get_title() for ax in axes[:, 1]] == ["atlas image (end)",
                                                      "atlas labelmap, foreground probability (end)"]
     np.testing.assert_allclose(axes[1, 1].images[0].get_array(), 1.0 - atlases["atlas"][0][0], atol=1e-6)
@@ -391,3 +409,240 @@ def test_declared_spacing_is_the_data_spacing_of_the_checkpoint_run(tmp_path):
     with pytest.raises(AtlasregError, match=r"data.spacing = \[1.5, 'x'\] is not a list of positive numbers") as error:
         _declared_spacing(info)
     assert error.value.path == str(run.config)
+
+
+# --------------------------------------------------------------------------------------------------
+# the page (issue 13 item 6): contents and anchors, provenance, every column, one name for the atlas,
+# p-values, per-case table; loaded in headless Chromium
+
+def test_format_p_is_one_over_n_boot_where_no_bootstrap_sample_disagrees():
+    from atlasreg.evaluation.statistics import paired_bootstrap
+    from atlasreg.report.tables import format_p
+
+    a = 0.9 + 0.01 * np.random.default_rng(5).standard_normal(12)
+    res = paired_bootstrap(a, a - 0.2, n_boot=10000)
+    assert res["p_value"] == 0.0 and format_p(res["p_value"], 10000) == "< 1e-4"
+    assert [format_p(0.0, n) for n in (500, 2000, 3000, 1)] == ["< 0.002", "< 5e-4", "< 3.3e-4", "< 1"]
+    assert [format_p(p, 10000) for p in (0.0123, 0.001, 4e-4, 2.5e-4, 1.0)] == ["0.012", "0.001", "4e-4", "2.5e-4",
+                                                                               "1.000"]
+
+
+def test_claims_cells_name_the_direction_each_p_value_tests():
+    good = 0.9 + 0.01 * np.random.default_rng(3).standard_normal(12)
+    table = collect([Evaluation(Path("e"), {"test_set": "t"}, _rows("refine", good) + _rows("itn", good - 0.2)),
+                     Evaluation(Path("f"), {"test_set": "t", "fixed_atlas": "C0"}, _rows("refine", good + 0.1))])
+    claims = {r[0].text: r for r in claims_table(table, "t", n_boot=2000)[1:]}
+    itn = claims["Refine beats the ITN (Refine vs ITN)"]
+    assert itn[2].text == "+0.200 (p < 5e-4 that Refine is better)" and itn[2].bold
+    fixed = claims["A learnt atlas beats a fixed one (refine) (Refine vs Fixed Refine)"]
+    assert fixed[2].text == "-0.100 (worse: p < 5e-4 that Fixed Refine is better)" and not fixed[2].bold
+
+
+def test_every_output_has_a_column_and_the_undeformed_atlas_one_name():
+    assert column_name({}, "itn_lcc") == "ITN_lcc" and column_name({"fixed_atlas": "B1"}, "itn_lcc") == "Fixed ITN_lcc"
+    assert [column_name(info, "atlas") for info in ({}, {"fixed_atlas": "B1"}, {"method": "unet"}, {"method": "vml"},
+                                                    {"seg_weight": 0.0})] == \
+        ["Id", "Fixed Id", "U-Net Id", "VML Id", "Atlas-ISTN-L_s Id"]
+    from atlasreg.report.results import hidden_reason
+
+    assert "untrained" in hidden_reason({"method": "unet"}, "onepass")
+    assert "without L_s" in hidden_reason({"seg_weight": 0.0}, "itn_lcc")
+
+
+REFINE_ORDER = [3, 7, 0, 11, 5, 1, 9, 2, 10, 6, 4, 8]   # case index of the 1st, 2nd, ... lowest Refine DSC
+SHA = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def issue13_report(tmp_path_factory):
+    """`atlasreg report` (the command line) of an Atlas-ISTN evaluation with all five outputs and a
+    U-Net evaluation with a fixed atlas, 12 2-D case folders, a training run folder with its config:
+    (report folder, the Atlas-ISTN evaluation's info, {case: Refine DSC})."""
+    tmp = tmp_path_factory.mktemp("issue13")
+    seg = tmp / "seg"
+    refs = {c: _case2d(seg, c) for c in CASES}
+    run = contracts.run_paths(tmp / "run")
+    run.root.mkdir()
+    run.config.write_text(yaml.safe_dump({"name": "m"}))
+    refine = np.empty(12)
+    refine[REFINE_ORDER] = np.linspace(0.8, 0.95, 12)
+    info = {"test_set": "corrupt", "model": "m", "method": "atlas_istn", "predictions": str(seg), "references": refs,
+            "checkpoint": str(run.final_checkpoint), "checkpoint_sha256": SHA,
+            "refinement": {"iterations": 50, "lambda": 0.126}}
+    _write_eval(tmp / "ev_main", info, _rows("itn", refine - 0.1) + _rows("itn_lcc", refine - 0.02)
+                + _rows("onepass", refine - 0.05) + _rows("refine", refine) + _rows("atlas", refine - 0.3))
+    _write_eval(tmp / "ev_unet", {"test_set": "corrupt", "method": "unet", "fixed_atlas": "C0"},
+                _rows("itn", refine - 0.12) + _rows("itn_lcc", refine - 0.08) + _rows("onepass", refine - 0.3)
+                + _rows("refine", refine - 0.01) + _rows("atlas", refine - 0.3))
+    out = tmp / "report"
+    assert main(["report", str(tmp / "ev_main"), str(tmp / "ev_unet"), "--out", str(out), "--bootstrap", "500"]) == 0
+    return out, info, dict(zip(CASES, refine))
+
+
+class _ParsedPage(HTMLParser):
+    """Headings (tag, id, text), links, image sources, the navigation's links and the tables (rows of
+    (cell text, data-value or None)) of an HTML page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.headings, self.links, self.sources, self.nav, self.tables = [], [], [], [], []
+        self._heading, self._in_nav, self._cell = None, False, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "nav":
+            self._in_nav = True
+        elif tag in ("h2", "h3") and not self._in_nav:
+            self._heading = [tag, a.get("id"), ""]
+        elif tag == "a" and "href" in a:
+            (self.nav if self._in_nav else self.links).append(a["href"])
+        elif tag in ("img", "script", "link") and ("src" in a or "href" in a):
+            self.sources.append(a.get("src") or a.get("href"))
+        elif tag == "table":
+            self.tables.append((a.get("class"), []))
+        elif tag == "tr":
+            self.tables[-1][1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ["", a.get("data-value")]
+
+    def handle_endtag(self, tag):
+        if tag == "nav":
+            self._in_nav = False
+        elif tag in ("h2", "h3") and self._heading:
+            self.headings.append(tuple(self._heading))
+            self._heading = None
+        elif tag in ("td", "th") and self._cell:
+            self.tables[-1][1][-1].append(tuple(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._heading is not None:
+            self._heading[2] += data
+        if self._cell is not None:
+            self._cell[0] += data
+
+    def table(self, first_header: str) -> list[list[tuple]]:
+        return next(rows for _, rows in self.tables if rows and rows[0][0][0] == first_header)
+
+
+def test_report_has_contents_provenance_every_column_and_a_per_case_table(issue13_report):
+    import torch
+
+    import atlasreg
+
+    out, info, refine = issue13_report
+    text = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    page = _ParsedPage(text)
+    # every heading has a unique id; the contents link to each, in order; every link and source is inside
+    ids = [h[1] for h in page.headings]
+    assert all(ids) and len(set(ids)) == len(ids) and page.nav == [f"#{i}" for i in ids]
+    assert {"provenance", "test-set-corrupt", "corrupt-per-case", "corrupt-claims"} <= set(ids)
+    assert all(link[1:] in ids + ["contents"] for link in page.links)
+    assert page.sources and all(s.startswith("data:image/png;base64,") for s in page.sources)
+    for ident in ids:  # the Markdown has the same anchors and contents
+        assert f'<a id="{ident}"></a>' in md and f"](#{ident})" in md
+    # provenance: the evaluation's checkpoint, its SHA-256, the run's config, refinement; the versions
+    provenance = dict((row[0][0], row[1][0]) for row in page.table("")[1:])
+    assert provenance["Checkpoint"] == info["checkpoint"] and provenance["Checkpoint SHA-256"] == SHA
+    assert provenance["Training configuration"] == str(Path(info["checkpoint"]).parent / contracts.RUN_CONFIG)
+    assert provenance["Refinement settings"] == "iterations = 50, lambda = 0.126"
+    assert provenance["References named"] == provenance["Cases evaluated"] == "12"
+    for version in (f"atlasreg {atlasreg.__version__}", f"torch {torch.__version__}",
+                    f"SimpleITK {sitk.Version.VersionString()}", f"Python {platform.python_version()}"):
+        assert version in text
+    manifest = contracts.read_report_info(out)
+    assert manifest["evaluations"] == [str(out.parent / "ev_main"), str(out.parent / "ev_unet")]
+    assert manifest["sensitivity"] == []
+    assert manifest["provenance"]["evaluations"][0]["checkpoint_sha256"] == SHA
+    assert manifest["provenance"]["software"]["torch"] == str(torch.__version__)
+    # every output a column (ITN_lcc too), the undeformed atlas named 'Id'; the U-Net's 1-pass listed as hidden
+    accuracy = [c[0] for c in page.table("Structure")[0]]
+    assert accuracy[2:] == ["ITN", "ITN_lcc", "1-pass", "Refine", "Id", "U-Net", "U-Net_lcc", "Independent", "U-Net Id"]
+    columns = {c[0] for _, rows in page.tables for c in rows[0]} | {r[0][0] for r in page.table("Method")}
+    assert "Id" in columns and "Identity" not in text and not {"atlas", "Atlas", "Identity"} & columns
+    hidden = page.table("Evaluation folder")
+    assert [c[0] for c in hidden[1]][1:] == ["onepass",
+                                             "the U-Net's STN is untrained: its 1-pass is the undeformed atlas"]
+    # p-values: '< 1/500' where no bootstrap sample disagrees (Refine beats Id on every case), never 0.0000
+    cells = [c[0] for _, rows in page.tables for row in rows for c in row]
+    assert "< 0.002" in cells and "0.0000" not in cells and not any("p=0.000" in c for c in cells)
+    # the per-case table: one row per case in natural order, sortable, its cells carrying their values
+    sortable = [rows for cls, rows in page.tables if cls == "sortable"]
+    assert len(sortable) == 1
+    head, *rows = sortable[0]
+    column = [c[0] for c in head].index("Refine DSC")
+    assert [r[0][0] for r in rows] == CASES
+    for r in rows:
+        assert float(r[column][1]) == pytest.approx(refine[r[0][0]], abs=1e-12)
+        assert r[column][0] == f"{refine[r[0][0]]:.3f}"
+    assert "| C11 | fg |" in md
+
+
+CHECK = """<script>
+window.addEventListener("error", function (event) {
+  var t = event.target;
+  if (t && t !== window) console.error("failed to load: " + (t.src || t.href || t.tagName));
+}, true);
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  images.forEach(function (i) {
+    if (!i.complete || i.naturalWidth === 0) console.error("image not shown: " + i.src.slice(0, 40));
+  });
+  var result = {images: images.length, shown: images.filter(function (i) { return i.naturalWidth > 0; }).length};
+  var table = document.querySelector("table.sortable");
+  if (table) {
+    var head = Array.prototype.slice.call(table.tHead.rows[0].cells);
+    var th = head.filter(function (h) { return h.textContent === "Refine DSC"; })[0];
+    var cases = function () {
+      return Array.prototype.map.call(table.tBodies[0].rows, function (r) { return r.cells[0].textContent; });
+    };
+    th.click();
+    result.ascending = cases();
+    th.click();
+    result.descending = cases();
+  }
+  var pre = document.createElement("pre");
+  pre.id = "atlasreg-check";
+  pre.textContent = JSON.stringify(result);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium(page: Path, profile: Path) -> tuple[list[str], dict | None]:
+    """Load `page` in headless Chromium: its console messages (what the page logged and every uncaught
+    error, from Chromium's log on stderr) and the result the CHECK script left in the page."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    done = subprocess.run([binary, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={profile}",
+                           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=180)
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    found = re.search(r"<pre id=\"atlasreg-check\">(.*?)</pre>", done.stdout, re.S)
+    return console, json.loads(unescape(found.group(1))) if found else None
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="no chromium binary on PATH (Debian: apt-get install chromium); the page is not "
+                           "loaded in a browser")
+def test_report_page_loads_in_headless_chromium_without_errors(issue13_report, tmp_path):
+    out, _, refine = issue13_report
+    text = (out / "report.html").read_text()
+    page = out / "chromium_check.html"   # beside the report, so relative paths resolve as they would there
+    page.write_text(text.replace("<head>", "<head>" + CHECK, 1))
+    console, result = _chromium(page, tmp_path / "profile")
+    assert console == [] and result is not None
+    assert result["images"] == result["shown"] == text.count("<img ") >= 3
+    by_refine = sorted(refine, key=refine.get)
+    assert result["ascending"] == by_refine and result["descending"] == by_refine[::-1]
+    # the check sees a figure that does not load, and a script error
+    broken = text.replace("<img src='data:image/png;base64,", "<img src='figures/none.png' data-x='", 1)
+    broken = broken.replace("</body>", "<script>nothing();</script></body>")
+    page.write_text(broken.replace("<head>", "<head>" + CHECK, 1))
+    console, result = _chromium(page, tmp_path / "profile")
+    assert any("failed to load: file://" in line and "figures/none.png" in line for line in console)
+    assert any("image not shown" in line for line in console)
+    assert any("Uncaught ReferenceError: nothing is not defined" in line for line in console)
+    assert result["shown"] == result["images"] - 1
+    page.unlink()

@@ -126,7 +126,11 @@ Report folder (``atlasreg report --out``)
 ``report.html`` (:data:`REPORT_HTML`, self-contained), ``report.md`` (:data:`REPORT_MD`), ``figures/``
 (:data:`FIGURE_DIR`, the Markdown's figures, replaced as a whole) and, written last, ``report.yaml``
 (:data:`REPORT_INFO`): ``evaluations`` and ``sensitivity``, the absolute paths of the evaluation
-folders the report was built from.
+folders the report was built from (what a report folder is compared by), and ``provenance``: the
+generation time, the software versions (atlasreg, torch, SimpleITK, numpy, matplotlib, Python), the
+bootstrap repetitions and, per evaluation folder, its test set, model, predictions, number of
+references and cases, checkpoint and its SHA-256, the training run's configuration file and the
+refinement settings (as the report's provenance table shows them).
 """
 
 from __future__ import annotations
@@ -414,11 +418,15 @@ def read_report_info(folder: str | Path) -> dict:
     return _read_yaml(path, "report information") if path.is_file() else {}
 
 
-def write_report_info(folder: str | Path, evaluations: Sequence[str | Path], sensitivity: Sequence[str | Path]) -> Path:
-    """Write :data:`REPORT_INFO` (absolute folder paths). Returns the file."""
-    return _write_text(Path(folder) / REPORT_INFO, yaml.safe_dump({
-        "evaluations": [str(Path(e).resolve()) for e in evaluations],
-        "sensitivity": [str(Path(e).resolve()) for e in sensitivity]}, sort_keys=False))
+def write_report_info(folder: str | Path, evaluations: Sequence[str | Path], sensitivity: Sequence[str | Path],
+                      provenance: Mapping | None = None) -> Path:
+    """Write :data:`REPORT_INFO` (absolute folder paths; `provenance`, a YAML-safe mapping, under
+    ``provenance`` when given). Returns the file."""
+    info = {"evaluations": [str(Path(e).resolve()) for e in evaluations],
+            "sensitivity": [str(Path(e).resolve()) for e in sensitivity]}
+    if provenance is not None:
+        info["provenance"] = dict(provenance)
+    return _write_text(Path(folder) / REPORT_INFO, yaml.safe_dump(info, sort_keys=False, allow_unicode=True))
 
 
 def read_run_config(run_dir: str | Path) -> dict:

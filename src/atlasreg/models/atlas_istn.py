@@ -264,17 +264,23 @@ class AtlasISTNModule(Method):
 
     @classmethod
     def report_column(cls, info: dict, output: str) -> str | None:
-        """The report column of one output, or None for outputs the paper does not show."""
+        """The report column of one output: 'ITN', 'ITN_lcc', '1-pass', 'Refine' and 'Id' (the
+        undeformed atlas) for Atlas-ISTN, the same after the model's label for its variants ('Fixed
+        Refine', 'SVF Id'); None for the ITN outputs and the refinement of a model trained without L_s
+        (:meth:`report_hidden`)."""
         label = cls.report_label(info)
-        names = {"itn": "ITN", "onepass": "1-pass", "refine": "Refine", "atlas": "Id"}
-        if label == "Atlas-ISTN":
-            return names.get(output)
-        if float(info.get("seg_weight", 1.0)) == 0.0:
-            # Without L_s the ITN output is no segmentation, so refining towards it is meaningless;
-            # the paper compares this model's 1-pass only (Sec. 3.2, Table 3).
-            return f"{label} {names[output]}" if output == "onepass" else None
-        if output in ("onepass", "refine"):
-            return f"{label} {names[output]}"
+        names = {"itn": "ITN", "itn_lcc": "ITN_lcc", "onepass": "1-pass", "refine": "Refine", "atlas": "Id"}
+        if output not in names or cls.report_hidden(info, output):
+            return None
+        return names[output] if label == "Atlas-ISTN" else f"{label} {names[output]}"
+
+    @classmethod
+    def report_hidden(cls, info: dict, output: str) -> str | None:
+        """Why the report leaves out an output of a model trained without L_s: its ITN output is no
+        segmentation, so refining towards it is meaningless; the paper compares this model's 1-pass only
+        (Sec. 3.2, Table 3). None for every other output."""
+        if float(info.get("seg_weight", 1.0)) == 0.0 and output in ("itn", "itn_lcc", "refine"):
+            return "trained without L_s: the ITN output is no segmentation (paper Sec. 3.2, Table 3)"
         return None
 
     def _initial_atlas(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,10 +459,19 @@ class UNetModule(AtlasISTNModule):
 
     @classmethod
     def report_column(cls, info: dict, output: str) -> str | None:
-        names = {"itn": "U-Net", "itn_lcc": "U-Net_lcc", "refine": "Independent", "atlas": "Identity"}
+        """'U-Net', 'U-Net_lcc', and with a fixed atlas 'Independent' (the atlas registered to the
+        U-Net output by refinement) and 'U-Net Id' (the undeformed atlas); after info['label'] when
+        given. None for the 1-pass (:meth:`report_hidden`)."""
+        names = {"itn": "U-Net", "itn_lcc": "U-Net_lcc", "refine": "Independent", "atlas": "U-Net Id"}
         if info.get("label"):
             names = {k: f"{info['label']} {v}" for k, v in names.items()}
         return names.get(output)
+
+    @classmethod
+    def report_hidden(cls, info: dict, output: str) -> str | None:
+        if output == "onepass":
+            return "the U-Net's STN is untrained: its 1-pass is the undeformed atlas"
+        return None
 
 
 @register("vml", "VML")
@@ -474,4 +489,10 @@ class VMLModule(AtlasISTNModule):
 
     @classmethod
     def report_column(cls, info: dict, output: str) -> str | None:
-        return {"onepass": cls.report_label(info)}.get(output)
+        """'VML' for the 1-pass registration and 'VML Id' for the undeformed atlas (the label instead of
+        'VML' when given)."""
+        return {"onepass": cls.report_label(info), "atlas": f"{cls.report_label(info)} Id"}.get(output)
+
+    @classmethod
+    def report_hidden(cls, info: dict, output: str) -> str | None:
+        return None

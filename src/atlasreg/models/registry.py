@@ -38,7 +38,9 @@ class Method(L.LightningModule):
       (N, 1, *model size) -> dict with ``itn`` probabilities (N, C, *size) where the method has a
       segmentation network, and ``transforms`` {'onepass': transform} where it registers;
     * ``refine(images, predicted)``: test-time refinement, or None where the method has none;
-    * ``report_column(info, output)``: the report's column for one output (or None to hide it).
+    * ``report_column(info, output)``: the report's column for one output (or None to hide it), and
+      ``report_hidden(info, output)``: why an output the method writes is hidden (None otherwise; the
+      report lists the hidden outputs with this reason).
     """
 
     name: ClassVar[str] = ""
@@ -61,6 +63,12 @@ class Method(L.LightningModule):
     @classmethod
     def report_column(cls, info: dict, output: str) -> str | None:
         return None
+
+    @classmethod
+    def report_hidden(cls, info: dict, output: str) -> str | None:
+        """Why :meth:`report_column` hides `output` (one line), or None when it shows it or the method
+        does not write it."""
+        return None if cls.report_column(info, output) is not None else "the method does not report it"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from .. import __version__

@@ -9,6 +9,11 @@ planes normal to the array axes z, y and x), drawn in array order (the first rem
 downwards, no reorientation by the header's direction). Every panel's pixel aspect ratio is the ratio
 of the voxel spacings (mm) along its rows and columns, so anisotropic volumes keep their physical
 shape.
+
+Colours are the Okabe-Ito palette (:data:`OKABE_ITO`; Okabe and Ito 2008, "Color Universal Design"),
+told apart with the common colour-vision deficiencies: predictions in orange, references in sky blue,
+the deformed grid in yellow, bars in the palette's order. Panels are :data:`PANEL_INCHES` wide at
+:data:`DPI` dots per inch (300 pixels).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from ..contracts import INVERSE_FIELD, atlas_paths, find_labelmap, read_case_info, run_paths
 from ..data.io import has_no_spacing, read_any
@@ -30,6 +36,17 @@ from .results import METRIC_TITLES, ResultTable
 
 PANEL_OUTPUTS = (("itn", "ITN"), ("onepass", "1-pass"), ("refine", "Refine"))
 VIEW_NAMES = ("axial", "coronal", "sagittal")  # 3-D planes normal to the array axes z, y, x
+
+#: The Okabe-Ito colour-blind-safe palette (name -> hex), in its usual order.
+OKABE_ITO = {"orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73", "yellow": "#F0E442",
+             "blue": "#0072B2", "vermillion": "#D55E00", "reddish purple": "#CC79A7", "black": "#000000"}
+PREDICTION_COLOUR = OKABE_ITO["orange"]
+REFERENCE_COLOUR = OKABE_ITO["sky blue"]
+GRID_COLOUR = OKABE_ITO["yellow"]
+#: Width of one image panel (inches) and the resolution of every figure (dots per inch).
+PANEL_INCHES = 3.0
+DPI = 100
+FONT_SIZE = 10
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
@@ -42,7 +59,7 @@ def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     return buf.getvalue()
 
 
@@ -171,7 +188,7 @@ def atlas_coordinates(inverse_field: Path) -> np.ndarray:
 def _contours(ax, labelmap: np.ndarray, colour: str) -> None:
     for value in np.unique(labelmap):
         if value != 0:
-            ax.contour(labelmap == value, levels=[0.5], colors=colour, linewidths=0.8)
+            ax.contour(labelmap == value, levels=[0.5], colors=colour, linewidths=1.5)
 
 
 def _grid_lines(ax, atlas: np.ndarray, view: View, step: float) -> None:
@@ -183,7 +200,7 @@ def _grid_lines(ax, atlas: np.ndarray, view: View, step: float) -> None:
         values = plane[..., component]
         levels = np.arange(np.ceil(values.min() / step), np.floor(values.max() / step) + 1) * step
         if levels.size:
-            ax.contour(values, levels=levels, colors="yellow", linewidths=0.5)
+            ax.contour(values, levels=levels, colors=GRID_COLOUR, linewidths=0.8)
 
 
 @dataclass
@@ -228,8 +245,9 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
                        spacing: Sequence[float] | None = None) -> bytes | None:
     """Figs. 6-7: per case and view (:func:`views`: the image in 2-D; in 3-D its axial, coronal and
     sagittal planes through the reference's foreground centroid, or the volume centre without a
-    reference or foreground) a row with the image, the ITN, 1-pass and refined labelmaps as red
-    contours over it with the reference in green, and the deformed atlas grid (isolines of the two
+    reference or foreground) a row with the image, the ITN, 1-pass and refined labelmaps as contours
+    over it (:data:`PREDICTION_COLOUR`, orange) with the reference (:data:`REFERENCE_COLOUR`, sky blue;
+    a legend above names them), and the deformed atlas grid (:data:`GRID_COLOUR`; isolines of the two
     in-plane atlas coordinates of each subject point, from the case's inverse displacement field;
     :func:`atlas_coordinates`). Each panel's aspect follows the voxel spacing (:func:`display_spacing`
     with `spacing`, the declared spacing ITK order in mm, for files that store none).
@@ -248,38 +266,49 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
         loaded.append(_load_case(case, title, case_dir, image_path, references.get(case), spacing))
     if not loaded:
         return None
-    heights = [view.height(c.image.shape, 2.6) for c in loaded for view in c.views]
-    fig, axes = _subplots(len(heights), 5, figsize=(12, sum(heights)), squeeze=False,
-                          gridspec_kw={"height_ratios": heights})
+    heights = [view.height(c.image.shape, PANEL_INCHES) for c in loaded for view in c.views]
+    gap = 0.04, 0.18   # between panels and rows, in fractions of a panel (room for the titles)
+    fig, axes = _subplots(len(heights), 5, figsize=(5 * PANEL_INCHES * (1 + gap[0]), sum(heights) * (1 + gap[1])),
+                          squeeze=False, gridspec_kw={"height_ratios": heights, "wspace": gap[0], "hspace": gap[1],
+                                                      "left": 0.0, "right": 1.0, "bottom": 0.0, "top": 1.0})
     r = 0
     for c in loaded:
         for view in c.views:
             image = view.take(c.image)
-            axes[r, 0].imshow(image, cmap="gray", aspect=view.aspect)
-            axes[r, 0].set_title(f"{c.name} ({c.title})" + (f", {view.label}" if view.label else ""), fontsize=8)
+            axes[r, 0].imshow(image, cmap="gray", aspect=view.aspect, interpolation="nearest")
+            axes[r, 0].set_title(f"{c.name} ({c.title})" + (f", {view.label}" if view.label else ""),
+                                 fontsize=FONT_SIZE)
             for k, (output, name) in enumerate(PANEL_OUTPUTS, start=1):
                 ax = axes[r, k]
-                ax.imshow(image, cmap="gray", aspect=view.aspect)
+                ax.imshow(image, cmap="gray", aspect=view.aspect, interpolation="nearest")
                 if c.reference is not None:
-                    _contours(ax, view.take(c.reference), "lime")
+                    _contours(ax, view.take(c.reference), REFERENCE_COLOUR)
                 if c.labelmaps[output] is not None:
-                    _contours(ax, view.take(c.labelmaps[output]), "red")
-                ax.set_title(name, fontsize=8)
+                    _contours(ax, view.take(c.labelmaps[output]), PREDICTION_COLOUR)
+                ax.set_title(name, fontsize=FONT_SIZE)
             ax = axes[r, 4]
-            ax.imshow(image, cmap="gray", aspect=view.aspect)
+            ax.imshow(image, cmap="gray", aspect=view.aspect, interpolation="nearest")
             if c.atlas is not None:
                 _grid_lines(ax, c.atlas, view, c.step)
-            ax.set_title("deformed grid (refine)", fontsize=8)
+            ax.set_title("deformed grid (refine)", fontsize=FONT_SIZE)
             for a in axes[r]:
                 a.set_axis_off()
             r += 1
+    handles = [Line2D([], [], color=PREDICTION_COLOUR, linewidth=2, label="prediction (ITN, 1-pass, Refine)"),
+               Line2D([], [], color=REFERENCE_COLOUR, linewidth=2, label="reference"),
+               Line2D([], [], color=GRID_COLOUR, linewidth=2, label="deformed atlas grid")]
+    above_titles = 1.0 + 0.3 / fig.get_figheight()  # 0.3 inch above the axes: over the first row's titles
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, above_titles), ncol=3, fontsize=FONT_SIZE,
+               frameon=False)
     return _png(fig)
 
 
 def bar_figure(table: ResultTable, metrics=("dice", "hd95", "asd")) -> bytes:
-    """Fig. 8: mean ± std of each metric per method, one group of bars per test set (structures pooled)."""
+    """Fig. 8: mean ± std of each metric per method, one group of bars per test set (structures pooled);
+    the columns in the colours of :data:`OKABE_ITO` in order (hatched from the ninth on)."""
     sets = table.test_sets()
-    fig, axes = _subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    colours = list(OKABE_ITO.values())
+    fig, axes = _subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         all_cols = list(dict.fromkeys(c for s in sets for c in table.columns[s]))
         width = 0.8 / max(1, len(all_cols))
@@ -290,11 +319,13 @@ def bar_figure(table: ResultTable, metrics=("dice", "hd95", "asd")) -> bytes:
                 vals = np.array(vals, float)
                 means.append(np.nanmean(vals) if vals.size else np.nan)
                 stds.append(np.nanstd(vals) if vals.size else np.nan)
-            ax.bar(np.arange(len(sets)) + j * width, means, width, yerr=stds, label=col, capsize=2)
+            ax.bar(np.arange(len(sets)) + j * width, means, width, yerr=stds, label=col, capsize=2,
+                   color=colours[j % len(colours)], hatch="//" if j >= len(colours) else None,
+                   edgecolor="white" if j >= len(colours) else None, ecolor="#555555")
         ax.set_xticks(np.arange(len(sets)) + 0.4 - width / 2)
-        ax.set_xticklabels(sets, fontsize=8)
-        ax.set_title(METRIC_TITLES[metric], fontsize=9)
-    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        ax.set_xticklabels(sets, fontsize=FONT_SIZE)
+        ax.set_title(METRIC_TITLES[metric], fontsize=FONT_SIZE + 1)
+    axes[0, -1].legend(fontsize=FONT_SIZE - 1, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _png(fig)
 
 
@@ -303,14 +334,14 @@ def sensitivity_figure(points: list[tuple[float, dict]], metrics=("dice", "hd95"
     {metric: (mean, std)}) per evaluation, sorted by lambda* here."""
     points = sorted(points, key=lambda p: p[0])
     lams = [p[0] for p in points]
-    fig, axes = _subplots(1, len(metrics), figsize=(4 * len(metrics), 3), squeeze=False)
+    fig, axes = _subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         mean = [p[1][metric][0] for p in points]
         std = [p[1][metric][1] for p in points]
-        ax.errorbar(lams, mean, yerr=std, marker="o", capsize=2)
+        ax.errorbar(lams, mean, yerr=std, marker="o", capsize=2, color=OKABE_ITO["blue"])
         ax.set_xscale("log")
-        ax.set_xlabel("λ* (refinement regularisation weight)", fontsize=8)
-        ax.set_title(f"Refine {METRIC_TITLES[metric]}", fontsize=9)
+        ax.set_xlabel("λ* (refinement regularisation weight)", fontsize=FONT_SIZE)
+        ax.set_title(f"Refine {METRIC_TITLES[metric]}", fontsize=FONT_SIZE + 1)
     return _png(fig)
 
 
@@ -326,13 +357,13 @@ def scatter_figure(table: ResultTable, test_set: str, x: str = "ITN", y: str = "
                 ys.append(b[case])
     if not xs:
         return None
-    fig, ax = _subplots(figsize=(3.6, 3.6))
-    ax.scatter(xs, ys, s=8)
+    fig, ax = _subplots(figsize=(5, 5))
+    ax.scatter(xs, ys, s=14, color=OKABE_ITO["blue"])
     lo, hi = np.nanmin(xs + ys), np.nanmax(xs + ys)
     ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8)
-    ax.set_xlabel(f"{x} {METRIC_TITLES[metric]}", fontsize=8)
-    ax.set_ylabel(f"{y} {METRIC_TITLES[metric]}", fontsize=8)
-    ax.set_title(test_set, fontsize=9)
+    ax.set_xlabel(f"{x} {METRIC_TITLES[metric]}", fontsize=FONT_SIZE)
+    ax.set_ylabel(f"{y} {METRIC_TITLES[metric]}", fontsize=FONT_SIZE)
+    ax.set_title(test_set, fontsize=FONT_SIZE + 1)
     return _png(fig)
 
 
@@ -364,16 +395,18 @@ def atlas_figure(run_dir: Path) -> bytes | None:
                                 f"{panels[0][1].shape}", atlas.image)
         panels.append((name, array, fg, views(array.shape, image.GetSpacing())))
     n_views = len(panels[0][3])
-    heights = [max(vs[v].height(array.shape, 3.1) for _, array, _, vs in panels) for v in range(n_views)] * 2
-    fig, axes = _subplots(2 * n_views, len(stages), figsize=(3.2 * len(stages), sum(heights)), squeeze=False,
-                          gridspec_kw={"height_ratios": heights})
+    width = PANEL_INCHES + 1.0
+    heights = [max(vs[v].height(array.shape, width) for _, array, _, vs in panels) for v in range(n_views)] * 2
+    fig, axes = _subplots(2 * n_views, len(stages), figsize=(width * len(stages), sum(heights)), squeeze=False,
+                          gridspec_kw={"height_ratios": heights, "wspace": 0.45})
     for j, (name, array, fg, vs) in enumerate(panels):
         for v, view in enumerate(vs):
             where = f",\n{view.label}" if view.label else ""
             axes[v, j].imshow(view.take(array), cmap="gray", aspect=view.aspect)
-            axes[v, j].set_title(f"atlas image ({name}{where})", fontsize=8)
+            axes[v, j].set_title(f"atlas image ({name}{where})", fontsize=FONT_SIZE)
             axes[n_views + v, j].imshow(view.take(fg), cmap="magma", vmin=0, vmax=1, aspect=view.aspect)
-            axes[n_views + v, j].set_title(f"atlas labelmap, foreground probability ({name}{where})", fontsize=8)
+            axes[n_views + v, j].set_title(f"atlas labelmap, foreground probability ({name}{where})",
+                                           fontsize=FONT_SIZE - 1)
         for a in axes[:, j]:
             a.set_axis_off()
     return _png(fig)

@@ -4,9 +4,10 @@ with the column (method) names the paper uses.
 An evaluation folder (:mod:`atlasreg.contracts`, which reads it) holds the per-case metrics and the
 info (model name, model method, STN variant, fixed atlas, L_s weight, test set, label), and optionally
 the transform metrics per case and the quality control. Each (folder, output) pair becomes one
-*column* of the report, e.g. the
-Atlas-ISTN folder gives 'ITN', '1-pass', 'Refine' and 'Id'; a U-Net folder 'U-Net', 'U-Net_lcc' and,
-with a fixed atlas, 'Independent'; a VML folder 'VML'.
+*column* of the report, e.g. the Atlas-ISTN folder gives 'ITN', 'ITN_lcc', '1-pass', 'Refine' and 'Id'
+(the undeformed atlas: one name, after the model's label for other models: 'Fixed Id', 'U-Net Id',
+'VML Id'); a U-Net folder 'U-Net', 'U-Net_lcc' and, with a fixed atlas, 'Independent'; a VML folder
+'VML'. The outputs a method hides (:func:`hidden_reason`) are listed by the report with the reason.
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ def column_name(info: dict, output: str) -> str | None:
     """The report column of one output of one model, or None for outputs the paper does not show
     (e.g. the meaningless 1-pass of an untrained STN, or refinement without L_s)."""
     return _method(info).report_column(info, output)
+
+
+def hidden_reason(info: dict, output: str) -> str:
+    """Why the report does not show `output` of a model (:func:`column_name` is None): the method's
+    :meth:`~atlasreg.models.registry.Method.report_hidden`, else 'not reported by the method'."""
+    return _method(info).report_hidden(info, output) or "not reported by the method"
+
+
+#: What each labelmap output of a case folder is (:data:`atlasreg.contracts.LABELMAP_OUTPUTS`), for the
+#: report's list of columns.
+OUTPUT_DESCRIPTIONS = {
+    "itn": "segmentation network (ITN / U-Net) output",
+    "itn_lcc": "the ITN output with the largest connected component of each structure only",
+    "onepass": "the atlas warped by the one-pass registration (paper Eq. 9)",
+    "refine": "the atlas warped after test-time refinement (paper Eqs. 17-21)",
+    "atlas": "the undeformed atlas (identity transform)",
+}
 
 
 @dataclass
@@ -100,6 +118,8 @@ class ResultTable:
     topology: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)   # test_set -> ordered column names
+    outputs: dict = field(default_factory=dict)   # (test_set, column) -> the case-folder output it shows
+    hidden: list = field(default_factory=list)    # (evaluation, output, reason) of outputs not shown
 
     def test_sets(self) -> list[str]:
         return list(self.columns)
@@ -113,9 +133,11 @@ def collect(evaluations: list[Evaluation]) -> ResultTable:
         ts = ev.test_set
         cols = table.columns.setdefault(ts, [])
         seen_here: set[str] = set()
+        hidden: dict[str, str] = {}
         for r in ev.rows:
             col = column_name(ev.info, r["method"])
             if col is None:
+                hidden.setdefault(r["method"], hidden_reason(ev.info, r["method"]))
                 continue
             if col not in seen_here:
                 if col in cols:
@@ -124,6 +146,7 @@ def collect(evaluations: list[Evaluation]) -> ResultTable:
                 cols.append(col)
                 seen_here.add(col)
                 table.source[(ts, col)] = ev
+                table.outputs[(ts, col)] = r["method"]
             cell = table.values.setdefault(ts, {}).setdefault(r["structure"], {}).setdefault(col, {})
             for m in METRICS:
                 cell.setdefault(m, {})[r["case"]] = r[m]
@@ -132,6 +155,7 @@ def collect(evaluations: list[Evaluation]) -> ResultTable:
             topo.setdefault("holes", []).append(r["holes"])
             topo.setdefault("same_topology", []).append(
                 (r["components"], r["holes"]) == (r["reference_components"], r["reference_holes"]))
+        table.hidden.extend((ev, output, reason) for output, reason in hidden.items())
         for r in ev.transforms:
             col = column_name(ev.info, r["method"])
             if col is None:

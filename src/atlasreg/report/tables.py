@@ -4,7 +4,9 @@ transform-regularity table, and the paired comparisons of one method against all
 
 A table is a list of rows of :class:`Cell`; :func:`to_markdown` and :func:`to_html` render it.
 Significance: the one-sided paired bootstrap of the mean difference (10,000 repetitions, 98%
-interval, 1% level; :func:`atlasreg.evaluation.statistics.paired_bootstrap`), as in the paper.
+interval, 1% level; :func:`atlasreg.evaluation.statistics.paired_bootstrap`), as in the paper. Every
+p-value is written by :func:`format_p`: '< 1e-4' (for 10,000 repetitions) where no bootstrap sample
+disagrees, and each says which direction it tests.
 """
 
 from __future__ import annotations
@@ -21,10 +23,33 @@ from .results import HIGHER_IS_BETTER, METRIC_TITLES, METRICS, ResultTable
 
 @dataclass
 class Cell:
+    """One table cell: its text (``<sup>`` marks kept as markup in HTML, everything else escaped), its
+    emphasis, whether it is a header cell, and `value`, the number a sortable table sorts it by (None:
+    by its text)."""
+
     text: str
     bold: bool = False
     underline: bool = False
     header: bool = False
+    value: float | None = None
+
+
+def format_p(p: float, n_boot: int) -> str:
+    """A bootstrap p-value as text: '< 1/n_boot' when no bootstrap sample disagrees (p = 0; e.g.
+    '< 1e-4' for 10,000 repetitions, '< 0.002' for 500), else p with three decimals ('0.012'), or in
+    scientific notation below 0.001 ('4e-4'). p: the fraction of the n_boot bootstrap means <= 0
+    (:func:`atlasreg.evaluation.statistics.paired_bootstrap`), in [0, 1]."""
+    if p <= 0.0:
+        return f"< {_short(1.0 / n_boot)}"
+    return f"{p:.3f}" if p >= 0.001 else _short(p)
+
+
+def _short(x: float) -> str:
+    """A positive number with at most two significant digits, as '1e-4', '2.5e-4' or '0.002'."""
+    if x >= 0.001:
+        return f"{x:.2g}"
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _paired(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +127,8 @@ def topology_table(table: ResultTable, test_set: str) -> list[list[Cell]]:
 def comparison_table(table: ResultTable, test_set: str, reference: str, n_boot: int = 10000) -> list[list[Cell]]:
     """`reference` (e.g. 'Refine') against every other column: mean difference (positive = reference
     better), 98% bootstrap interval, one-sided p and significance at 1%, per structure and metric."""
-    head = ["Structure", "Metric", "vs", "n", "Mean difference", "98% interval", "p", "Significant"]
+    head = ["Structure", "Metric", "vs", "n", "Mean difference", "98% interval", f"p ({reference} better)",
+            "Significant"]
     rows = [[Cell(h, header=True) for h in head]]
     for structure, per_col in table.values[test_set].items():
         if reference not in per_col:
@@ -117,7 +143,7 @@ def comparison_table(table: ResultTable, test_set: str, reference: str, n_boot: 
                 rows.append([Cell(structure), Cell(METRIC_TITLES[metric]), Cell(other), Cell(str(res["n"])),
                              Cell(f"{res['mean_difference']:+.4f}"),
                              Cell(f"[{res['ci_low']:+.4f}, {res['ci_high']:+.4f}]"),
-                             Cell(f"{res['p_value']:.4f}"),
+                             Cell(format_p(res["p_value"], n_boot)),
                              Cell("yes" if res["significant"] else "no", bold=res["significant"])])
     return rows
 
@@ -142,9 +168,12 @@ CLAIMS = (
 def claims_table(table: ResultTable, test_set: str, n_boot: int = 10000) -> list[list[Cell]]:
     """The paper's claims (:data:`CLAIMS`) checked on one test set: per claim and structure, for each
     metric the mean difference (positive = the claimed-better column is better) and whether it is
-    significant either way (one-sided paired bootstrap, 1% level), and a verdict: 'holds' (better on
-    every metric), 'holds on k of 4', 'reversed' (worse on every metric), 'reversed on k of 4', 'not
-    shown' (no significant difference) or 'mixed' (better on some, worse on others). Empty (header only) if no claim's columns are present."""
+    significant either way (one-sided paired bootstrap, 1% level), with the p-value of the direction
+    that cell reports, named in it (:func:`format_p`): 'p < 1e-4 that Refine is better' (significant),
+    'worse: p = 0.003 that ITN is better' (the reverse test significant), 'n.s.: p = 0.410 that Refine
+    is better' (neither); and a verdict: 'holds' (better on every metric), 'holds on k of 4', 'reversed'
+    (worse on every metric), 'reversed on k of 4', 'not shown' (no significant difference) or 'mixed'
+    (better on some, worse on others). Empty (header only) if no claim's columns are present."""
     head = ["Claim", "Structure"] + [METRIC_TITLES[m] for m in METRICS] + ["Verdict"]
     rows = [[Cell(h, header=True) for h in head]]
     cols = table.columns.get(test_set, [])
@@ -164,12 +193,15 @@ def claims_table(table: ResultTable, test_set: str, n_boot: int = 10000) -> list
                 diff = fwd["mean_difference"]   # oriented: positive = `a` better, for every metric
                 if fwd["significant"]:
                     better += 1
-                    cells.append(Cell(f"{diff:+.3f} (p={fwd['p_value']:.3f})", bold=True))
+                    cells.append(Cell(f"{diff:+.3f} (p {_p_phrase(fwd['p_value'], n_boot)} that {a} is better)",
+                                      bold=True))
                 elif rev is not None and rev["significant"]:
                     worse += 1
-                    cells.append(Cell(f"{diff:+.3f} (worse, p={rev['p_value']:.3f})"))
+                    cells.append(Cell(f"{diff:+.3f} (worse: p {_p_phrase(rev['p_value'], n_boot)} that {b} "
+                                      "is better)"))
                 else:
-                    cells.append(Cell(f"{diff:+.3f} (n.s.)"))
+                    cells.append(Cell(f"{diff:+.3f} (n.s.: p {_p_phrase(fwd['p_value'], n_boot)} that {a} "
+                                      "is better)"))
             n = sum(c.text != "–" for c in cells)
             if n == 0:
                 continue
@@ -190,7 +222,15 @@ def claims_table(table: ResultTable, test_set: str, n_boot: int = 10000) -> list
     return rows
 
 
+def _p_phrase(p: float, n_boot: int) -> str:
+    """'= 0.012' or '< 1e-4' (:func:`format_p`), to follow a 'p'."""
+    text = format_p(p, n_boot)
+    return text if text.startswith("<") else f"= {text}"
+
+
 def to_markdown(rows: list[list[Cell]]) -> str:
+    """A GitHub-flavoured Markdown table of `rows` (the first row is the header; bold as ``**``,
+    underline as ``<u>``, ``<sup>`` marks as ``^``)."""
     def fmt(c: Cell) -> str:
         t = c.text.replace("<sup>", "^").replace("</sup>", "").replace("|", "\\|")
         if c.bold:
@@ -203,7 +243,10 @@ def to_markdown(rows: list[list[Cell]]) -> str:
     return "\n".join(out)
 
 
-def to_html(rows: list[list[Cell]]) -> str:
+def to_html(rows: list[list[Cell]], css_class: str | None = None) -> str:
+    """An HTML table of `rows`: the first row in ``<thead>`` when it is all header cells, the others in
+    ``<tbody>``; a cell with a `value` carries it as ``data-value`` (what the report's sorting script
+    sorts by; NaN as an empty attribute). css_class: the table's class (e.g. 'sortable')."""
     def fmt(c: Cell) -> str:
         # Only the <sup> marks we produce are kept as markup; everything else is escaped.
         t = html.escape(c.text).replace("&lt;sup&gt;", "<sup>").replace("&lt;/sup&gt;", "</sup>")
@@ -212,9 +255,19 @@ def to_html(rows: list[list[Cell]]) -> str:
         if c.bold:
             t = f"<b>{t}</b>"
         tag = "th" if c.header else "td"
-        return f"<{tag}>{t}</{tag}>"
-    body = "\n".join("<tr>" + "".join(fmt(c) for c in r) + "</tr>" for r in rows)
-    return f"<table>\n{body}\n</table>"
+        value = "" if c.value is None else f" data-value='{'' if math.isnan(c.value) else repr(float(c.value))}'"
+        return f"<{tag}{value}>{t}</{tag}>"
+
+    def tr(r: list[Cell]) -> str:
+        return "<tr>" + "".join(fmt(c) for c in r) + "</tr>"
+
+    head, body = (rows[:1], rows[1:]) if rows and all(c.header for c in rows[0]) else ([], rows)
+    attribute = f" class='{html.escape(css_class)}'" if css_class else ""
+    parts = [f"<table{attribute}>"]
+    if head:
+        parts.append("<thead>" + tr(head[0]) + "</thead>")
+    parts.append("<tbody>\n" + "\n".join(tr(r) for r in body) + "\n</tbody>")
+    return "\n".join(parts) + "\n</table>"
 
 
 def pairwise_table(table: ResultTable, test_set: str, structure: str, metric: str,
@@ -230,6 +283,6 @@ def pairwise_table(table: ResultTable, test_set: str, structure: str, metric: st
         row = [Cell(a)]
         for b in cols:
             res = None if a == b else significantly_better(per_col[a][metric], per_col[b][metric], metric, n_boot)
-            row.append(Cell("–") if res is None else Cell(f"{res['p_value']:.3f}", bold=res["significant"]))
+            row.append(Cell("–") if res is None else Cell(format_p(res["p_value"], n_boot), bold=res["significant"]))
         rows.append(row)
     return rows
