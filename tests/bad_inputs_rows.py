@@ -1071,46 +1071,24 @@ def _(m, d):
     return correspond_argv(m, d / "o.csv", points=d / "none.csv"), "none.csv"
 
 
-@row("correspond", "points CSV empty (0 bytes)")
-def _(m, d):
-    (d / "p.csv").write_text("")
-    return correspond_argv(m, d / "o.csv", points=d / "p.csv"), "p.csv"
+def _points_csv(text: str) -> Build:
+    """A correspond row whose points CSV holds `text`."""
+    def build(m, d):
+        (d / "p.csv").write_text(text)
+        return correspond_argv(m, d / "o.csv", points=d / "p.csv"), "p.csv"
+    return build
 
 
-@row("correspond", "points CSV with y = abc")
-def _(m, d):
-    (d / "p.csv").write_text("x,y\n1,abc\n")
-    return correspond_argv(m, d / "o.csv", points=d / "p.csv"), "p.csv"
-
-
-@row("correspond", "points CSV without x,y columns")
-def _(m, d):
-    (d / "p.csv").write_text("name,a,b\np,1,2\n")
-    return correspond_argv(m, d / "o.csv", points=d / "p.csv"), "p.csv"
-
-
-@row("correspond", "points CSV with a row of 3 fields (header 2)")
-def _(m, d):
-    (d / "p.csv").write_text("x,y\n1,2,3\n")
-    return correspond_argv(m, d / "o.csv", points=d / "p.csv"), "p.csv"
-
-
-@row("correspond", "points of wrong dimension (x,y,z for 2-D cases)")
-def _(m, d):
-    (d / "p.csv").write_text("x,y,z\n1,2,3\n")
-    return correspond_argv(m, d / "o.csv", points=d / "p.csv"), "p.csv"
-
-
-@row("correspond", "points CSV with y = inf")
-def _(m, d):
-    (d / "p.csv").write_text("x,y\n1,inf\n")
-    return correspond_argv(m, d / "o.csv", points=d / "p.csv"), "p.csv"
-
-
-@row("correspond", "points CSV with x = nan")
-def _(m, d):
-    (d / "p.csv").write_text("x,y\nnan,2\n")
-    return correspond_argv(m, d / "o.csv", points=d / "p.csv"), "p.csv"
+for _input, _text in (
+        ("points CSV empty (0 bytes)", ""),
+        ("points CSV with y = abc", "x,y\n1,abc\n"),
+        ("points CSV without x,y columns", "name,a,b\np,1,2\n"),
+        ("points CSV with a row of 3 fields (header 2)", "x,y\n1,2,3\n"),
+        ("points of wrong dimension (x,y,z for 2-D cases)", "x,y,z\n1,2,3\n"),
+        ("points CSV with y = inf", "x,y\n1,inf\n"),
+        ("points CSV with x = nan", "x,y\nnan,2\n"),
+):
+    row("correspond", _input)(_points_csv(_text))
 
 
 @row("correspond", "points CSV a binary file")
