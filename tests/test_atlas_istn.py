@@ -176,3 +176,25 @@ def test_train_releases_the_training_data_when_it_returns(data):
         assert len(refs) == 4 and all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def test_unbiased_atlas_penalty_keeps_a_running_mean_of_the_velocities(data):
+    """Issue 12 item 6: with training.unbiased_weight the module keeps the running mean of the
+    predicted SVFs (m_t = 0.9 m_{t-1} + 0.1 mean(v)) and penalises mean(m_t^2); the mean is a checkpointed
+    buffer of the trained model; without the option the module has no such buffer (older checkpoints
+    load unchanged)."""
+    module, _ = run_variant(data, "unbiased", training={"unbiased_weight": 10.0})
+    assert module.velocity_mean.shape == (1, 2, 8, 8) and float(module.velocity_mean.abs().max()) > 0
+    plain, _ = run_variant(data, "plain_no_unbiased")
+    assert not hasattr(plain, "velocity_mean")
+
+    fresh = build_method(module.config)
+    v = torch.randn(3, 2, 8, 8, requires_grad=True)
+    penalty = fresh._unbiased_penalty(v, 0.1)
+    expected = 0.1 * v.detach().mean(0, keepdim=True)
+    assert torch.allclose(fresh.velocity_mean, expected) and abs(float(penalty) - float(expected.pow(2).mean())) < 1e-7
+    penalty.backward()
+    # d mean(m^2) / dv_i = 2 m * 0.1 / N / numel(m)
+    assert torch.allclose(v.grad, (2 * expected * 0.1 / 3 / expected.numel()).expand(3, -1, -1, -1), atol=1e-9)
+    second = fresh._unbiased_penalty(torch.zeros(3, 2, 8, 8), 0.1)
+    assert torch.allclose(fresh.velocity_mean, 0.9 * expected) and float(second) < float(penalty)

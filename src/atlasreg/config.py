@@ -465,6 +465,9 @@ SCHEMA = Section({
         })), {"e0": 25, "tau": 25}, "w = 1 / (1 + exp(-(epoch - e0) / tau)) (Eq. 24); null: w = 1"),
         "affine_start_epoch": Field(Int(0), 0, "alternative to fade-in: identity affine before this epoch"),
         "atlas_eta": Field(Float(0.0, 1.0), 0.01, "atlas update rate eta (Eq. 15)"),
+        "unbiased_weight": Field(Float(0.0), 0.0, "unbiased atlas: weight of the penalty on the running mean of "
+                                 "the velocity fields (mm^2; 0: off; WBIR 2022 fetal atlas)"),
+        "unbiased_momentum": Field(Float(0.0, 1.0, open_min=True), 0.1, "update rate of that running mean"),
         "atlas_batch_size": Field(Int(1), 25, "cases per forward pass of the atlas update (peak memory)"),
         "augmentation": Field(Section({
             "enabled": Field(Bool(), False),

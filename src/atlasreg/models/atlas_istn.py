@@ -158,6 +158,11 @@ class AtlasISTNModule(Method):
         self.register_buffer("atlas_labelmap", torch.zeros(1, len(labels), *size))
         self.register_buffer("atlas_image", torch.zeros(1, 1, *size))
         self.register_buffer("atlas_ready", torch.zeros((), dtype=torch.bool))
+        if float(config["training"].get("unbiased_weight", 0.0)) > 0:
+            # running mean of the predicted velocity fields (unbiased atlas; only with the option, so
+            # checkpoints without it load as before)
+            half = self.net.grid.downsample(2).size
+            self.register_buffer("velocity_mean", torch.zeros(1, m["ndim"], *half))
         self.train_data: Dataset | None = None
         self._augment = None
         self.atlas_update_seconds = 0.0
@@ -346,12 +351,26 @@ class AtlasISTNModule(Method):
         w = fade_in_weight(self.current_epoch, t["fade_in"])
         loss = w * (d["a2s"] + d["s2a"] + t["lambda"] * d["reg"])
         logs = {"loss/a2s": d["a2s"], "loss/s2a": d["s2a"], "loss/reg": d["reg"]}
+        if hasattr(self, "velocity_mean") and transform.svf is not None:
+            penalty = self._unbiased_penalty(transform.svf.v, float(t.get("unbiased_momentum", 0.1)))
+            loss = loss + w * float(t["unbiased_weight"]) * penalty
+            logs["loss/unbiased"] = penalty
         if logits is not None:  # Eq. 14; seg_weight 0 is the paper's Atlas-ISTN without L_s
             l_s = segmentation_loss(logits, labelmap, mask, float(t.get("dice_weight", 0.0)))
             loss = loss + float(t.get("seg_weight", 1.0)) * l_s
             logs["loss/seg"] = l_s
         self._accumulate({"loss/total": loss, **logs, "w": w}, n)
         return loss
+
+    def _unbiased_penalty(self, v: torch.Tensor, momentum: float) -> torch.Tensor:
+        """Unbiased-atlas penalty (WBIR 2022, fetal atlas; issue 12 item 6): the running mean of the
+        predicted velocity fields, m_t = (1 - momentum) m_{t-1} + momentum mean_batch(v), is kept near
+        zero by mean(m_t^2) (mm^2), so the atlas drifts to the population's mean shape instead of one
+        the transforms all have to bend towards. v: (N, D, *half size) mm. The gradient flows through
+        this batch's term only; m_t is stored (buffer `velocity_mean`, checkpointed)."""
+        running = (1.0 - momentum) * self.velocity_mean + momentum * v.mean(0, keepdim=True)
+        self.velocity_mean.copy_(running.detach())
+        return running.pow(2).mean()
 
     # ---------------------------------------------------------------- epoch means of the losses
     # Lightning's self.log costs about 0.5 ms per value and step on this CPU (3 ms, 5% of a Letter-B
