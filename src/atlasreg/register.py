@@ -210,7 +210,8 @@ def add_register_parser(subparsers) -> argparse.ArgumentParser:
                    help="diffusion regularisation weight (world units; default per similarity)")
     r.add_argument("--iterations", default=None,
                    help="Adam iterations per level, one number or one per level (default 100,60,30)")
-    r.add_argument("--levels", default="4,2,1", help="pyramid downsampling factors, coarse to fine")
+    r.add_argument("--levels", default="4,2", help="pyramid downsampling factors, coarse to fine (1: full "
+                   "resolution)")
     r.add_argument("--mask", help="fixed-image mask (nonzero inside) on the fixed grid")
     r.add_argument("--moving-mask", help="moving-image mask on the moving grid")
     r.add_argument("--labels", help="moving labelmap to warp onto the fixed grid")
