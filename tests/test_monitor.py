@@ -210,10 +210,10 @@ def test_validation_pass_logs_metrics_and_images_and_changes_no_training_number(
     assert [s for s, _ in scalars["val/dice_refine"]] == [5, 8]  # every other epoch and the last
     assert all(v > 0 for _, v in scalars["val/hd95_onepass"] + scalars["val/hd95_refine"])
     assert [s for s, _ in scalars["time/validation_s"]] == ends
-    assert set(images) == {"atlas/image", "atlas/labelmap", "validation/B101", "validation/B102"}
+    assert set(images) == {"atlas_image", "atlas_labelmap", "validation/B101", "validation/B102"}
     assert [s for s, _, _ in images["validation/B101"]] == [5, 8]
     assert images["validation/B101"][0][1:] == (3 * 256 + 2 * 2, 256)  # reference, ITN, 1-pass; 16 px x 16
-    assert set(plain_images) == {"atlas/image", "atlas/labelmap"}  # no validation split: the atlas only
+    assert set(plain_images) == {"atlas_image", "atlas_labelmap"}  # no validation split: the atlas only
 
     # the last pass measured the model the final checkpoint holds (the atlas after the last update)
     module = load_module(tmp_path / "validated" / "model.ckpt")

@@ -151,8 +151,8 @@ class ValidationMonitor(Callback):
     - every ``refine_validation_every`` epochs and after the last one (methods that refine): also
       ``refine`` (Eqs. 17-21 with the config's ``refinement`` settings, ``cases_at_once`` at a time) on
       the first ``refine_validation_cases`` validation cases;
-    - every ``images_every`` epochs and after the last one: images ``atlas/image`` (grey) and
-      ``atlas/labelmap`` (a colour per structure) and, for the first ``validation_cases`` validation
+    - every ``images_every`` epochs and after the last one: images ``atlas_image`` (grey) and
+      ``atlas_labelmap`` (a colour per structure) and, for the first ``validation_cases`` validation
       cases, ``validation/<case>``: the image with the outlines of its labelmap, ITN and 1-pass
       segmentations, left to right (3D: rows of the middle slices across z, y and x).
 
@@ -250,8 +250,8 @@ class ValidationMonitor(Callback):
         colours = label_colours(len(module.labels))
         atlas_image = module.atlas_image[0, 0].detach().cpu()
         atlas_labels = module.atlas_labelmap[0].detach().cpu().argmax(0)
-        out = {"atlas/image": mosaic([[grey_rgb(enlarge(p))] for p in planes(atlas_image)]),
-               "atlas/labelmap": mosaic([[colours[enlarge(p)].permute(2, 0, 1)] for p in planes(atlas_labels)])}
+        out = {"atlas_image": mosaic([[grey_rgb(enlarge(p))] for p in planes(atlas_image)]),
+               "atlas_labelmap": mosaic([[colours[enlarge(p)].permute(2, 0, 1)] for p in planes(atlas_labels)])}
         if self.dataset is None or self.image_cases == 0:
             return out
         cases = Subset(self.dataset, range(min(self.image_cases, len(self.dataset))))
