@@ -176,7 +176,7 @@ class ValidationMonitor(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         epoch, epochs = trainer.current_epoch, int(trainer.max_epochs or 0)
         validate = self.dataset is not None and due(self.every, epoch, epochs)
-        refine = validate and due(self.refine_every, epoch, epochs) and pl_module.refines()
+        refine = validate and due(self.refine_every, epoch, epochs) and getattr(pl_module, "refines", bool)()
         images = due(self.images_every, epoch, epochs)
         if not (validate or images):
             return
@@ -184,13 +184,13 @@ class ValidationMonitor(Callback):
 
         t0 = time.perf_counter()
         states = random_states(pl_module)
-        was_training = pl_module.net.training
-        pl_module.net.eval()
+        was_training = pl_module.training
+        pl_module.eval()
         try:
             metrics = self.evaluate(pl_module, refine) if validate else {}
             pictures = self.images(pl_module) if images else {}
         finally:
-            pl_module.net.train(was_training)
+            pl_module.train(was_training)
             set_random_states(states, pl_module)
         seconds = time.perf_counter() - t0
         if validate:
@@ -248,10 +248,12 @@ class ValidationMonitor(Callback):
     def images(self, module) -> dict[str, torch.Tensor]:
         """The TensorBoard images {tag: (3, H, W) float in [0, 1]} of `module` now."""
         colours = label_colours(len(module.labels))
-        atlas_image = module.atlas_image[0, 0].detach().cpu()
-        atlas_labels = module.atlas_labelmap[0].detach().cpu().argmax(0)
-        out = {"atlas_image": mosaic([[grey_rgb(enlarge(p))] for p in planes(atlas_image)]),
-               "atlas_labelmap": mosaic([[colours[enlarge(p)].permute(2, 0, 1)] for p in planes(atlas_labels)])}
+        out = {}
+        if hasattr(module, "atlas_image") and hasattr(module, "atlas_labelmap"):
+            atlas_image = module.atlas_image[0, 0].detach().cpu()
+            atlas_labels = module.atlas_labelmap[0].detach().cpu().argmax(0)
+            out["atlas_image"] = mosaic([[grey_rgb(enlarge(p))] for p in planes(atlas_image)])
+            out["atlas_labelmap"] = mosaic([[colours[enlarge(p)].permute(2, 0, 1)] for p in planes(atlas_labels)])
         if self.dataset is None or self.image_cases == 0:
             return out
         cases = Subset(self.dataset, range(min(self.image_cases, len(self.dataset))))
