@@ -700,3 +700,71 @@ def test_segment_leaves_out_the_labelmaps_of_a_folder_as_the_config_names_them(t
         assert main(segment_argv(trained, [trained / "test"], out) + ["--iterations", "0"]) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["B101_img", "B102_img", "B103_img"]
     assert "3 case(s) written" in capsys.readouterr().out
+
+
+def _console_run(config, out, *extra):
+    """`atlasreg train` in a process of its own, as a user runs it: (stdout, stderr)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import atlasreg
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(atlasreg.__file__).parents[1])}
+    res = subprocess.run([sys.executable, "-m", "atlasreg.cli", "train", str(config), "--out", str(out), *extra],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return res.stdout, res.stderr
+
+
+def test_train_console_shows_a_progress_bar_and_one_line_per_epoch_and_quiet_less(trained, tmp_path):
+    """Issue 13 item 1: by default a progress bar (stderr) with the running losses and the epoch's time,
+    and one summary line per epoch (stdout, with the validation figures where a pass ran); --quiet
+    the summary lines without the bar; neither shows Lightning's banners, tips or library warnings
+    with paths into site-packages, and a warning of atlasreg's shows in one line."""
+    import shutil
+
+    shutil.copytree(trained / "train", tmp_path / "train")
+    constant = sitk.ReadImage(str(tmp_path / "train" / "B1_img.png"))
+    flat = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(constant).shape, 7, np.uint8))
+    flat.CopyInformation(constant)
+    sitk.WriteImage(flat, str(tmp_path / "train" / "B1_img.png"))  # warns: constant intensity
+    write_letter_b_dataset(tmp_path / "val", 2, seed=2, start_index=201, size=SIZE)
+    cfg = yaml.safe_load(tiny_config(tmp_path, tmp_path / "train").read_text())
+    cfg["data"]["validation"] = {"images": str(tmp_path / "val"), "image_suffix": "_img", "label_suffix": "_seg"}
+    config = tmp_path / "console.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    shown = {"default": _console_run(config, tmp_path / "default"),
+             "quiet": _console_run(config, tmp_path / "quiet", "--quiet")}
+    for name, (out, err) in shown.items():
+        for banned in ("Tip", "GPU available", "TPU", "site-packages", "litlogger", "v_num", "weights_only",
+                       "Trainer.fit", "LeafSpec", "logging interval", "Warning:", "Traceback"):
+            assert banned not in out + err, (name, banned)
+        lines = out.splitlines()
+        assert len(lines) == 4, (name, out)
+        assert lines[0].startswith("epoch    0  loss ") and "  train " in lines[0] and "val" not in lines[0]
+        assert lines[1].startswith("epoch    1  loss ")  # the last epoch: a validation pass (with refine)
+        assert " val " in lines[1] and " dice itn " in lines[1] and " 1-pass " in lines[1] and " refine " in lines[1]
+        assert lines[2:] == [f"model: {tmp_path / name / 'model.ckpt'}", f"atlas: {tmp_path / name / 'atlas'}"]
+        warned = [line for line in err.replace("\r", "\n").splitlines() if "warning" in line]
+        assert warned == [f"atlasreg: warning: {tmp_path / 'train' / 'B1_img.png'}: constant intensity 7: "
+                          "normalised to zeros"], (name, warned)
+    default_err, quiet_err = shown["default"][1], shown["quiet"][1]
+    assert "Epoch 1: 100%" in default_err and "loss=" in default_err and "reg=" in default_err
+    assert "Epoch" not in quiet_err and "loss=" not in quiet_err
+    assert len("".join(shown["quiet"])) < len("".join(shown["default"]))
+
+
+def test_command_line_warnings_show_once_in_one_line(capsys):
+    """Each distinct warning once, in one line without the file and line that warned."""
+    from atlasreg.cli import _SHOWN_WARNINGS, _show_warning
+
+    _SHOWN_WARNINGS.clear()
+    capsys.readouterr()
+    for lineno in (1, 2):
+        _show_warning(UserWarning("deprecated:\n  use\tthat instead"), UserWarning,
+                      "/usr/lib/python3/site-packages/lib/mod.py", lineno)
+    _show_warning("another", RuntimeWarning, "/x.py", 3)
+    assert capsys.readouterr().err == ("atlasreg: warning: deprecated: use that instead\n"
+                                       "atlasreg: warning: another\n")

@@ -163,3 +163,45 @@ def test_connected_components():
     diagonal[0, 0] = diagonal[1, 1] = 1  # touching diagonally: one component with full connectivity
     assert labelmap_connected_components(diagonal, 1) == 1
     assert labelmap_connected_components(cube() + cube(z=(16, 20), value=1), 1) == 2
+
+
+def test_batch_dice_hd95_equals_segmentation_metrics_per_case_and_label():
+    """The batched monitoring metrics are those of segmentation_metrics on each case: class indices
+    map to the declared label values, anisotropic spacing in ITK order, and the empty-structure
+    conventions (absent from both: Dice 1; from one: Dice 0; HD95 NaN) without warnings."""
+    import torch
+
+    from atlasreg.evaluation.metrics import batch_dice_hd95
+
+    rng = np.random.default_rng(0)
+    labels = [0, 10, 20]
+    pred = np.zeros((4, 12, 14, 16), int)
+    ref = np.zeros_like(pred)
+    for i in range(3):
+        for c in (1, 2):
+            z, y, x = rng.integers(1, 6, 3)
+            pred[i, z:z + 5, y:y + 6, x + 6 * (c - 1):x + 6 * c] = c
+            ref[i, z + 1:z + 6, y:y + 5, x + 6 * (c - 1) + 1:x + 6 * c + 1] = c
+    pred[1][pred[1] == 2] = 0          # label 20 absent from the prediction of case 1
+    pred[3], ref[3] = 0, 0             # case 3: nothing anywhere
+    spacing = (0.7, 1.1, 2.5)          # ITK order x, y, z
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dice, hd95 = batch_dice_hd95(torch.from_numpy(pred), torch.from_numpy(ref), 3, spacing)
+    assert dice.shape == hd95.shape == (4, 2) and dice.dtype == torch.float64
+    for i in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = segmentation_metrics(np.take(labels, pred[i]), np.take(labels, ref[i]), labels, spacing)
+        for c, value in ((1, 10), (2, 20)):
+            assert dice[i, c - 1].item() == pytest.approx(expected[value]["dice"], abs=1e-6)
+            want = expected[value]["hd95"]
+            got = hd95[i, c - 1].item()
+            assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-6)
+    assert dice[1, 1].item() == 0.0 and math.isnan(hd95[1, 1].item())
+    assert dice[3].tolist() == [1.0, 1.0] and all(math.isnan(v) for v in hd95[3].tolist())
+    assert 0 < dice[0, 0].item() < 1 and hd95[0, 0].item() > 0
+    with pytest.raises(ValueError, match="outside"):
+        batch_dice_hd95(torch.full((1, 4, 4), 3), torch.zeros(1, 4, 4, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        batch_dice_hd95(torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 5, dtype=torch.long), 3)

@@ -190,3 +190,25 @@ def test_resume_with_another_config_is_refused(tmp_path):
     assert fresh.returncode == 0 and "resuming" not in fresh.stdout and "epoch    0" in fresh.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch0000.ckpt", "last.ckpt"]
     assert "lambda: 0.5" in (out / "config.yaml").read_text()
+
+
+def test_what_training_shows_may_change_on_resume(tmp_path):
+    """The validation and image settings change no training number, so a run resumes with other
+    values of them, and a run stored before they existed resumes; another lambda is still refused."""
+    import pytest
+    import yaml
+
+    from atlasreg.config import load_config
+    from atlasreg.errors import AtlasregError
+    from atlasreg.models.train import _check_resumable
+
+    base = {"data": {"labels": {0: "bg", 1: "fg"}}}
+    stored = yaml.safe_load(yaml.safe_dump(load_config(None, base)))
+    for key in ("validation_every", "refine_validation_every", "refine_validation_cases", "images_every",
+                "validation_cases"):
+        del stored["training"][key]  # a run of the code before these keys
+    shown = {"validation_every": 1, "refine_validation_every": 0, "refine_validation_cases": 2,
+             "images_every": 3, "validation_cases": 0}
+    _check_resumable(stored, load_config(None, {**base, "training": shown}), tmp_path)
+    with pytest.raises(AtlasregError, match=r"training\.lambda: 0\.126 -> 0\.5"):
+        _check_resumable(stored, load_config(None, {**base, "training": {**shown, "lambda": 0.5}}), tmp_path)

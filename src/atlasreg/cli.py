@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run even if --out holds one (its checkpoints, atlas and logs are deleted); "
                    "without it a run with the same config resumes and one with another config is refused")
     t.add_argument("--device", default="auto", help=_DEVICE_HELP)
-    t.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    t.add_argument("--quiet", action="store_true", help="no progress bar: one summary line per epoch (losses, "
+                   "seconds, validation Dice), then the paths of the model and the atlas (default: also a "
+                   "progress bar on stderr with the running losses and the epoch's time)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("segment", help="ITN, 1-pass and refined segmentation of images or folders")
@@ -353,20 +355,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"atlasreg: warning: {message}\n"
+    return "atlasreg: warning: " + " ".join(str(message).split()) + "\n"
+
+
+#: The warnings shown by this process's `main` (one-line texts), so each distinct one shows once.
+_SHOWN_WARNINGS: set[str] = set()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning of the command line: each distinct warning once, in one line
+    `atlasreg: warning: <message>` on stderr (no file path, no source line), above any progress bar.
+    Replaces showwarning rather than formatwarning, which Lightning replaces when imported."""
+    text = _one_line_warning(message, category, filename, lineno)
+    if text in _SHOWN_WARNINGS:
+        return
+    _SHOWN_WARNINGS.add(text)
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr, end="")
+
+
+def _recording(warnings) -> bool:
+    """Whether a ``warnings.catch_warnings(record=True)`` (pytest.warns, a test harness) is collecting
+    the warnings: it replaces the module's low-level writer by its list's bound ``append``."""
+    return getattr(getattr(warnings, "_showwarnmsg_impl", None), "__self__", None) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning
+    _SHOWN_WARNINGS.clear()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # a bad argument (one line, status 2) or --help (status 0)
         return e.code if isinstance(e.code, int) else 2
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # showwarning and the filters are restored when the command ends
+            if not _recording(warnings):
+                warnings.showwarning = _show_warning
+            return args.func(args)
     except AtlasregError as e:
         print(f"atlasreg: error: {e}", file=sys.stderr)
         return 2

@@ -482,6 +482,16 @@ SCHEMA = Section({
         "threads": Field(Optional(Int(1)), None, "torch threads; null: torch's default"),
         "precision": Field(Choice(lambda: PRECISIONS), "32-true", "Lightning precision: 32-true, or automatic "
                            "mixed precision 16-mixed / bf16-mixed (GPU)"),
+        # What training shows (models/monitor.py): none of these changes a training number.
+        "validation_every": Field(Int(0), 5, "epochs between validation passes (Dice, HD95 of ITN and 1-pass on "
+                                  "data.validation, TensorBoard), and the last epoch; 0: none"),
+        "refine_validation_every": Field(Int(0), 25, "epochs between validation passes that also refine "
+                                         "(refine_validation_cases cases), and the last epoch; 0: none"),
+        "refine_validation_cases": Field(Int(1), 8, "validation cases refined in those passes (the first ones; "
+                                         "refinement takes K forward-backward passes per case)"),
+        "images_every": Field(Int(0), 10, "epochs between TensorBoard images (atlas, validation overlays), and "
+                              "the last epoch; 0: none"),
+        "validation_cases": Field(Int(0), 4, "validation cases drawn as overlays (the first ones)"),
     })),
     "refinement": Field(Section({
         "iterations": Field(Int(0), 50, "test-time refinement iterations K"),

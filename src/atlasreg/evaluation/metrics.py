@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["segmentation_metrics", "labelmap_connected_components", "METRIC_NAMES"]
+__all__ = ["segmentation_metrics", "batch_dice_hd95", "labelmap_connected_components", "METRIC_NAMES"]
 
 METRIC_NAMES = ("dice", "hd", "hd95", "asd")
 
@@ -117,6 +117,50 @@ def segmentation_metrics(prediction: np.ndarray, reference: np.ndarray, labels: 
         results[value] = {"dice": float(dice.item()), "hd": float(hd.item()), "hd95": float(hd95.item()),
                           "asd": float(asd.item())}
     return results
+
+
+def batch_dice_hd95(prediction, reference, num_classes: int,
+                    spacing: Sequence[float] | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Dice and 95th-percentile Hausdorff distance per case and foreground class of a batch of labelmaps
+    on one grid: the two metrics of :func:`segmentation_metrics` in one MONAI call each, for monitoring
+    (training's validation pass, :mod:`atlasreg.models.monitor`).
+
+    prediction, reference: (N, *S) integer class indices in ``[0, num_classes)`` (channel order of the
+    declared labels, 0 = background; 2-D or 3-D S), torch tensors or numpy arrays. spacing: voxel size
+    in ITK order (x, y[, z]) or None (distances in voxels).
+
+    Returns float64 tensors ``dice`` (N, C - 1) and ``hd95`` (N, C - 1), distances in world units:
+    ``monai.metrics.compute_dice`` and ``compute_hausdorff_distance(percentile=95)`` on the one-hot masks.
+    Empty structures as in :func:`segmentation_metrics`, without warnings: absent from both, Dice 1 and
+    HD95 NaN; from one, Dice 0 and HD95 NaN. Raises ValueError for mismatched shapes, a labelmap that
+    is not (N, *S) with S 2-D or 3-D, class indices out of range, or a bad spacing.
+    """
+    import torch  # local imports: MONAI takes seconds to import
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    prediction = torch.as_tensor(np.asarray(prediction) if not torch.is_tensor(prediction) else prediction)
+    reference = torch.as_tensor(np.asarray(reference) if not torch.is_tensor(reference) else reference)
+    if prediction.shape != reference.shape:
+        raise ValueError(f"shape mismatch: prediction {tuple(prediction.shape)} vs reference "
+                         f"{tuple(reference.shape)}")
+    if prediction.ndim not in (3, 4):
+        raise ValueError(f"expected (N, *S) labelmaps with S 2-D or 3-D, got shape {tuple(prediction.shape)}")
+    for name, t in (("prediction", prediction), ("reference", reference)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(f"{name} holds class indices outside [0, {num_classes})")
+    array_spacing = _array_spacing(spacing, prediction.ndim - 1)
+    p = torch.nn.functional.one_hot(prediction.long(), num_classes).movedim(-1, 1)[:, 1:].float()
+    r = torch.nn.functional.one_hot(reference.long(), num_classes).movedim(-1, 1)[:, 1:].float()
+    with warnings.catch_warnings():  # MONAI warns for empty masks, handled below
+        warnings.simplefilter("ignore")
+        dice = compute_dice(p, r, include_background=True, ignore_empty=False).double()
+        hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95,
+                                          spacing=array_spacing).double()
+    p_any, r_any = p.flatten(2).any(2), r.flatten(2).any(2)
+    both = p_any & r_any
+    dice = torch.where(both, dice, (~(p_any | r_any)).double())  # 1 where absent from both, else 0
+    hd95 = torch.where(both, hd95, torch.full_like(hd95, math.nan))
+    return dice, hd95
 
 
 def labelmap_connected_components(labelmap: np.ndarray, label: int) -> int:

@@ -168,6 +168,8 @@ class AtlasISTNModule(Method):
         self.atlas_update_seconds = 0.0
         self._epoch_sums: dict = {}
         self._epoch_count = 0
+        #: The values of the latest training step ('loss/total', 'loss/seg', ..., 'w'; detached).
+        self.step_losses: dict = {}
 
     # ---------------------------------------------------------------- training data
     def set_training_data(self, dataset: Dataset | None) -> None:
@@ -375,12 +377,16 @@ class AtlasISTNModule(Method):
     # ---------------------------------------------------------------- epoch means of the losses
     # Lightning's self.log costs about 0.5 ms per value and step on this CPU (3 ms, 5% of a Letter-B
     # step, for our six values), so the module keeps its own batch-size-weighted epoch means and
-    # hands them to Lightning's logger once per epoch.
+    # hands them to Lightning's logger once per epoch; the values of the latest step (`step_losses`)
+    # go to TensorBoard through models/monitor.py's StepLosses, straight to the logger.
     def _accumulate(self, values: dict, n: int) -> None:
+        step = {}
         for k, v in values.items():
             v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            step[k] = v
             self._epoch_sums[k] = self._epoch_sums.get(k, 0.0) + v * n
         self._epoch_count += n
+        self.step_losses = step
 
     def epoch_losses(self) -> dict[str, float]:
         """Means over the training cases seen so far in this epoch: 'loss/total', 'loss/seg',

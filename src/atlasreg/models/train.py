@@ -1,6 +1,7 @@
-"""Training entry point: Lightning Trainer with TensorBoard logging, a progress bar, atomic checkpoints
-holding weights, optimiser, atlas, config and random states, and an exact resume from the last
-checkpoint (only with the same config)."""
+"""Training entry point: Lightning Trainer with TensorBoard logging (losses per step and epoch, learning
+rate, a validation pass and images: :mod:`atlasreg.models.monitor`), a progress bar and one summary
+line per epoch, atomic checkpoints holding weights, optimiser, atlas, config and random states, and an
+exact resume from the last checkpoint (only with the same config)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
@@ -26,19 +27,24 @@ from ..atlas import save_atlas
 from ..config import ConfigError, differences, validate
 from ..contracts import EPOCH_CHECKPOINT, FINAL_CHECKPOINT, LOG_DIR, read_run_config, run_paths
 from ..data.case_dataset import CaseDataset
+from ..data.cases import pairs_from_spec
 from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
 from .atlas_istn import AtlasISTNModule
 from ..devices import lightning_accelerator, resolve_device
+from .monitor import LossProgressBar, StepLosses, ValidationMonitor, console_line, quiet_lightning
 from .registry import build_method, load_model
 
 #: Environment variable naming a case-cache folder shared by runs (default: the run folder's cache folder).
 CACHE_ENV = "ATLASREG_CACHE"
 
-#: Config keys that may change when a run is resumed: they change its speed or its length, not the
-#: numbers of the epochs it trains (the learning-rate and fade-in schedules do not depend on
-#: training.epochs; workers give the same batches, see `train`).
-RESUMABLE_KEYS = ("training.epochs", "training.threads", "data.num_workers")
+#: Config keys that may change when a run is resumed: they change its speed, its length or what it
+#: shows, not the numbers of the epochs it trains (the learning-rate and fade-in schedules do not
+#: depend on training.epochs; workers give the same batches, see `train`; the validation pass and
+#: the images change no training number, see :mod:`atlasreg.models.monitor`).
+RESUMABLE_KEYS = ("training.epochs", "training.threads", "data.num_workers", "training.validation_every",
+                  "training.refine_validation_every", "training.refine_validation_cases",
+                  "training.images_every", "training.validation_cases")
 
 #: Key of the random states in a checkpoint (:class:`RandomStates`).
 RNG_KEY = "atlasreg_random_states"
@@ -63,7 +69,13 @@ _LOG_COLUMNS = (("loss", "loss/total", ".4f"), ("seg", "loss/seg", ".4f"), ("a2s
 
 class EpochTimer(Callback):
     """Logs seconds per epoch of training (the atlas update is timed by the module itself); keeps
-    (train_s, atlas_s) per epoch in `self.times`, and prints one line per epoch if `verbose`."""
+    (train_s, atlas_s) per epoch in `self.times`, and if `verbose` prints one summary line per epoch
+    on stdout (above the progress bar, :func:`~atlasreg.models.monitor.console_line`): the epoch, the
+    epoch means of the losses the method has, the seconds of training and of the atlas update, and
+    what other callbacks add through an ``epoch_summary(trainer) -> str | None`` method (the
+    validation figures of :class:`~atlasreg.models.monitor.ValidationMonitor`), e.g.
+    ``epoch    4  loss 0.0429  seg 0.0133  a2s 0.0551  s2a 0.0453  reg 5.01e-02  w 0.277  train 16.5s
+    atlas 2.6s  val 1.2s dice itn 0.912 1-pass 0.874``."""
 
     def __init__(self, verbose: bool = False):
         self.times: list[tuple[float, float]] = []
@@ -84,8 +96,11 @@ class EpochTimer(Callback):
             m = pl_module.epoch_losses()
             # Only the losses this method has (the U-Net has no a2s/s2a/reg, VML no seg).
             parts = [f"{name} {m[key]:{fmt}}" for name, key, fmt in _LOG_COLUMNS if key in m]
-            print(f"epoch {trainer.current_epoch:4d}  " + "  ".join(parts) + f"  train {self.times[-1][0]:.1f}s  "
-                  f"atlas {self.times[-1][1]:.1f}s", flush=True)
+            extra = [summary(trainer) for summary in
+                     (getattr(c, "epoch_summary", None) for c in getattr(trainer, "callbacks", []) or [])
+                     if summary is not None]
+            console_line(f"epoch {trainer.current_epoch:4d}  " + "  ".join(parts) + f"  train {self.times[-1][0]:.1f}s"
+                         f"  atlas {self.times[-1][1]:.1f}s" + "".join(f"  {e}" for e in extra if e))
 
 
 def random_states(module=None) -> dict:
@@ -215,14 +230,25 @@ def training_dataset(config: dict, out_dir: Path) -> CaseDataset:
     return CaseDataset.from_config(config, "train", cache_dir)
 
 
+def validation_dataset(config: dict, training: CaseDataset) -> CaseDataset | None:
+    """The cases of `config['data']['validation']` (None without that split), read on demand with the
+    preprocessing of `training` (the dataset of :func:`training_dataset`: its orientation reference
+    is a training case) and its case cache; for :class:`~atlasreg.models.monitor.ValidationMonitor`."""
+    spec = config["data"].get("validation")
+    if not spec:
+        return None
+    cache = training.cache_dir.parent if training.cache_dir is not None else None
+    return CaseDataset(pairs_from_spec(spec), training.preprocessing, cache)
+
+
 def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True,
           timer: EpochTimer | None = None, callbacks: list[Callback] | None = None,
           device: str = "auto") -> Path:
-    """Train Atlas-ISTN on `config['data']['train']`; writes the training run folder out_dir
-    (:mod:`atlasreg.contracts`, :func:`~atlasreg.contracts.run_paths`): the config, the last checkpoint
-    (every epoch), the final checkpoint, the atlas folder (atlas labelmap, probabilities and image with
-    their grid), the same at the start of training, TensorBoard logs and the case cache (preprocessed
-    cases, see `training_dataset`).
+    """Train the config's method (Atlas-ISTN by default) on `config['data']['train']`; writes the
+    training run folder out_dir (:mod:`atlasreg.contracts`, :func:`~atlasreg.contracts.run_paths`):
+    the config, the last checkpoint (every epoch), the final checkpoint, the atlas folder (atlas
+    labelmap, probabilities and image with their grid), the same at the start of training, TensorBoard
+    logs and the case cache (preprocessed cases, see `training_dataset`).
     The cases are read on demand (`data.num_workers` DataLoader workers); batches are shuffled by the
     global RNG seeded with `training.seed`, so a seed gives the same batches whatever the workers.
     Resumes from the last checkpoint if present and `resume`, exactly: the checkpoint holds the random
@@ -232,9 +258,18 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     deleted first (the case cache is kept) and a new run starts. device: 'auto' (CUDA when
     available), 'cpu', 'cuda' or 'cuda:<i>' (:func:`atlasreg.devices.resolve_device`; AtlasregError
     for a device this machine lacks). Returns the final checkpoint path.
-    The config is validated (`config.validate`) and every training case not yet in the cache is read
-    (:meth:`CaseDataset.check`) before anything is written into out_dir, so bad input leaves no output
-    behind: AtlasregError naming the file of a bad training case."""
+    The console (progress=True): a progress bar on stderr with the running losses
+    (:class:`~atlasreg.models.monitor.LossProgressBar`) and one summary line per epoch on stdout
+    (:class:`EpochTimer`); progress=False: the summary lines only. Lightning's banners and tips and
+    the library warnings of :data:`~atlasreg.models.monitor.UNACTIONABLE_WARNINGS` are held back.
+    TensorBoard: the losses per step and per epoch, the learning rate (``lr-Adam``), and, with a
+    ``data.validation`` split, the validation pass and images of
+    :class:`~atlasreg.models.monitor.ValidationMonitor` (``training.validation_every``,
+    ``refine_validation_every``, ``refine_validation_cases``, ``images_every``, ``validation_cases``),
+    which change no training number.
+    The config is validated (`config.validate`) and every training and validation case not yet in
+    the cache is read (:meth:`CaseDataset.check`) before anything is written into out_dir, so bad
+    input leaves no output behind: AtlasregError naming the file of a bad case."""
     config = validate(config)
     accelerator, devices = lightning_accelerator(resolve_device(device))
     if config["data"]["train"] is None:
@@ -249,6 +284,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     dataset = training_dataset(config, out_dir)
     if len(dataset) == 0:
         raise AtlasregError("the training set is empty")
+    validation = validation_dataset(config, dataset)
     created = not out_dir.exists()
     has_run = paths.last_checkpoint.is_file() or paths.final_checkpoint.is_file()
     if resume and has_run:
@@ -256,6 +292,8 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     # every case not cached yet is read once before anything is written (Lightning would meet a bad case
     # only inside fit, after its banners, with the run folder begun)
     dataset.check()
+    if validation is not None:
+        validation.check()
     if not (resume and has_run) and not created:
         # a new run: nothing of an older one (or of a run that died before its first checkpoint)
         # may survive into it, e.g. its initial atlas or its logs
@@ -282,18 +320,27 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
         step = _resume_step(last) if ckpt_path else None
         logger = TensorBoardLogger(out_dir, name=LOG_DIR, version=LOG_VERSION, default_hp_metric=False,
                                    **({"purge_step": step} if step is not None else {}))
-        trainer = L.Trainer(
-            max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=logger,
-            callbacks=[AtlasUpdate(paths.atlas_initial), RandomStates(), timer or EpochTimer(verbose=not progress),
-                       *(callbacks or []), checkpoint], plugins=[AtomicCheckpointIO()],
-            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
-            num_sanity_val_steps=0, deterministic=False, precision=t.get("precision", "32-true"))
-        if ckpt_path:
-            print(f"resuming from {ckpt_path}", flush=True)
-        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        # Callbacks run in this order at an epoch's end: the atlas update, then the validation pass on
+        # the updated atlas (what the epoch's checkpoint holds), then the summary line that shows it;
+        # Lightning runs ModelCheckpoint last.
+        monitors = [AtlasUpdate(paths.atlas_initial), ValidationMonitor(validation, t, progress=progress),
+                    RandomStates(), timer or EpochTimer(verbose=True), StepLosses(),
+                    LearningRateMonitor(logging_interval="epoch")]
+        with quiet_lightning():
+            # log_every_n_steps=1: StepLosses writes every step's losses (Lightning itself logs nothing
+            # per step here)
+            trainer = L.Trainer(
+                max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=logger,
+                callbacks=[*monitors, *(callbacks or []), checkpoint, *([LossProgressBar()] if progress else [])],
+                plugins=[AtomicCheckpointIO()], enable_progress_bar=progress, enable_model_summary=False,
+                log_every_n_steps=1, num_sanity_val_steps=0, deterministic=False,
+                precision=t.get("precision", "32-true"))
+            if ckpt_path:
+                console_line(f"resuming from {ckpt_path}")
+            trainer.fit(module, loader, ckpt_path=ckpt_path)
 
-        final = paths.final_checkpoint
-        trainer.save_checkpoint(final)
+            final = paths.final_checkpoint
+            trainer.save_checkpoint(final, weights_only=False)
         save_atlas(module.atlas_labelmap, module.atlas_image, list(config["data"]["labels"].keys()),
                    module.net.grid, paths.atlas)
         # Lightning leaves the module reachable from every callback (callback.log is module.log), and the
@@ -303,7 +350,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
         # benchmarks/letter_b_speed.py), so release them here.
         module.set_training_data(None)
         module.trainer = None
-        del trainer, module, loader, dataset
+        del trainer, module, loader, dataset, validation, monitors
         gc.collect()
         return final
     except AtlasregError:
