@@ -646,3 +646,28 @@ def test_report_page_loads_in_headless_chromium_without_errors(issue13_report, t
     assert any("Uncaught ReferenceError: nothing is not defined" in line for line in console)
     assert result["shown"] == result["images"] - 1
     page.unlink()
+
+
+def test_report_shows_progress_on_a_terminal_only(tmp_path, monkeypatch):
+    """Issue 13 item 4: `report` shows a progress bar on a terminal (cleared at the end) and none
+    when stderr is not one or with --quiet; the report is the same either way."""
+    import io
+    import sys
+
+    base = np.linspace(0.8, 0.95, 12)
+    _write_eval(tmp_path / "ev", {"test_set": "t"}, _rows("itn", base - 0.1) + _rows("refine", base))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    outputs = {}
+    for name, argv in (("bar", []), ("quiet", ["--quiet"])):
+        err = Terminal()
+        monkeypatch.setattr(sys, "stderr", err)
+        assert main(["report", str(tmp_path / "ev"), "--out", str(tmp_path / name), "--bootstrap", "50", *argv]) == 0
+        outputs[name] = err.getvalue()
+    monkeypatch.undo()
+    assert "report" in outputs["bar"] and "step" in outputs["bar"] and outputs["quiet"] == ""
+    strip = lambda text: re.sub(r"Generated [^<|\n]*|\d{4}-\d\d-\d\dT[\d:+.-]+|/report/|/quiet/|/bar/", "", text)
+    assert strip((tmp_path / "bar" / "report.md").read_text()) == strip((tmp_path / "quiet" / "report.md").read_text())

@@ -148,7 +148,7 @@ def cmd_report(args) -> int:
     _output_folder(args.out)
     html_path, md_path = build_report(args.evaluations, args.out, sensitivity=args.sensitivity,
                                       reference=args.reference, title=args.title, n_boot=args.bootstrap,
-                                      overwrite=args.overwrite)
+                                      overwrite=args.overwrite, progress=not args.quiet)
     print(f"report: {html_path}\nmarkdown: {md_path}")
     return 0
 
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--title", default="atlasreg evaluation report", help="title of the page")
     r.add_argument("--bootstrap", type=int, default=10000, help="bootstrap repetitions (paper: 10,000)")
     r.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    r.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal)")
     r.set_defaults(func=cmd_report)
 
     g = sub.add_parser("letter-b", help="generate synthetic Letter-B pairs (paper Sec. 3.1)")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from ..contracts import (EVALUATION_INFO, FIGURE_DIR, METRICS_PER_CASE, REPORT_HTML, REPORT_INFO, REPORT_MD,
                          RUN_CONFIG, read_report_info, read_run_config, write_report_info)
@@ -458,7 +459,7 @@ def _test_set(page: _Page, table: ResultTable, test_set: str, reference: str, n_
 
 def build_report(evaluations: Sequence[str | Path], out_dir: str | Path, sensitivity: Sequence[str | Path] = (),
                  reference: str = "Refine", title: str = "atlasreg evaluation report",
-                 n_boot: int = 10000, overwrite: bool = False) -> tuple[Path, Path]:
+                 n_boot: int = 10000, overwrite: bool = False, progress: bool = False) -> tuple[Path, Path]:
     """Write a report folder (:mod:`atlasreg.contracts`) into out_dir from evaluation folders of
     `atlasreg evaluate`: the self-contained HTML page, the Markdown and its figures (the figure folder
     replaced as a whole), then the report information naming the folders, with the provenance. Raises
@@ -466,17 +467,21 @@ def build_report(evaluations: Sequence[str | Path], out_dir: str | Path, sensiti
     range), for two folders giving the same column on one test set, for n_boot < 1, or when out_dir
     holds a report of other evaluation folders and not `overwrite` (which deletes it;
     :func:`atlasreg.outputs.claim_output`); the whole report is built before anything is written, so
-    nothing is written then. Returns (html path, markdown path)."""
+    nothing is written then. progress: a bar on stderr, one step per evaluation folder read, test set
+    and figure section built, when stderr is a terminal (tqdm; cleared at the end). Returns (html path,
+    markdown path)."""
     if not evaluations:
         raise AtlasregError("no evaluation folders given")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise AtlasregError(f"--bootstrap: expected an integer >= 1 (bootstrap repetitions), got {n_boot!r}")
     with warnings.catch_warnings():  # means of all-NaN columns (e.g. HD of empty outputs) are shown as '–'
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrite)
+        with tqdm(total=len(evaluations) + 1, desc="report", unit="step", leave=False,
+                  disable=None if progress else True) as bar:
+            return _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrite, bar)
 
 
-def _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrite) -> tuple[Path, Path]:
+def _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrite, bar) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     identity = {"evaluations": [str(Path(e).resolve()) for e in evaluations],
                 "sensitivity": [str(Path(e).resolve()) for e in sensitivity]}
@@ -487,11 +492,15 @@ def _build(evaluations, out_dir, sensitivity, reference, title, n_boot, overwrit
     generated = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     provenance = _provenance(page, evs, sensitivity, n_boot, generated)
     _columns(page, table, n_boot)
+    bar.reset(total=len(evaluations) + len(table.test_sets()) + 1)
+    bar.update(len(evaluations))
     for test_set in table.test_sets():
         _test_set(page, table, test_set, reference, n_boot)
+        bar.update()
     page.heading("Metrics per method and test set (paper Fig. 8)", anchor="metrics")
     page.figure(figures.bar_figure(table), "Mean ± std of DSC, HD95 and ASD per column, structures pooled.")
     _sensitivity(page, sensitivity, reference)
+    bar.update()
     main = next((table.source[k] for k in table.source if k[1] == reference), evs[0])
     checkpoint = main.info.get("checkpoint")
     if checkpoint:
