@@ -597,10 +597,12 @@ def _(m, d):
     return segment_argv(m, [bad], out), "B102.nii.gz"
 
 
-def _other_checkpoint(m, path: Path) -> Path:
+def other_checkpoint(source: Path, path: Path) -> Path:
+    """The checkpoint `source` with one ITN weight changed by 1e-3, saved as `path`: another
+    checkpoint of the same config (for the rows and tests of output folders made by another run)."""
     import torch
 
-    ckpt = torch.load(m.checkpoint, weights_only=False)
+    ckpt = torch.load(source, weights_only=False)
     name = next(k for k in ckpt["state_dict"] if k.startswith("net.itn") and k.endswith("weight"))
     ckpt["state_dict"][name] += 1e-3
     torch.save(ckpt, path)
@@ -610,7 +612,7 @@ def _other_checkpoint(m, path: Path) -> Path:
 @row("segment", "--out holds segmentations of another checkpoint")
 def _(m, d):
     out = copy_tree(m.seg, d / "out")
-    return segment_argv(m, [m.image], out, checkpoint=_other_checkpoint(m, d / "other.ckpt")), "segment.yaml"
+    return segment_argv(m, [m.image], out, checkpoint=other_checkpoint(m.checkpoint, d / "other.ckpt")), "segment.yaml"
 
 
 @row("segment", "--out holds segmentations made with other refinement settings (--lambda 0.5)")

@@ -14,6 +14,7 @@ from atlasreg.cli import main
 from atlasreg.config import load_config
 from atlasreg.models.train import train
 from atlasreg.data.letter_b import write_letter_b_dataset
+from bad_inputs_rows import other_checkpoint
 
 SIZE = 32  # native image size of the tiny data
 
@@ -484,15 +485,6 @@ def test_leftovers_of_a_killed_run_are_cleaned_by_the_next_run(outputs, tmp_path
     assert unrelated.read_text() == "mine"
 
 
-def _other_checkpoint(trained, path):
-    """The tiny model with one ITN weight changed (another checkpoint, same config)."""
-    ckpt = torch.load(trained / "run" / "model.ckpt", weights_only=False)
-    name = next(k for k in ckpt["state_dict"] if k.startswith("net.itn") and k.endswith("weight"))
-    ckpt["state_dict"][name] += 1e-3
-    torch.save(ckpt, path)
-    return path
-
-
 def _snapshot(folder):
     return {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
@@ -505,7 +497,7 @@ def test_segment_refuses_a_folder_of_another_run_and_overwrite_clears_it(trained
     assert main(segment_argv(trained, [test / "B101_img.png"], out) + ["--iterations", "2", "--image-suffix", "_img"]) == 0
     info = yaml.safe_load((out / "segment.yaml").read_text())
     assert info["status"] == "complete" and info["cases"] == ["B101"] and len(info["checkpoint_sha256"]) == 64
-    other = _other_checkpoint(trained, tmp_path / "other.ckpt")
+    other = other_checkpoint(trained / "run" / "model.ckpt", tmp_path / "other.ckpt")
     before = _snapshot(out)
     run_fails(["segment", str(test / "B102_img.png"), "--checkpoint", str(other), "--out", str(out), "--quiet",
                "--iterations", "2", "--image-suffix", "_img"], capsys, f"{out / 'segment.yaml'}: holds segmentations of another run",
