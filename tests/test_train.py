@@ -8,7 +8,7 @@ from atlasreg.models.train import EpochTimer
 def _end_epoch(metrics: dict, capsys) -> str:
     timer = EpochTimer(verbose=True)
     module = SimpleNamespace(atlas_update_seconds=0.5, log=lambda *a, **k: None, epoch_losses=lambda: metrics)
-    trainer = SimpleNamespace(current_epoch=3)
+    trainer = SimpleNamespace(current_epoch=3, is_global_zero=True)
     timer.on_train_epoch_start(trainer, module)
     timer.on_train_batch_end(trainer, module, None, None, 0)
     timer.on_train_epoch_end(trainer, module)

@@ -40,6 +40,7 @@ def _output_folder(path) -> Path:
 
 def cmd_train(args) -> int:
     from .config import load_config, parse_set
+    from .distributed import launched_as_rank_zero
     from .models.train import train
 
     _output_folder(args.out)
@@ -47,8 +48,10 @@ def cmd_train(args) -> int:
     if args.epochs is not None:
         overrides.setdefault("training", {})["epochs"] = args.epochs
     cfg = load_config(args.config, overrides)
-    final = train(cfg, args.out, resume=not args.force_new, progress=not args.quiet, device=args.device)
-    print(f"model: {final}\natlas: {run_paths(args.out).atlas}")
+    final = train(cfg, args.out, resume=not args.force_new, progress=not args.quiet, device=args.device,
+                  devices=args.devices, num_nodes=args.num_nodes)
+    if launched_as_rank_zero():  # DDP: the other processes end silently
+        print(f"model: {final}\natlas: {run_paths(args.out).atlas}")
     return 0
 
 
@@ -269,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run even if --out holds one (its checkpoints, atlas and logs are deleted); "
                    "without it a run with the same config resumes and one with another config is refused")
     t.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    t.add_argument("--devices", type=_positive_int, default=1,
+                   help="processes on this machine (one per GPU; on a CPU, processes with the gloo backend): "
+                   "more than one trains with Lightning's DDP; training.batch_size is per process")
+    t.add_argument("--num-nodes", type=_positive_int, default=1,
+                   help="machines (launch with torchrun or SLURM, see the README)")
     t.add_argument("--quiet", action="store_true", help="no progress bar: one summary line per epoch (losses, "
                    "seconds, validation Dice), then the paths of the model and the atlas (default: also a "
                    "progress bar on stderr with the running losses and the epoch's time)")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..atlas import atlas_update
 from ..data.case_dataset import StreamingSum
+from ..distributed import all_reduce_sum, shard
 from ..errors import AtlasregError
 from ..losses import diffusion_regulariser, label_mse, segmentation_loss
 from ..nets.stn import STN
@@ -293,19 +294,23 @@ class AtlasISTNModule(Method):
     def _initial_atlas(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 15 at t = 0: the mean of the unaligned training labelmaps (1, C, *S) and images
         (1, 1, *S), streamed over the data set (equal bit for bit to `atlas.atlas_init` on the stacked
-        cases, see StreamingSum); or the case named by `training.fixed_atlas`, read alone."""
+        cases, see StreamingSum; with several processes each sums its share and the sums are added,
+        :func:`atlasreg.distributed.shard`); or the case named by `training.fixed_atlas`, read alone."""
         name = self.fixed_atlas()
         if name is None:
             n = len(self.train_data)
-            sum_lab, sum_img = StreamingSum(n), StreamingSum(n)
-            loader = self.case_loader(self.train_data, int(self.config["training"]["atlas_batch_size"]))
+            mine = shard(self.train_data)
+            sum_lab, sum_img = StreamingSum(len(mine)), StreamingSum(len(mine))
+            loader = self.case_loader(mine, int(self.config["training"]["atlas_batch_size"]))
             show = self._trainer is not None and self._trainer.progress_bar_callback is not None
             for batch in tqdm(loader, desc="initial atlas", disable=not show, leave=False):
                 img, lab = batch[0], batch[1]
                 for i in range(img.shape[0]):
                     sum_lab.add(lab[i:i + 1])
                     sum_img.add(img[i:i + 1])
-            return sum_lab.total() / n, sum_img.total() / n
+            totals = [sum_lab.total(), sum_img.total()]
+            all_reduce_sum(totals)
+            return totals[0] / n, totals[1] / n
         names = list(getattr(self.train_data, "names", None) or [])
         if str(name) not in names:
             raise AtlasregError(f"training.fixed_atlas: case {name!r} is not in the training set "
@@ -326,7 +331,7 @@ class AtlasISTNModule(Method):
             from ..data.augmentation import make_spatial_augmentation
             self._augment = make_spatial_augmentation(aug, self.config["model"]["ndim"],
                                                       self.config["model"]["spacing"],
-                                                      seed=int(self.config["training"]["seed"]))
+                                                      seed=int(self.config["training"]["seed"]) + self.global_rank)
 
     # ---------------------------------------------------------------- training
     def use_affine(self) -> bool:
@@ -396,6 +401,17 @@ class AtlasISTNModule(Method):
     def on_train_epoch_start(self) -> None:
         self._epoch_sums, self._epoch_count = {}, 0
 
+    def reduce_epoch_losses(self) -> None:
+        """Make the epoch sums of the losses sums over every rank's cases (DDP; no-op for one process),
+        so :meth:`epoch_losses` gives the means over all the epoch's cases. Called on every rank at the
+        epoch's end (the AtlasUpdate callback of :mod:`atlasreg.models.train`)."""
+        keys = sorted(self._epoch_sums)
+        values = torch.tensor([float(self._epoch_sums[k]) for k in keys] + [float(self._epoch_count)],
+                              dtype=torch.float64, device=self.atlas_image.device)
+        all_reduce_sum([values])
+        self._epoch_sums = dict(zip(keys, values[:-1].tolist()))
+        self._epoch_count = int(values[-1])
+
     def on_train_epoch_end(self) -> None:
         if self._epoch_count:
             self.log_dict(self.epoch_losses(), on_step=False, on_epoch=True)
@@ -406,12 +422,15 @@ class AtlasISTNModule(Method):
         `set_training_data`) to atlas space, `batch_size` cases per pass (Eq. 16): returns the means
         of z_i o Phi_i for labelmaps (1, C, *S) and images (1, 1, *S). Where the items carry
         field-of-view masks, each atlas voxel averages the cases whose scan covers it (Phi maps it
-        inside the scan); a voxel no scan covers keeps the current atlas."""
+        inside the scan); a voxel no scan covers keeps the current atlas. With several processes each
+        warps its share of the cases (:func:`atlasreg.distributed.shard`) and the sums are added over
+        the ranks, so every rank gets the same means."""
         sum_lab = torch.zeros_like(self.atlas_labelmap)
         sum_img = torch.zeros_like(self.atlas_image)
-        count = None
+        count = torch.zeros_like(self.atlas_image)
+        masked = False
         n = 0
-        for batch in self.case_loader(dataset, batch_size):
+        for batch in self.case_loader(shard(dataset), batch_size):
             img = batch[0].to(self.device)
             lab = batch[1].to(self.device)
             # Only Phi is needed here (z_i o Phi_i): its inverse is never asked for, so never computed.
@@ -420,14 +439,18 @@ class AtlasISTNModule(Method):
                 mask = batch[3].to(self.device)
                 warped = warp(torch.cat([lab * mask, img * mask, mask], 1), tr.forward_points(), tr.grid,
                               padding="zeros").sum(0, keepdim=True)
-                count = warped[:, -1:] if count is None else count + warped[:, -1:]
+                count += warped[:, -1:]
+                masked = True
                 warped = warped[:, :-1]
             else:
                 warped = warp(torch.cat([lab, img], 1), tr.forward_points(), tr.grid).sum(0, keepdim=True)
             sum_lab += warped[:, :-1]
             sum_img += warped[:, -1:]
             n += img.shape[0]
-        if count is None:
+        flags = torch.tensor([float(n), float(masked)], dtype=torch.float64, device=sum_lab.device)
+        all_reduce_sum([sum_lab, sum_img, count, flags])
+        n = int(flags[0])
+        if not flags[1]:
             return sum_lab / n, sum_img / n
         covered = count > 1e-3
         safe = count.clamp_min(1e-3)

@@ -49,6 +49,9 @@ UNACTIONABLE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r".*does not have many workers which may be a bottleneck", UserWarning,
      "suggests DataLoader arguments; the user's setting is data.num_workers, 0 by default for exact "
      "numbers with low memory"),
+    (r"It is recommended to use `self.log\('.*', \.\.\., sync_dist=True\)`", UserWarning,
+     "DDP: the epoch means of the losses are already sums over all ranks (reduce_epoch_losses) and the "
+     "times are rank 0's own; Lightning cannot know that"),
 )
 
 #: Python loggers of Lightning whose INFO messages (device banners, the LitLogger tip, checkpoint
@@ -174,6 +177,8 @@ class ValidationMonitor(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:  # DDP: rank 0 validates and logs (the others go on training)
+            return
         epoch, epochs = trainer.current_epoch, int(trainer.max_epochs or 0)
         validate = self.dataset is not None and due(self.every, epoch, epochs)
         refine = validate and due(self.refine_every, epoch, epochs) and getattr(pl_module, "refines", bool)()

@@ -32,6 +32,8 @@ from ..data.io import atomic_file, write_text
 from ..errors import AtlasregError
 from .atlas_istn import AtlasISTNModule
 from ..devices import lightning_accelerator, resolve_device
+from ..distributed import (EpochShuffleSampler, all_gather_objects, barrier, init_external_process_group,
+                           launched_as_rank_zero, rank_and_world)
 from .monitor import LossProgressBar, StepLosses, ValidationMonitor, console_line, quiet_lightning
 from .registry import build_method, load_model
 
@@ -90,7 +92,7 @@ class EpochTimer(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         pl_module.log("time/train_s", self._t1 - self._t0)
         self.times.append((self._t1 - self._t0, pl_module.atlas_update_seconds))
-        if self.verbose:
+        if self.verbose and trainer.is_global_zero:
             # Lightning runs this before the module's own on_train_epoch_end, which logs the epoch
             # means, so they are read from the module.
             m = pl_module.epoch_losses()
@@ -160,10 +162,17 @@ class RandomStates(Callback):
         self._augmentation = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint[RNG_KEY] = random_states(pl_module)
+        # every rank's states (Lightning builds the checkpoint on every rank and writes rank 0's)
+        ranks = all_gather_objects(random_states(pl_module))
+        checkpoint[RNG_KEY] = ranks[0] if len(ranks) == 1 else {**ranks[0], "ranks": ranks}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         states = checkpoint.get(RNG_KEY)
+        if states is not None and "ranks" in states:
+            # a run of several processes: each rank continues its own generators (resumed with another
+            # number of processes, the ranks it did not have start from rank 0's)
+            rank = rank_and_world()[0]
+            states = states["ranks"][rank] if rank < len(states["ranks"]) else states["ranks"][0]
         if states is not None:
             set_random_states({k: v for k, v in states.items() if k != "augmentation"})
             self._augmentation = states.get("augmentation")
@@ -211,11 +220,15 @@ class AtlasUpdate(Callback):
         self.initial_dir = initial_dir
 
     def on_train_start(self, trainer, pl_module):
-        if self.initial_dir is not None and not self.initial_dir.exists():
+        if self.initial_dir is not None and trainer.is_global_zero and not self.initial_dir.exists():
             save_atlas(pl_module.atlas_labelmap, pl_module.atlas_image,
                        list(pl_module.config["data"]["labels"].keys()), pl_module.net.grid, self.initial_dir)
 
     def on_train_epoch_end(self, trainer, pl_module):
+        # first of all epoch-end hooks: the epoch means of the losses over every rank's cases, for the
+        # summary line, the progress bar and the logger (no-op for one process)
+        if hasattr(pl_module, "reduce_epoch_losses"):
+            pl_module.reduce_epoch_losses()
         pl_module.update_atlas()
 
 
@@ -243,7 +256,7 @@ def validation_dataset(config: dict, training: CaseDataset) -> CaseDataset | Non
 
 def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True,
           timer: EpochTimer | None = None, callbacks: list[Callback] | None = None,
-          device: str = "auto") -> Path:
+          device: str = "auto", devices: int = 1, num_nodes: int = 1) -> Path:
     """Train the config's method (Atlas-ISTN by default) on `config['data']['train']`; writes the
     training run folder out_dir (:mod:`atlasreg.contracts`, :func:`~atlasreg.contracts.run_paths`):
     the config, the last checkpoint (every epoch), the final checkpoint, the atlas folder (atlas
@@ -258,6 +271,16 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     deleted first (the case cache is kept) and a new run starts. device: 'auto' (CUDA when
     available), 'cpu', 'cuda' or 'cuda:<i>' (:func:`atlasreg.devices.resolve_device`; AtlasregError
     for a device this machine lacks). Returns the final checkpoint path.
+    devices, num_nodes: processes per machine (one per GPU, or CPU processes with the gloo backend)
+    and machines; more than one process in all trains with Lightning's DDP (:mod:`atlasreg.distributed`):
+    `training.batch_size` is per process (the global batch is devices * num_nodes times it), every
+    rank takes its part of the same seeded global batches (:class:`~atlasreg.distributed.EpochShuffleSampler`),
+    gradients are averaged, the atlas (Eqs. 15-16) and the epoch means of the losses are sums over
+    all ranks' cases, and rank 0 alone prepares the run folder and writes checkpoints, atlases, logs and
+    the summary lines. Started from a plain process, Lightning starts the other processes of this
+    machine itself (it runs the same command line again, so call this from a script or the command
+    line, not from an interactive session); under torchrun or SLURM every process runs this function
+    and rank 0 prepares the folder while the others wait.
     The console (progress=True): a progress bar on stderr with the running losses
     (:class:`~atlasreg.models.monitor.LossProgressBar`) and one summary line per epoch on stdout
     (:class:`EpochTimer`); progress=False: the summary lines only. Lightning's banners and tips and
@@ -271,7 +294,19 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     the cache is read (:meth:`CaseDataset.check`) before anything is written into out_dir, so bad
     input leaves no output behind: AtlasregError naming the file of a bad case."""
     config = validate(config)
-    accelerator, devices = lightning_accelerator(resolve_device(device))
+    accelerator, device_ids = lightning_accelerator(resolve_device(device))
+    devices, num_nodes = int(devices), int(num_nodes)
+    if devices < 1 or num_nodes < 1:
+        raise AtlasregError(f"devices and num_nodes must be >= 1, got {devices} and {num_nodes}")
+    distributed = devices * num_nodes > 1
+    if distributed:
+        if isinstance(device_ids, list) and device.strip().lower().startswith("cuda:"):
+            raise AtlasregError(f"--device {device} names one GPU; with --devices {devices} use --device cuda")
+        device_ids = devices
+        # torchrun / SLURM start every rank at once: the group is made now, so that the others wait
+        # below while rank 0 prepares the folder (Lightning's own launcher starts them after that)
+        init_external_process_group(cuda=accelerator == "gpu")
+    prepare = launched_as_rank_zero()
     if config["data"]["train"] is None:
         raise ConfigError("data.train", "missing: training needs a data split {images | csv, labels, ...}")
     out_dir = Path(out_dir)
@@ -290,24 +325,29 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     if resume and has_run:
         _check_resumable(read_run_config(out_dir), config, out_dir)
     # every case not cached yet is read once before anything is written (Lightning would meet a bad case
-    # only inside fit, after its banners, with the run folder begun)
-    dataset.check()
-    if validation is not None:
-        validation.check()
-    if not (resume and has_run) and not created:
+    # only inside fit, after its banners, with the run folder begun); rank 0 only: it fills the cache
+    if prepare:
+        dataset.check()
+        if validation is not None:
+            validation.check()
+    if prepare and not (resume and has_run) and not created:
         # a new run: nothing of an older one (or of a run that died before its first checkpoint)
         # may survive into it, e.g. its initial atlas or its logs
         _clear_run(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        write_text(paths.config, yaml.safe_dump(config, sort_keys=False))
+        if prepare:
+            write_text(paths.config, yaml.safe_dump(config, sort_keys=False))
+        barrier()  # torchrun / SLURM: the other ranks wait for the prepared folder
 
         module = build_method(config)
         module.set_training_data(dataset)
-        # Not persistent_workers: a new iterator every epoch draws its base seed from the global RNG, as
-        # with num_workers=0, so the shuffling (and every number) is the same for any number of workers.
-        loader = DataLoader(dataset, batch_size=int(t["batch_size"]), shuffle=True, drop_last=False,
-                            num_workers=workers)
+        # The order of the cases is seeded per epoch (EpochShuffleSampler: the same global batches for
+        # any number of processes, and for a resumed run). Not persistent_workers: a new iterator every
+        # epoch draws the workers' base seed from the global RNG, as with num_workers=0, so every
+        # number is the same for any number of workers.
+        loader = DataLoader(dataset, batch_size=int(t["batch_size"]), sampler=EpochShuffleSampler(len(dataset), int(t["seed"])),
+                            drop_last=False, num_workers=workers)
         last = paths.last_checkpoint
         # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes the last checkpoint only
         # when it has saved a top-k checkpoint in that epoch (save_top_k=0 would leave nothing to resume
@@ -330,19 +370,21 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
             # log_every_n_steps=1: StepLosses writes every step's losses (Lightning itself logs nothing
             # per step here)
             trainer = L.Trainer(
-                max_epochs=int(t["epochs"]), accelerator=accelerator, devices=devices, logger=logger,
+                max_epochs=int(t["epochs"]), accelerator=accelerator, devices=device_ids, num_nodes=num_nodes,
+                strategy=_ddp_strategy() if distributed else "auto", use_distributed_sampler=False, logger=logger,
                 callbacks=[*monitors, *(callbacks or []), checkpoint, *([LossProgressBar()] if progress else [])],
                 plugins=[AtomicCheckpointIO()], enable_progress_bar=progress, enable_model_summary=False,
                 log_every_n_steps=1, num_sanity_val_steps=0, deterministic=False,
                 precision=t.get("precision", "32-true"))
-            if ckpt_path:
+            if ckpt_path and prepare:
                 console_line(f"resuming from {ckpt_path}")
             trainer.fit(module, loader, ckpt_path=ckpt_path)
 
             final = paths.final_checkpoint
-            trainer.save_checkpoint(final, weights_only=False)
-        save_atlas(module.atlas_labelmap, module.atlas_image, list(config["data"]["labels"].keys()),
-                   module.net.grid, paths.atlas)
+            trainer.save_checkpoint(final, weights_only=False)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            save_atlas(module.atlas_labelmap, module.atlas_image, list(config["data"]["labels"].keys()),
+                       module.net.grid, paths.atlas)
         # Lightning leaves the module reachable from every callback (callback.log is module.log), and the
         # module reaches the trainer, its data loader and the training data. A caller that keeps a
         # callback (e.g. an EpochTimer) and segments next in the same process held them through its peak
@@ -356,9 +398,17 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     except AtlasregError:
         # bad input found after the folder was made (a training case is checked when first read):
         # a folder this call made and that holds no checkpoint yet is removed, as if never begun
-        if created and not paths.last_checkpoint.is_file():
+        if prepare and created and not paths.last_checkpoint.is_file():
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
+
+
+def _ddp_strategy():
+    """Lightning's DDP for several processes. find_unused_parameters: before
+    `training.affine_start_epoch` the affine branch of the STN takes no part in the loss."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(find_unused_parameters=True)
 
 
 def load_module(checkpoint: str | Path, map_location="cpu") -> AtlasISTNModule:
