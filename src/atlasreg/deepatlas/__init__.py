@@ -14,5 +14,7 @@ anatomical coordinates and one-shot segmentation. The spatial core, one code pat
 
 from .coordinates import identity_coordinates, jacobian, sample_at
 from .network import CoordinateNet
+from .warps import Atlas, explicit_warp, implicit_warp, overlap_mask
 
-__all__ = ["CoordinateNet", "identity_coordinates", "jacobian", "sample_at"]
+__all__ = ["CoordinateNet", "identity_coordinates", "jacobian", "sample_at", "Atlas", "explicit_warp", "implicit_warp",
+           "overlap_mask"]
