@@ -12,9 +12,13 @@ anatomical coordinates and one-shot segmentation. The spatial core, one code pat
 * :mod:`.template`: the template mask (Eq. 14), propagation, the bounding-cube projection (5.2.4).
 """
 
+from .autoencoder import FeatureAutoencoder, ct_contrast_mapping
 from .coordinates import identity_coordinates, jacobian, sample_at
+from .losses import (DeepAtlasSimilarity, SmoothnessLoss, auxiliary_channels, feature_ncc_loss, foreground_mask,
+                     smoothness_loss)
 from .network import CoordinateNet
 from .warps import Atlas, explicit_warp, implicit_warp, overlap_mask
 
-__all__ = ["CoordinateNet", "identity_coordinates", "jacobian", "sample_at", "Atlas", "explicit_warp", "implicit_warp",
-           "overlap_mask"]
+__all__ = ["CoordinateNet", "FeatureAutoencoder", "ct_contrast_mapping", "identity_coordinates", "jacobian",
+           "sample_at", "Atlas", "explicit_warp", "implicit_warp", "overlap_mask", "smoothness_loss",
+           "SmoothnessLoss", "feature_ncc_loss", "auxiliary_channels", "foreground_mask", "DeepAtlasSimilarity"]
