@@ -17,8 +17,10 @@ from .coordinates import identity_coordinates, jacobian, sample_at
 from .losses import (DeepAtlasSimilarity, SmoothnessLoss, auxiliary_channels, feature_ncc_loss, foreground_mask,
                      smoothness_loss)
 from .network import CoordinateNet
+from .template import crop, cube_affine, cube_vertices, propagate, template_mask
 from .warps import Atlas, explicit_warp, implicit_warp, overlap_mask
 
 __all__ = ["CoordinateNet", "FeatureAutoencoder", "ct_contrast_mapping", "identity_coordinates", "jacobian",
            "sample_at", "Atlas", "explicit_warp", "implicit_warp", "overlap_mask", "smoothness_loss",
-           "SmoothnessLoss", "feature_ncc_loss", "auxiliary_channels", "foreground_mask", "DeepAtlasSimilarity"]
+           "SmoothnessLoss", "feature_ncc_loss", "auxiliary_channels", "foreground_mask", "DeepAtlasSimilarity",
+           "template_mask", "propagate", "cube_affine", "cube_vertices", "crop"]
