@@ -63,6 +63,9 @@ def test_active_levels_run_only_the_coarsest_heads(ndim):
             assert id(p) not in used and p.grad is None
     with pytest.raises(ValueError, match="active_levels"):
         net.active_levels = 4
+    # each parameter belongs to exactly one level (what a level's warm-up trains, the others keep)
+    per_level = [{id(p) for p in net.level_parameters(level)} for level in range(3)]
+    assert sum(map(len, per_level)) == len(set().union(*per_level)) == len(list(net.parameters()))
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
