@@ -101,7 +101,8 @@ def test_ncc_is_the_correlation_coefficient():
     assert np.allclose(ncc(a, b).numpy(), expected, atol=1e-12)
     mask = torch.zeros(1, 1, 9, 8, dtype=torch.float64)
     mask[..., 2:7, 1:5] = 1
-    inside = [np.corrcoef(a[n, 0, 2:7, 1:5].flatten().numpy(), b[n, 0, 2:7, 1:5].flatten().numpy())[0, 1] for n in range(2)]
+    inside = [np.corrcoef(a[n, 0, 2:7, 1:5].flatten().numpy(), b[n, 0, 2:7, 1:5].flatten().numpy())[0, 1]
+              for n in range(2)]
     assert np.allclose(ncc(a, b, mask).numpy(), inside, atol=1e-12)
     # channels are centred on their own means: shifting one channel of both maps changes nothing
     two_a, two_b = torch.cat([a, a], 1), torch.cat([b, b], 1)

@@ -39,8 +39,8 @@ Choices where the paper is ambiguous:
 * *Jacobian*: central differences in the exam's corner-aligned normalised units
   (:func:`atlasreg.deepatlas.coordinates.jacobian`). Eq. 11 does not depend on these units: a per-axis
   rescaling of the exam axes multiplies each column of J by a constant, which the column normalisation
-  removes from the second term and which only shifts log det J, and its mean, by a constant in the
-  first. The same loss therefore results in voxels or mm.
+  removes from the second term and which only shifts log det J (above eps), and its mean, by a
+  constant in the first. The same loss therefore results in voxels or mm.
 * *The mean D-bar* is the (masked) mean over each case's map, differentiated like the rest (the first
   term is a robust variance of log det J).
 * *Eq. 9, which mean*: each channel of a feature map is centred on its own (masked) mean, and one

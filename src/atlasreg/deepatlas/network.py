@@ -55,7 +55,7 @@ Choices where the paper is not explicit (each the simplest reading that fits its
   not commute with upsampling (up to 3.6 voxels apart with a small random network, and 0.8-1.9 voxels
   with a 1x1 shared convolution, so no reading of the head makes them equal). Hence the paper's head
   pretraining step, which :meth:`CoordinateNet.head_warmup_loss` provides; after it the two agree to
-  0.14 voxel (tests/test_deepatlas_network.py measures both differences).
+  0.13 voxel (tests/test_deepatlas_network.py measures both differences).
 * *Parameters of a level* (the "current resolution head" trained alone in the warm-up): the head
   (residual block, convolutional block, gate) of level l and the decoder block that produces
   ``d_l``, which no coarser head uses.

@@ -71,8 +71,9 @@ def template_mask(c: torch.Tensor, masks: torch.Tensor, size: Sequence[int], wei
     structures' masks in [0, 1]. size: the template grid (array order), usually the atlas's. weights:
     optional (N or 1, 1, *S) voxel weights of the exams. smoothness: lambda of the membrane term
     (> 0). Returns M (1, K, *size), float, detached; near a mask's edges its values overshoot [0, 1]
-    (a least-squares fit of a step by linear interpolation). Solved by conjugate gradients to a residual below ``tol`` times the right-hand side's
-    (``max_iterations`` at most). Raises ValueError for malformed inputs or smoothness <= 0.
+    (a least-squares fit of a step by linear interpolation). Solved by conjugate gradients to a
+    residual below ``tol`` times the right-hand side's (``max_iterations`` at most). Raises ValueError
+    for malformed inputs or smoothness <= 0.
     """
     d = _check_maps(c, masks, weights)
     size = tuple(int(n) for n in size)
@@ -189,6 +190,7 @@ def crop(image: torch.Tensor, A: torch.Tensor, t: torch.Tensor, box_min: Sequenc
     grid = identity_coordinates(size, image.device, image.dtype)  # [-1, 1] corner to corner
     shape = (1, d, *[1] * d)
     template_points = lo.view(shape) + (grid + 1) * 0.5 * (hi - lo).view(shape)
-    exam_points = torch.einsum("nij,nj...->ni...", A.to(image.dtype), template_points.expand(A.shape[0], *grid.shape[1:]))
+    template_points = template_points.expand(A.shape[0], *grid.shape[1:])
+    exam_points = torch.einsum("nij,nj...->ni...", A.to(image.dtype), template_points)
     exam_points = exam_points + t.to(image.dtype).view(A.shape[0], d, *[1] * d)
     return sample_at(image, exam_points, padding="zeros")
