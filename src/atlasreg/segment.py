@@ -453,7 +453,8 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
             if skipped:
                 bar.update(len(skipped))
         todo = [b for b in batches if not all(files[i][0] in present for i in b)]
-        size = len(todo[0]) if todo else 1
+        size, workers = (len(todo[0]), workers) if todo else (1, 0)  # nothing to read: no worker
+        # each worker keeps up to prefetch_factor cases read ahead: together about one batch
         loader = DataLoader(CaseReader(files, prep), batch_size=None, sampler=[i for b in todo for i in b],
                             num_workers=workers, collate_fn=_as_is,
                             prefetch_factor=max(2, -(-size // workers)) if workers else None)
