@@ -561,7 +561,7 @@ def test_evaluate_refuses_an_interrupted_or_mixed_segmentation_run(trained, tmp_
     import atlasreg.segment as segment_module
 
     test, out = trained / "test", tmp_path / "seg"
-    write = segment_module.write_case_outputs
+    write = segment_module.write_outputs  # a case folder's files
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -570,7 +570,7 @@ def test_evaluate_refuses_an_interrupted_or_mixed_segmentation_run(trained, tmp_
             raise KeyboardInterrupt
         return write(*args, **kwargs)
 
-    monkeypatch.setattr(segment_module, "write_case_outputs", interrupted)
+    monkeypatch.setattr(segment_module, "write_outputs", interrupted)
     argv = segment_argv(trained, [test], out) + ["--image-suffix", "_img", "--iterations", "2", "--cases-at-once", "1"]
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == "atlasreg: interrupted"
@@ -581,7 +581,7 @@ def test_evaluate_refuses_an_interrupted_or_mixed_segmentation_run(trained, tmp_
     run_fails(evaluate, capsys, f"{out / 'segment.yaml'}: the segmentation run is incomplete")
     assert not (tmp_path / "ev").exists()
 
-    monkeypatch.setattr(segment_module, "write_case_outputs", write)
+    monkeypatch.setattr(segment_module, "write_outputs", write)
     assert main(argv) == 0
     assert yaml.safe_load((out / "segment.yaml").read_text())["status"] == "complete"
     assert main(evaluate) == 0

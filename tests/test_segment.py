@@ -330,14 +330,14 @@ def test_the_progress_bar_advances_per_written_case(images, tmp_path, monkeypatc
             events.append((self.desc, n))
             return super().update(n)
 
-    real = segment_module.write_case_outputs
+    real = segment_module.write_outputs  # the case folder's files, on the writer thread
 
-    def write(out_dir, case, *args, **kwargs):
+    def write(final, case, *args, **kwargs):
         events.append(("written", case.name))
-        return real(out_dir, case, *args, **kwargs)
+        return real(final, case, *args, **kwargs)
 
     monkeypatch.setattr(segment_module, "tqdm", Recording)
-    monkeypatch.setattr(segment_module, "write_case_outputs", write)
+    monkeypatch.setattr(segment_module, "write_outputs", write)
     # both cases in one group (cases_at_once 2): the bar moves after each case, not once for the group
     segment(tiny_module(), [images], tmp_path / "seg", {"iterations": 0, "cases_at_once": 2}, image_suffix="_img")
     assert events == [("written", "B1"), ("segmenting", 1), ("written", "B2"), ("segmenting", 1)]

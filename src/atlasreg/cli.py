@@ -338,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--part-id", type=_non_negative_int, default=0, metavar="I",
                    help="which part this command runs, 0 <= I < P")
     s.add_argument("--num-workers", type=_non_negative_int, metavar="N",
-                   help="processes reading the cases ahead of the computation (0: none; default: min(2, CPU "
-                   "count))")
+                   help="processes reading the cases ahead of the computation (0: none; default: 1 on up to 4 "
+                   "CPUs, else 2)")
     s.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     s.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     s.set_defaults(func=cmd_segment)

@@ -14,8 +14,8 @@ a command of its own, on any machine, into one shared folder) computes the batch
 batched convolutions round differently with the batch, and the refinement starts from its logits), so
 batches are a function of the position in the whole case list only: the parts of a run write exactly
 the files of one unsplit run, and a rerun computes exactly the batches of the first run. Cases are
-read in DataLoader workers (:class:`CaseReader`) ahead of the computation, and case folders are
-written by a background thread while the next batch computes. A case that cannot be read or checked
+read in DataLoader workers (:class:`CaseReader`) ahead of the computation, and the files of a case
+folder are written by a background thread while the next case computes. A case that cannot be read or checked
 is recorded as failed in the run's case manifest and the others go on (:class:`CasesFailed` at the
 end). With a checkpoint (a run with a manifest, :data:`SEGMENT_INFO`), a rerun of the same command
 skips the cases whose folder is complete and computes again the batches that hold a missing case,
@@ -25,6 +25,7 @@ an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from .contracts import (  # noqa: F401 - the case folder's names, re-exported
@@ -49,7 +50,8 @@ from .data.cases import Case, Preprocessing, case_name, load_case
 from .data.dataset import CasePair, find_pairs, split_extension
 from .data.io import remove_temporaries, write_bytes
 from .errors import AtlasregError
-from .export import world_transforms, write_case_outputs  # noqa: F401 - re-exported
+from .contracts import labelmap_extension
+from .export import native_outputs, world_transforms, write_case_outputs, write_outputs  # noqa: F401 - re-exported
 from .models.registry import Method
 from .outputs import claim_output, file_sha256
 from .predict import predict_cases, segment_cases, transform_statistics  # noqa: F401
@@ -143,11 +145,14 @@ def collect_inputs(inputs: Sequence[str | Path], image_suffix: str = "",
 
 
 def default_workers() -> int:
-    """DataLoader workers that read cases by default: min(2, CPU count). One worker hides the reading
-    whenever a case reads faster than it computes (reading and resampling a Letter-B PNG is about 2% of
-    a refined case on CPU); the second keeps up where reading is the slower part (large compressed 3D
-    volumes, a GPU, no refinement). Each worker holds at most about one batch of read cases."""
-    return min(2, os.cpu_count() or 1)
+    """DataLoader worker processes that read cases by default: 1 on a machine of up to 4 CPUs, else 2.
+    One worker hides the reading whenever a case reads faster than it computes (reading and resampling
+    a Letter-B PNG is about 2% of a refined case on CPU), and takes one process's CPU time from the
+    computation only while it reads; a second one keeps up where reading is the slower part (large
+    compressed 3D volumes, a GPU, no refinement) and has CPUs to itself. (32 Letter-B cases, K = 10, on
+    a busy 2-CPU machine: 10-14 s with 0, 1 or 2 workers and before this reader, within the noise.)
+    Each worker holds at most about one batch of read cases."""
+    return 1 if (os.cpu_count() or 1) <= 4 else 2
 
 
 def check_part(num_parts: int, part_id: int) -> None:
@@ -168,6 +173,13 @@ def part_batches(n: int, cases_at_once: int, num_parts: int = 1, part_id: int = 
     check_part(num_parts, part_id)
     size = max(1, int(cases_at_once))
     return [range(s, min(s + size, n)) for k, s in enumerate(range(0, n, size)) if k % num_parts == part_id]
+
+
+#: ITK's bundled HDF5 library is not thread-safe, and ITK probes HDF5 for any image it reads (its HDF5
+#: image reader): an image read in this process (``num_workers=0``) while the writer thread writes an
+#: .h5 transform failed with "H5Dcreate2 failed" (32 Letter-B cases, 1 run in 8). Reads in this process
+#: and the writer's files take turns; reads in DataLoader workers (other processes) need not.
+_ITK_FILES = threading.Lock()
 
 
 @dataclass
@@ -203,7 +215,8 @@ class CaseReader(Dataset):
         name, path = self.files[position]
         start = time.perf_counter()
         case = error = None
-        with warnings.catch_warnings(record=True) as caught:
+        here = get_worker_info() is None  # in the process that writes (no worker processes)
+        with warnings.catch_warnings(record=True) as caught, (_ITK_FILES if here else contextlib.nullcontext()):
             warnings.simplefilter("always")
             try:
                 case = load_case(path, None, self.prep, name=name)
@@ -372,9 +385,10 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
     refined together; `num_parts` > 1 runs part `part_id` (0-based) only, the batches k with
     ``k % num_parts == part_id`` (:func:`part_batches`), so that P commands, on any machines, segment
     one folder together. Cases are read by `num_workers` DataLoader worker processes
-    (:class:`CaseReader`; None: :func:`default_workers`; 0: in this process) ahead of the computation,
-    and case folders are written by a background thread while the next batch computes; memory holds
-    about three batches of cases whatever the number of inputs. progress: a bar on stderr (tqdm)
+    (:class:`CaseReader`; None: :func:`default_workers`; 0: in this process) ahead of the computation;
+    each case's outputs are computed on its input's grid here and written (encoded, compressed, flushed)
+    by a background thread while the next case computes; memory holds about two batches of cases and
+    the outputs of three, whatever the number of inputs. progress: a bar on stderr (tqdm)
     advancing per case (written, skipped or failed). refinement: overrides of config['refinement']
     (iterations, lr, beta, gamma, lambda, cases_at_once, ...), validated as config values (ConfigError
     naming the key) before anything is read or written.
@@ -432,12 +446,12 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
         run = _begin_run(out_dir, checkpoint, ref, [n for n, _ in files], overwrite, num_parts, part_id)
     bar = tqdm(total=len(mine), desc="segmenting", unit="case", disable=not progress)
 
-    def write(item) -> None:  # on the writer thread
-        pred, read, computed = item
+    def write(item) -> None:  # on the writer thread: files only (encoding, compression, fsync)
+        pred, read, computed, outputs = item
         start = time.perf_counter()
-        folder = write_case_outputs(out_dir, pred.case, labels, grid, pred.itn, pred.transforms,
-                                    module.atlas_labelmap, module.atlas_image,
-                                    transform_metrics=pred.transform_metrics)
+        with _ITK_FILES:
+            folder = write_outputs(out_dir / pred.case.name, pred.case, outputs, labelmap_extension(pred.case.path),
+                                   pred.transform_metrics)
         result.append(folder)
         manifest.add([_row(read.name, read.path, DONE, read.seconds + computed + time.perf_counter() - start)])
         bar.update()  # per written case
@@ -459,7 +473,7 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
                             num_workers=workers, collate_fn=_as_is,
                             prefetch_factor=max(2, -(-size // workers)) if workers else None)
         reads = iter(loader)  # the workers start (forked before the writer thread exists)
-        writer = _Writer(write, size)
+        writer = _Writer(write, 2)  # outputs of large 3D inputs take GBs: two cases wait at most
         for batch in todo:
             got = [next(reads) for _ in batch]
             for r in got:
@@ -479,8 +493,11 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
                 preds = predict_cases(module, [r.case for r in ok], ref)
                 share = (time.perf_counter() - start) / len(ok)
                 for pred, r in zip(preds, ok):
-                    if r.name not in present:
-                        writer.put((pred, r, share))
+                    if r.name not in present:  # the outputs on the input's grid: computed here, written there
+                        start = time.perf_counter()
+                        outputs = native_outputs(pred.case, labels, grid, pred.itn, pred.transforms,
+                                                 module.atlas_labelmap, module.atlas_image)
+                        writer.put((pred, r, share + time.perf_counter() - start, outputs))
             # complete cases of a batch computed again (for its missing ones) keep their folders, even
             # one that cannot be read now
             kept = [r for r in got if r.name in present]
