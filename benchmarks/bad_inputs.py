@@ -53,7 +53,8 @@ def main() -> None:
     counts = {c: sum(r.command == c for r in rows) for c in dict.fromkeys(r.command for r in rows)}
     print(f"\n{len(rows)} rows ({', '.join(f'{c} {n}' for c, n in counts.items())}); "
           f"{len(rows) - len(failed)} as required (status 2, one line naming the file or key, nothing left "
-          f"behind); {time.perf_counter() - t0:.0f} s")
+          f"behind; a segment input that fails alone: status 1, its line and the summary, the case failed "
+          f"in the case manifest, the good cases written); {time.perf_counter() - t0:.0f} s")
     by_defect: dict[str, list[str]] = {}
     for r, found in failed:
         by_defect.setdefault(r.defect or "not known (a new defect)", []).append(f"{r.id} ({'; '.join(found)})")

@@ -197,6 +197,9 @@ class Row:
     build: Build
     #: a defect in a file another engineer is editing: the reason (the test is xfail(strict=True))
     defect: str | None = None
+    #: `segment` rows whose bad input fails alone (issue 16 item 3): the case folders the run must write
+    #: besides (the good inputs); None: a row of the one-line, status-2, nothing-left kind
+    fails_alone: tuple[str, ...] | None = None
 
     @property
     def id(self) -> str:
@@ -206,11 +209,19 @@ class Row:
 ROWS: list[Row] = []
 
 
-def row(command: str, text: str, defect: str | None = None):
+def row(command: str, text: str, defect: str | None = None, fails_alone: tuple[str, ...] | None = None):
     def add(build: Build) -> Build:
-        ROWS.append(Row(command, text, build, defect))
+        ROWS.append(Row(command, text, build, defect, fails_alone))
         return build
     return add
+
+
+def case_row(text: str, *written: str):
+    """A `segment` row whose bad input fails alone (issue 16 item 3: one unreadable scan does not stop a
+    batch): exit status 1, its line `atlasreg: error: <file>: <problem>` and the summary line, the
+    case recorded as failed in the case manifest with that message, the cases `written` (the good
+    inputs) written, nothing else created or changed but the run's manifests (:func:`problems`)."""
+    return row("segment", text, fails_alone=written)
 
 
 def _nan_image(m, path, value=np.nan):
@@ -440,19 +451,19 @@ def _(m, d):
     return segment_argv(m, [d / "none.png"], d / "out"), "none.png"
 
 
-@row("segment", "image empty (0 bytes .nii.gz)")
+@case_row("image empty (0 bytes .nii.gz)")
 def _(m, d):
     (d / "empty.nii.gz").write_bytes(b"")
     return segment_argv(m, [d / "empty.nii.gz"], d / "out"), "empty.nii.gz"
 
 
-@row("segment", "image truncated (half the bytes of a .nii.gz)")
+@case_row("image truncated (half the bytes of a .nii.gz)")
 def _(m, d):
     bad = truncate(write_array(image_array(m), d / "half.nii.gz"))
     return segment_argv(m, [bad], d / "out"), "half.nii.gz"
 
 
-@row("segment", "image truncated (half the bytes of a .png)")
+@case_row("image truncated (half the bytes of a .png)")
 def _(m, d):
     bad = d / "half.png"
     bad.write_bytes(m.image.read_bytes())
@@ -460,48 +471,48 @@ def _(m, d):
     return segment_argv(m, [bad], d / "out"), "half.png"
 
 
-@row("segment", "image corrupt (garbage bytes named .nii.gz)")
+@case_row("image corrupt (garbage bytes named .nii.gz)")
 def _(m, d):
     (d / "junk.nii.gz").write_bytes(os.urandom(2000))
     return segment_argv(m, [d / "junk.nii.gz"], d / "out"), "junk.nii.gz"
 
 
-@row("segment", "image corrupt (PNG signature, then garbage)")
+@case_row("image corrupt (PNG signature, then garbage)")
 def _(m, d):
     (d / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     return segment_argv(m, [d / "bad.png"], d / "out"), "bad.png"
 
 
-@row("segment", "a good image, then a corrupt one: nothing written")
+@case_row("a good image, then a corrupt one: the good one written", "B101_img")
 def _(m, d):
     (d / "broken.png").write_bytes(b"\x89PNG not really")
     return segment_argv(m, [m.image, d / "broken.png"], d / "out"), "broken.png"
 
 
-@row("segment", "image with a NaN voxel")
+@case_row("image with a NaN voxel")
 def _(m, d):
     return segment_argv(m, [_nan_image(m, d / "nan.nii.gz")], d / "out"), "nan.nii.gz"
 
 
-@row("segment", "image with an infinite voxel")
+@case_row("image with an infinite voxel")
 def _(m, d):
     return segment_argv(m, [_nan_image(m, d / "inf.nii.gz", np.inf)], d / "out"), "inf.nii.gz"
 
 
-@row("segment", "image with -inf and 3e38 voxels")
+@case_row("image with -inf and 3e38 voxels")
 def _(m, d):
     a = image_array(m) * np.float32(3e38 / 255)
     a[0, 0] = -np.inf
     return segment_argv(m, [write_array(a, d / "huge.nii.gz")], d / "out"), "huge.nii.gz"
 
 
-@row("segment", "image 3-D (4 x 32 x 32) for a 2-D model")
+@case_row("image 3-D (4 x 32 x 32) for a 2-D model")
 def _(m, d):
     a = np.repeat(image_array(m)[None], 4, 0)
     return segment_argv(m, [write_array(a, d / "vol.nii.gz")], d / "out"), "vol.nii.gz"
 
 
-@row("segment", "image of 5 components per pixel")
+@case_row("image of 5 components per pixel")
 def _(m, d):
     a = np.stack([image_array(m)] * 5, -1)
     img = sitk.GetImageFromArray(a, isVector=True)
@@ -544,7 +555,7 @@ def _(m, d):
     return segment_argv(m, [m.image], d / "out", checkpoint=bad), "weights.ckpt"
 
 
-@row("segment", "image of complex pixels")
+@case_row("image of complex pixels")
 def _(m, d):
     img = sitk.GetImageFromArray(image_array(m).astype(np.complex64))
     sitk.WriteImage(img, str(d / "complex.nii.gz"))
@@ -590,11 +601,11 @@ def _(m, d):
     return segment_argv(m, [m.image], d / "file" / "out"), str(d / "file")
 
 
-@row("segment", "existing --out with a case, then a truncated image")
+@case_row("existing --out with a case (same settings), then a truncated image of that case")
 def _(m, d):
     out = copy_tree(m.seg, d / "out")
     bad = truncate(write_array(image_array(m), d / "B102.nii.gz"))
-    return segment_argv(m, [bad], out), "B102.nii.gz"
+    return segment_argv(m, [bad], out, "--iterations", "0"), "B102.nii.gz"  # the material's settings
 
 
 def other_checkpoint(source: Path, path: Path) -> Path:
@@ -627,7 +638,7 @@ def _(m, d):
     return segment_argv(m, [m.image], out), str(out)
 
 
-@row("segment", "image of 1x1 pixels")
+@case_row("image of 1x1 pixels")
 def _(m, d):
     return segment_argv(m, [write_array(np.ones((1, 1), np.float32), d / "dot.nii.gz")], d / "out"), "dot.nii.gz"
 
@@ -648,7 +659,7 @@ def _(m, d):
     return segment_argv(m, [folder], d / "out"), "bad.dcm"
 
 
-@row("segment", "DICOM folder holding two series")
+@case_row("DICOM folder holding two series (a case of a folder)")
 def _(m, d):
     _dicom_series(d / "ct", "92", names=[f"a{k}.dcm" for k in range(4)])
     _dicom_series(d / "ct", "93", names=[f"b{k}.dcm" for k in range(4)])
@@ -1221,6 +1232,8 @@ class Result:
     stderr: str
     left: list[str] = field(default_factory=list)  # files created, changed or removed
     fresh_out: bool = True
+    fails_alone: tuple[str, ...] | None = None  # the row's (Row.fails_alone)
+    out: Path | None = None  # the command's --out
 
     @property
     def message(self) -> str:
@@ -1333,11 +1346,66 @@ def run_row(r: Row, m: Material, folder: Path) -> Result:
     shown = "".join(f"atlasreg: warning: {w.message}\n" for w in caught)
     after = {**_snapshot(folder), **_snapshot(m.root)}
     return Result(argv, name, status, text["out"], shown + text["err"], _difference(before, after, bases),
-                  fresh_out=out is None or str(out) not in {k for k in before})
+                  fresh_out=out is None or str(out) not in {k for k in before}, fails_alone=r.fails_alone,
+                  out=None if out is None else folder / out)
+
+
+def _case_problems(res: Result) -> list[str]:
+    """What a row whose bad input fails alone did wrong (empty: status 1; stderr two lines, `atlasreg:
+    error: <the row's file>: <problem>` and `atlasreg: error: 1 of <n> cases failed, see <out>/
+    segment_manifest.csv`; the manifest records the case as failed with that problem and the good
+    inputs as done; the run complete; nothing created or changed but the good cases' folders, the run's
+    manifests and a fresh --out; no temporary entry)."""
+    from atlasreg.contracts import read_segment_info, read_segment_manifest
+
+    found = []
+    if res.status != 1:
+        found.append(f"exit status {res.status}")
+    inputs = res.argv[1:res.argv.index("--checkpoint")]
+    manifest = res.out / "segment_manifest.csv"
+    lines = res.stderr.strip().splitlines()
+    summary = f"atlasreg: error: 1 of {len(inputs)} cases failed, see {manifest}"
+    if len(lines) != 2 or lines[1] != summary:
+        found.append(f"stderr is not its line and '{summary}'")
+    if not lines or not lines[0].startswith("atlasreg: error: "):
+        found.append("no 'atlasreg: error:' line")
+    elif res.name not in lines[0]:
+        found.append(f"the message does not name {res.name}")
+    if "Traceback" in res.stderr or "Traceback" in res.stdout:
+        found.append("a traceback")
+    if manifest.is_file():
+        rows = sorted((r["case"], r["status"], r["error"]) for r in read_segment_manifest(manifest))
+        failed = [r for r in rows if r[1] == "failed"]
+        if len(failed) != 1 or not lines or failed[0][2] != lines[0][len("atlasreg: error: "):]:
+            found.append(f"the manifest does not record the case as failed with its message: {failed}")
+        if sorted(r[0] for r in rows if r[1] == "done") != sorted(res.fails_alone):
+            found.append(f"the manifest's done cases are not {list(res.fails_alone)}")
+        if read_segment_info(res.out).get("status") != "complete":
+            found.append("the run is not complete")
+    else:
+        found.append(f"no {manifest.name}")
+    o = res.out.name  # as the row's folder's entries are named in res.left (the rows' --out is <folder>/out)
+    allowed = {f"~{o}/segment.yaml", f"~{o}/segment_manifest.csv"}
+    if res.fresh_out:
+        allowed |= {f"+{o}", f"+{o}/segment.yaml", f"+{o}/segment_manifest.csv"}
+    cases = {e[len(o) + 2:].split("/")[0] for e in res.left if e.startswith(f"+{o}/") and e.count("/") >= 1}
+    cases -= {"segment.yaml", "segment_manifest.csv"}
+    unexpected = [e for e in res.left if e not in allowed and not (e.startswith("+") and e[len(o) + 2:].split("/")[0]
+                                                                   in res.fails_alone)]
+    if unexpected:
+        found.append("files left behind: " + " ".join(unexpected))
+    if sorted(cases) != sorted(res.fails_alone):
+        found.append(f"case folders written: {sorted(cases)}, expected {list(res.fails_alone)}")
+    if res.out.is_dir() and any(p.name.startswith(".") for p in res.out.rglob("*")):
+        found.append("a temporary entry left")
+    return found
 
 
 def problems(res: Result) -> list[str]:
-    """What the row did wrong (empty: one line, status 2, names its file or key, nothing left)."""
+    """What the row did wrong (empty: one line, status 2, names its file or key, nothing left; for a
+    row whose bad input fails alone, :func:`_case_problems`)."""
+    if res.fails_alone is not None:
+        return _case_problems(res)
     found = []
     if res.status != 2:
         found.append(f"exit status {res.status}")

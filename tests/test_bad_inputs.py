@@ -1,8 +1,12 @@
 """Issue 14 acceptance: every bad input of tests/bad_inputs_rows.py, across train, segment, evaluate,
 report and correspond, ends with exit status 2 and one line `atlasreg: error: <file>: <problem>` on
 stderr naming the row's file or key, no traceback, and nothing created, changed or left behind (no
-output folder for a fresh --out, an existing --out untouched, no .tmp- entries). The same rows make the
-table of docs/results.md (benchmarks/bad_inputs.py)."""
+output folder for a fresh --out, an existing --out untouched, no .tmp- entries). Except (issue 16
+item 3) a `segment` input that cannot be read fails alone: exit status 1, its line and the summary
+line, the case failed in the case manifest with that message, the good inputs written. The same rows
+make the table of docs/results.md (benchmarks/bad_inputs.py)."""
+
+import dataclasses
 
 from collections import Counter
 from pathlib import Path
@@ -66,3 +70,15 @@ def test_the_harness_sees_a_success_a_traceback_and_a_message_naming_another_fil
     res = run_row(Row("correspond", "names p.csv", named_elsewhere), material, tmp_path / "named")
     assert problems(res) == ["the message does not name other.csv"], problems(res)
     assert Path(res.message.split(": ")[2]).name == "p.csv"
+
+
+def test_the_harness_checks_what_a_case_that_fails_alone_did(material, tmp_path):
+    """A row whose input fails alone passes, and the same run reported with another exit status, with
+    a case folder it did not write, or without its manifest, does not."""
+    r = next(r for r in ROWS if r.fails_alone == ("B101_img",))
+    res = run_row(r, material, tmp_path / "row")
+    assert problems(res) == []
+    assert "exit status 2" in problems(dataclasses.replace(res, status=2))
+    assert "case folders written: ['B101_img'], expected []" in problems(dataclasses.replace(res, fails_alone=()))
+    (res.out / "segment_manifest.csv").unlink()
+    assert "no segment_manifest.csv" in problems(res)

@@ -1,6 +1,7 @@
 """The command line end to end on tiny generated data, and every bad input of the core issue."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,36 @@ def segment_argv(trained, inputs, out):
             "--quiet"]
 
 
+def run_fails_alone(argv, capsys, bad, *needles):
+    """`atlasreg segment` where the input `bad` cannot be read (issue 16 item 3): exit status 1, stderr
+    two lines, `atlasreg: error: <bad>: <problem>` (holding `needles`) and the summary naming the case
+    manifest, which records the case as failed with that message; every other input is written.
+    Returns the problem line."""
+    from atlasreg.contracts import read_segment_manifest
+
+    inputs = [a for a in argv[1:argv.index("--checkpoint")]]
+    out = Path(argv[argv.index("--out") + 1])
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    manifest = out / "segment_manifest.csv"
+    assert code == 1, captured.err
+    assert len(lines) == 2 and lines[1] == f"atlasreg: error: 1 of {len(inputs)} cases failed, see {manifest}", lines
+    assert lines[0].startswith(f"atlasreg: error: {bad}: "), lines
+    for n in needles:
+        assert n in lines[0], lines
+    rows = read_segment_manifest(manifest)
+    assert sorted((r["image"], r["status"], r["error"]) for r in rows) == sorted(
+        (str(Path(i).resolve()), "failed" if Path(i) == Path(bad) else "done",
+         lines[0][len("atlasreg: error: "):] if Path(i) == Path(bad) else "") for i in inputs)
+    written = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert written == sorted(r["case"] for r in rows if r["status"] == "done")
+    assert f"{len(inputs) - 1} case(s) written" in captured.out
+    assert yaml.safe_load((out / "segment.yaml").read_text())["status"] == "complete"
+    assert not list(out.glob(".*"))  # no temporary leftovers
+    return lines[0]
+
+
 def test_missing_file(trained, tmp_path, capsys):
     missing = tmp_path / "nope.png"
     run_fails(segment_argv(trained, [missing], tmp_path / "o"), capsys, "nope.png", "not found")
@@ -167,20 +198,21 @@ def test_missing_file(trained, tmp_path, capsys):
                str(tmp_path / "o")], capsys, "x.ckpt")
 
 
-def test_unreadable_file_leaves_no_output(trained, tmp_path, capsys):
+def test_an_unreadable_file_fails_alone_and_the_good_case_is_written(trained, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     good = trained / "test" / "B101_img.png"
     out = tmp_path / "o"
-    run_fails(segment_argv(trained, [good, bad], out), capsys, "broken.png")
-    assert not out.exists() or not any(out.iterdir())  # nothing half-written, not even the good case
+    run_fails_alone(segment_argv(trained, [good, bad], out), capsys, bad, "cannot read image")
+    assert sorted(p.name for p in out.iterdir()) == ["B101_img", "segment.yaml", "segment_manifest.csv"]
 
 
 def test_nan_intensities(trained, tmp_path, capsys):
     arr = np.random.rand(SIZE, SIZE).astype(np.float32)
     arr[3, 4] = np.nan
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "nan.nii.gz"))
-    run_fails(segment_argv(trained, [tmp_path / "nan.nii.gz"], tmp_path / "o"), capsys, "nan.nii.gz", "NaN")
+    run_fails_alone(segment_argv(trained, [tmp_path / "nan.nii.gz"], tmp_path / "o"), capsys, tmp_path / "nan.nii.gz",
+                    "NaN")
 
 
 def _truncated_nifti(array, path, keep=0.5):
@@ -193,14 +225,14 @@ def _truncated_nifti(array, path, keep=0.5):
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
-def test_truncated_image_is_refused_by_segment(trained, tmp_path, capsys, ext):
-    # SimpleITK reads a half .nii.gz as a zero-filled image; segment used to accept it (issue 14).
+def test_a_truncated_image_fails_alone_in_segment(trained, tmp_path, capsys, ext):
+    # SimpleITK reads a half .nii.gz as a zero-filled image; segment used to accept it (issue 14). It
+    # fails alone: the good case is written (issue 16 item 3).
     source = sitk.GetArrayFromImage(sitk.ReadImage(str(trained / "test" / "B101_img.png"))).astype(np.float32)
     bad = _truncated_nifti(source, tmp_path / f"B101{ext}")
     out = tmp_path / "o"
-    run_fails(segment_argv(trained, [trained / "test" / "B102_img.png", bad], out), capsys,
-              f"{bad}: truncated")
-    assert not out.exists()
+    run_fails_alone(segment_argv(trained, [trained / "test" / "B102_img.png", bad], out), capsys, bad, "truncated")
+    assert (out / "B102_img").is_dir() and not (out / "B101").exists()
 
 
 def test_truncated_labelmap_is_refused_by_train(trained, tmp_path, capsys):
@@ -296,7 +328,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch, argv, 
 def test_dimensionality_mismatch(trained, tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, SIZE, SIZE).astype(np.float32)),
                     str(tmp_path / "vol.nii.gz"))
-    run_fails(segment_argv(trained, [tmp_path / "vol.nii.gz"], tmp_path / "o"), capsys, "vol.nii.gz", "3D")
+    run_fails_alone(segment_argv(trained, [tmp_path / "vol.nii.gz"], tmp_path / "o"), capsys, tmp_path / "vol.nii.gz",
+                    "3D")
 
 
 def make_training_folder(trained, tmp_path, label_array):
@@ -511,7 +544,7 @@ def test_segment_refuses_a_folder_of_another_run_and_overwrite_clears_it(trained
 
     assert main(["segment", str(test / "B103_img.png"), "--checkpoint", str(other), "--out", str(out), "--quiet",
                  "--iterations", "2", "--overwrite", "--image-suffix", "_img"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["B103", "segment.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["B103", "segment.yaml", "segment_manifest.csv"]
     assert yaml.safe_load((out / "segment.yaml").read_text())["checkpoint"] == str(other.resolve())
 
     (out / "segment.yaml").unlink()
@@ -528,7 +561,7 @@ def test_evaluate_refuses_an_interrupted_or_mixed_segmentation_run(trained, tmp_
     import atlasreg.segment as segment_module
 
     test, out = trained / "test", tmp_path / "seg"
-    write = segment_module.write_case_outputs
+    write = segment_module.write_outputs  # a case folder's files
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -537,7 +570,7 @@ def test_evaluate_refuses_an_interrupted_or_mixed_segmentation_run(trained, tmp_
             raise KeyboardInterrupt
         return write(*args, **kwargs)
 
-    monkeypatch.setattr(segment_module, "write_case_outputs", interrupted)
+    monkeypatch.setattr(segment_module, "write_outputs", interrupted)
     argv = segment_argv(trained, [test], out) + ["--image-suffix", "_img", "--iterations", "2", "--cases-at-once", "1"]
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == "atlasreg: interrupted"
@@ -548,13 +581,128 @@ def test_evaluate_refuses_an_interrupted_or_mixed_segmentation_run(trained, tmp_
     run_fails(evaluate, capsys, f"{out / 'segment.yaml'}: the segmentation run is incomplete")
     assert not (tmp_path / "ev").exists()
 
-    monkeypatch.setattr(segment_module, "write_case_outputs", write)
+    monkeypatch.setattr(segment_module, "write_outputs", write)
     assert main(argv) == 0
     assert yaml.safe_load((out / "segment.yaml").read_text())["status"] == "complete"
     assert main(evaluate) == 0
 
     shutil.copytree(out / "B101", out / "B999")
     run_fails(evaluate + ["--overwrite"], capsys, f"{out}: holds 1 case folder(s) its segmentation run did not write (B999")
+
+
+def _same_case_files(a, b):
+    """The files under folders `a` and `b`: the same names and bytes; the ITK .h5 transforms (HDF5 stores
+    the time each object was written) the same transforms, parameters bit for bit."""
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    for name in names:
+        if name.endswith(".h5"):
+            ta, tb = (sitk.CompositeTransform(sitk.ReadTransform(str(f / name))) for f in (a, b))
+            assert ta.GetNumberOfTransforms() == tb.GetNumberOfTransforms() == 2, name
+            for i in range(2):
+                x, y = ta.GetNthTransform(i), tb.GetNthTransform(i)
+                assert (x.GetName(), x.GetParameters(), x.GetFixedParameters()) == \
+                    (y.GetName(), y.GetParameters(), y.GetFixedParameters()), name
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return names
+
+
+@pytest.fixture(scope="module")
+def many(trained):
+    """Five test images (B201-B205) and their segmentation by one unsplit run, batches of 2 cases."""
+    write_letter_b_dataset(trained / "many", 5, seed=4, start_index=201, size=SIZE, corrupt=True)
+    out = trained / "many_whole"
+    assert main(_many_argv(trained, out)) == 0
+    return trained
+
+
+def _many_argv(trained, out, *extra):
+    return segment_argv(trained, [trained / "many"], out) + ["--image-suffix", "_img", "--iterations", "40",
+                                                               "--cases-at-once", "2", *extra]
+
+
+def _case_dirs(out):
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_two_parts_write_the_files_of_one_run_and_complete_it_together(many, tmp_path, capsys):
+    """Issue 16 item 3: --num-parts 2 --part-id I into one folder; the parts take the batches of
+    --cases-at-once alternately (B201-B202, B205 and B203-B204), write exactly the files of the unsplit
+    run (read with 0 or 2 worker processes), and the folder is complete, for evaluate too, only when both
+    have finished."""
+    from atlasreg.contracts import read_segment_manifest
+
+    out = tmp_path / "parts"
+    evaluate = ["evaluate", str(out), "--references", str(many / "many"), "--reference-suffix", "_seg",
+                "--checkpoint", str(many / "run" / "model.ckpt"), "--out", str(tmp_path / "ev")]
+    assert main(_many_argv(many, out, "--num-parts", "2", "--part-id", "1", "--num-workers", "0")) == 0
+    assert _case_dirs(out) == ["B203", "B204"]
+    info = yaml.safe_load((out / "segment.yaml").read_text())
+    assert info["status"] == "in_progress" and info["parts"] == 2 and len(info["cases"]) == 5
+    run_fails(evaluate, capsys, f"{out / 'segment.yaml'}: the segmentation run is incomplete",
+              "part(s) 0 of 2 have not finished")
+    assert main(_many_argv(many, out, "--num-parts", "2", "--part-id", "0", "--num-workers", "2")) == 0
+    assert _case_dirs(out) == ["B201", "B202", "B203", "B204", "B205"]
+    assert yaml.safe_load((out / "segment.yaml").read_text())["status"] == "complete"
+    for part, cases in ((0, ["B201", "B202", "B205"]), (1, ["B203", "B204"])):
+        rows = read_segment_manifest(out / f"segment_manifest.part-{part}-of-2.csv")
+        assert [(r["case"], r["status"]) for r in rows] == [(c, "done") for c in cases]
+        assert yaml.safe_load((out / f"segment.part-{part}-of-2.yaml").read_text()) == \
+            {"part": part, "parts": 2, "status": "complete"}
+    for case in _case_dirs(out):
+        _same_case_files(many / "many_whole" / case, out / case)
+    capsys.readouterr()
+    assert main(evaluate) == 0
+    assert "parts" not in yaml.safe_load((tmp_path / "ev" / "info.yaml").read_text())
+    # a part id out of range: one line, before anything is read or written
+    run_fails(_many_argv(many, tmp_path / "none", "--num-parts", "2", "--part-id", "2"), capsys,
+              "--part-id 2: expected an integer with 0 <= part id < --num-parts (2)")
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_files_of_an_uninterrupted_run(many, tmp_path, capsys):
+    """Issue 16 items 3 and 5: `atlasreg segment` killed with SIGKILL once its first case folder is
+    written, then run again: it skips the complete cases, computes the batches holding a missing case
+    again and writes those cases only; every file equals the uninterrupted run's, and no temporary
+    entry is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import atlasreg
+    from atlasreg.contracts import read_segment_manifest
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(atlasreg.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "atlasreg.cli", *_many_argv(many, out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and not (out.is_dir() and _case_dirs(out)):
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed = _case_dirs(out)
+    assert 1 <= len(killed) < 5, killed
+    assert yaml.safe_load((out / "segment.yaml").read_text())["status"] == "in_progress"
+    assert {r["case"] for r in read_segment_manifest(out / "segment_manifest.csv")} <= set(killed)
+
+    capsys.readouterr()
+    assert main(_many_argv(many, out)) == 0  # in this process: one interpreter start less
+    printed = capsys.readouterr().out
+    rows = read_segment_manifest(out / "segment_manifest.csv")
+    assert sorted(r["case"] for r in rows if r["status"] == "skipped") == killed
+    assert sorted(r["case"] for r in rows if r["status"] == "done") == sorted(set(_case_dirs(out)) - set(killed))
+    assert f"{5 - len(killed)} case(s) written to {out}, {len(killed)} skipped" in printed
+    assert yaml.safe_load((out / "segment.yaml").read_text()) == yaml.safe_load((many / "many_whole" / "segment.yaml").read_text())
+    assert not [p for p in out.rglob(".*")]  # no temporary leftovers
+    for case in _case_dirs(many / "many_whole"):
+        _same_case_files(many / "many_whole" / case, out / case)
+    assert _case_dirs(out) == _case_dirs(many / "many_whole")
 
 
 def test_evaluate_and_report_refuse_an_output_of_other_inputs(trained, tmp_path, capsys):

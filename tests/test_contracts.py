@@ -321,3 +321,50 @@ def test_lightning_names_the_checkpoints_as_the_contract_says():
 
     assert ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION == c.LAST_CHECKPOINT
     assert c.EPOCH_CHECKPOINT.format(epoch=7) == "epoch0007"
+
+
+# --------------------------------------------------------------------------------------------------
+# segmentation run: case manifest and parts (issue 16 item 3)
+
+
+def test_the_case_manifest_reads_back_whole_rows_and_ignores_an_unfinished_last_line(tmp_path):
+    path = c.segment_manifest_path(tmp_path)
+    assert path.name == c.SEGMENT_MANIFEST
+    c.start_segment_manifest(path, [{"case": "B1", "image": "/d/B1.png", "status": c.SKIPPED, "seconds": 0.0}])
+    c.append_segment_manifest(path, [
+        {"case": "B2", "image": "/d/B,2.png", "status": c.FAILED, "seconds": 0.25,
+         "error": '/d/B,2.png: cannot read\n"image"'},
+        {"case": "B3", "image": "/d/B3.png", "status": c.DONE, "seconds": 1.5}])
+    expected = [{"case": "B1", "image": "/d/B1.png", "status": "skipped", "seconds": 0.0, "error": ""},
+                {"case": "B2", "image": "/d/B,2.png", "status": "failed", "seconds": 0.25,
+                 "error": '/d/B,2.png: cannot read "image"'},
+                {"case": "B3", "image": "/d/B3.png", "status": "done", "seconds": 1.5, "error": ""}]
+    assert c.read_segment_manifest(path) == expected
+    assert path.read_text().splitlines()[0] == ",".join(c.SEGMENT_MANIFEST_COLUMNS)
+    with open(path, "a") as f:  # a row cut by a power loss
+        f.write("B4,/d/B4.png,do")
+    assert c.read_segment_manifest(path) == expected
+    path.write_text("case,image,status,seconds,error\nB1,/d/B1.png,lost,0,\n")
+    with pytest.raises(AtlasregError, match=r"segment_manifest.csv: line 2: status = 'lost' is not done"):
+        c.read_segment_manifest(path)
+    assert c.segment_manifest_path(tmp_path, 1, 3).name == "segment_manifest.part-1-of-3.csv"
+    with pytest.raises(ValueError):
+        c.segment_manifest_path(tmp_path, 3, 3)
+
+
+def test_a_run_of_parts_is_complete_when_every_part_is(tmp_path):
+    c.write_segment_info(tmp_path, tmp_path / "m.ckpt", {"iterations": 1}, "ab", c.COMPLETE, ["B1"])
+    assert "parts" not in c.read_segment_info(tmp_path) and c.segment_run_status(tmp_path) == (c.COMPLETE, [])
+    c.write_segment_info(tmp_path, tmp_path / "m.ckpt", {"iterations": 1}, "ab", c.COMPLETE, ["B1"], parts=3)
+    assert c.read_segment_info(tmp_path)["parts"] == 3
+    assert c.segment_run_status(tmp_path) == (c.IN_PROGRESS, [0, 1, 2])  # the stored status is a hint
+    for part in (0, 2):
+        c.write_segment_part_info(tmp_path, part, 3, c.COMPLETE)
+    c.write_segment_part_info(tmp_path, 1, 3, c.IN_PROGRESS)
+    assert c.segment_run_status(tmp_path) == (c.IN_PROGRESS, [1])
+    c.write_segment_part_info(tmp_path, 1, 3, c.COMPLETE)
+    assert c.segment_run_status(tmp_path) == (c.COMPLETE, [])
+    assert c.segment_part_info_path(tmp_path, 1, 3).name == "segment.part-1-of-3.yaml"
+    c.segment_part_info_path(tmp_path, 1, 3).write_text("[")
+    with pytest.raises(AtlasregError, match=r"segment.part-1-of-3.yaml: segmentation part status is not valid YAML"):
+        c.segment_run_status(tmp_path)

@@ -464,6 +464,31 @@ def test_remove_temporaries_cleans_a_killed_run_and_restores_a_replaced_folder(t
     assert remove_temporaries(tmp_path / "missing") == []
 
 
+def test_remove_temporaries_of_some_names_leaves_the_others(tmp_path):
+    """A part of a sharded segmentation run cleans only its own entries: another part may be writing
+    the others right now."""
+    from atlasreg.data.io import remove_temporaries
+
+    for name in (".tmp-0123abcd-B1", ".tmp-0123abcd-B2", ".old-89abcdef-B3"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".tmp-00000000-m.csv").write_text("partial")
+    removed = remove_temporaries(tmp_path, {"B1", "B3", "m.csv"})
+    assert sorted(p.name for p in removed) == [".old-89abcdef-B3", ".tmp-00000000-m.csv", ".tmp-0123abcd-B1"]
+    assert _only_visible(tmp_path) == [".tmp-0123abcd-B2", "B3"]
+
+
+def test_append_text_adds_whole_lines_and_needs_the_file(tmp_path):
+    from atlasreg.data.io import append_text
+
+    path = tmp_path / "log.csv"
+    path.write_text("a\n")
+    append_text(path, "b\nc\n")
+    append_text(path, "")
+    assert path.read_text() == "a\nb\nc\n"
+    with pytest.raises(FileNotFoundError):
+        append_text(tmp_path / "missing.csv", "x\n")
+
+
 def test_files_are_fsynced_before_their_rename(tmp_path, monkeypatch):
     import os
 

@@ -122,8 +122,8 @@ def test_transform_metrics_csv_format():
 
 
 def test_degenerate_inputs_warn_once_each_and_give_finite_outputs(tmp_path):
-    # A constant image (normalised to zeros) and one twice the field of view (cropped), each read twice
-    # by segment (checked, then segmented): one warning each, and no NaN in anything written.
+    # A constant image (normalised to zeros) and one twice the field of view (cropped): one warning each,
+    # and no NaN in anything written.
     import warnings
 
     import SimpleITK as sitk
@@ -147,15 +147,19 @@ def test_degenerate_inputs_warn_once_each_and_give_finite_outputs(tmp_path):
             assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(f)))).all(), f
         for row in read_rows(out / case / "transform_metrics.csv"):
             assert all(math.isfinite(float(v)) for k, v in row.items() if k != "method"), row
-    # A 1x1 image: an error naming it, before anything is written.
+    # A 1x1 image fails alone (issue 16 item 3): its error names it, the other case is written.
     dot = tmp_path / "dot.png"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((1, 1), 7, np.uint8)), str(dot))
-    from atlasreg.errors import AtlasregError
+    from atlasreg.segment import CasesFailed
 
-    with pytest.raises(AtlasregError, match="image is 1x1 voxels; a 2D model needs at least 2 voxels along every "
-                                            "axis") as e:
-        segment(tiny_module(), [flat, dot], tmp_path / "none", progress=False)
-    assert e.value.path == str(dot) and not (tmp_path / "none").exists()
+    message = f"{dot}: image is 1x1 voxels; a 2D model needs at least 2 voxels along every axis (nothing to segment)"
+    with pytest.raises(CasesFailed) as e, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        segment(tiny_module(), [flat, dot], tmp_path / "some", progress=False)
+    assert str(e.value) == f"1 of 2 cases failed (first: {message})"
+    assert e.value.result.failures == [("dot", dot, message)] and e.value.result.total == 2
+    assert [p.name for p in e.value.result] == ["flat"] and sorted(p.name for p in (tmp_path / "some").iterdir()) == ["flat"]
+    assert [str(w.message) for w in caught] == [f"{flat}: constant intensity 7: normalised to zeros"]  # once per run
 
 
 def _dicom_outputs_have(case_dir, source, ndim):
@@ -326,14 +330,56 @@ def test_the_progress_bar_advances_per_written_case(images, tmp_path, monkeypatc
             events.append((self.desc, n))
             return super().update(n)
 
-    real = segment_module.write_case_outputs
+    real = segment_module.write_outputs  # the case folder's files, on the writer thread
 
-    def write(out_dir, case, *args, **kwargs):
+    def write(final, case, *args, **kwargs):
         events.append(("written", case.name))
-        return real(out_dir, case, *args, **kwargs)
+        return real(final, case, *args, **kwargs)
 
     monkeypatch.setattr(segment_module, "tqdm", Recording)
-    monkeypatch.setattr(segment_module, "write_case_outputs", write)
+    monkeypatch.setattr(segment_module, "write_outputs", write)
     # both cases in one group (cases_at_once 2): the bar moves after each case, not once for the group
     segment(tiny_module(), [images], tmp_path / "seg", {"iterations": 0, "cases_at_once": 2}, image_suffix="_img")
     assert events == [("written", "B1"), ("segmenting", 1), ("written", "B2"), ("segmenting", 1)]
+
+
+def test_parts_partition_the_cases_into_the_batches_of_the_unsplit_run():
+    """Issue 16 item 3: part I of P takes the batches k of cases_at_once cases with k % P == I; together
+    the parts hold every batch of one unsplit run once (with cases_at_once 1: the cases i % P == I)."""
+    from atlasreg.errors import AtlasregError
+    from atlasreg.segment import part_batches
+
+    for n in range(12):
+        for size in range(1, 5):
+            whole = part_batches(n, size)
+            assert [i for b in whole for i in b] == list(range(n)) and all(len(b) == size for b in whole[:-1])
+            for parts in range(1, 5):
+                split = [part_batches(n, size, parts, part) for part in range(parts)]
+                assert sorted((b for p in split for b in p), key=lambda b: b.start) == whole
+                assert all(b.start // size % parts == part for part, p in enumerate(split) for b in p)
+    assert [list(b) for b in part_batches(7, 1, 3, 1)] == [[1], [4]]
+    for parts, part, message in ((2, 2, r"--part-id 2: expected an integer with 0 <= part id < --num-parts \(2\)"),
+                                 (2, -1, "--part-id -1"), (0, 0, "--num-parts 0: expected an integer >= 1")):
+        with pytest.raises(AtlasregError, match=message):
+            part_batches(4, 2, parts, part)
+
+
+def test_a_read_failure_is_a_record_not_an_exception(images, tmp_path):
+    """The reader of DataLoader workers returns what failed (the one-line message naming the file) and
+    what warned, instead of raising in a worker."""
+    import SimpleITK as sitk
+
+    from atlasreg.data.cases import Preprocessing
+    from atlasreg.segment import CaseReader
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    reader = CaseReader([("B1", images / "B1_img.png"), ("bad", bad)], Preprocessing.from_config(tiny_module().config))
+    good, failed = reader[0], reader[1]
+    assert good.error is None and good.case.name == "B1" and good.case.image.shape == (1, 1, *SIZE)
+    assert failed.case is None and failed.error.startswith(f"{bad}: ") and "\n" not in failed.error
+    assert good.warned == [] and failed.warned == []
+    flat = tmp_path / "flat.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((32, 32), 7, np.uint8)), str(flat))
+    assert CaseReader([("flat", flat)], reader.prep)[0].warned == [
+        (f"{flat}: constant intensity 7: normalised to zeros", UserWarning)]

@@ -1,6 +1,9 @@
 """The `atlasreg` command line: train, segment, evaluate, correspond, register, report, demo, letter-b.
 
-Every bad input ends with one line `atlasreg: error: <file>: <problem>` and exit status 2.
+Every bad input ends with one line `atlasreg: error: <file>: <problem>` and exit status 2. One
+exception: `segment` goes on past inputs that cannot be read (a corrupt scan of a large folder), with
+one such line per failed case, then the summary line `atlasreg: error: <k> of <n> cases failed, see
+<case manifest>` and exit status 1 (the other cases are written).
 
 Building the parser imports nothing heavy (no torch, SimpleITK or numpy: ``atlasreg --help`` and
 ``atlasreg --version`` answer at once, tests/test_cli.py checks); each command imports what it runs.
@@ -56,10 +59,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_segment(args) -> int:
-    from .models.train import load_module
-    from .segment import segment
+    from tqdm import tqdm
 
-    _output_folder(args.out)
+    from .data.io import check_output_folder
+    from .models.train import load_module
+    from .segment import CasesFailed, check_part, segment
+
+    check_part(args.num_parts, args.part_id)
+    check_output_folder(args.out)  # segment() removes what a killed run left there (a part: its own)
     module = load_module(args.checkpoint, args.device)
     inputs = list(args.inputs)
     if args.split:
@@ -67,11 +74,26 @@ def cmd_segment(args) -> int:
     if not inputs:
         raise AtlasregError("give input images/folders or --split")
     refinement = _refinement_overrides(args)
+
+    def failed(message: str) -> None:  # one line per case that could not be read, above the bar
+        tqdm.write(f"atlasreg: error: {message}", file=sys.stderr)
+
     # segment() writes the run's manifest (checkpoint, settings, status, cases), read back by `atlasreg
-    # evaluate` (and the report's sensitivity study)
-    written = segment(module, inputs, args.out, refinement, progress=not args.quiet,
-                      image_suffix=args.image_suffix, checkpoint=args.checkpoint, overwrite=args.overwrite)
-    print(f"{len(written)} case(s) written to {args.out}")
+    # evaluate` (and the report's sensitivity study), and the case manifest
+    try:
+        result = segment(module, inputs, args.out, refinement, progress=not args.quiet,
+                         image_suffix=args.image_suffix, checkpoint=args.checkpoint, overwrite=args.overwrite,
+                         num_parts=args.num_parts, part_id=args.part_id, num_workers=args.num_workers,
+                         on_failure=failed)
+    except CasesFailed as e:
+        result, summary = e.result, str(e)
+    else:
+        summary = None
+    skipped = f", {len(result.skipped)} skipped (complete already)" if result.skipped else ""
+    print(f"{len(result)} case(s) written to {args.out}{skipped}")
+    if summary is not None:  # the last line
+        print(f"atlasreg: error: {summary}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -116,7 +138,8 @@ def _evaluation_info(config: dict, args, references: dict) -> dict:
             "fixed_atlas": config["training"].get("fixed_atlas"),
             "seg_weight": config["training"].get("seg_weight", 1.0), "label": args.label,
             "references": {k: str(Path(v).resolve()) for k, v in references.items()}}
-    info.update({k: v for k, v in read_segment_info(args.predictions).items() if k not in ("status", "cases")})
+    info.update({k: v for k, v in read_segment_info(args.predictions).items()
+                 if k not in ("status", "cases", "parts")})
     if args.checkpoint:
         info["checkpoint"] = str(Path(args.checkpoint).resolve())
     return info
@@ -189,6 +212,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (argparse reports anything else in one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -305,6 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "refinement: lncc, mind, ngf, mi or mse (default from the config: none)")
     s.add_argument("--image-weight", type=float, help="weight of that image term (default from the config: 1)")
     s.add_argument("--device", default="auto", help=_DEVICE_HELP + "; the model and the refinement run there")
+    s.add_argument("--num-parts", type=_positive_int, default=1, metavar="P",
+                   help="split the run into P parts, each a command of its own (on any machine) writing the "
+                   "same --out: the cases go to the parts by batches of --cases-at-once, so the parts write "
+                   "exactly the files of one run; the folder is complete when every part has finished")
+    s.add_argument("--part-id", type=_non_negative_int, default=0, metavar="I",
+                   help="which part this command runs, 0 <= I < P")
+    s.add_argument("--num-workers", type=_non_negative_int, metavar="N",
+                   help="processes reading the cases ahead of the computation (0: none; default: 1 on up to 4 "
+                   "CPUs, else 2)")
     s.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     s.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     s.set_defaults(func=cmd_segment)

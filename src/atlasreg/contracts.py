@@ -60,11 +60,31 @@ One case folder per case, and ``segment.yaml`` (:data:`SEGMENT_INFO`; :func:`wri
 :func:`read_segment_info`), the run's manifest: ``checkpoint`` (absolute path of the model checkpoint),
 ``checkpoint_sha256`` (its SHA-256), ``refinement`` (the refinement settings used: iterations, lr,
 beta, gamma, lambda, cases_at_once), ``status`` (:data:`IN_PROGRESS` from before the first case folder
-is written until the last is, then :data:`COMPLETE`) and ``cases`` (the case folders of the run).
+is written until every case was attempted, then :data:`COMPLETE`), ``cases`` (the case folders of
+the run; a case that failed is listed but has no folder) and, for a run split into parts
+(``--num-parts P``, P > 1), ``parts: P``.
 ``atlasreg segment`` refuses a folder whose manifest names another checkpoint or other settings
-(:mod:`atlasreg.outputs`); ``atlasreg evaluate`` refuses a run in progress and case folders the
-manifest does not list, takes the declared labels from the checkpoint and copies the entries into the
-evaluation's ``info.yaml`` (the report's lambda* sensitivity study reads them there).
+(:mod:`atlasreg.outputs`); ``atlasreg evaluate`` refuses a run in progress (:func:`segment_run_status`)
+and case folders the manifest does not list, takes the declared labels from the checkpoint and copies
+the entries into the evaluation's ``info.yaml`` (the report's lambda* sensitivity study reads them
+there).
+
+- ``segment_manifest.csv`` (:data:`SEGMENT_MANIFEST`; with parts one file per part,
+  ``segment_manifest.part-<I>-of-<P>.csv``, :data:`SEGMENT_PART_MANIFEST`;
+  :func:`segment_manifest_path`, :func:`read_segment_manifest`): one row per case of the run (of the
+  part), columns ``case, image, status, seconds, error`` (:data:`SEGMENT_MANIFEST_COLUMNS`):
+  ``image`` the input's absolute path; ``status`` :data:`DONE` (its case folder was written),
+  :data:`FAILED` (the input could not be read or checked: ``error`` holds the one-line message naming
+  the file; no case folder) or :data:`SKIPPED` (its case folder, of the same input, was already complete
+  in the folder: a rerun of the same command resumes); ``seconds`` the wall time spent on the case
+  (reading, its share of the batch of ``cases_at_once`` cases it was computed with, writing; 0 for a
+  skipped case). A run starts its manifest anew (header and the rows of the cases it skips) and
+  appends each further row in one write as the case ends, so a killed run's manifest holds whole rows
+  only (:func:`read_segment_manifest` ignores an unfinished last line).
+- ``segment.part-<I>-of-<P>.yaml`` (:data:`SEGMENT_PART_INFO`, parts only; :func:`write_segment_part_info`):
+  ``part``, ``parts`` and ``status`` of part I. The parts of a run write one folder concurrently; its
+  status is :data:`COMPLETE` only when every part's file says so (:func:`segment_run_status`; the
+  ``status`` of ``segment.yaml`` is then only a hint, set by the last part to finish).
 
 Training run folder (``atlasreg train --out``; :func:`run_paths`)
 -------------------------------------------------------------
@@ -181,6 +201,19 @@ SEGMENT_INFO = "segment.yaml"
 IN_PROGRESS = "in_progress"
 #: ... and after.
 COMPLETE = "complete"
+#: The case manifest of a segmentation run (one part: :data:`SEGMENT_PART_MANIFEST`).
+SEGMENT_MANIFEST = "segment_manifest.csv"
+#: The case manifest of part ``part`` (0-based) of ``parts``: ``.format(part=I, parts=P)``.
+SEGMENT_PART_MANIFEST = "segment_manifest.part-{part}-of-{parts}.csv"
+#: The status file of part ``part`` of ``parts`` of a sharded segmentation run.
+SEGMENT_PART_INFO = "segment.part-{part}-of-{parts}.yaml"
+SEGMENT_MANIFEST_COLUMNS = ("case", "image", "status", "seconds", "error")
+#: ``status`` of a case in the manifest: its folder was written by this run ...
+DONE = "done"
+#: ... its input could not be read or checked (no folder) ...
+FAILED = "failed"
+#: ... its folder was already complete (a resumed run).
+SKIPPED = "skipped"
 
 # registration folder (`atlasreg register`): the transforms and fields share the case folder's names
 # (FORWARD_TRANSFORM, FORWARD_FIELD, INVERSE_TRANSFORM, INVERSE_FIELD); there "forward" maps fixed
@@ -230,14 +263,15 @@ QUALITY_COLUMNS = ("case", "dice_itn_refine", "itn_outside_refine", "qc_score", 
 
 #: Every file name above (what ``tests/test_contracts.py`` looks for in the other modules).
 FILE_NAMES = (DEFORMED_ATLAS_IMAGE, FORWARD_FIELD, INVERSE_FIELD, FORWARD_TRANSFORM, INVERSE_TRANSFORM, CASE_INFO,
-              TRANSFORM_METRICS, SEGMENT_INFO, RUN_CONFIG, FINAL_CHECKPOINT, LAST_CHECKPOINT, ATLAS_LABELMAP,
+              TRANSFORM_METRICS, SEGMENT_INFO, SEGMENT_MANIFEST, SEGMENT_PART_MANIFEST,
+              SEGMENT_PART_INFO, RUN_CONFIG, FINAL_CHECKPOINT, LAST_CHECKPOINT, ATLAS_LABELMAP,
               ATLAS_PROBABILITIES, ATLAS_IMAGE, METRICS_PER_CASE, SUMMARY_CSV, SUMMARY_MD, EVALUATION_INFO,
               TRANSFORMS_PER_CASE, QUALITY_CONTROL, REPORT_HTML, REPORT_MD, REPORT_INFO)
 #: Every folder name above.
 FOLDER_NAMES = (CHECKPOINT_DIR, ATLAS_DIR, INITIAL_ATLAS_DIR, LOG_DIR, CACHE_DIR, FIGURE_DIR)
 #: Every column tuple above.
 COLUMN_TUPLES = (TRANSFORM_METRIC_COLUMNS, PER_CASE_COLUMNS, SUMMARY_COLUMNS, TRANSFORMS_PER_CASE_COLUMNS,
-                 QUALITY_COLUMNS)
+                 QUALITY_COLUMNS, SEGMENT_MANIFEST_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,24 +425,129 @@ def read_case_info(case_dir: str | Path) -> dict | None:
 
 def write_segment_info(run_dir: str | Path, checkpoint: str | Path, refinement: Mapping,
                        checkpoint_sha256: str | None = None, status: str = COMPLETE,
-                       cases: Sequence[str] | None = None) -> Path:
+                       cases: Sequence[str] | None = None, parts: int = 1) -> Path:
     """Write :data:`SEGMENT_INFO` into a segmentation run folder: ``checkpoint`` (made absolute),
     ``checkpoint_sha256``, ``refinement`` (the settings used, a plain mapping), ``status``
-    (:data:`IN_PROGRESS` or :data:`COMPLETE`) and ``cases`` (case names, sorted). Returns the file."""
+    (:data:`IN_PROGRESS` or :data:`COMPLETE`), ``cases`` (case names, sorted) and, when `parts` > 1
+    (a run split into parts), ``parts``. Returns the file."""
     if status not in (IN_PROGRESS, COMPLETE):
         raise ValueError(f"status must be {IN_PROGRESS!r} or {COMPLETE!r}, got {status!r}")
-    return _write_text(Path(run_dir) / SEGMENT_INFO, yaml.safe_dump({
-        "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": checkpoint_sha256,
-        "refinement": dict(refinement), "status": status,
-        "cases": sorted(str(c) for c in cases) if cases is not None else None}, sort_keys=False))
+    info = {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": checkpoint_sha256,
+            "refinement": dict(refinement), "status": status,
+            "cases": sorted(str(c) for c in cases) if cases is not None else None}
+    if parts > 1:
+        info["parts"] = int(parts)
+    return _write_text(Path(run_dir) / SEGMENT_INFO, yaml.safe_dump(info, sort_keys=False))
 
 
 def read_segment_info(run_dir: str | Path) -> dict:
     """The :data:`SEGMENT_INFO` of a segmentation run folder as written (``checkpoint``, ``refinement``),
     or ``{}`` when it has none (a folder not written by ``atlasreg segment``). AtlasregError naming the
-    file if it is unreadable, not YAML or not a mapping."""
+    file if it is unreadable, not YAML or not a mapping. (A run split into parts: its status is
+    :func:`segment_run_status`'s.)"""
     path = Path(run_dir) / SEGMENT_INFO
     return _read_yaml(path, "segmentation settings") if path.is_file() else {}
+
+
+def _check_part(part: int, parts: int) -> None:
+    if not (isinstance(parts, int) and isinstance(part, int) and parts >= 1 and 0 <= part < parts):
+        raise ValueError(f"part {part!r} of {parts!r}: expected parts >= 1 and 0 <= part < parts")
+
+
+def segment_manifest_path(run_dir: str | Path, part: int = 0, parts: int = 1) -> Path:
+    """The case manifest of a segmentation run folder: :data:`SEGMENT_MANIFEST`, or for part `part`
+    (0-based) of `parts` > 1 :data:`SEGMENT_PART_MANIFEST`."""
+    _check_part(part, parts)
+    name = SEGMENT_MANIFEST if parts == 1 else SEGMENT_PART_MANIFEST.format(part=part, parts=parts)
+    return Path(run_dir) / name
+
+
+def segment_part_info_path(run_dir: str | Path, part: int, parts: int) -> Path:
+    """The status file :data:`SEGMENT_PART_INFO` of part `part` (0-based) of `parts`."""
+    _check_part(part, parts)
+    return Path(run_dir) / SEGMENT_PART_INFO.format(part=part, parts=parts)
+
+
+def write_segment_part_info(run_dir: str | Path, part: int, parts: int, status: str) -> Path:
+    """Write :data:`SEGMENT_PART_INFO` of part `part` of `parts`: ``part``, ``parts``, ``status``
+    (:data:`IN_PROGRESS` or :data:`COMPLETE`). Returns the file."""
+    if status not in (IN_PROGRESS, COMPLETE):
+        raise ValueError(f"status must be {IN_PROGRESS!r} or {COMPLETE!r}, got {status!r}")
+    return _write_text(segment_part_info_path(run_dir, part, parts),
+                       yaml.safe_dump({"part": part, "parts": parts, "status": status}, sort_keys=False))
+
+
+def segment_run_status(run_dir: str | Path) -> tuple[str | None, list[int]]:
+    """(status, unfinished parts) of a segmentation run folder: the ``status`` of its
+    :data:`SEGMENT_INFO` (None without one) and ``[]``; for a run split into parts (``parts`` P > 1):
+    :data:`COMPLETE` when the :data:`SEGMENT_PART_INFO` of every part 0..P-1 says complete, else
+    :data:`IN_PROGRESS` and the parts whose file is missing or says otherwise. AtlasregError naming
+    the file for an unreadable or malformed one."""
+    info = read_segment_info(run_dir)
+    parts = info.get("parts") or 1
+    if not isinstance(parts, int) or parts < 1:
+        raise AtlasregError(f"parts = {parts!r} is not an integer >= 1", Path(run_dir) / SEGMENT_INFO)
+    if parts == 1:
+        return info.get("status"), []
+    unfinished = []
+    for part in range(parts):
+        path = segment_part_info_path(run_dir, part, parts)
+        if not path.is_file() or _read_yaml(path, "segmentation part status").get("status") != COMPLETE:
+            unfinished.append(part)
+    return (IN_PROGRESS if unfinished else COMPLETE), unfinished
+
+
+def segment_manifest_line(row: Mapping[str, object]) -> str:
+    """One row of a case manifest (:data:`SEGMENT_MANIFEST_COLUMNS`) as a CSV line with its ``\\n``;
+    ``seconds`` (float) written with ``repr``, the error flattened to one line."""
+    row = dict(row)
+    if row.get("error"):
+        row["error"] = " ".join(str(row["error"]).split())
+    return csv_text(SEGMENT_MANIFEST_COLUMNS, [row]).split("\n", 1)[1]
+
+
+def start_segment_manifest(path: str | Path, rows: Iterable[Mapping[str, object]] = ()) -> Path:
+    """Write a case manifest anew, atomically: the header and `rows` (:func:`segment_manifest_line`).
+    Returns the file."""
+    header = ",".join(SEGMENT_MANIFEST_COLUMNS) + "\n"
+    return _write_text(path, header + "".join(segment_manifest_line(r) for r in rows))
+
+
+def append_segment_manifest(path: str | Path, rows: Sequence[Mapping[str, object]]) -> None:
+    """Append rows to a case manifest in one write (:func:`atlasreg.data.io.append_text`: whole lines, a
+    run killed around it leaves them all or none; flushed to the disk). The file must exist
+    (:func:`start_segment_manifest`). Not for concurrent writers of one file (the caller holds a lock)."""
+    from .data.io import append_text
+
+    append_text(path, "".join(segment_manifest_line(r) for r in rows))
+
+
+def read_segment_manifest(path: str | Path) -> list[dict]:
+    """Rows of a case manifest (:data:`SEGMENT_MANIFEST` or a part's): ``case``, ``image``,
+    ``status``, ``error`` as strings, ``seconds`` as float. An unfinished last line (no line end: a
+    power loss during an append) is ignored. AtlasregError naming the file if it cannot be read, lacks
+    a column or holds a status other than done, failed or skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise AtlasregError(f"cannot read the case manifest ({error.strerror or error})", path) from error
+    except UnicodeDecodeError as error:
+        raise AtlasregError(f"cannot read the case manifest ({error})", path) from None
+    whole = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(whole))
+    missing = [c for c in SEGMENT_MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise AtlasregError(f"case manifest lacks the column(s) {missing}", path)
+    rows = []
+    for line, record in enumerate(reader, start=2):
+        status = record.get("status") or ""
+        if status not in (DONE, FAILED, SKIPPED):
+            raise AtlasregError(f"line {line}: status = {status!r} is not {DONE}, {FAILED} or {SKIPPED}", path)
+        rows.append({"case": record.get("case") or "", "image": record.get("image") or "", "status": status,
+                     "seconds": _float(record.get("seconds"), "seconds", line, path),
+                     "error": record.get("error") or ""})
+    return rows
 
 
 def read_report_info(folder: str | Path) -> dict:

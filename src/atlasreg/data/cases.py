@@ -224,12 +224,12 @@ _WARNED: set[tuple[str, str]] = set()
 
 def _warn_once(message: str, where: str, once: bool = True) -> None:
     """``warnings.warn("<where>: <message>")`` (`where`: the file) the first time this process meets
-    this file and message when `once`: a file is read more than once per run (``atlasreg segment``
-    checks every input before it reads it again; training reads a case every epoch when the case
-    cache is off), and a degenerate input is reported once. Images in memory (``once=False``) are
-    reported every time. (DataLoader workers are separate processes: with ``data.num_workers > 0``
-    and ``data.cache: false``, each epoch's workers report a case again; with the cache, a case is
-    read from its files once.)"""
+    this file and message when `once`: a file is read more than once per run (training reads a case
+    every epoch when the case cache is off), and a degenerate input is reported once. Images in memory
+    (``once=False``) are reported every time. (DataLoader workers are separate processes: with
+    ``data.num_workers > 0`` and ``data.cache: false``, each epoch's workers report a case again; with
+    the cache, a case is read from its files once. ``atlasreg segment`` reads its cases in workers and
+    shows their warnings once per run.)"""
     if once:
         key = (str(where), message)
         if key in _WARNED:

@@ -22,7 +22,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,6 +48,7 @@ __all__ = [
     "atomic_directory",
     "atomic_file",
     "write_text",
+    "append_text",
     "check_output_folder",
     "check_output_file",
     "remove_temporaries",
@@ -1027,22 +1028,24 @@ def _check_writable(folder: Path) -> None:
         raise AtlasregError(f"{where} (read-only file system or no permission)", folder)
 
 
-def remove_temporaries(folder, name: str | None = None) -> list[Path]:
+def remove_temporaries(folder, name: str | Collection[str] | None = None) -> list[Path]:
     """Clean what a killed run (SIGKILL, power loss) of an atomic writer left in ``folder`` and the
     folders below it: hidden ``.tmp-<8 hex>-<name>`` files and folders are removed; an
     ``.old-<8 hex>-<name>`` folder (a folder being replaced) is moved back to ``<name>`` when that is
     missing (the kill fell between the two renames of :func:`atomic_directory`), else removed.
-    With ``name`` only the temporaries of that one entry of ``folder`` (a command whose output is one
-    file in a folder it shares). Call it only when no other run writes there. Returns the entries
-    removed or restored (none when ``folder`` does not exist)."""
+    With ``name`` (one name, or a collection of names) only the temporaries of those entries of
+    ``folder`` itself (a command whose outputs are some entries of a folder it shares: one file, or
+    the case folders of one part of a sharded run). Call it only when no other run writes those
+    entries. Returns the entries removed or restored (none when ``folder`` does not exist)."""
     folder = Path(folder)
     done: list[Path] = []
     if not folder.is_dir():
         return done
+    names = None if name is None else {name} if isinstance(name, str) else set(name)
     for root, dirs, files in os.walk(folder):
         for entry_name in sorted(dirs + files):
             m = _TEMPORARY.match(entry_name)
-            if not m or (name is not None and m.group(2) != name):
+            if not m or (names is not None and m.group(2) not in names):
                 continue
             entry = Path(root) / entry_name
             final = Path(root) / m.group(2)
@@ -1055,7 +1058,7 @@ def remove_temporaries(folder, name: str | None = None) -> list[Path]:
             done.append(entry)
             if entry_name in dirs:
                 dirs.remove(entry_name)
-        if name is not None:
+        if names is not None:
             break  # `folder` itself only
     return done
 
@@ -1083,6 +1086,24 @@ def write_text(path, text: str) -> Path:
     """Write a text file atomically (see :func:`atomic_file`); returns the path."""
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def append_text(path, text: str) -> Path:
+    """Append `text` (whole lines) to the existing file `path` in one ``write`` call, then flush it to
+    the disk (fsync): a process killed around it (SIGKILL) leaves all of it or none, so a log or
+    manifest written this way holds whole lines only (a power loss may cut the last one; readers ignore
+    a last line without its line end). OSError if the file cannot be opened or written. Returns the
+    path."""
+    data = text.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        done = os.write(fd, data) if data else 0
+        while done < len(data):  # a short write (a signal): the rest
+            done += os.write(fd, data[done:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return Path(path)
 
 

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from atlasreg.contracts import (  # noqa: F401 - names of the case and evaluation folders, re-exported
     LABELMAP_EXTENSIONS, LABELMAP_SUFFIX, PER_CASE_COLUMNS, QUALITY_COLUMNS, SUMMARY_COLUMNS, TRANSFORM_METRIC_COLUMNS,
     TRANSFORM_METRICS, TRANSFORMS_PER_CASE_COLUMNS, find_labelmap, labelmap_extension, read_transform_metrics,
-    CASE_INFO, IN_PROGRESS, SEGMENT_INFO, evaluation_paths, read_evaluation_info, read_segment_info, write_evaluation,
+    CASE_INFO, IN_PROGRESS, SEGMENT_INFO, evaluation_paths, read_evaluation_info, read_segment_info,
+    segment_run_status, write_evaluation,
 )
 from atlasreg.contracts import LABELMAP_OUTPUTS as METHODS
 from atlasreg.errors import AtlasregError
@@ -217,13 +218,17 @@ def _structures(labels: Mapping[int, str], merge: Mapping[int, Sequence[int]] | 
 
 def _check_segmentation_run(prediction_dir: Path) -> None:
     """AtlasregError naming the manifest of a segmentation run folder (:data:`SEGMENT_INFO`) whose run
-    is still in progress (or was killed), or naming the folder when it holds case folders its manifest
-    does not list (results of another run). A folder without a manifest (written through the Python
-    API) passes."""
+    is still in progress (or was killed; a run split into parts: until every part has finished,
+    :func:`~atlasreg.contracts.segment_run_status`), or naming the folder when it holds case folders
+    its manifest does not list (results of another run). A folder without a manifest (written through
+    the Python API) passes."""
     info = read_segment_info(prediction_dir)
-    if info.get("status") == IN_PROGRESS:
-        raise AtlasregError("the segmentation run is incomplete (in progress, or killed): rerun the same "
-                            "`atlasreg segment` command to finish it", prediction_dir / SEGMENT_INFO)
+    status, unfinished = segment_run_status(prediction_dir)
+    if status == IN_PROGRESS:
+        parts = (f"; part(s) {', '.join(map(str, unfinished))} of {info.get('parts')} have not finished"
+                 if unfinished else "")
+        raise AtlasregError("the segmentation run is incomplete (in progress, or killed" + parts + "): rerun the "
+                            "same `atlasreg segment` command to finish it", prediction_dir / SEGMENT_INFO)
     listed = info.get("cases")
     if listed is not None and prediction_dir.is_dir():
         extra = sorted(p.name for p in prediction_dir.iterdir()
