@@ -661,6 +661,43 @@ def test_two_parts_write_the_files_of_one_run_and_complete_it_together(many, tmp
     assert not (tmp_path / "none").exists()
 
 
+def test_devices_2_runs_two_parts_as_child_processes(many, tmp_path, monkeypatch, capsys):
+    """Issue 16 item 3: `segment --devices 2` starts two child processes, parts 0 and 1 of 2, at once
+    into one folder (the first claims it before the second starts), shows one line of cases written and
+    ends complete with exactly the files of the unsplit run. The children run with OMP_NUM_THREADS=1
+    each, here as the unsplit run (torch.set_num_threads(1) below: a convolution's result may depend on
+    the thread count)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import atlasreg
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(atlasreg.__file__).parents[1]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "devices"
+    done = subprocess.run([sys.executable, "-m", "atlasreg", *_many_argv(many, out, "--devices", "2", "--quiet")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"5 case(s) written to {out}"
+    assert yaml.safe_load((out / "segment.yaml").read_text())["status"] == "complete"
+    assert sorted(p.name for p in out.glob("segment.part-*")) == ["segment.part-0-of-2.yaml", "segment.part-1-of-2.yaml"]
+    for case in _case_dirs(out):
+        _same_case_files(many / "many_whole" / case, out / case)
+
+
+def test_under_torchrun_each_rank_takes_its_part(many, tmp_path, monkeypatch):
+    """Issue 16 item 3: started by torchrun (RANK, WORLD_SIZE) without --num-parts, `segment` runs the
+    part of its rank: rank 1 of 2 writes B203-B204, as --num-parts 2 --part-id 1 does."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "rank1"
+    assert main(_many_argv(many, out, "--num-workers", "0")) == 0
+    assert _case_dirs(out) == ["B203", "B204"]
+    assert (out / "segment.part-1-of-2.yaml").is_file() and not (out / "segment.part-0-of-2.yaml").exists()
+
+
 def test_a_run_killed_with_sigkill_resumes_to_the_files_of_an_uninterrupted_run(many, tmp_path, capsys):
     """Issue 16 items 3 and 5: `atlasreg segment` killed with SIGKILL once its first case folder is
     written, then run again: it skips the complete cases, computes the batches holding a missing case

@@ -63,10 +63,18 @@ def cmd_segment(args) -> int:
 
     from .data.io import check_output_folder
     from .models.train import load_module
+    from .parallel import launcher_part, run_local_parts
     from .segment import CasesFailed, check_part, segment
 
     check_part(args.num_parts, args.part_id)
     check_output_folder(args.out)  # segment() removes what a killed run left there (a part: its own)
+    if args.devices > 1:  # this machine's part as that many child processes
+        rest = args.argv[args.argv.index("segment") + 1:]
+        return run_local_parts(rest, args.out, args.devices, args.num_parts, args.part_id, args.device,
+                               progress=not args.quiet)
+    launched = launcher_part()
+    if launched is not None and args.num_parts == 1:  # torchrun / SLURM: the part of this rank
+        args.part_id, args.num_parts = launched
     module = load_module(args.checkpoint, args.device)
     inputs = list(args.inputs)
     if args.split:
@@ -345,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "exactly the files of one run; the folder is complete when every part has finished")
     s.add_argument("--part-id", type=_non_negative_int, default=0, metavar="I",
                    help="which part this command runs, 0 <= I < P")
+    s.add_argument("--devices", type=_positive_int, default=1, metavar="N",
+                   help="segment with N processes of this machine (one per GPU; on a CPU, each with 1/N of the "
+                   "threads): N parts of the run (of this --part-id's share), started together; under torchrun "
+                   "or SLURM each process takes the part of its rank by itself")
     s.add_argument("--num-workers", type=_non_negative_int, metavar="N",
                    help="processes reading the cases ahead of the computation (0: none; default: 1 on up to 4 "
                    "CPUs, else 2)")
@@ -441,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # a bad argument (one line, status 2) or --help (status 0)
         return e.code if isinstance(e.code, int) else 2
     try:
