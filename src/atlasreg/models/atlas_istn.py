@@ -182,8 +182,8 @@ class AtlasISTNModule(Method):
 
     def case_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         """The cases of `dataset` in order, `batch_size` at a time, read by `data.num_workers` workers.
-        The loader has its own generator, so iterating it leaves the global RNG (which shuffles the
-        training batches) untouched."""
+        The loader has its own generator, so iterating it leaves the global RNG (from which the
+        training loader draws its workers' seeds) untouched."""
         return DataLoader(dataset, batch_size=batch_size, shuffle=False,
                           num_workers=int(self.config["data"].get("num_workers", 0)), generator=torch.Generator())
 

@@ -262,8 +262,9 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     the config, the last checkpoint (every epoch), the final checkpoint, the atlas folder (atlas
     labelmap, probabilities and image with their grid), the same at the start of training, TensorBoard
     logs and the case cache (preprocessed cases, see `training_dataset`).
-    The cases are read on demand (`data.num_workers` DataLoader workers); batches are shuffled by the
-    global RNG seeded with `training.seed`, so a seed gives the same batches whatever the workers.
+    The cases are read on demand (`data.num_workers` DataLoader workers); the order of the cases is
+    drawn per epoch from `training.seed` and the epoch (:class:`~atlasreg.distributed.EpochShuffleSampler`),
+    so a seed gives the same batches whatever the workers and processes.
     Resumes from the last checkpoint if present and `resume`, exactly: the checkpoint holds the random
     states (:class:`RandomStates`), and TensorBoard continues in the same log. A folder holding a run
     with another config (other than :data:`RESUMABLE_KEYS`) is refused with an AtlasregError naming
