@@ -20,7 +20,7 @@ import torch
 from ..errors import AtlasregError
 
 #: Modules that define the built-in methods; imported when the registry is first asked.
-BUILTIN_MODULES = ("atlasreg.models.atlas_istn",)
+BUILTIN_MODULES = ("atlasreg.models.atlas_istn", "atlasreg.deepatlas.method")
 #: The key of a checkpoint (a dict) under which atlasreg keeps the method's name and provenance.
 CHECKPOINT_KEY = "atlasreg"
 
@@ -33,7 +33,7 @@ class Method(L.LightningModule):
     * ``name`` / ``title``: registry key and the name the report uses;
     * ``arguments_from_config(config)``: the constructor arguments taken from an experiment config
       (what the checkpoint stores); the module is built as ``cls(arguments)``;
-    * ``training_step`` (Lightning);
+    * ``training_step`` (Lightning), or ``training_run`` (a training run of its own);
     * ``predict(images)``: model-grid predictions for a batch of preprocessed images
       (N, 1, *model size) -> dict with ``itn`` probabilities (N, C, *size) where the method has a
       segmentation network, and ``transforms`` {'onepass': transform} where it registers;
@@ -45,6 +45,11 @@ class Method(L.LightningModule):
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
+    #: A training run of the method's own, ``f(config, out_dir, resume=, progress=, device=, callbacks=)
+    #: -> final checkpoint``, which ``atlasreg train`` runs instead of its epoch loop (DeepATLAS: a staged
+    #: schedule counted in steps, :func:`atlasreg.deepatlas.method.pretrain`); None: the epoch loop of
+    #: :func:`atlasreg.models.train.train`.
+    training_run: ClassVar = None
 
     @classmethod
     def arguments_from_config(cls, config: dict) -> dict:
