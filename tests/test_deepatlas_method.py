@@ -181,7 +181,8 @@ def test_staged_training_switches_heads_one_at_a_time(staged_run):
             assert any(".gates." in n for n in changed) or any(".heads." in n for n in changed)
         else:
             assert active == stage.levels == trained
-            assert "atlas.tensor" in changed and changed & net and not any(n.startswith("autoencoder.") for n in changed)
+            assert "atlas.tensor" in changed and changed & net
+            assert not any(n.startswith("autoencoder.") for n in changed)
 
 
 def test_the_checkpoint_holds_config_atlas_and_stage(staged_run):
@@ -189,7 +190,8 @@ def test_the_checkpoint_holds_config_atlas_and_stage(staged_run):
     state = torch.load(final, weights_only=False)
     assert state["deepatlas"] == {"stage": "stage 3/3", "kind": COORDINATES, "levels": 3, "levels_trained": 3,
                                   "step": 12, "total_steps": 12}
-    assert state["atlasreg"]["method"] == "deepatlas" and state["hyper_parameters"]["config"] == load_config(None, config)
+    assert state["atlasreg"]["method"] == "deepatlas"
+    assert state["hyper_parameters"]["config"] == load_config(None, config)
     module = load_model(final)
     assert isinstance(module, DeepAtlasModule) and module.active_levels == 3
     assert torch.equal(module.atlas.tensor, state["state_dict"]["atlas.tensor"])

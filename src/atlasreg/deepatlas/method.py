@@ -491,7 +491,13 @@ def _training_cases(config: dict, out_dir: Path):
     if config["data"].get("cache", True):
         cache = Path(os.environ.get(CACHE_ENV) or run_paths(out_dir).cache)
     labelled = bool(config["deepatlas"]["losses"]["mask_channels"])
-    return CaseDataset.from_config(config, "train", cache, labelled=labelled)
+    try:
+        return CaseDataset.from_config(config, "train", cache, labelled=labelled)
+    except AtlasregError as e:
+        if labelled and str(e).endswith("no labelmap for this image"):
+            raise AtlasregError("no labelmap for this image (deepatlas.losses.mask_channels needs one per training "
+                                "image)", e.path) from None
+        raise
 
 
 def save_atlas_image(module: DeepAtlasModule, folder: Path) -> Path:
@@ -517,9 +523,11 @@ def pretrain(config: dict, out_dir: str | Path, resume: bool = True, progress: b
     (``loss_step/*`` per step, ``lr`` and ``levels``) and the case cache. Runs the schedule of
     :func:`schedule` with Lightning; resumes from the last checkpoint when `resume` and the folder holds
     a run of the same config (another config: AtlasregError naming the differing keys; `resume` False
-    deletes that run first). progress: a bar over the steps on stderr. device: 'auto', 'cpu', 'cuda',
-    'cuda:<i>'. callbacks: more Lightning callbacks (tests). Every training case is read before anything
-    is written (AtlasregError naming the file of a bad case). Returns the final checkpoint.
+    deletes that run first); a finished run is left as it is (its final checkpoint's bytes, which the
+    templates built with it record, do not change). progress: a bar over the steps on stderr. device:
+    'auto', 'cpu', 'cuda', 'cuda:<i>'. callbacks: more Lightning callbacks (tests). Every training case is
+    read before anything is written (AtlasregError naming the file of a bad case). Returns the final
+    checkpoint.
     Raises AtlasregError for a config whose method is not deepatlas, an empty training set, a single
     case with the implicit warp, or an interrupted run (KeyboardInterrupt, after its checkpoint)."""
     import lightning as L
@@ -576,6 +584,10 @@ def pretrain(config: dict, out_dir: str | Path, resume: bool = True, progress: b
                                      save_last=True, save_top_k=1,
                                      every_n_train_steps=int(config["deepatlas"]["checkpoint_every"]))
         step = _resume_step(last) if ckpt_path else None
+        if step is not None and step >= module.total_steps and paths.final_checkpoint.is_file():
+            # a finished run: its checkpoint (and the templates that name its bytes) stays as it is
+            console_line(f"{out_dir} holds a finished run ({step} of {module.total_steps} steps): nothing to do")
+            return paths.final_checkpoint
         if step is not None:  # the batches of the checkpoint's epoch already trained
             order.skip = (step % len(loader)) * int(t["batch_size"])
         logger = TensorBoardLogger(out_dir, name=LOG_DIR, version=0, default_hp_metric=False,
