@@ -280,6 +280,9 @@ class Field:
     #: out of every other config (so their runs and checkpoints are unchanged by it); given with another
     #: method it is an error.
     method: str | None = None
+    #: A check of the whole validated config when this key is present, ``f(cfg)`` raising ConfigError:
+    #: for the settings of a method's section that involve other sections (see `_check_across`).
+    across: Callable | None = None
 
     def default_value(self, key: str):
         if self.default is REQUIRED:
@@ -573,7 +576,7 @@ SCHEMA = Section({
         "image_weight": Field(Float(0.0), 1.0, "weight of the image term when image_similarity is set"),
     })),
     "deepatlas": Field(DEEPATLAS, None, "DeepATLAS: network, schedule and losses (model.method deepatlas only)",
-                       method="deepatlas"),
+                       method="deepatlas", across=lambda cfg: _check_deepatlas(cfg)),
 })
 
 
@@ -604,8 +607,9 @@ def _check_across(cfg: dict) -> dict:
             cfg[name] = f.type({}, name)
         elif m["method"] != f.method and name in cfg:
             raise ConfigError(name, f"settings of model.method {f.method}, but model.method is {m['method']}")
-    if m["method"] == "deepatlas":
-        _check_deepatlas(cfg)
+    for name, f in SCHEMA.fields.items():
+        if f.across is not None and name in cfg:
+            f.across(cfg)
     return cfg
 
 
