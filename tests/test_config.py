@@ -383,6 +383,7 @@ def test_the_deepatlas_section_is_in_deepatlas_configs_only_with_the_papers_defa
             d["lr_warmup_steps"], d["atlas_factor"]) == ([8, 16, 32, 64, 128], 7500, 0.005, 0.5, 0.995, 50, 500, 2)
     assert d["autoencoder"] == {"steps": 20000, "lr": 0.005, "heads": 2}
     assert d["losses"]["implicit_steps"] == 20 and d["losses"]["similarity"] == "features"
+    assert d["losses"]["implicit_gradient"] == "last" and d["seed_steps"] == 0 and d["seed_crop_scale"] == [0.5, 1.0]
     assert d["foreground"] == {"threshold": None, "sigma": 0.7}
     assert validate(cfg) == cfg
     with pytest.raises(ConfigError) as e:
@@ -402,6 +403,10 @@ def test_the_deepatlas_section_is_in_deepatlas_configs_only_with_the_papers_defa
     (("deepatlas.losses.simlarity=mse",), "deepatlas.losses.simlarity: unknown key (did you mean "
                                           "deepatlas.losses.similarity?)"),
     (("deepatlas.lr_decay=1.5",), "deepatlas.lr_decay: expected a number in (0, 1], got 1.5"),
+    (("deepatlas.seed_steps=100",), "deepatlas.seed_steps: expected 0 without deepatlas.seed_atlas (the crops are "
+                                    "the seed case's), got 100"),
+    (("deepatlas.seed_crop_scale=[0.9, 0.5]",), "deepatlas.seed_crop_scale: expected [lo, hi] with 0 < lo <= hi <= 1, "
+                                                 "got [0.9, 0.5]"),
 ])
 def test_deepatlas_settings_are_checked_with_the_keys_they_involve(items, message):
     with pytest.raises(ConfigError) as e:

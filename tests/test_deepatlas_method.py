@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from atlasreg.config import load_config
 from atlasreg.data.case_dataset import CaseDataset
 from atlasreg.deepatlas.coordinates import identity_coordinates, resize
-from atlasreg.deepatlas.method import (AUTOENCODER, COORDINATES, WARMUP, DeepAtlasModule, pretrain, schedule,
+from atlasreg.deepatlas.method import (AUTOENCODER, COORDINATES, SEED, WARMUP, DeepAtlasModule, pretrain, schedule,
                                        stage_at, template_grid)
 from atlasreg.errors import AtlasregError
 from atlasreg.models.registry import load_model
@@ -53,6 +53,10 @@ def test_schedule_is_the_papers():
     mse = load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}}, "model": {"method": "deepatlas"},
                              "deepatlas": {"losses": {"similarity": "mse"}}})
     assert schedule(mse)[0].kind == COORDINATES and DeepAtlasModule(mse).autoencoder is None
+    seeded = load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}}, "model": {"method": "deepatlas"},
+                                "deepatlas": {"seed_atlas": "case1", "seed_steps": 300}})
+    assert [(s.kind, s.levels, s.steps, s.lr) for s in schedule(seeded)[:3]] == [
+        (AUTOENCODER, 0, 20000, 0.005), (SEED, 1, 300, 0.005), (COORDINATES, 1, 7500, 0.005)]
 
 
 def _dataset(cfg, labelled=False):
@@ -71,6 +75,17 @@ def test_losses_of_identical_exams_with_identity_maps_and_the_ablations(folders)
     module.set_training_data(data)
     assert module.seed_atlas() == "B2"
     image, _, _, mask = data[1]
+    crops, points = module.seed_crops(6)  # Sec. 5.2.5: crops of the seed case at known positions
+    extent = points.amax((2, 3)) - points.amin((2, 3))  # (6, 2): twice the scale s along x and y
+    assert crops.shape == (6, 1, 32, 32) and points.abs().max() <= 1.0 + 1e-6
+    assert torch.allclose(extent[:, 0], extent[:, 1]) and extent.min() >= 1.0 - 1e-6 and extent.max() <= 2.0 + 1e-6
+    whole = DeepAtlasModule(load_config(None, tiny_config({"images": str(images)}, seed_atlas="B2",
+                                                          seed_crop_scale=[1.0, 1.0])))
+    whole.set_training_data(data)
+    whole.seed_atlas()
+    crops, points = whole.seed_crops(2)
+    assert torch.allclose(points, identity_coordinates((32, 32)).expand(2, -1, -1, -1))
+    assert torch.allclose(crops, image[None].expand(2, -1, -1, -1), atol=1e-4)  # the whole seed case
     seeded = module.atlas.tensor.detach()
     assert seeded.shape == (1, 2, 64, 64) and torch.allclose(seeded[:, :1], resize(image[None], (64, 64)))
     x = image[None].expand(2, -1, -1, -1)
@@ -95,6 +110,7 @@ def test_losses_of_identical_exams_with_identity_maps_and_the_ablations(folders)
                          ({"explicit": False}, {"implicit_sim", "implicit_smooth"}),
                          ({"similarity": "mse", "gradient_channel": False},
                           {"explicit_sim", "explicit_smooth", "implicit_sim", "implicit_smooth"})):
+        torch.manual_seed(0)  # an untrained network whose two maps overlap (else Phi_I has no gradient)
         ablation = DeepAtlasModule(load_config(None, tiny_config({"images": str(images)}, losses=losses)))
         two = torch.stack([data[1][0], data[2][0]])  # two exams (identical ones give Phi_I no gradient)
         terms = ablation.registration_losses(two, two[:, :0], torch.stack([data[1][3], data[2][3]]))
@@ -151,7 +167,7 @@ class Recorder(Callback):
 @pytest.fixture(scope="module")
 def staged_run(folders, tmp_path_factory):
     images, _ = folders
-    config = tiny_config({"images": str(images)}, augmentation=True, seed_atlas="B1")
+    config = tiny_config({"images": str(images)}, augmentation=True, seed_atlas="B1", seed_steps=2)
     recorder = Recorder()
     out = tmp_path_factory.mktemp("staged") / "run"
     final = pretrain(config, out, progress=False, callbacks=[recorder])
@@ -159,26 +175,27 @@ def staged_run(folders, tmp_path_factory):
 
 
 def test_staged_training_switches_heads_one_at_a_time(staged_run):
-    """5.3.2 then 5.2.3 on six unlabelled 32 x 32 Letter-B images: the autoencoder's steps change the
-    autoencoder alone; a head warm-up changes only the new level's parameters (its head, gate and
-    decoder block) with the coarser heads active; a stage changes the network and the atlas, never
-    the frozen autoencoder, with one more head each time."""
+    """5.3.2, 5.2.5 then 5.2.3 on six unlabelled 32 x 32 Letter-B images: the autoencoder's steps change
+    the autoencoder alone; the seed crops only the first level's parameters; a head warm-up only the new
+    level's (its head, gate and decoder block) with the coarser heads active; a stage changes the
+    network and the atlas, never the frozen autoencoder, with one more head each time."""
     config, out, final, recorder = staged_run
     module = DeepAtlasModule(load_config(None, config))
     names = dict((id(p), n) for n, p in module.named_parameters())
     net = {n for n in names.values() if n.startswith("net.")}
     kinds = [(s.kind, s.levels) for s, *_ in recorder.steps]
-    assert kinds == [(AUTOENCODER, 0)] * 2 + [(COORDINATES, 1)] * 2 + [(WARMUP, 2)] * 2 + [(COORDINATES, 2)] * 2 + \
-        [(WARMUP, 3)] * 2 + [(COORDINATES, 3)] * 2
+    assert kinds == [(AUTOENCODER, 0)] * 2 + [(SEED, 1)] * 2 + [(COORDINATES, 1)] * 2 + [(WARMUP, 2)] * 2 + \
+        [(COORDINATES, 2)] * 2 + [(WARMUP, 3)] * 2 + [(COORDINATES, 3)] * 2
     for stage, active, changed, lr_ratio, trained in recorder.steps:
         assert lr_ratio == pytest.approx(1.0)  # the schedule's learning rate at that step
         if stage.kind == AUTOENCODER:
             assert changed and all(n.startswith("autoencoder.") for n in changed) and trained == 0
-        elif stage.kind == WARMUP:
+        elif stage.kind in (SEED, WARMUP):  # the first level's parameters, or the new level's
             module.net.active_levels = stage.levels
             level = {names[id(p)] for p in module.net.level_parameters()}
             assert active == stage.levels and changed and changed <= level
-            assert any(".gates." in n for n in changed) or any(".heads." in n for n in changed)
+            assert trained == stage.levels - 1
+            assert any(".gates." in n or ".heads." in n for n in changed)
         else:
             assert active == stage.levels == trained
             assert "atlas.tensor" in changed and changed & net
@@ -189,7 +206,7 @@ def test_the_checkpoint_holds_config_atlas_and_stage(staged_run):
     config, out, final, _ = staged_run
     state = torch.load(final, weights_only=False)
     assert state["deepatlas"] == {"stage": "stage 3/3", "kind": COORDINATES, "levels": 3, "levels_trained": 3,
-                                  "step": 12, "total_steps": 12}
+                                  "step": 14, "total_steps": 14}
     assert state["atlasreg"]["method"] == "deepatlas"
     assert state["hyper_parameters"]["config"] == load_config(None, config)
     module = load_model(final)
@@ -224,7 +241,7 @@ def test_a_run_resumed_mid_epoch_ends_as_the_uninterrupted_run(staged_run, tmp_p
     resumed = pretrain(config, tmp_path / "run", progress=False)
     assert "resuming from" in capsys.readouterr().out
     a, b = torch.load(resumed, weights_only=False), torch.load(final, weights_only=False)
-    assert a["global_step"] == b["global_step"] == 12
+    assert a["global_step"] == b["global_step"] == 14
     for key in b["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer_states"][1]["state"][0].values(),

@@ -436,6 +436,10 @@ DEEPATLAS = Section({
                           "(Sec. 5.1.2: 2)"),
     "seed_atlas": Field(Optional(Str(names=True)), None, "training case whose image seeds the atlas (Secs. 5.1.2, "
                         "5.2.5); null: a constant atlas"),
+    "seed_steps": Field(Int(0), 0, "steps of the supervised pretraining of the coarsest head on random crops of the "
+                        "seed_atlas case, whose locations are known (Sec. 5.2.5); 0: none"),
+    "seed_crop_scale": Field(ListOf(Float(0.0, 1.0, open_min=True), length=2), [0.5, 1.0],
+                             "[lo, hi]: a crop's size as a fraction of the seed case's extent, drawn uniformly"),
     "autoencoder": Field(Section({
         "steps": Field(Int(0), 20000, "steps of the feature autoencoder, trained first (Sec. 5.3.2)"),
         "lr": Field(Float(0.0, open_min=True), 5.0e-3, "its Adam learning rate (decayed like deepatlas.lr)"),
@@ -459,6 +463,8 @@ DEEPATLAS = Section({
         "auxiliary_weight": Field(Float(0.0), 1.0, "weight of the auxiliary channels' MSE"),
         "smoothness_weight": Field(Float(0.0), 1.0, "weight of the smoothness loss of Eq. 11"),
         "implicit_steps": Field(Int(1), 20, "recursive updates of the implicit warp (Sec. 5.1.1: 20)"),
+        "implicit_gradient": Field(Choice(lambda: ("last", "unrolled")), "last", "last: differentiate the last "
+                                   "update at the fixed point | unrolled: every update (atlasreg.deepatlas.warps)"),
     }, check=_check_deepatlas_losses), doc="what the loss holds (the ablations of Table 5 are settings)"),
     "foreground": Field(Section({
         "threshold": Field(Optional(Float()), None, "foreground above this normalised intensity (Sec. 5.5.3: the "
@@ -617,6 +623,12 @@ def _check_deepatlas(cfg: dict) -> None:
     """The DeepATLAS settings that involve other sections: the implicit warp pairs the exams of a
     batch, and the deepest level of the network needs 2 voxels per axis."""
     d = cfg["deepatlas"]
+    if d["seed_steps"] and d["seed_atlas"] is None:
+        raise ConfigError("deepatlas.seed_steps", f"expected 0 without deepatlas.seed_atlas (the crops are the seed "
+                          f"case's), got {d['seed_steps']}")
+    lo, hi = d["seed_crop_scale"]
+    if lo > hi:
+        raise ConfigError("deepatlas.seed_crop_scale", f"expected [lo, hi] with 0 < lo <= hi <= 1, got {[lo, hi]}")
     if d["losses"]["implicit"] and cfg["training"]["batch_size"] < 2:
         raise ConfigError("training.batch_size", "expected >= 2 with deepatlas.losses.implicit (the implicit warp "
                           f"pairs the exams of a batch), got {cfg['training']['batch_size']}")

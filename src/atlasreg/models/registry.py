@@ -104,16 +104,19 @@ def _load_builtins() -> None:
 
 
 def known_methods() -> tuple[str, ...]:
-    """Names of the registered methods (the values ``model.method`` accepts)."""
+    """Names of the registered methods (the values ``model.method`` accepts): the built-in ones in the
+    order of :data:`BUILTIN_MODULES` (and of registration within a module), whatever was imported
+    first, then the others in the order they were registered."""
     _load_builtins()
-    return tuple(_REGISTRY)
+    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    return tuple(sorted(_REGISTRY, key=lambda name: rank.get(_REGISTRY[name].__module__, len(rank))))
 
 
 def get_method(name: str) -> type[Method]:
     """The registered method class. Raises AtlasregError naming the known methods."""
     _load_builtins()
     if name not in _REGISTRY:
-        raise AtlasregError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}")
+        raise AtlasregError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
     return _REGISTRY[name]
 
 
