@@ -54,8 +54,8 @@ ABLATIONS = {"explicit_only": ["deepatlas.losses.implicit=false"],
 #: The paper's schedule (Secs. 5.2.6, 5.3.2) at the config's batch size, for the second estimate.
 PAPER = ["deepatlas.autoencoder.steps=20000", "deepatlas.steps_per_level=7500", "deepatlas.head_warmup_steps=500",
          "deepatlas.lr_warmup_steps=500"]
-TINY = ["deepatlas.autoencoder.steps=5", "deepatlas.steps_per_level=5", "deepatlas.head_warmup_steps=3",
-        "deepatlas.lr_warmup_steps=1", "deepatlas.checkpoint_every=5"]
+TINY = ["deepatlas.autoencoder.steps=5", "deepatlas.seed_steps=5", "deepatlas.steps_per_level=5",
+        "deepatlas.head_warmup_steps=3", "deepatlas.lr_warmup_steps=1", "deepatlas.checkpoint_every=5"]
 
 
 def run(*argv) -> float:
