@@ -44,6 +44,34 @@ def test_items_are_load_case_on_the_model_grid(folder):
         data.index_of("B9")
 
 
+def test_images_without_labelmaps_for_self_supervised_training(folder, tmp_path):
+    """labelled=False (DeepATLAS pretraining): a folder of images alone is a data set; items have a
+    labelmap of no channels, image and mask equal load_case's; labelmaps present are not read; the
+    cache keeps such entries apart; a split without labelmaps is still refused for labelled use."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in (1, 2, 3):
+        (images / f"B{i}_img.png").write_bytes((folder / f"B{i}_img.png").read_bytes())
+    only_images = pairs_from_spec({"images": str(images), "image_suffix": "_img"}, need_labels=False)
+    data = CaseDataset(only_images, PREP, tmp_path / "cache", labelled=False)
+    image, labelmap, index, mask = data[1]
+    ref = load_case(folder / "B2_img.png", None, PREP)
+    assert labelmap.shape == (0, 16, 16) and index == 1 and data.names == ["B1", "B2", "B3"]
+    assert torch.equal(image, ref.image[0]) and torch.equal(mask, ref.mask[0])
+    assert torch.equal(data[1][0], image)  # from the cache now
+    batch = next(iter(DataLoader(data, batch_size=3)))
+    assert batch[1].shape == (3, 0, 16, 16) and batch[0].shape == (3, 1, 16, 16)
+    labelled_pairs = CaseDataset(pairs(folder), PREP, tmp_path / "cache", labelled=False)
+    assert labelled_pairs[1][1].shape == (0, 16, 16) and torch.equal(labelled_pairs[1][0], image)
+    cfg = {"data": {"labels": {0: "bg", 255: "B"}, "spacing": [1, 1], "train": {"images": str(images),
+           "image_suffix": "_img"}}, "model": {"size": [16, 16], "spacing": [2, 2], "ndim": 2}}
+    assert len(CaseDataset.from_config(cfg, labelled=False)) == 3
+    with pytest.raises(AtlasregError, match="no labelmap for this image"):
+        CaseDataset.from_config(cfg)
+    with pytest.raises(AtlasregError, match="no labelmap for this image"):
+        CaseDataset(only_images, PREP)
+
+
 def test_config_gives_the_same_settings():
     cfg = {"data": {"labels": {0: "bg", 255: "B"}, "spacing": [1, 1]},
            "model": {"size": [16, 16], "spacing": [2, 2], "ndim": 2}}

@@ -811,14 +811,15 @@ def test_the_parser_help_and_version_import_no_heavy_module():
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         "    codes = [main(['--version'])] + [main([c, '--help']) for c in ('train', 'segment', 'evaluate',\n"
-        "             'correspond', 'register', 'report', 'letter-b', 'demo')] + [main(['--help'])]\n"
+        "             'correspond', 'register', 'report', 'letter-b', 'demo', 'deepatlas')] + [main(['--help'])]\n"
+        "    codes += [main(['deepatlas', c, '--help']) for c in ('pretrain', 'template', 'propagate', 'crop')]\n"
         "heavy = ('torch', 'numpy', 'SimpleITK', 'scipy', 'nibabel', 'monai', 'lightning', 'matplotlib')\n"
         "print(codes, sorted(m for m in heavy if m in sys.modules), out.getvalue().splitlines()[0])\n")
     src = str(Path(atlasreg.__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == f"{[0] * 10} [] atlasreg {atlasreg.__version__}"
+    assert res.stdout.strip() == f"{[0] * 15} [] atlasreg {atlasreg.__version__}"
 
 
 def test_version(capsys):
@@ -843,9 +844,13 @@ def test_every_option_of_every_command_has_help_and_its_default_shown():
 
     parser, sub = _commands()
     assert set(sub.choices) == {"train", "segment", "evaluate", "correspond", "register", "report", "letter-b",
-                                "demo"}
+                                "demo", "deepatlas"}
     assert all(c.help and c.help.strip() for c in sub._choices_actions)  # the list in `atlasreg --help`
-    for name, command in [("atlasreg", parser), *sub.choices.items()]:
+    (steps,) = [a for a in sub.choices["deepatlas"]._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(steps.choices) == {"pretrain", "template", "propagate", "crop"}
+    assert all(c.help and c.help.strip() for c in steps._choices_actions)
+    nested = [(f"deepatlas {name}", command) for name, command in steps.choices.items()]
+    for name, command in [("atlasreg", parser), *sub.choices.items(), *nested]:
         text = " ".join(command.format_help().split())  # words, without argparse's wrapping
         for action in command._actions:
             what = f"{name} {'/'.join(action.option_strings) or action.dest}"

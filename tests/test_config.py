@@ -78,7 +78,7 @@ def test_readme_train_example_resolves_from_any_folder(tmp_path, monkeypatch):
 def test_known_choices_match_the_code_that_builds_them():
     from atlasreg.nets.stn import VARIANTS
 
-    assert known_methods() == ("atlas_istn", "unet", "vml")
+    assert known_methods() == ("atlas_istn", "unet", "vml", "deepatlas")
     assert STN_VARIANTS == VARIANTS
 
 
@@ -209,7 +209,7 @@ def test_out_of_range_names_the_key(item, key, what):
 
 @pytest.mark.parametrize("item, key, choices", [
     ("model.stn_variant=foo", "model.stn_variant", "affine_svf, svf, affine"),
-    ("model.method=bar", "model.method", "atlas_istn, unet, vml"),
+    ("model.method=bar", "model.method", "atlas_istn, unet, vml, deepatlas"),
 ])
 def test_bad_choice_names_the_key_and_the_choices(item, key, choices):
     with pytest.raises(ConfigError) as e:
@@ -367,3 +367,53 @@ def test_train_validates_before_it_creates_its_folder(tmp_path):
     with pytest.raises(AtlasregError, match="images folder not found"):  # data read before the folder is made
         train(cfg, tmp_path / "c", progress=False)
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- the section of one method
+
+
+def test_the_deepatlas_section_is_in_deepatlas_configs_only_with_the_papers_defaults():
+    """`deepatlas` is filled with its defaults (Chang, Secs. 5.2.1-5.3.2) when model.method is deepatlas
+    and absent from every other method's config (their runs and checkpoints are unchanged); given with
+    another method it is an error naming the section."""
+    assert "deepatlas" not in load_with() and "deepatlas" not in DEFAULTS
+    cfg = load_with("model.method=deepatlas")
+    d = cfg["deepatlas"]
+    assert (d["channels"], d["steps_per_level"], d["lr"], d["lr_level_factor"], d["lr_decay"], d["lr_decay_every"],
+            d["lr_warmup_steps"], d["atlas_factor"]) == ([8, 16, 32, 64, 128], 7500, 0.005, 0.5, 0.995, 50, 500, 2)
+    assert d["autoencoder"] == {"steps": 20000, "lr": 0.005, "heads": 2}
+    assert d["losses"]["implicit_steps"] == 20 and d["losses"]["similarity"] == "features"
+    assert d["losses"]["implicit_gradient"] == "last" and d["seed_steps"] == 0 and d["seed_crop_scale"] == [0.5, 1.0]
+    assert d["foreground"] == {"threshold": None, "sigma": 0.7}
+    assert validate(cfg) == cfg
+    with pytest.raises(ConfigError) as e:
+        load_with("deepatlas.lr=0.1")
+    assert one_line(e) == "deepatlas: settings of model.method deepatlas, but model.method is atlas_istn"
+
+
+@pytest.mark.parametrize("items, message", [
+    (("deepatlas.losses.explicit=false", "deepatlas.losses.implicit=false"),
+     "deepatlas.losses: needs explicit or implicit (or both): without a warp there is no loss"),
+    (("training.batch_size=1",), "training.batch_size: expected >= 2 with deepatlas.losses.implicit (the implicit "
+                                 "warp pairs the exams of a batch), got 1"),
+    (("model.size=[16, 16]", "deepatlas.channels=[4, 4, 4, 4, 4]"),
+     "deepatlas.channels: 4 downsamplings leave [1, 1] voxels of model.size [16, 16] at the deepest level; each "
+     "axis needs >= 2 (fewer levels)"),
+    (("deepatlas.losses.similarity=ssd",), "deepatlas.losses.similarity: expected one of features, mse, got 'ssd'"),
+    (("deepatlas.losses.simlarity=mse",), "deepatlas.losses.simlarity: unknown key (did you mean "
+                                          "deepatlas.losses.similarity?)"),
+    (("deepatlas.lr_decay=1.5",), "deepatlas.lr_decay: expected a number in (0, 1], got 1.5"),
+    (("deepatlas.seed_steps=100",), "deepatlas.seed_steps: expected 0 without deepatlas.seed_atlas (the crops are "
+                                    "the seed case's), got 100"),
+    (("deepatlas.seed_crop_scale=[0.9, 0.5]",), "deepatlas.seed_crop_scale: expected [lo, hi] with 0 < lo <= hi <= 1, "
+                                                 "got [0.9, 0.5]"),
+])
+def test_deepatlas_settings_are_checked_with_the_keys_they_involve(items, message):
+    with pytest.raises(ConfigError) as e:
+        load_with("model.method=deepatlas", *items)
+    assert one_line(e) == message
+
+
+def test_deepatlas_without_the_implicit_warp_trains_on_batches_of_one():
+    cfg = load_with("model.method=deepatlas", "training.batch_size=1", "deepatlas.losses.implicit=false")
+    assert cfg["training"]["batch_size"] == 1 and cfg["deepatlas"]["losses"]["explicit"]

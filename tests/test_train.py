@@ -212,3 +212,27 @@ def test_what_training_shows_may_change_on_resume(tmp_path):
     _check_resumable(stored, load_config(None, {**base, "training": shown}), tmp_path)
     with pytest.raises(AtlasregError, match=r"training\.lambda: 0\.126 -> 0\.5"):
         _check_resumable(stored, load_config(None, {**base, "training": {**shown, "lambda": 0.5}}), tmp_path)
+
+
+def test_a_method_with_a_training_run_of_its_own_is_trained_by_it(tmp_path):
+    """`train` runs the training run of a method that has its own (DeepATLAS: its staged schedule in
+    steps, `Method.training_run`), with the same run folder; it trains in one process."""
+    import pytest
+    import torch
+
+    from atlasreg.contracts import run_paths
+    from atlasreg.errors import AtlasregError
+    from atlasreg.models.train import train
+    from deepatlas_material import letter_b_images, tiny_config
+
+    torch.set_num_threads(1)
+    images, _ = letter_b_images(tmp_path / "data", 3)
+    config = tiny_config({"images": str(images)}, batch_size=3, channels=[4, 8], autoencoder={"steps": 1},
+                         steps_per_level=1, head_warmup_steps=1)
+    final = train(config, tmp_path / "run", progress=False)
+    state = torch.load(final, weights_only=False)
+    assert state["atlasreg"]["method"] == "deepatlas" and state["global_step"] == 4
+    assert state["deepatlas"]["stage"] == "stage 2/2" and run_paths(tmp_path / "run").config.is_file()
+    with pytest.raises(AtlasregError, match=r"model.method deepatlas trains in one process \(--devices 1"):
+        train(config, tmp_path / "other", devices=2)
+    assert not (tmp_path / "other").exists()

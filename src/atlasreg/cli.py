@@ -1,4 +1,5 @@
-"""The `atlasreg` command line: train, segment, evaluate, correspond, register, report, demo, letter-b.
+"""The `atlasreg` command line: train, segment, evaluate, correspond, register, report, demo, letter-b,
+deepatlas (its subcommands in :mod:`atlasreg.deepatlas.cli`).
 
 Every bad input ends with one line `atlasreg: error: <file>: <problem>` and exit status 2. One
 exception: `segment` goes on past inputs that cannot be read (a corrupt scan of a large folder), with
@@ -294,6 +295,7 @@ def add_correspond_parser(subparsers) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     """The `atlasreg` parser: one sub-parser per command, each option with its help and default, and
     ``--version``. Imports no command's module (no torch, SimpleITK or numpy)."""
+    from .deepatlas.cli import add_deepatlas_parser
     from .demo import DEMO_SETTINGS
     from .register import add_register_parser
 
@@ -383,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_correspond_parser(sub)
     add_register_parser(sub)
+    add_deepatlas_parser(sub)
 
     r = sub.add_parser("report", help="one HTML page (and Markdown) with tables, statistics and figures "
                        "from evaluation folders")

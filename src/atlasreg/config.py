@@ -3,7 +3,8 @@ typed schema at load, stored in every checkpoint.
 
 Every key, with its type, range and default, is in `SCHEMA` below; `DEFAULTS` is derived from it.
 Sections: `name`; `data` (`train`, `validation`: data splits; `labels`; `spacing`); `model`;
-`training` (with `fade_in` and `augmentation`); `refinement`. A data split is
+`training` (with `fade_in` and `augmentation`); `refinement`; and `deepatlas`, the section of one
+method (`model.method: deepatlas`), present in that method's configs only (a field with `method`). A data split is
 `{images, labels, csv, image_suffix, label_suffix, cases}` (see `data.dataset.find_pairs` and
 `select_cases`).
 
@@ -274,6 +275,14 @@ class Field:
     type: Any
     default: Any = None
     doc: str = ""
+    #: The name of the method (``model.method``) this section belongs to, or None for a key of every
+    #: config: such a section is filled with its defaults when the config trains that method and left
+    #: out of every other config (so their runs and checkpoints are unchanged by it); given with another
+    #: method it is an error.
+    method: str | None = None
+    #: A check of the whole validated config when this key is present, ``f(cfg)`` raising ConfigError:
+    #: for the settings of a method's section that involve other sections (see `_check_across`).
+    across: Callable | None = None
 
     def default_value(self, key: str):
         if self.default is REQUIRED:
@@ -316,6 +325,8 @@ class Section:
         where = f"{key}." if key else ""
         out = {}
         for name, f in self.fields.items():
+            if f.method is not None and name not in value:
+                continue  # a method's own section: filled in by _check_across for that method only
             out[name] = f.type(value[name] if name in value else f.default_value(where + name), where + name)
         return self.check(out, key) if self.check else out
 
@@ -402,6 +413,70 @@ def _check_augmentation(aug: dict, key: str) -> dict:
     return aug
 
 
+#: Similarities of the DeepATLAS loss (`deepatlas.losses.similarity`): NCC of the pretrained
+#: autoencoder's features (Eq. 9) or the MSE of the images (the ablation of Sec. 5.4.3).
+DEEPATLAS_SIMILARITIES = ("features", "mse")
+
+
+def _check_deepatlas_losses(losses: dict, key: str) -> dict:
+    if not (losses["explicit"] or losses["implicit"]):
+        raise ConfigError(key, "needs explicit or implicit (or both): without a warp there is no loss")
+    return losses
+
+
+#: The section of ``model.method: deepatlas`` (DeepATLAS, issue 15; :mod:`atlasreg.deepatlas.method`).
+#: Paper defaults (Chang, Secs. 5.2.1-5.2.7, 5.3.2) where the paper gives them.
+DEEPATLAS = Section({
+    "channels": Field(ListOf(Int(1), min_length=2), [8, 16, 32, 64, 128],
+                      "features per resolution level 0..L of the coordinate network and the autoencoder "
+                      "(L = len - 1 downsamplings; Sec. 5.2.1)"),
+    "head_channels": Field(Int(1), 32, "fixed depth of the head feature maps f_l (Sec. 2.2.1; not given)"),
+    "norm_groups": Field(Int(1), 8, "group-normalisation groups (gcd with each channel count)"),
+    "atlas_factor": Field(Int(1), 2, "the atlas X (and the templates) at this many times the model grid per axis "
+                          "(Sec. 5.1.2: 2)"),
+    "seed_atlas": Field(Optional(Str(names=True)), None, "training case whose image seeds the atlas (Secs. 5.1.2, "
+                        "5.2.5); null: a constant atlas"),
+    "seed_steps": Field(Int(0), 0, "steps of the supervised pretraining of the coarsest head on random crops of the "
+                        "seed_atlas case, whose locations are known (Sec. 5.2.5); 0: none"),
+    "seed_crop_scale": Field(ListOf(Float(0.0, 1.0, open_min=True), length=2), [0.5, 1.0],
+                             "[lo, hi]: a crop's size as a fraction of the seed case's extent, drawn uniformly"),
+    "autoencoder": Field(Section({
+        "steps": Field(Int(0), 20000, "steps of the feature autoencoder, trained first (Sec. 5.3.2)"),
+        "lr": Field(Float(0.0, open_min=True), 5.0e-3, "its Adam learning rate (decayed like deepatlas.lr)"),
+        "heads": Field(Int(1), 2, "reconstruction heads = feature levels of Eq. 9 (full and half resolution)"),
+    }), doc="the multi-resolution autoencoder whose features the similarity compares (Sec. 5.3)"),
+    "steps_per_level": Field(Int(1), 7500, "steps of each stage of the staged optimisation (Sec. 5.2.6)"),
+    "head_warmup_steps": Field(Int(0), 500, "steps of a new head's warm-up before its stage (Sec. 5.2.3; not given)"),
+    "lr": Field(Float(0.0, open_min=True), 5.0e-3, "Adam learning rate of the first stage (Sec. 5.2.6)"),
+    "lr_level_factor": Field(Float(0.0, 1.0, open_min=True), 0.5, "learning rate factor from one stage to the next"),
+    "lr_decay": Field(Float(0.0, 1.0, open_min=True), 0.995, "learning rate factor every lr_decay_every steps"),
+    "lr_decay_every": Field(Int(1), 50, "steps"),
+    "lr_warmup_steps": Field(Int(0), 500, "linear warm-up from 10% to 100% at the start of each stage (steps)"),
+    "losses": Field(Section({
+        "explicit": Field(Bool(), True, "the explicit warp of the atlas to each exam (Eqs. 3, 8, 13)"),
+        "implicit": Field(Bool(), True, "the implicit warp between the exams of a batch (Eqs. 1, 4-7, 12)"),
+        "similarity": Field(Choice(lambda: DEEPATLAS_SIMILARITIES), "features", "features (NCC of the autoencoder's "
+                            "features, Eq. 9) | mse (the ablation of Sec. 5.4.3; no autoencoder)"),
+        "gradient_channel": Field(Bool(), True, "auxiliary Prewitt gradient channel, MSE (Sec. 5.1.5)"),
+        "mask_channels": Field(Bool(), False, "auxiliary mask channels of the labels (Sec. 5.1.5): every training "
+                               "case then needs its labelmap"),
+        "auxiliary_weight": Field(Float(0.0), 1.0, "weight of the auxiliary channels' MSE"),
+        "smoothness_weight": Field(Float(0.0), 1.0, "weight of the smoothness loss of Eq. 11"),
+        "implicit_steps": Field(Int(1), 20, "recursive updates of the implicit warp (Sec. 5.1.1: 20)"),
+        "implicit_gradient": Field(Choice(lambda: ("last", "unrolled")), "last", "last: differentiate the last "
+                                   "update at the fixed point | unrolled: every update (atlasreg.deepatlas.warps)"),
+    }, check=_check_deepatlas_losses), doc="what the loss holds (the ablations of Table 5 are settings)"),
+    "foreground": Field(Section({
+        "threshold": Field(Optional(Float()), None, "foreground above this normalised intensity (Sec. 5.5.3: the "
+                           "training masks of 5.1.6); null: the scan's field of view only"),
+        "sigma": Field(Float(0.0), 0.7, "Gaussian blur before the threshold, model voxels (Sec. 5.5.3)"),
+    }), doc="training masks (Secs. 5.1.6, 5.5.3)"),
+    "checkpoint_every": Field(Int(1), 100, "steps between checkpoints (a run resumes from the last one)"),
+    "template_smoothness": Field(Float(0.0, open_min=True), 1.0e-3, "membrane weight of the template fit (Eq. 14; "
+                                 "atlasreg.deepatlas.template)"),
+})
+
+
 SCHEMA = Section({
     "name": Field(Str(), "experiment", "experiment name (checkpoint, report)"),
     "data": Field(Section({
@@ -438,7 +513,8 @@ SCHEMA = Section({
     })),
     "model": Field(Section({
         "method": Field(Choice(lambda: known_methods()), "atlas_istn",
-                        "atlas_istn | unet (ITN alone) | vml (STN on image + atlas image)"),
+                        "atlas_istn | unet (ITN alone) | vml (STN on image + atlas image) | deepatlas (self-supervised "
+                        "coordinates, `atlasreg deepatlas`)"),
         "ndim": Field(Int(2, 3), 2, "2 or 3"),
         "size": Field(ListOf(Int(1), min_length=1), [64, 64], "model grid, array order; divisible by 8"),
         "spacing": Field(ListOf(Float(0.0, open_min=True), min_length=1), [2.0, 2.0],
@@ -505,6 +581,8 @@ SCHEMA = Section({
                                   "image (issue 12 item 7)"),
         "image_weight": Field(Float(0.0), 1.0, "weight of the image term when image_similarity is set"),
     })),
+    "deepatlas": Field(DEEPATLAS, None, "DeepATLAS: network, schedule and losses (model.method deepatlas only)",
+                       method="deepatlas", across=lambda cfg: _check_deepatlas(cfg)),
 })
 
 
@@ -528,11 +606,44 @@ def _check_across(cfg: dict) -> dict:
     if any(s % step for s in m["size"]):
         why = "8" if step == 8 else f"{step} (ITN with {len(m['itn_channels'])} scales)"
         raise ConfigError("model.size", f"expected entries divisible by {why}, got {m['size']}")
+    for name, f in SCHEMA.fields.items():  # the sections of one method: its config only, complete
+        if f.method is None:
+            continue
+        if m["method"] == f.method and name not in cfg:
+            cfg[name] = f.type({}, name)
+        elif m["method"] != f.method and name in cfg:
+            raise ConfigError(name, f"settings of model.method {f.method}, but model.method is {m['method']}")
+    for name, f in SCHEMA.fields.items():
+        if f.across is not None and name in cfg:
+            f.across(cfg)
     return cfg
 
 
+def _check_deepatlas(cfg: dict) -> None:
+    """The DeepATLAS settings that involve other sections: the implicit warp pairs the exams of a
+    batch, and the deepest level of the network needs 2 voxels per axis."""
+    d = cfg["deepatlas"]
+    if d["seed_steps"] and d["seed_atlas"] is None:
+        raise ConfigError("deepatlas.seed_steps", f"expected 0 without deepatlas.seed_atlas (the crops are the seed "
+                          f"case's), got {d['seed_steps']}")
+    lo, hi = d["seed_crop_scale"]
+    if lo > hi:
+        raise ConfigError("deepatlas.seed_crop_scale", f"expected [lo, hi] with 0 < lo <= hi <= 1, got {[lo, hi]}")
+    if d["losses"]["implicit"] and cfg["training"]["batch_size"] < 2:
+        raise ConfigError("training.batch_size", "expected >= 2 with deepatlas.losses.implicit (the implicit warp "
+                          f"pairs the exams of a batch), got {cfg['training']['batch_size']}")
+    levels = len(d["channels"]) - 1
+    deepest = list(cfg["model"]["size"])
+    for _ in range(levels):
+        deepest = [(n + 1) // 2 for n in deepest]
+    if min(deepest) < 2:
+        raise ConfigError("deepatlas.channels", f"{levels} downsamplings leave {deepest} voxels of model.size "
+                          f"{cfg['model']['size']} at the deepest level; each axis needs >= 2 (fewer levels)")
+
+
 def _defaults(section: Section) -> dict:
-    return {k: f.default_value(k) for k, f in section.fields.items() if f.default is not REQUIRED}
+    return {k: f.default_value(k) for k, f in section.fields.items()
+            if f.default is not REQUIRED and f.method is None}
 
 
 #: The complete default config (from SCHEMA).

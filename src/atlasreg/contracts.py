@@ -98,6 +98,14 @@ the config); ``atlas/`` (:data:`ATLAS_DIR`: the final atlas) and ``atlas_initial
 atlas folders; ``logs/`` (:data:`LOG_DIR`: TensorBoard); ``cache/`` (:data:`CACHE_DIR`: preprocessed
 training cases, :mod:`atlasreg.data.case_dataset`, unless ``$ATLASREG_CACHE`` names another folder).
 
+A DeepATLAS run (``atlasreg deepatlas pretrain``, :func:`atlasreg.deepatlas.method.pretrain`) has the
+same folder with steps instead of epochs: ``checkpoints/last.ckpt`` every ``deepatlas.checkpoint_every``
+steps beside Lightning's newest ``checkpoints/step<NNNNNNN>.ckpt`` (:data:`STEP_CHECKPOINT`); the
+checkpoints hold the stage under the key ``deepatlas``; its atlas folder holds ``atlas_image.nii.gz``
+alone: the learnt atlas X (image channel) on the template grid
+(:func:`atlasreg.deepatlas.method.template_grid`: ``deepatlas.atlas_factor`` times the model grid over
+its corner-to-corner extent, centred), and there is no ``atlas_initial/``.
+
 Atlas folder (:func:`atlasreg.atlas.save_atlas`; :func:`atlas_paths`)
 ---------------------------------------------------------------------
 On the model grid (:meth:`atlasreg.spatial.grid.Grid.centred`: centred at the world origin, identity
@@ -106,6 +114,34 @@ they are: ``atlas_labelmap.nii.gz`` (:data:`ATLAS_LABELMAP`: argmax of the proba
 label values, int32), ``atlas_probabilities.nii.gz`` (:data:`ATLAS_PROBABILITIES`: float32 vector
 image, one component per declared label in the declared order) and ``atlas_image.nii.gz``
 (:data:`ATLAS_IMAGE`: float32, in the normalised intensities of the training images; Eqs. 15-16).
+
+DeepATLAS template folder (``atlasreg deepatlas template --out``; :func:`template_paths`)
+---------------------------------------------------------------------------------------
+A template mask M (DeepATLAS Eq. 14) on the template grid (:func:`atlasreg.deepatlas.method.template_grid`),
+written all or nothing: ``template_probabilities.nii.gz`` (:data:`TEMPLATE_PROBABILITIES`: float32
+vector image, one component per declared label in the declared order, the least-squares fit of the
+labelled exams' one-hot masks, background included; the components sum to 1 and overshoot [0, 1]
+near edges), ``template_labelmap.nii.gz`` (:data:`TEMPLATE_LABELMAP`: their argmax as declared label
+values, int32, to look at) and ``template.yaml`` (:data:`TEMPLATE_INFO`; :func:`write_template_info`,
+:func:`read_template_info`): ``labels`` ({value: name}), ``checkpoint`` (absolute path),
+``checkpoint_sha256``, ``cases`` (the labelled exams: name, image, labelmap, absolute paths),
+``smoothness`` (the membrane weight) and ``grid`` (size, spacing, origin, direction).
+
+DeepATLAS propagation (``atlasreg deepatlas propagate --out``) writes a segmentation run folder as
+above: per case ``onepass_labelmap<ext>`` (the template propagated by the case's coordinate map,
+``M o c_n``, argmax over the declared labels, on the input's own grid) and ``case.yaml``; its
+``segment.yaml`` names the DeepATLAS checkpoint, and under ``refinement`` the template folder
+(``template``) and its probabilities' SHA-256 (``template_sha256``).
+
+DeepATLAS crop folder (``atlasreg deepatlas crop --out``)
+------------------------------------------------------
+One folder per case, ``<out>/<case>/``, all or nothing: ``crop.nii.gz`` (:data:`CROP_IMAGE`: the input's
+raw intensities, float32, resampled linearly on the box's grid: the template box mapped into the case
+by the least-squares affine of Sec. 5.2.4; its header is the nearest grid of orthogonal axes, exact
+for a similarity map) and ``crop.yaml`` (:data:`CROP_INFO`; :func:`write_crop_info`): ``image``
+(absolute path), ``box`` (min and max template coordinates), ``size``, ``index_to_world`` (the exact
+(D + 1) x (D + 1) homogeneous map from crop indices, ITK order, to the input's world, mm) and
+``vertices`` (the 2^D projected corners, world mm).
 
 Evaluation folder (``atlasreg evaluate --out``; :func:`write_evaluation`, :func:`evaluation_paths`)
 --------------------------------------------------------------------------------------------------
@@ -229,10 +265,19 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 #: Lightning's file-name template of the per-epoch checkpoints in :data:`CHECKPOINT_DIR`.
 EPOCH_CHECKPOINT = "epoch{epoch:04d}"
+#: ... and of the per-step checkpoints of a DeepATLAS run.
+STEP_CHECKPOINT = "step{step:07d}"
 ATLAS_DIR = "atlas"
 INITIAL_ATLAS_DIR = "atlas_initial"
 LOG_DIR = "logs"
 CACHE_DIR = "cache"
+
+# DeepATLAS template and crop folders
+TEMPLATE_PROBABILITIES = "template_probabilities.nii.gz"
+TEMPLATE_LABELMAP = "template_labelmap.nii.gz"
+TEMPLATE_INFO = "template.yaml"
+CROP_IMAGE = "crop.nii.gz"
+CROP_INFO = "crop.yaml"
 
 # atlas folder
 ATLAS_LABELMAP = "atlas_labelmap.nii.gz"
@@ -266,7 +311,8 @@ FILE_NAMES = (DEFORMED_ATLAS_IMAGE, FORWARD_FIELD, INVERSE_FIELD, FORWARD_TRANSF
               TRANSFORM_METRICS, SEGMENT_INFO, SEGMENT_MANIFEST, SEGMENT_PART_MANIFEST,
               SEGMENT_PART_INFO, RUN_CONFIG, FINAL_CHECKPOINT, LAST_CHECKPOINT, ATLAS_LABELMAP,
               ATLAS_PROBABILITIES, ATLAS_IMAGE, METRICS_PER_CASE, SUMMARY_CSV, SUMMARY_MD, EVALUATION_INFO,
-              TRANSFORMS_PER_CASE, QUALITY_CONTROL, REPORT_HTML, REPORT_MD, REPORT_INFO)
+              TRANSFORMS_PER_CASE, QUALITY_CONTROL, REPORT_HTML, REPORT_MD, REPORT_INFO, TEMPLATE_PROBABILITIES,
+              TEMPLATE_LABELMAP, TEMPLATE_INFO, CROP_IMAGE, CROP_INFO)
 #: Every folder name above.
 FOLDER_NAMES = (CHECKPOINT_DIR, ATLAS_DIR, INITIAL_ATLAS_DIR, LOG_DIR, CACHE_DIR, FIGURE_DIR)
 #: Every column tuple above.
@@ -314,6 +360,21 @@ def atlas_paths(folder: str | Path) -> AtlasPaths:
     """The files of the atlas folder `folder` (nothing is checked)."""
     folder = Path(folder)
     return AtlasPaths(folder / ATLAS_LABELMAP, folder / ATLAS_PROBABILITIES, folder / ATLAS_IMAGE)
+
+
+@dataclass(frozen=True)
+class TemplatePaths:
+    """The files of a DeepATLAS template folder (see the module docstring)."""
+
+    probabilities: Path
+    labelmap: Path
+    info: Path
+
+
+def template_paths(folder: str | Path) -> TemplatePaths:
+    """The files of the template folder `folder` (nothing is checked)."""
+    folder = Path(folder)
+    return TemplatePaths(folder / TEMPLATE_PROBABILITIES, folder / TEMPLATE_LABELMAP, folder / TEMPLATE_INFO)
 
 
 @dataclass(frozen=True)
@@ -566,6 +627,39 @@ def write_report_info(folder: str | Path, evaluations: Sequence[str | Path], sen
     if provenance is not None:
         info["provenance"] = dict(provenance)
     return _write_text(Path(folder) / REPORT_INFO, yaml.safe_dump(info, sort_keys=False, allow_unicode=True))
+
+
+def write_template_info(folder: str | Path, info: Mapping) -> Path:
+    """Write :data:`TEMPLATE_INFO` (a YAML-safe mapping, key order kept). Returns the file."""
+    return _write_text(Path(folder) / TEMPLATE_INFO, yaml.safe_dump(dict(info), sort_keys=False, allow_unicode=True))
+
+
+def read_template_info(folder: str | Path) -> dict:
+    """The :data:`TEMPLATE_INFO` of a template folder, with ``labels`` as {int value: name} in the
+    written order. AtlasregError naming the folder when it is no template folder (the file or the
+    probabilities missing), naming the file when it is unreadable, not a mapping or its labels are not
+    at least two {integer: name} entries."""
+    folder = Path(folder)
+    path = folder / TEMPLATE_INFO
+    if not folder.is_dir():
+        raise AtlasregError("template folder not found", folder)
+    if not path.is_file() or not (folder / TEMPLATE_PROBABILITIES).is_file():
+        raise AtlasregError(f"not a template folder (no {TEMPLATE_INFO} or {TEMPLATE_PROBABILITIES}; build one with "
+                            "`atlasreg deepatlas template`)", folder)
+    info = _read_yaml(path, "template information")
+    labels = info.get("labels")
+    if not isinstance(labels, Mapping) or len(labels) < 2:
+        raise AtlasregError(f"labels = {labels!r} is not a mapping of at least two label values to names", path)
+    try:
+        info["labels"] = {int(k): str(v) for k, v in labels.items()}
+    except (TypeError, ValueError):
+        raise AtlasregError(f"labels = {labels!r}: a label value is not an integer", path) from None
+    return info
+
+
+def write_crop_info(case_dir: str | Path, info: Mapping) -> Path:
+    """Write :data:`CROP_INFO` into a crop case folder (a YAML-safe mapping). Returns the file."""
+    return _write_text(Path(case_dir) / CROP_INFO, yaml.safe_dump(dict(info), sort_keys=False))
 
 
 def read_run_config(run_dir: str | Path) -> dict:

@@ -100,35 +100,46 @@ class CaseDataset(Dataset):
 
     pairs: the cases (:func:`~atlasreg.data.cases.pairs_from_spec`), each with a labelmap;
     preprocessing: model grid and labels (:class:`Preprocessing`); cache_dir: folder of the on-disk
-    cache of preprocessed cases, or None for none (see the module docstring).
+    cache of preprocessed cases, or None for none (see the module docstring). labelled: False reads
+    the images alone (self-supervised training, e.g. DeepATLAS pretraining): a case needs no
+    labelmap, and one it has is not read.
 
     ``dataset[i]`` -> ``(image (1, *size), labelmap (C, *size), i, mask (1, *size))``: the normalised image
     and the soft one-hot labelmap over the declared labels, both float32, exactly as
-    :func:`~atlasreg.data.cases.load_case` returns them. Raises :class:`CaseError` (an AtlasregError)
+    :func:`~atlasreg.data.cases.load_case` returns them (without labels: a labelmap of 0 channels,
+    ``(0, *size)``). Raises :class:`CaseError` (an AtlasregError)
     naming the file for a missing, unreadable or inconsistent file, also from DataLoader workers.
     The object holds only the file list and the settings, so it is cheap to pickle to workers.
     """
 
-    def __init__(self, pairs: Sequence[CasePair], preprocessing: Preprocessing, cache_dir: str | Path | None = None):
+    def __init__(self, pairs: Sequence[CasePair], preprocessing: Preprocessing, cache_dir: str | Path | None = None,
+                 labelled: bool = True):
         self.pairs = list(pairs)
+        self.labelled = bool(labelled)
         for p in self.pairs:
-            if p.label is None:
+            if p.label is None and self.labelled:
                 raise AtlasregError("no labelmap for this image", p.image)
         self.preprocessing = preprocessing
         self.cache_dir = None if cache_dir is None else Path(cache_dir).resolve() / preprocessing_key(preprocessing)
         # Absolute paths for the cache keys, made once (Path.resolve per read was half of a cached read).
-        self._abs = [(os.path.abspath(p.image), os.path.abspath(p.label)) for p in self.pairs] if cache_dir else None
-        self._shape = (2 + len(preprocessing.labels), *preprocessing.size)
+        self._abs = ([(os.path.abspath(p.image), *([os.path.abspath(p.label)] if self.labelled else []))
+                      for p in self.pairs] if cache_dir else None)
+        self._shape = (2 + (len(preprocessing.labels) if self.labelled else 0), *preprocessing.size)
 
     @classmethod
-    def from_config(cls, cfg: dict, section: str = "train", cache_dir: str | Path | None = None) -> "CaseDataset":
-        """The cases of config section ``data.<section>`` with the config's preprocessing."""
-        pairs = pairs_from_spec(cfg["data"][section])
+    def from_config(cls, cfg: dict, section: str = "train", cache_dir: str | Path | None = None,
+                    labelled: bool = True) -> "CaseDataset":
+        """The cases of config section ``data.<section>`` with the config's preprocessing (`labelled`:
+        see the class)."""
+        pairs = pairs_from_spec(cfg["data"][section], need_labels=labelled)
         prep = Preprocessing.from_config(cfg)
         if prep.orientation_search != "none" and prep.reference is None:
+            if pairs[0].label is None:
+                raise AtlasregError("data.preprocessing.orientation_search needs a reference labelmap "
+                                    "(data.preprocessing.reference) when the training cases have none", pairs[0].image)
             # The orientation search compares every training case with the first one.
             prep = dataclasses.replace(prep, reference=os.path.abspath(pairs[0].label))
-        return cls(pairs, prep, cache_dir)
+        return cls(pairs, prep, cache_dir, labelled)
 
     @property
     def names(self) -> list[str]:
@@ -170,7 +181,7 @@ class CaseDataset(Dataset):
         """Image and labelmap channels of one case, (1 + C, *size) float32, from its files."""
         p = self.preprocessing
         try:
-            case = load_case(pair.image, pair.label, p, name=pair.name)
+            case = load_case(pair.image, pair.label if self.labelled else None, p, name=pair.name)
         except AtlasregError as e:
             message = str(e)
             if e.path is not None and message.startswith(f"{e.path}: "):
@@ -179,7 +190,8 @@ class CaseDataset(Dataset):
         except Exception as e:  # noqa: BLE001 - anything else while reading a case: name the case
             raise CaseError(f"cannot preprocess case {pair.name!r}: {type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:200]}", pair.image) from None
-        return torch.cat([case.image[0], case.labelmap[0], case.mask[0]]).float().contiguous()
+        parts = [case.image[0], *([case.labelmap[0]] if self.labelled else []), case.mask[0]]
+        return torch.cat(parts).float().contiguous()
 
     def _cache_entry(self, index: int) -> Path | None:
         if self.cache_dir is None:

@@ -20,7 +20,7 @@ import torch
 from ..errors import AtlasregError
 
 #: Modules that define the built-in methods; imported when the registry is first asked.
-BUILTIN_MODULES = ("atlasreg.models.atlas_istn",)
+BUILTIN_MODULES = ("atlasreg.models.atlas_istn", "atlasreg.deepatlas.method")
 #: The key of a checkpoint (a dict) under which atlasreg keeps the method's name and provenance.
 CHECKPOINT_KEY = "atlasreg"
 
@@ -33,7 +33,7 @@ class Method(L.LightningModule):
     * ``name`` / ``title``: registry key and the name the report uses;
     * ``arguments_from_config(config)``: the constructor arguments taken from an experiment config
       (what the checkpoint stores); the module is built as ``cls(arguments)``;
-    * ``training_step`` (Lightning);
+    * ``training_step`` (Lightning), or ``training_run`` (a training run of its own);
     * ``predict(images)``: model-grid predictions for a batch of preprocessed images
       (N, 1, *model size) -> dict with ``itn`` probabilities (N, C, *size) where the method has a
       segmentation network, and ``transforms`` {'onepass': transform} where it registers;
@@ -45,6 +45,11 @@ class Method(L.LightningModule):
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
+    #: A training run of the method's own, ``f(config, out_dir, resume=, progress=, device=, callbacks=)
+    #: -> final checkpoint``, which ``atlasreg train`` runs instead of its epoch loop (DeepATLAS: a staged
+    #: schedule counted in steps, :func:`atlasreg.deepatlas.method.pretrain`); None: the epoch loop of
+    #: :func:`atlasreg.models.train.train`.
+    training_run: ClassVar = None
 
     @classmethod
     def arguments_from_config(cls, config: dict) -> dict:
@@ -99,16 +104,19 @@ def _load_builtins() -> None:
 
 
 def known_methods() -> tuple[str, ...]:
-    """Names of the registered methods (the values ``model.method`` accepts)."""
+    """Names of the registered methods (the values ``model.method`` accepts): the built-in ones in the
+    order of :data:`BUILTIN_MODULES` (and of registration within a module), whatever was imported
+    first, then the others in the order they were registered."""
     _load_builtins()
-    return tuple(_REGISTRY)
+    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    return tuple(sorted(_REGISTRY, key=lambda name: rank.get(_REGISTRY[name].__module__, len(rank))))
 
 
 def get_method(name: str) -> type[Method]:
     """The registered method class. Raises AtlasregError naming the known methods."""
     _load_builtins()
     if name not in _REGISTRY:
-        raise AtlasregError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}")
+        raise AtlasregError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
     return _REGISTRY[name]
 
 

@@ -35,7 +35,7 @@ from ..devices import lightning_accelerator, resolve_device
 from ..distributed import (EpochShuffleSampler, all_gather_objects, barrier, init_external_process_group,
                            launched_as_rank_zero, rank_and_world)
 from .monitor import LossProgressBar, StepLosses, ValidationMonitor, console_line, quiet_lightning
-from .registry import build_method, load_model
+from .registry import build_method, get_method, load_model
 
 #: Environment variable naming a case-cache folder shared by runs (default: the run folder's cache folder).
 CACHE_ENV = "ATLASREG_CACHE"
@@ -257,7 +257,9 @@ def validation_dataset(config: dict, training: CaseDataset) -> CaseDataset | Non
 def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool = True,
           timer: EpochTimer | None = None, callbacks: list[Callback] | None = None,
           device: str = "auto", devices: int = 1, num_nodes: int = 1) -> Path:
-    """Train the config's method (Atlas-ISTN by default) on `config['data']['train']`; writes the
+    """Train the config's method (Atlas-ISTN by default) on `config['data']['train']` (a method with a
+    training run of its own, :attr:`~atlasreg.models.registry.Method.training_run`, runs that instead:
+    DeepATLAS's :func:`atlasreg.deepatlas.method.pretrain`, in one process); writes the
     training run folder out_dir (:mod:`atlasreg.contracts`, :func:`~atlasreg.contracts.run_paths`):
     the config, the last checkpoint (every epoch), the final checkpoint, the atlas folder (atlas
     labelmap, probabilities and image with their grid), the same at the start of training, TensorBoard
@@ -295,6 +297,12 @@ def train(config: dict, out_dir: str | Path, resume: bool = True, progress: bool
     the cache is read (:meth:`CaseDataset.check`) before anything is written into out_dir, so bad
     input leaves no output behind: AtlasregError naming the file of a bad case."""
     config = validate(config)
+    own = get_method(config["model"]["method"]).training_run
+    if own is not None:  # a method with a training run of its own (DeepATLAS: staged, counted in steps)
+        if int(devices) * int(num_nodes) > 1:
+            raise AtlasregError(f"model.method {config['model']['method']} trains in one process (--devices 1, "
+                                "--num-nodes 1)")
+        return own(config, out_dir, resume=resume, progress=progress, device=device, callbacks=callbacks)
     accelerator, device_ids = lightning_accelerator(resolve_device(device))
     devices, num_nodes = int(devices), int(num_nodes)
     if devices < 1 or num_nodes < 1:

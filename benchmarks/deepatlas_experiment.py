@@ -1,0 +1,224 @@
+"""DeepATLAS on chest X-rays, end to end (issue 15 item 7, 2D): self-supervised pretraining on the JSRT and
+Montgomery images without their labels (configs/deepatlas_chest.yaml), templates from ONE labelled case of
+the JSRT training split of configs/jsrt.yaml (and from 5: few-shot), propagation to the JSRT validation
+split (right lung, left lung, heart) and to Montgomery (lungs: labels 1 and 2 merged), `atlasreg
+evaluate` folders (Dice, HD95 per structure), the paper's symmetric HD95 (Eq. 16) beside atlasreg's, and
+optionally the ablations of Table 5 (explicit-only, implicit-only, MSE instead of features; one-shot).
+
+Run by hand from the repository root; every step already done is skipped (pretraining resumes):
+
+    PYTHONPATH=src python benchmarks/deepatlas_experiment.py [RUN_DIR] [--ablations] [--shots 1,5]
+        [--cases N] [--set KEY=VALUE ...] [--tiny]
+
+RUN_DIR (default runs/deepatlas_experiment) receives ``<variant>/`` (the pretraining runs), templates,
+segmentation runs (``seg_<variant>_<k>shot_<test set>``), evaluation folders (``eval_...``, for
+``atlasreg report``), ``symmetric_hd95.csv`` (per case and structure: Dice, atlasreg's HD95 = the maximum
+of the two directed 95th percentiles, and Eq. 16's = their mean), ``summary.md`` (means per structure)
+and ``timings.yaml``: the wall seconds of every step, the seconds per training step of each stage
+measured from the run's TensorBoard log, and the estimated pretraining time of the config's schedule
+(without --tiny and --set) and of the paper's (20,000 autoencoder steps, 7,500 per level) from those
+seconds per step.
+
+--tiny: a few steps per stage (the same network and images) and --cases 4 unless given: proves the
+pipeline end to end in minutes and measures the seconds per step for the estimate. --cases N: only the
+first N test cases of each test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from atlasreg.cli import main as atlasreg  # noqa: E402
+from atlasreg.config import load_config, parse_set  # noqa: E402
+from atlasreg.data.cases import pairs_from_spec  # noqa: E402
+from atlasreg.data.dataset import find_pairs  # noqa: E402
+
+CONFIG = REPO / "configs" / "deepatlas_chest.yaml"
+JSRT_CONFIG = REPO / "configs" / "jsrt.yaml"
+CHEST = REPO.parent / "shared" / "data" / "chest-xray"
+#: The ablations of Table 5 (Sec. 5.4): settings over the config.
+ABLATIONS = {"explicit_only": ["deepatlas.losses.implicit=false"],
+             "implicit_only": ["deepatlas.losses.explicit=false"],
+             "mse": ["deepatlas.losses.similarity=mse"]}
+#: The paper's schedule (Secs. 5.2.6, 5.3.2) at the config's batch size, for the second estimate.
+PAPER = ["deepatlas.autoencoder.steps=20000", "deepatlas.steps_per_level=7500", "deepatlas.head_warmup_steps=500",
+         "deepatlas.lr_warmup_steps=500"]
+TINY = ["deepatlas.autoencoder.steps=5", "deepatlas.seed_steps=5", "deepatlas.steps_per_level=5",
+        "deepatlas.head_warmup_steps=3", "deepatlas.lr_warmup_steps=1", "deepatlas.checkpoint_every=5"]
+
+
+def run(*argv) -> float:
+    """`atlasreg ARGV` in this process; its wall seconds. Exits on an error."""
+    t0 = time.perf_counter()
+    status = atlasreg([str(a) for a in argv])
+    if status != 0:
+        sys.exit(f"atlasreg {' '.join(map(str, argv))}: exit status {status}")
+    return time.perf_counter() - t0
+
+
+def seconds_per_step(run_dir: Path, config: dict) -> dict[str, float]:
+    """Median wall seconds between consecutive training steps of each stage kind and level ('stage 3/5',
+    'head warm-up 3/5', 'autoencoder'), from the wall times of the run's TensorBoard step losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from atlasreg.deepatlas.method import schedule, stage_at
+
+    events = []
+    for log in sorted((run_dir / "logs").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(log), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "loss_step/total" in acc.Tags()["scalars"]:
+            events += [(e.step, e.wall_time) for e in acc.Scalars("loss_step/total")]
+    events = sorted(dict(events).items())
+    stages = schedule(config)
+    gaps: dict[str, list[float]] = {}
+    for (s0, w0), (s1, w1) in zip(events, events[1:]):
+        if s1 == s0 + 1 and stage_at(stages, s1) is stage_at(stages, s0):
+            gaps.setdefault(stage_at(stages, s1).name, []).append(w1 - w0)
+    return {name: statistics.median(values) for name, values in gaps.items()}
+
+
+def estimate(full: dict, measured: dict[str, float]) -> dict:
+    """The full schedule's steps per stage times the measured seconds per step of that stage."""
+    from atlasreg.deepatlas.method import schedule
+
+    rows, total = [], 0.0
+    for stage in schedule(full):
+        per_step = measured.get(stage.name)
+        seconds = None if per_step is None else per_step * stage.steps
+        total += seconds or 0.0
+        rows.append({"stage": stage.name, "steps": stage.steps, "seconds_per_step": per_step, "seconds": seconds})
+    return {"stages": rows, "hours": total / 3600.0}
+
+
+def symmetric_rows(seg: Path, references: dict[str, Path], labels: dict[int, str], merge: dict | None,
+                   variant: str, shots: int, test_set: str) -> list[dict]:
+    """Per case and structure: Dice, atlasreg's HD95 and Eq. 16's symmetric HD95 (pixels; the PNGs store
+    no spacing)."""
+    import SimpleITK as sitk
+
+    from atlasreg.contracts import find_labelmap
+    from atlasreg.evaluation.metrics import segmentation_metrics, symmetric_hd95
+
+    rows = []
+    for case_dir in sorted(p for p in seg.iterdir() if p.is_dir()):
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(find_labelmap(case_dir, "onepass"))))
+        reference_image = sitk.ReadImage(str(references[case_dir.name]))
+        reference = sitk.GetArrayFromImage(reference_image)
+        values = dict(labels)
+        if merge:
+            (target, sources), = merge.items()
+            prediction = np.where(np.isin(prediction, [target, *sources]), target, 0)
+            reference = np.where(np.isin(reference, [target, *sources]), target, 0)
+            values = {0: labels[0], target: "lungs"}
+        spacing = reference_image.GetSpacing()
+        standard = segmentation_metrics(prediction, reference, list(values), spacing)
+        paper = symmetric_hd95(prediction, reference, list(values), spacing)
+        for value, name in list(values.items())[1:]:
+            rows.append({"variant": variant, "shots": shots, "test_set": test_set, "case": case_dir.name,
+                         "structure": name, "dice": standard[value]["dice"], "hd95": standard[value]["hd95"],
+                         "hd95_symmetric": paper[value]})
+    return rows
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["shots"], r["test_set"], r["structure"]), []).append(r)
+    lines = ["| Variant | Shots | Test set | Structure | n | Dice | HD95 (max, px) | HD95 Eq. 16 (mean, px) |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
+    for (variant, shots, test_set, structure), group in groups.items():
+        def mean(key):
+            values = [g[key] for g in group if np.isfinite(g[key])]
+            return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "n/a"
+        lines.append(f"| {variant} | {shots} | {test_set} | {structure} | {len(group)} | {mean('dice')} | "
+                     f"{mean('hd95')} | {mean('hd95_symmetric')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", nargs="?", default="runs/deepatlas_experiment")
+    parser.add_argument("--ablations", action="store_true", help="also the explicit-only, implicit-only and MSE runs")
+    parser.add_argument("--shots", default="1,5", help="labelled JSRT training cases per template")
+    parser.add_argument("--cases", type=int, help="only the first N cases of each test set")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--tiny", action="store_true", help="a few steps per stage and 4 test cases (a smoke run)")
+    args = parser.parse_args()
+    out = Path(args.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = [*(TINY if args.tiny else []), *args.set]
+    cases = args.cases if args.cases is not None else (4 if args.tiny else None)
+    shots = [int(k) for k in args.shots.split(",")]
+
+    jsrt = load_config(JSRT_CONFIG)
+    training = pairs_from_spec(jsrt["data"]["train"])        # templates come from these labelled cases only
+    tests = {"jsrt": (pairs_from_spec(jsrt["data"]["validation"]), None),
+             "montgomery": (find_pairs(CHEST / "montgomery" / "images", CHEST / "montgomery" / "labels"),
+                            {255: [1, 2]})}
+    tests = {k: (v[:cases] if cases else v, merge) for k, (v, merge) in tests.items()}
+    timings: dict = {"steps": {}}
+    rows: list[dict] = []
+    variants = {"deepatlas": [], **(ABLATIONS if args.ablations else {})}
+    for variant, extra in variants.items():
+        run_dir = out / variant
+        overrides = [*sets, *extra]
+        config = load_config(CONFIG, parse_set(overrides))
+        labels = config["data"]["labels"]
+        checkpoint = run_dir / "model.ckpt"
+        argv = ["deepatlas", "pretrain", CONFIG, "--out", run_dir, "--quiet"]
+        timings["steps"][f"pretrain {variant}"] = run(*argv, *[a for s in overrides for a in ("--set", s)])
+        for k in (shots if variant == "deepatlas" else [1]):
+            template = out / f"template_{variant}_{k}shot"
+            if not template.is_dir():
+                chosen = training[:k]
+                timings["steps"][f"template {variant} {k}-shot"] = run(
+                    "deepatlas", "template", "--checkpoint", checkpoint, "--images", *[p.image for p in chosen],
+                    "--labels", *[p.label for p in chosen], "--out", template, "--quiet")
+            for test_set, (pairs, merge) in tests.items():
+                seg = out / f"seg_{variant}_{k}shot_{test_set}"
+                evaluation = out / f"eval_{variant}_{k}shot_{test_set}"
+                if not evaluation.is_dir():
+                    timings["steps"][f"propagate {variant} {k}-shot {test_set}"] = run(
+                        "deepatlas", "propagate", *[p.image for p in pairs], "--checkpoint", checkpoint,
+                        "--template", template, "--out", seg, "--quiet")
+                    label = "DeepATLAS" if variant == "deepatlas" else f"DeepATLAS {variant}"
+                    run("evaluate", seg, "--references", pairs[0].label.parent, "--checkpoint", checkpoint,
+                        "--test-set", "JSRT validation" if test_set == "jsrt" else "Montgomery (lungs)",
+                        "--label", f"{label} {k}-shot", *(["--merge", "255=1,2"] if merge else []),
+                        "--out", evaluation, "--quiet")
+                rows += symmetric_rows(seg, {p.name: p.label for p in pairs}, labels,
+                                       merge, variant, k, test_set)
+        if variant == "deepatlas":
+            measured = seconds_per_step(run_dir, config)
+            full = load_config(CONFIG)
+            timings["seconds_per_step"] = measured
+            timings["full_schedule_estimate"] = estimate(full, measured)
+            timings["paper_schedule_estimate"] = estimate(load_config(CONFIG, parse_set(PAPER)), measured)
+            timings["test_cases"] = {k: len(v[0]) for k, v in tests.items()}
+    with open(out / "symmetric_hd95.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.md").write_text(summary_markdown(rows))
+    (out / "timings.yaml").write_text(yaml.safe_dump(timings, sort_keys=False))
+    print(summary_markdown(rows))
+    est, paper = timings["full_schedule_estimate"], timings["paper_schedule_estimate"]
+    print(f"pretraining at the measured seconds per step: the schedule of {CONFIG.name} about {est['hours']:.1f} h, "
+          f"the paper's (20,000 + 5 x 7,500 steps) about {paper['hours']:.1f} h at batch size "
+          f"{load_config(CONFIG)['training']['batch_size']}")
+
+
+if __name__ == "__main__":
+    main()
