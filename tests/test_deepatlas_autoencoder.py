@@ -12,12 +12,7 @@ from atlasreg.deepatlas.coordinates import identity_coordinates, resize
 from atlasreg.deepatlas.network import level_sizes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def phantom_hu(size) -> torch.Tensor:

@@ -23,12 +23,7 @@ from deepatlas_material import letter_b_images, tiny_config
 from volumes import LABELS, OBLIQUE, ellipsoids, rotation_about, write_scan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv, capsys=None) -> str:

@@ -27,12 +27,7 @@ from deepatlas_material import letter_b_images, tiny_config
 from volumes import LABELS, ellipsoids, rotation_about, write_scan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def known_model(config: dict, folder, matrix=None) -> tuple[DeepAtlasModule, object]:

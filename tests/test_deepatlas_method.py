@@ -19,12 +19,7 @@ from atlasreg.models.registry import load_model
 from deepatlas_material import letter_b_images, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from atlasreg.deepatlas.network import CoordinateNet, level_sizes
 SIZES = {2: (33, 29), 3: (17, 15, 13)}  # odd sizes: levels of ceil(n / 2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_net(ndim: int, active_levels: int | None = None) -> CoordinateNet:

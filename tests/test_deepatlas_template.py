@@ -13,12 +13,7 @@ from atlasreg.deepatlas.template import crop, cube_affine, cube_vertices, propag
 from atlasreg.errors import AtlasregError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def coordinate_map(size, scale: float, angle: float, shift: float, wobble: float) -> torch.Tensor:

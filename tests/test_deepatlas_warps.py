@@ -13,12 +13,7 @@ from atlasreg.deepatlas.network import CoordinateNet
 from atlasreg.deepatlas.warps import Atlas, explicit_warp, implicit_residual, implicit_warp, overlap_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rotation(d: int, angle: float) -> torch.Tensor:

@@ -15,12 +15,7 @@ from atlasreg.spatial.itk import read_transform
 from atlasreg.register import (FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, SUMMARY,
                                WARPED, WARPED_LABELS)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _pair(tmp_path):
     """A fixed scan (oblique direction: 12 degrees about (1, 2, 3)) and a moving one with another

@@ -22,6 +22,21 @@ __all__ = ["segmentation_metrics", "symmetric_hd95", "batch_dice_hd95", "labelma
 METRIC_NAMES = ("dice", "hd", "hd95", "asd")
 
 
+def _checked(prediction, reference, labels, spacing):
+    """(prediction, reference as arrays, labels as ints, spacing in array axis order) after the checks
+    of :func:`segmentation_metrics` (ValueError)."""
+    prediction = np.asarray(prediction)
+    reference = np.asarray(reference)
+    if prediction.shape != reference.shape:
+        raise ValueError(f"shape mismatch: prediction {prediction.shape} vs reference {reference.shape}")
+    if prediction.ndim not in (2, 3):
+        raise ValueError(f"labelmaps must be 2-D or 3-D, got shape {prediction.shape}")
+    labels = [int(v) for v in labels]
+    if not labels:
+        raise ValueError("labels is empty (expected the background value first)")
+    return prediction, reference, labels, _array_spacing(spacing, prediction.ndim)
+
+
 def _array_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
     """ITK-order spacing (x, y[, z]) -> array-order spacing ([z,] y, x); None -> all ones."""
     if spacing is None:
@@ -76,16 +91,7 @@ def segmentation_metrics(prediction: np.ndarray, reference: np.ndarray, labels: 
         If the shapes differ, the labelmaps are not 2-D or 3-D, ``labels`` is empty, or ``spacing`` has
         the wrong length or non-positive values.
     """
-    prediction = np.asarray(prediction)
-    reference = np.asarray(reference)
-    if prediction.shape != reference.shape:
-        raise ValueError(f"shape mismatch: prediction {prediction.shape} vs reference {reference.shape}")
-    if prediction.ndim not in (2, 3):
-        raise ValueError(f"labelmaps must be 2-D or 3-D, got shape {prediction.shape}")
-    labels = [int(v) for v in labels]
-    if not labels:
-        raise ValueError("labels is empty (expected the background value first)")
-    array_spacing = _array_spacing(spacing, prediction.ndim)
+    prediction, reference, labels, array_spacing = _checked(prediction, reference, labels, spacing)
 
     import torch  # local imports: MONAI takes seconds to import
     from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
@@ -135,16 +141,7 @@ def symmetric_hd95(prediction: np.ndarray, reference: np.ndarray, labels: Sequen
     ``{label: distance}`` in world units for every foreground label (and the background with
     ``include_background``); NaN, with a UserWarning naming the label, where the label is absent
     from either labelmap. Raises ValueError as :func:`segmentation_metrics`."""
-    prediction = np.asarray(prediction)
-    reference = np.asarray(reference)
-    if prediction.shape != reference.shape:
-        raise ValueError(f"shape mismatch: prediction {prediction.shape} vs reference {reference.shape}")
-    if prediction.ndim not in (2, 3):
-        raise ValueError(f"labelmaps must be 2-D or 3-D, got shape {prediction.shape}")
-    labels = [int(v) for v in labels]
-    if not labels:
-        raise ValueError("labels is empty (expected the background value first)")
-    array_spacing = _array_spacing(spacing, prediction.ndim)
+    prediction, reference, labels, array_spacing = _checked(prediction, reference, labels, spacing)
 
     import torch  # local imports: MONAI takes seconds to import
     from monai.metrics import compute_hausdorff_distance
