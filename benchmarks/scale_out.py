@@ -152,11 +152,11 @@ def segment_run(test: Path, checkpoint: Path, processes: int, env: dict, out: Pa
     commands = []
     for part in range(processes):
         cmd = _atlasreg("segment", test, "--image-suffix", "_img", "--checkpoint", checkpoint, "--out", out,
-                        "--quiet", "--overwrite" if processes == 1 else "")
+                        "--quiet")
         if processes > 1:
             cmd += ["--num-parts", str(processes), "--part-id", str(part)]
         commands.append([c for c in cmd if c])
-    if processes > 1 and out.exists():
+    if out.exists():  # a folder of the same run would be resumed (every case skipped)
         import shutil
 
         shutil.rmtree(out)
@@ -184,12 +184,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--global-batch", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--processes", default="1,2", help="the configurations to run, e.g. 1 for one only")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     train, test = prepare(args.data, args.cases)
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for round_ in range(args.repeats):
-        for processes in (1, 2):
+        for processes in (int(p) for p in args.processes.split(",")):
             if args.what == "train":
                 r = train_run(args.data, train, processes, args, env, args.data / f"model_{processes}")
             else:
@@ -198,7 +199,8 @@ def main() -> None:
             runs[processes].append(r)
             print(f"round {round_} processes {processes}: " + ", ".join(
                 f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
-    _show(args.what, runs, "epoch_s" if args.what == "train" else "wall_s")
+    if runs[1] and runs[2]:
+        _show(args.what, runs, "epoch_s" if args.what == "train" else "wall_s")
 
 
 if __name__ == "__main__":
