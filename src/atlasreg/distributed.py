@@ -120,12 +120,15 @@ class EpochShuffleSampler(Sampler[int]):
     sampler is iterated, after Lightning has made the process group.
 
     Independent of the global random generator, so the order does not depend on what else draws from
-    it (augmentation, validation, workers)."""
+    it (augmentation, validation, workers). `skip`: cases of this rank's order to leave out the next
+    time it is iterated (once; a run resumed in the middle of an epoch sets it to the cases its
+    checkpoint's steps had already trained, e.g. DeepATLAS, whose checkpoints come every few steps)."""
 
     def __init__(self, n: int, seed: int):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.n, self.seed, self.epoch = int(n), int(seed), 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -140,7 +143,8 @@ class EpochShuffleSampler(Sampler[int]):
         return order[rank::world]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+        order, self.skip = self._indices()[self.skip:], 0
+        return iter(order)
 
     def __len__(self) -> int:
         return math.ceil(self.n / rank_and_world()[1])

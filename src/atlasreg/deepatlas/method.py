@@ -79,7 +79,6 @@ Choices where the paper is silent or ambiguous:
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import sys
 import warnings
@@ -483,34 +482,9 @@ class StageProgress(Callback):
             self.bar.close()
 
 
-class _ResumableOrder:
-    """The sampler of the training batches: the seeded order per epoch of
-    :class:`~atlasreg.distributed.EpochShuffleSampler`, less its first `skip` cases the next time it
-    is iterated. A DeepATLAS step is one batch, so a checkpoint's global step says how far into its
-    epoch the run was; :func:`pretrain` sets `skip` to those batches before a resumed fit, and the
-    resumed run trains on exactly the batches the uninterrupted run would have (tested)."""
-
-    def __init__(self, n: int, seed: int):
-        from ..distributed import EpochShuffleSampler
-
-        self.inner = EpochShuffleSampler(n, seed)
-        self.skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.inner.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __iter__(self):
-        order = list(self.inner)[self.skip:]
-        self.skip = 0
-        return iter(order)
-
-
 class _TrainingLoader(DataLoader):
     """A DataLoader with Lightning's stateful-loader interface and an empty state: where a resumed run
-    continues in its epoch follows from the checkpoint's global step (:class:`_ResumableOrder`), so
+    continues in its epoch follows from the checkpoint's global step (the sampler's `skip`), so
     Lightning need not warn that the loader cannot resume mid-epoch."""
 
     def state_dict(self) -> dict:
@@ -521,16 +495,11 @@ class _TrainingLoader(DataLoader):
 
 
 def _training_cases(config: dict, out_dir: Path):
-    from ..contracts import run_paths
-    from ..data.case_dataset import CaseDataset
-    from ..models.train import CACHE_ENV
+    from ..models.train import training_dataset
 
-    cache = None
-    if config["data"].get("cache", True):
-        cache = Path(os.environ.get(CACHE_ENV) or run_paths(out_dir).cache)
     labelled = bool(config["deepatlas"]["losses"]["mask_channels"])
     try:
-        return CaseDataset.from_config(config, "train", cache, labelled=labelled)
+        return training_dataset(config, out_dir, labelled=labelled)
     except AtlasregError as e:
         if labelled and str(e).endswith("no labelmap for this image"):
             raise AtlasregError("no labelmap for this image (deepatlas.losses.mask_channels needs one per training "
@@ -577,6 +546,7 @@ def pretrain(config: dict, out_dir: str | Path, resume: bool = True, progress: b
     from ..contracts import LOG_DIR, STEP_CHECKPOINT, read_run_config, run_paths
     from ..data.io import write_text
     from ..devices import lightning_accelerator, resolve_device
+    from ..distributed import EpochShuffleSampler
     from ..models.monitor import StepLosses, console_line, quiet_lightning
     from ..models.train import AtomicCheckpointIO, RandomStates, _check_resumable, _clear_run, _resume_step
 
@@ -615,7 +585,9 @@ def pretrain(config: dict, out_dir: str | Path, resume: bool = True, progress: b
         ckpt_path = str(last) if (resume and last.is_file()) else None
         if ckpt_path is None:
             module.seed_atlas()
-        order = _ResumableOrder(len(dataset), int(t["seed"]))
+        # A DeepATLAS step is one batch, so a checkpoint's global step says how far into its epoch the
+        # run was: a resumed run skips those batches and trains on exactly the uninterrupted run's (tested)
+        order = EpochShuffleSampler(len(dataset), int(t["seed"]))
         loader = _TrainingLoader(dataset, batch_size=int(t["batch_size"]), sampler=order, drop_last=False,
                                  num_workers=int(config["data"]["num_workers"]))
         checkpoint = ModelCheckpoint(dirpath=paths.checkpoints, filename=STEP_CHECKPOINT, auto_insert_metric_name=False,

@@ -232,15 +232,16 @@ class AtlasUpdate(Callback):
         pl_module.update_atlas()
 
 
-def training_dataset(config: dict, out_dir: Path) -> CaseDataset:
-    """The cases of `config['data']['train']`, read on demand. With `data.cache` (default true) their
+def training_dataset(config: dict, out_dir: Path, labelled: bool = True) -> CaseDataset:
+    """The cases of `config['data']['train']`, read on demand (`labelled` False: the images only, for
+    self-supervised training, :meth:`CaseDataset.from_config`). With `data.cache` (default true) their
     model-grid tensors are cached in the folder named by the environment variable ATLASREG_CACHE, else
     in the cache folder of the run folder `out_dir` (:func:`atlasreg.contracts.run_paths`; a cached read
     takes 0.1 ms, reading and resampling a Letter-B case 6 ms)."""
     cache_dir = None
     if config["data"].get("cache", True):
         cache_dir = Path(os.environ.get(CACHE_ENV) or run_paths(out_dir).cache)
-    return CaseDataset.from_config(config, "train", cache_dir)
+    return CaseDataset.from_config(config, "train", cache_dir, labelled=labelled)
 
 
 def validation_dataset(config: dict, training: CaseDataset) -> CaseDataset | None:
