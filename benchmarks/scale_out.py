@@ -146,13 +146,14 @@ def train_run(data: Path, train: Path, processes: int, args, env: dict, out: Pat
             "peak_mib": sorted(peaks.values(), reverse=True)}
 
 
-def segment_run(test: Path, checkpoint: Path, processes: int, env: dict, out: Path) -> dict:
+def segment_run(test: Path, checkpoint: Path, processes: int, env: dict, out: Path,
+                iterations: int | None = None) -> dict:
     cores = os.cpu_count() or 1
     threads = str(max(1, cores // processes))
     commands = []
     for part in range(processes):
         cmd = _atlasreg("segment", test, "--image-suffix", "_img", "--checkpoint", checkpoint, "--out", out,
-                        "--quiet")
+                        "--quiet", *(["--iterations", str(iterations)] if iterations is not None else []))
         if processes > 1:
             cmd += ["--num-parts", str(processes), "--part-id", str(part)]
         commands.append([c for c in cmd if c])
@@ -185,6 +186,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--processes", default="1,2", help="the configurations to run, e.g. 1 for one only")
+    parser.add_argument("--iterations", type=int, help="segment: refinement iterations (default: the config's 50)")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     train, test = prepare(args.data, args.cases)
@@ -195,7 +197,7 @@ def main() -> None:
                 r = train_run(args.data, train, processes, args, env, args.data / f"model_{processes}")
             else:
                 r = segment_run(test, args.data / "model_1" / "model.ckpt", processes, env,
-                                args.data / f"segment_{processes}")
+                                args.data / f"segment_{processes}", args.iterations)
             runs[processes].append(r)
             print(f"round {round_} processes {processes}: " + ", ".join(
                 f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from atlasreg.devices import resolve_device
+from atlasreg import devices as _devices
+from atlasreg.devices import release_free_memory, resolve_device
 from atlasreg.errors import AtlasregError
 
 
@@ -58,3 +59,32 @@ def test_cli_rejects_an_unavailable_device(tmp_path, capsys):
     assert main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _resident_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(_devices._MALLOC_TRIM is None, reason="glibc only (malloc_trim)")
+def test_release_free_memory_returns_freed_heap_pages_to_the_system():
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block = 64 * 1024  # under glibc's mmap threshold: from the heap
+    blocks = [libc.malloc(block) for _ in range(1600)]  # 100 MiB
+    for b in blocks:
+        ctypes.memset(b, 1, block)  # resident
+    before = _resident_mib()
+    for b in blocks[:-1]:  # the last block stays: the freed 100 MiB lie below it, glibc keeps them
+        libc.free(b)
+    kept = _resident_mib()
+    release_free_memory()
+    after = _resident_mib()
+    libc.free(blocks[-1])
+    assert kept > before - 20  # freed but still resident (what grew in long segmentation runs)
+    assert after < kept - 80   # handed back

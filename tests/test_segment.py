@@ -343,6 +343,19 @@ def test_the_progress_bar_advances_per_written_case(images, tmp_path, monkeypatc
     assert events == [("written", "B1"), ("segmenting", 1), ("written", "B2"), ("segmenting", 1)]
 
 
+def test_the_writer_hands_freed_memory_back_after_each_case(images, tmp_path, monkeypatch):
+    import atlasreg.segment as segment_module
+
+    events = []
+    real = segment_module.write_outputs
+    monkeypatch.setattr(segment_module, "write_outputs",
+                        lambda final, case, *a, **k: events.append(case.name) or real(final, case, *a, **k))
+    monkeypatch.setattr(segment_module, "release_free_memory", lambda: events.append("released"))
+    # without it the resident set of a long run grew by about 0.1 MiB a case (glibc kept freed pages)
+    segment(tiny_module(), [images], tmp_path / "seg", {"iterations": 0, "cases_at_once": 2}, image_suffix="_img")
+    assert events == ["B1", "released", "B2", "released"]
+
+
 def test_parts_partition_the_cases_into_the_batches_of_the_unsplit_run():
     """Issue 16 item 3: part I of P takes the batches k of cases_at_once cases with k % P == I; together
     the parts hold every batch of one unsplit run once (with cases_at_once 1: the cases i % P == I)."""

@@ -49,6 +49,7 @@ from .config import SPLITS, validate_section
 from .data.cases import Case, Preprocessing, case_name, load_case
 from .data.dataset import CasePair, find_pairs, split_extension
 from .data.io import remove_temporaries, write_bytes
+from .devices import release_free_memory
 from .errors import AtlasregError
 from .contracts import labelmap_extension
 from .export import native_outputs, world_transforms, write_case_outputs, write_outputs  # noqa: F401 - re-exported
@@ -453,6 +454,7 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
             folder = write_outputs(out_dir / pred.case.name, pred.case, outputs, labelmap_extension(pred.case.path),
                                    pred.transform_metrics)
         result.append(folder)
+        release_free_memory()  # else the resident set grows with the number of cases (glibc keeps freed pages)
         manifest.add([_row(read.name, read.path, DONE, read.seconds + computed + time.perf_counter() - start)])
         bar.update()  # per written case
 
