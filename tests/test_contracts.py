@@ -164,7 +164,7 @@ def test_transform_metrics_round_trip(tmp_path):
 
 def _evaluation_rows():
     per_case = [{"case": "B1", "method": m, "label": 255, "structure": "letter", "dice": 0.9 - i / 7,
-                 "hd": math.nan if m == "atlas" else 1.5 * i, "hd95": 0.1 * i, "asd": 1 / 3, "components": 1 + i,
+                 "hd": math.nan if m == "atlas" else 1.5 * i, "hd95": 0.1 * i, "hd95_avg": 0.05 * i, "asd": 1 / 3, "components": 1 + i,
                  "holes": i % 2, "reference_components": 1, "reference_holes": 0}
                 for i, m in enumerate(c.LABELMAP_OUTPUTS)]
     summary = [{"method": "itn", "label": 255, "structure": "letter", "n": 1, "dice_mean": 0.9, "dice_std": 0.0}]
@@ -203,6 +203,13 @@ def test_transforms_per_case_keeps_extra_numeric_columns(tmp_path):
                                                      "extra": pytest.approx(math.nan, nan_ok=True)}]
 
 
+def test_metrics_per_case_written_before_hd95_avg_existed_read_it_as_nan(tmp_path):
+    header = [col for col in c.PER_CASE_COLUMNS if col != "hd95_avg"]
+    (tmp_path / c.METRICS_PER_CASE).write_text(",".join(header) + "\nB1,itn,255,letter,0.9,1.0,1.0,0.5,1,0,1,0\n")
+    row, = c.read_metrics_per_case(tmp_path)
+    assert math.isnan(row["hd95_avg"]) and row["hd95"] == 1.0 and row["asd"] == 0.5
+
+
 def test_not_an_evaluation_folder(tmp_path):
     with pytest.raises(AtlasregError, match=f"no {c.METRICS_PER_CASE}") as info:
         c.read_metrics_per_case(tmp_path)
@@ -212,7 +219,7 @@ def test_not_an_evaluation_folder(tmp_path):
 _HEADER = {c.METRICS_PER_CASE: ",".join(c.PER_CASE_COLUMNS), c.QUALITY_CONTROL: ",".join(c.QUALITY_COLUMNS),
            c.TRANSFORMS_PER_CASE: ",".join(c.TRANSFORMS_PER_CASE_COLUMNS),
            c.TRANSFORM_METRICS: ",".join(c.TRANSFORM_METRIC_COLUMNS)}
-_GOOD = {c.METRICS_PER_CASE: "B1,itn,255,letter,0.9,1.0,1.0,0.5,1,0,1,0",
+_GOOD = {c.METRICS_PER_CASE: "B1,itn,255,letter,0.9,1.0,1.0,0.75,0.5,1,0,1,0",
          c.QUALITY_CONTROL: "B1,0.9,0.1,0.1,0.8,True",
          c.TRANSFORMS_PER_CASE: "B1,refine,0.1,0.2,0.9,0.0,0.01",
          c.TRANSFORM_METRICS: "refine,0.1,0.2,0.9,0.0,0.01"}

@@ -13,6 +13,7 @@ import yaml
 
 from atlasreg.errors import AtlasregError
 from atlasreg.evaluation.evaluate import evaluate_predictions
+from atlasreg.evaluation.metrics import symmetric_hd95
 
 LABELS = {0: "background", 1: "right lung", 2: "left lung"}
 
@@ -61,8 +62,8 @@ def test_per_case_csv_and_summary(tmp_path, png_case_tree):
     assert per_case == tmp_path / "out" / "metrics_per_case.csv"
     assert summary_md == tmp_path / "out" / "summary.md"
     rows = read_csv(per_case)
-    assert list(rows[0]) == ["case", "method", "label", "structure", "dice", "hd", "hd95", "asd", "components",
-                             "holes", "reference_components", "reference_holes"]
+    assert list(rows[0]) == ["case", "method", "label", "structure", "dice", "hd", "hd95", "hd95_avg", "asd",
+                             "components", "holes", "reference_components", "reference_holes"]
     assert all(r["holes"] == "0" and r["reference_holes"] == "0" for r in rows)  # filled squares
     key = {(r["case"], r["method"], int(r["label"])): r for r in rows}
     # c1: itn, onepass, atlas (refine missing); c2: itn, onepass; two structures each
@@ -78,6 +79,10 @@ def test_per_case_csv_and_summary(tmp_path, png_case_tree):
     assert float(shifted["dice"]) == pytest.approx(2 * 40 / 128)  # 8x8 squares overlapping 8x5
     assert float(shifted["hd"]) == pytest.approx(3.0)
     assert float(shifted["hd95"]) <= 3.0 + 1e-6
+    # Eq. 16 of DeepATLAS: the mean of the two directed 95th percentiles, never above their maximum
+    assert float(shifted["hd95_avg"]) == pytest.approx(symmetric_hd95(
+        two_squares(shift_x_label1=3), two_squares(), [0, 1, 2])[1])
+    assert 0 < float(shifted["hd95_avg"]) <= float(shifted["hd95"])
     assert float(key[("c1", "onepass", 2)]["dice"]) == pytest.approx(1.0)
     assert int(key[("c1", "atlas", 1)]["components"]) == 2
 
@@ -96,7 +101,7 @@ def test_per_case_csv_and_summary(tmp_path, png_case_tree):
     assert ("refine", 1) not in summary
 
     md = summary_md.read_text()
-    assert "| Method | Structure | n | Dice | HD | HD95 | ASD |" in md
+    assert "| Method | Structure | n | Dice | HD | HD95 | HD95 avg. | ASD |" in md
     assert "| onepass | right lung | 2 | 0.812 ± 0.188 | 1.50 ± 1.50 |" in md
     assert "| atlas | right lung | 1 |" in md and "| 2.00 | 0.00 |" in md
     assert "refine" not in md

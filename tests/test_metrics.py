@@ -222,7 +222,9 @@ def test_symmetric_hd95_is_the_mean_of_the_directed_percentiles_of_a_known_shape
     prediction[(2,) * (len(shape) - 1) + (22,)] = 1
     assert symmetric_hd95(prediction, reference, [0, 1], spacing) == {1: pytest.approx(4.75, rel=1e-6)}
     assert symmetric_hd95(reference, prediction, [0, 1], spacing) == {1: pytest.approx(4.75, rel=1e-6)}
-    assert segmentation_metrics(prediction, reference, [0, 1], spacing)[1]["hd95"] == pytest.approx(9.5, rel=1e-6)
+    standard = segmentation_metrics(prediction, reference, [0, 1], spacing)[1]
+    assert standard["hd95"] == pytest.approx(9.5, rel=1e-6)
+    assert standard["hd95_avg"] == pytest.approx(4.75, rel=1e-6)  # evaluate's column of Eq. 16
 
 
 def test_symmetric_hd95_matches_brute_force_and_never_exceeds_the_standard_hd95():
@@ -241,6 +243,7 @@ def test_symmetric_hd95_matches_brute_force_and_never_exceeds_the_standard_hd95(
         assert ab != pytest.approx(ba)  # the two directions differ here
         assert sym[label] == pytest.approx(0.5 * (ab + ba), rel=1e-5)
         assert standard[label]["hd95"] == pytest.approx(max(ab, ba), rel=1e-5) and sym[label] < standard[label]["hd95"]
+        assert standard[label]["hd95_avg"] == pytest.approx(sym[label], rel=1e-12)
 
 
 def test_symmetric_hd95_of_an_empty_structure_is_nan_with_a_warning():

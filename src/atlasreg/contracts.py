@@ -146,13 +146,14 @@ for a similarity map) and ``crop.yaml`` (:data:`CROP_INFO`; :func:`write_crop_in
 Evaluation folder (``atlasreg evaluate --out``; :func:`write_evaluation`, :func:`evaluation_paths`)
 --------------------------------------------------------------------------------------------------
 - ``metrics_per_case.csv`` (:data:`METRICS_PER_CASE`; :func:`read_metrics_per_case`): columns ``case,
-  method, label, structure, dice, hd, hd95, asd, components, holes, reference_components,
+  method, label, structure, dice, hd, hd95, hd95_avg, asd, components, holes, reference_components,
   reference_holes`` (:data:`PER_CASE_COLUMNS`), one row per case, output (``method``) and evaluated
-  foreground structure. ``hd``, ``hd95``, ``asd`` in world units of the reference image (mm when its
-  spacing is in mm); ``components``: connected components of the structure in the prediction (full
+  foreground structure. ``hd``, ``hd95``, ``hd95_avg``, ``asd`` in world units of the reference image (mm
+  when its spacing is in mm); ``hd95`` is the maximum of the two directed 95th percentiles, ``hd95_avg``
+  their mean (DeepATLAS Eq. 16; NaN when read from a folder written before it existed); ``components``: connected components of the structure in the prediction (full
   connectivity), ``holes`` its holes, and the same of the reference.
 - ``summary.csv`` (:data:`SUMMARY_CSV`): columns ``method, label, structure, n, dice_mean, dice_std,
-  hd_mean, hd_std, hd95_mean, hd95_std, asd_mean, asd_std, components_mean,
+  hd_mean, hd_std, hd95_mean, hd95_std, hd95_avg_mean, hd95_avg_std, asd_mean, asd_std, components_mean,
   single_component_fraction, holes_mean, same_topology_fraction`` (:data:`SUMMARY_COLUMNS`), one row
   per (method, structure): NaN-ignoring mean and population standard deviation over the ``n`` cases.
 - ``summary.md`` (:data:`SUMMARY_MD`): the same numbers as a Markdown table with ``mean ± std``
@@ -297,11 +298,11 @@ REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 REPORT_INFO = "report.yaml"
 FIGURE_DIR = "figures"
-PER_CASE_COLUMNS = ("case", "method", "label", "structure", "dice", "hd", "hd95", "asd", "components", "holes",
+PER_CASE_COLUMNS = ("case", "method", "label", "structure", "dice", "hd", "hd95", "hd95_avg", "asd", "components", "holes",
                     "reference_components", "reference_holes")
 SUMMARY_COLUMNS = ("method", "label", "structure", "n",
                    "dice_mean", "dice_std", "hd_mean", "hd_std", "hd95_mean", "hd95_std",
-                   "asd_mean", "asd_std", "components_mean", "single_component_fraction", "holes_mean",
+                   "hd95_avg_mean", "hd95_avg_std", "asd_mean", "asd_std", "components_mean", "single_component_fraction", "holes_mean",
                    "same_topology_fraction")
 TRANSFORMS_PER_CASE_COLUMNS = ("case", *TRANSFORM_METRIC_COLUMNS)
 QUALITY_COLUMNS = ("case", "dice_itn_refine", "itn_outside_refine", "qc_score", "refine_dice", "flagged")
@@ -733,16 +734,18 @@ def _str(text: str | None, column: str, line: int, path: Path) -> str:
 _Parser = Callable[[str | None, str, int, Path], object]
 
 
-def _read_csv(path: str | Path, what: str, columns: Mapping[str, _Parser], rest: _Parser | None = None) -> list[dict]:
+def _read_csv(path: str | Path, what: str, columns: Mapping[str, _Parser], rest: _Parser | None = None,
+              optional: Sequence[str] = ()) -> list[dict]:
     """Rows of a CSV file with a header, each cell of `columns` parsed by its parser; other columns
     parsed by `rest` when given, else dropped. AtlasregError naming the file if it cannot be read, lacks
-    one of `columns` or holds a cell its parser rejects."""
+    one of `columns` (except those named in `optional`: parsed from empty cells, e.g. NaN) or holds a
+    cell its parser rejects."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             header = list(reader.fieldnames or [])
-            missing = [c for c in columns if c not in header]
+            missing = [c for c in columns if c not in header and c not in optional]
             if missing:
                 raise AtlasregError(f"{what} file lacks the column(s) {missing}", path)
             raw = list(reader)
@@ -787,7 +790,7 @@ def read_transform_metrics(path: str | Path) -> list[dict[str, object]]:
 
 _PER_CASE_TYPES: dict[str, _Parser] = {
     "case": _str, "method": _str, "label": _int, "structure": _str, "dice": _float, "hd": _float,
-    "hd95": _float, "asd": _float, "components": _int, "holes": _int, "reference_components": _int,
+    "hd95": _float, "hd95_avg": _float, "asd": _float, "components": _int, "holes": _int, "reference_components": _int,
     "reference_holes": _int}
 _QUALITY_TYPES: dict[str, _Parser] = {
     "case": _str, "dice_itn_refine": _float, "itn_outside_refine": _float, "qc_score": _float,
@@ -803,7 +806,7 @@ def read_metrics_per_case(folder: str | Path) -> list[dict]:
     path = Path(folder) / METRICS_PER_CASE
     if not path.is_file():
         raise AtlasregError(f"not an evaluation folder (no {METRICS_PER_CASE})", folder)
-    return _read_csv(path, "per-case metrics", _PER_CASE_TYPES)
+    return _read_csv(path, "per-case metrics", _PER_CASE_TYPES, optional=("hd95_avg",))
 
 
 def read_transforms_per_case(folder: str | Path) -> list[dict]:
