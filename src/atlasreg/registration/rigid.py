@@ -57,7 +57,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import GaussianFilter
 from scipy.spatial.transform import Rotation
 
 from ..errors import AtlasregError
@@ -177,6 +176,8 @@ def _smooth(image: torch.Tensor, mask: torch.Tensor, grid: Grid, h: float) -> _S
     # A pooled voxel already has about the blur of a box of its width (variance s^2 / 12 ~ (s / 2)^2 / 3).
     sigma = [math.sqrt(max((_BLUR * h) ** 2 - (s / 2.0) ** 2, 0.0)) / s for s in spacing]
     if max(sigma) > 0.1:
+        from monai.networks.layers import GaussianFilter  # here: importing MONAI takes seconds
+
         blur = GaussianFilter(d, sigma=list(reversed(sigma)))
         num, den = blur(num), blur(den)
     image = torch.where(den > 1e-6, num / den.clamp_min(1e-6), torch.zeros_like(num))
