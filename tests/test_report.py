@@ -267,6 +267,22 @@ def test_qualitative_figure_takes_the_declared_spacing_for_a_volume_without_one(
         figures.qualitative_figure(seg, refs, ["A"], ["t"], spacing=[1.5, 1.5])
 
 
+def test_qualitative_figure_has_columns_only_for_the_outputs_and_grid_a_case_has(tmp_path, monkeypatch):
+    """A propagation run (DeepATLAS: a 1-pass labelmap per case, no field): the image and one column,
+    titled as asked; no empty ITN, refine or grid panels."""
+    figs = _figures_of(monkeypatch)
+    seg = tmp_path / "seg"
+    ref = _case3d(seg, "A")
+    for output in ("itn", "refine"):
+        contracts.case_labelmap_path(seg / "A", output, ".nii.gz").unlink()
+    (seg / "A" / contracts.INVERSE_FIELD).unlink()
+    figures.qualitative_figure(seg, {"A": str(ref)}, ["A"], ["t"], outputs=(("onepass", "DeepATLAS"), ("itn", "ITN")))
+    axes = np.array(figs[0].axes).reshape(3, 2)  # three planes; image and the one output there is
+    assert [ax.get_title() for ax in axes[:, 1]] == ["DeepATLAS"] * 3
+    assert all(PREDICTION in _colours(ax) and REFERENCE in _colours(ax) for ax in axes[:, 1])
+    assert [t.get_text() for t in figs[0].legends[0].get_texts()] == ["prediction (DeepATLAS)", "reference"]
+
+
 def test_qualitative_figure_rejects_a_labelmap_of_another_size(tmp_path):
     seg = tmp_path / "seg"
     ref = _case3d(seg, "A")

@@ -218,14 +218,14 @@ class _Case:
 
 
 def _load_case(case: str, title: str, case_dir: Path, image_path: Path, reference: str | None,
-               spacing: Sequence[float] | None) -> _Case:
+               spacing: Sequence[float] | None, outputs: Sequence[tuple[str, str]] = PANEL_OUTPUTS) -> _Case:
     image, array = _image(image_path)
     shape = tuple(array.shape[:image.GetDimension()])
     if image.GetNumberOfComponentsPerPixel() > 1:  # RGB(A) PNG: its first channel
         array = array[..., 0]
     ref = _labelmap(Path(reference), shape) if reference is not None else None
     labelmaps = {}
-    for output, _ in PANEL_OUTPUTS:
+    for output, _ in outputs:
         path = find_labelmap(case_dir, output)
         labelmaps[output] = None if path is None else _labelmap(path, shape)
     atlas, step = None, 0.0
@@ -242,14 +242,16 @@ def _load_case(case: str, title: str, case_dir: Path, image_path: Path, referenc
 
 
 def qualitative_figure(predictions: Path, references: dict, cases: list[str], titles: list[str],
-                       spacing: Sequence[float] | None = None) -> bytes | None:
+                       spacing: Sequence[float] | None = None,
+                       outputs: Sequence[tuple[str, str]] = PANEL_OUTPUTS) -> bytes | None:
     """Figs. 6-7: per case and view (:func:`views`: the image in 2-D; in 3-D its axial, coronal and
     sagittal planes through the reference's foreground centroid, or the volume centre without a
-    reference or foreground) a row with the image, the ITN, 1-pass and refined labelmaps as contours
-    over it (:data:`PREDICTION_COLOUR`, orange) with the reference (:data:`REFERENCE_COLOUR`, sky blue;
+    reference or foreground) a row with the image, the labelmaps of `outputs` ((output, panel title):
+    by default the ITN, 1-pass and refined ones; a column only for an output some shown case has) as
+    contours over it (:data:`PREDICTION_COLOUR`, orange) with the reference (:data:`REFERENCE_COLOUR`, sky blue;
     a legend above names them), and the deformed atlas grid (:data:`GRID_COLOUR`; isolines of the two
     in-plane atlas coordinates of each subject point, from the case's inverse displacement field;
-    :func:`atlas_coordinates`). Each panel's aspect follows the voxel spacing (:func:`display_spacing`
+    :func:`atlas_coordinates`; the column only when some shown case has that field). Each panel's aspect follows the voxel spacing (:func:`display_spacing`
     with `spacing`, the declared spacing ITK order in mm, for files that store none).
 
     predictions: a segmentation run folder (case folders, :mod:`atlasreg.contracts`); references: case
@@ -263,12 +265,16 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
         image_path = (read_case_info(case_dir) or {}).get("image")
         if image_path is None or not image_path.is_file():
             continue
-        loaded.append(_load_case(case, title, case_dir, image_path, references.get(case), spacing))
+        loaded.append(_load_case(case, title, case_dir, image_path, references.get(case), spacing, outputs))
     if not loaded:
         return None
+    shown = [(o, name) for o, name in outputs if any(c.labelmaps[o] is not None for c in loaded)]
+    grid = any(c.atlas is not None for c in loaded)
+    columns = 1 + len(shown) + grid
     heights = [view.height(c.image.shape, PANEL_INCHES) for c in loaded for view in c.views]
     gap = 0.04, 0.18   # between panels and rows, in fractions of a panel (room for the titles)
-    fig, axes = _subplots(len(heights), 5, figsize=(5 * PANEL_INCHES * (1 + gap[0]), sum(heights) * (1 + gap[1])),
+    fig, axes = _subplots(len(heights), columns,
+                          figsize=(columns * PANEL_INCHES * (1 + gap[0]), sum(heights) * (1 + gap[1])),
                           squeeze=False, gridspec_kw={"height_ratios": heights, "wspace": gap[0], "hspace": gap[1],
                                                       "left": 0.0, "right": 1.0, "bottom": 0.0, "top": 1.0})
     r = 0
@@ -278,7 +284,7 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
             axes[r, 0].imshow(image, cmap="gray", aspect=view.aspect, interpolation="nearest")
             axes[r, 0].set_title(f"{c.name} ({c.title})" + (f", {view.label}" if view.label else ""),
                                  fontsize=FONT_SIZE)
-            for k, (output, name) in enumerate(PANEL_OUTPUTS, start=1):
+            for k, (output, name) in enumerate(shown, start=1):
                 ax = axes[r, k]
                 ax.imshow(image, cmap="gray", aspect=view.aspect, interpolation="nearest")
                 if c.reference is not None:
@@ -286,19 +292,22 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
                 if c.labelmaps[output] is not None:
                     _contours(ax, view.take(c.labelmaps[output]), PREDICTION_COLOUR)
                 ax.set_title(name, fontsize=FONT_SIZE)
-            ax = axes[r, 4]
-            ax.imshow(image, cmap="gray", aspect=view.aspect, interpolation="nearest")
-            if c.atlas is not None:
-                _grid_lines(ax, c.atlas, view, c.step)
-            ax.set_title("deformed grid (refine)", fontsize=FONT_SIZE)
+            if grid:
+                ax = axes[r, columns - 1]
+                ax.imshow(image, cmap="gray", aspect=view.aspect, interpolation="nearest")
+                if c.atlas is not None:
+                    _grid_lines(ax, c.atlas, view, c.step)
+                ax.set_title("deformed grid (refine)", fontsize=FONT_SIZE)
             for a in axes[r]:
                 a.set_axis_off()
             r += 1
-    handles = [Line2D([], [], color=PREDICTION_COLOUR, linewidth=2, label="prediction (ITN, 1-pass, Refine)"),
+    handles = [Line2D([], [], color=PREDICTION_COLOUR, linewidth=2,
+                      label=f"prediction ({', '.join(name for _, name in shown)})"),
                Line2D([], [], color=REFERENCE_COLOUR, linewidth=2, label="reference"),
-               Line2D([], [], color=GRID_COLOUR, linewidth=2, label="deformed atlas grid")]
+               *([Line2D([], [], color=GRID_COLOUR, linewidth=2, label="deformed atlas grid")] if grid else [])]
     above_titles = 1.0 + 0.3 / fig.get_figheight()  # 0.3 inch above the axes: over the first row's titles
-    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, above_titles), ncol=3, fontsize=FONT_SIZE,
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, above_titles), ncol=len(handles),
+               fontsize=FONT_SIZE,
                frameon=False)
     return _png(fig)
 
