@@ -14,7 +14,8 @@ RUN_DIR (default runs/deepatlas_experiment) receives ``<variant>/`` (the pretrai
 segmentation runs (``seg_<variant>_<k>shot_<test set>``), evaluation folders (``eval_...``, for
 ``atlasreg report``), ``symmetric_hd95.csv`` (per case and structure: Dice, atlasreg's HD95 = the maximum
 of the two directed 95th percentiles, and Eq. 16's = their mean), ``summary.md`` (means per structure)
-and ``timings.yaml``: the wall seconds of every step, the seconds per training step of each stage
+``figures/`` (:func:`make_figures`: the learned atlas with the templates, best / median / worst
+propagated cases) and ``timings.yaml``: the wall seconds of every step, the seconds per training step of each stage
 measured from the run's TensorBoard log, and the estimated pretraining time of the config's schedule
 (without --tiny and --set) and of the paper's (20,000 autoencoder steps, 7,500 per level) from those
 seconds per step.
@@ -147,6 +148,59 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def make_figures(out: Path, run_dir: Path, shots: list[int], tests: dict, rows: list[dict]) -> list[Path]:
+    """``figures/atlas_templates.png``: the learned atlas image X (channel 0, on the template grid) alone
+    and with each template's labelmap as contours; ``figures/cases_<test set>.png``: the best, median and
+    worst case of 1-shot propagation by mean Dice over the structures (image, propagated labelmap in
+    orange, reference in sky blue; :func:`atlasreg.report.figures.qualitative_figure`)."""
+    import SimpleITK as sitk
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from atlasreg.contracts import atlas_paths, run_paths, template_paths
+    from atlasreg.report import figures
+
+    folder = out / "figures"
+    folder.mkdir(exist_ok=True)
+    written = []
+    atlas_file = atlas_paths(run_paths(run_dir).atlas).image
+    templates = [(k, template_paths(out / f"template_deepatlas_{k}shot").labelmap) for k in shots]
+    templates = [(k, path) for k, path in templates if path.is_file()]
+    if atlas_file.is_file():
+        atlas = sitk.GetArrayFromImage(sitk.ReadImage(str(atlas_file)))
+        fig = Figure(figsize=(3.2 * (1 + len(templates)), 3.6))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 1 + len(templates), squeeze=False)[0]
+        for ax, (title, labelmap) in zip(axes, [("learned atlas X", None)] + [
+                (f"template, {k} labelled case{'s' if k > 1 else ''}", path) for k, path in templates]):
+            ax.imshow(atlas, cmap="gray")
+            if labelmap is not None:
+                template = sitk.GetArrayFromImage(sitk.ReadImage(str(labelmap)))
+                for value, colour in zip(sorted(set(np.unique(template)) - {0}), figures.OKABE_ITO.values()):
+                    ax.contour(template == value, levels=[0.5], colors=colour, linewidths=1.2)
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+        fig.savefig(folder / "atlas_templates.png", dpi=120, bbox_inches="tight")
+        written.append(folder / "atlas_templates.png")
+    for test_set, (pairs, _) in tests.items():
+        seg = out / f"seg_deepatlas_1shot_{test_set}"
+        per_case: dict[str, list[float]] = {}
+        for r in rows:
+            if r["variant"] == "deepatlas" and r["shots"] == 1 and r["test_set"] == test_set:
+                per_case.setdefault(r["case"], []).append(r["dice"])
+        ranked = sorted(per_case, key=lambda c: np.mean(per_case[c]), reverse=True)
+        if not ranked or not seg.is_dir():
+            continue
+        picks = [(ranked[0], "best"), (ranked[len(ranked) // 2], "median"), (ranked[-1], "worst")]
+        png = figures.qualitative_figure(seg, {p.name: str(p.label) for p in pairs}, [c for c, _ in picks],
+                                         [f"{t} 1-shot Dice {np.mean(per_case[c]):.3f}" for c, t in picks],
+                                         outputs=(("onepass", "DeepATLAS, 1 labelled case"),))
+        if png is not None:
+            (folder / f"cases_{test_set}.png").write_bytes(png)
+            written.append(folder / f"cases_{test_set}.png")
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", default="runs/deepatlas_experiment")
@@ -213,6 +267,8 @@ def main() -> None:
         writer.writerows(rows)
     (out / "summary.md").write_text(summary_markdown(rows))
     (out / "timings.yaml").write_text(yaml.safe_dump(timings, sort_keys=False))
+    for path in make_figures(out, out / "deepatlas", shots, tests, rows):
+        print(f"figure: {path}")
     print(summary_markdown(rows))
     est, paper = timings["full_schedule_estimate"], timings["paper_schedule_estimate"]
     print(f"pretraining at the measured seconds per step: the schedule of {CONFIG.name} about {est['hours']:.1f} h, "
