@@ -18,7 +18,7 @@ from atlasreg.evaluation.evaluate import METHODS
 
 N_TRAIN, N_TEST = 6, 2
 CASES = [f"B{i}" for i in range(N_TRAIN + 1, N_TRAIN + N_TEST + 1)]  # the demo's test cases
-DISTANCES = ("hd", "hd95", "asd")
+DISTANCES = ("hd", "hd95", "hd95_avg", "asd")
 
 
 def _read_csv(path):
@@ -37,7 +37,7 @@ def _check_split(out, split, empty_warnings):
     for r in rows:
         assert 0.0 <= float(r["dice"]) <= 1.0, r
         assert all(int(r[k]) >= 0 for k in ("components", "holes", "reference_components", "reference_holes"))
-        hd, hd95, asd = (float(r[k]) for k in DISTANCES)
+        hd, hd95, hd95_avg, asd = (float(r[k]) for k in DISTANCES)
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(seg / r["case"] / f"{r['method']}_labelmap.png")))
         if (prediction == int(r["label"])).any():  # the references are never empty
             assert 0.0 <= hd95 <= hd and 0.0 <= asd <= hd and math.isfinite(hd), r
@@ -49,12 +49,12 @@ def _check_split(out, split, empty_warnings):
     assert sorted(s["method"] for s in summary) == sorted(METHODS)
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in (ev / "summary.md").read_text().splitlines()
-             if line.startswith("| ") and line.count("|") == 12 and line.split("|")[1].strip() in METHODS}
+             if line.startswith("| ") and line.count("|") == 13 and line.split("|")[1].strip() in METHODS}
     for s in summary:
         group = [r for r in rows if r["method"] == s["method"] and r["label"] == s["label"]]
         assert int(s["n"]) == len(group) == N_TEST
         cells = [s["structure"], s["n"]]
-        for name, digits in (("dice", 3), ("hd", 2), ("hd95", 2), ("asd", 2)):
+        for name, digits in (("dice", 3), ("hd", 2), ("hd95", 2), ("hd95_avg", 2), ("asd", 2)):
             values = np.array([float(r[name]) for r in group])
             mean, std = (np.nan, np.nan) if np.isnan(values).all() else (np.nanmean(values), np.nanstd(values))
             np.testing.assert_allclose([float(s[f"{name}_mean"]), float(s[f"{name}_std"])], [mean, std],
