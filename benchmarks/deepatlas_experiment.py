@@ -48,6 +48,8 @@ from atlasreg.data.dataset import find_pairs  # noqa: E402
 CONFIG = REPO / "configs" / "deepatlas_chest.yaml"
 JSRT_CONFIG = REPO / "configs" / "jsrt.yaml"
 CHEST = REPO.parent / "shared" / "data" / "chest-xray"
+#: ``atlasreg evaluate --test-set`` names of the test sets of :func:`test_sets`.
+TEST_SET_NAMES = {"jsrt": "JSRT validation", "montgomery": "Montgomery (lungs)"}
 #: The ablations of Table 5 (Sec. 5.4): settings over the config.
 ABLATIONS = {"explicit_only": ["deepatlas.losses.implicit=false"],
              "implicit_only": ["deepatlas.losses.explicit=false"],
@@ -59,6 +61,22 @@ TINY = ["deepatlas.autoencoder.steps=5", "deepatlas.seed_steps=5", "deepatlas.st
         "deepatlas.head_warmup_steps=3", "deepatlas.lr_warmup_steps=1", "deepatlas.checkpoint_every=5"]
 
 
+def labelled_training() -> list:
+    """The JSRT training split of configs/jsrt.yaml (158 labelled cases, seeded 80%): the one-shot and
+    few-shot experiments take its first k cases."""
+    return pairs_from_spec(load_config(JSRT_CONFIG)["data"]["train"])
+
+
+def test_sets(cases: int | None = None) -> dict[str, tuple[list, dict | None]]:
+    """{test set: (its image/labelmap pairs, the label merge of `evaluate --merge` or None)}: the JSRT
+    validation split of configs/jsrt.yaml (39 cases; right lung, left lung, heart) and Montgomery (110
+    cases; lungs, reference value 255 = our labels 1 and 2); only the first `cases` of each if given."""
+    tests = {"jsrt": (pairs_from_spec(load_config(JSRT_CONFIG)["data"]["validation"]), None),
+             "montgomery": (find_pairs(CHEST / "montgomery" / "images", CHEST / "montgomery" / "labels"),
+                            {255: [1, 2]})}
+    return {k: (v[:cases] if cases else v, merge) for k, (v, merge) in tests.items()}
+
+
 def run(*argv) -> float:
     """`atlasreg ARGV` in this process; its wall seconds. Exits on an error."""
     t0 = time.perf_counter()
@@ -68,12 +86,10 @@ def run(*argv) -> float:
     return time.perf_counter() - t0
 
 
-def seconds_per_step(run_dir: Path, config: dict) -> dict[str, float]:
-    """Median wall seconds between consecutive training steps of each stage kind and level ('stage 3/5',
-    'head warm-up 3/5', 'autoencoder'), from the wall times of the run's TensorBoard step losses."""
+def step_wall_times(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, wall time in s since the epoch) of every training step a run logged to TensorBoard
+    (``loss_step/total`` under ``RUN_DIR/logs``), sorted by step; a step logged twice keeps its last time."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from atlasreg.deepatlas.method import schedule, stage_at
 
     events = []
     for log in sorted((run_dir / "logs").rglob("events.out.tfevents.*")):
@@ -81,7 +97,15 @@ def seconds_per_step(run_dir: Path, config: dict) -> dict[str, float]:
         acc.Reload()
         if "loss_step/total" in acc.Tags()["scalars"]:
             events += [(e.step, e.wall_time) for e in acc.Scalars("loss_step/total")]
-    events = sorted(dict(events).items())
+    return sorted(dict(events).items())
+
+
+def seconds_per_step(run_dir: Path, config: dict) -> dict[str, float]:
+    """Median wall seconds between consecutive training steps of each stage kind and level ('stage 3/5',
+    'head warm-up 3/5', 'autoencoder'), from the wall times of the run's TensorBoard step losses."""
+    from atlasreg.deepatlas.method import schedule, stage_at
+
+    events = step_wall_times(run_dir)
     stages = schedule(config)
     gaps: dict[str, list[float]] = {}
     for (s0, w0), (s1, w1) in zip(events, events[1:]):
@@ -104,9 +128,9 @@ def estimate(full: dict, measured: dict[str, float]) -> dict:
 
 
 def symmetric_rows(seg: Path, references: dict[str, Path], labels: dict[int, str], merge: dict | None,
-                   variant: str, shots: int, test_set: str) -> list[dict]:
-    """Per case and structure: Dice, atlasreg's HD95 and Eq. 16's symmetric HD95 (pixels; the PNGs store
-    no spacing)."""
+                   variant: str, shots: int, test_set: str, output: str = "onepass") -> list[dict]:
+    """Per case and structure of the ``<output>_labelmap`` of every case folder of `seg`: Dice,
+    atlasreg's HD95 and Eq. 16's symmetric HD95 (pixels; the PNGs store no spacing)."""
     import SimpleITK as sitk
 
     from atlasreg.contracts import find_labelmap
@@ -114,7 +138,7 @@ def symmetric_rows(seg: Path, references: dict[str, Path], labels: dict[int, str
 
     rows = []
     for case_dir in sorted(p for p in seg.iterdir() if p.is_dir()):
-        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(find_labelmap(case_dir, "onepass"))))
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(find_labelmap(case_dir, output))))
         reference_image = sitk.ReadImage(str(references[case_dir.name]))
         reference = sitk.GetArrayFromImage(reference_image)
         values = dict(labels)
@@ -216,12 +240,8 @@ def main() -> None:
     cases = args.cases if args.cases is not None else (4 if args.tiny else None)
     shots = [int(k) for k in args.shots.split(",")]
 
-    jsrt = load_config(JSRT_CONFIG)
-    training = pairs_from_spec(jsrt["data"]["train"])        # templates come from these labelled cases only
-    tests = {"jsrt": (pairs_from_spec(jsrt["data"]["validation"]), None),
-             "montgomery": (find_pairs(CHEST / "montgomery" / "images", CHEST / "montgomery" / "labels"),
-                            {255: [1, 2]})}
-    tests = {k: (v[:cases] if cases else v, merge) for k, (v, merge) in tests.items()}
+    training = labelled_training()        # templates come from these labelled cases only
+    tests = test_sets(cases)
     timings: dict = {"steps": {}}
     rows: list[dict] = []
     variants = {"deepatlas": [], **(ABLATIONS if args.ablations else {})}
@@ -249,7 +269,7 @@ def main() -> None:
                         "--template", template, "--out", seg, "--quiet")
                     label = "DeepATLAS" if variant == "deepatlas" else f"DeepATLAS {variant}"
                     run("evaluate", seg, "--references", pairs[0].label.parent, "--checkpoint", checkpoint,
-                        "--test-set", "JSRT validation" if test_set == "jsrt" else "Montgomery (lungs)",
+                        "--test-set", TEST_SET_NAMES[test_set],
                         "--label", f"{label} {k}-shot", *(["--merge", "255=1,2"] if merge else []),
                         "--out", evaluation, "--quiet")
                 rows += symmetric_rows(seg, {p.name: p.label for p in pairs}, labels,

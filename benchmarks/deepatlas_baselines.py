@@ -1,0 +1,203 @@
+"""Baselines of the DeepATLAS one-shot chest X-ray experiment (issue 15 item 7, 2D;
+benchmarks/deepatlas_experiment.py): the same labelled JSRT training cases (training[:1] = JPCLN002 for
+one-shot, training[:5] for few-shot, from the JSRT training split of configs/jsrt.yaml) and the same
+test sets (JSRT validation split, 39 cases: right lung, left lung, heart; Montgomery, 110 cases: lungs,
+labels 1 and 2 merged), evaluated the same way (`atlasreg evaluate`, and the paper's Eq. 16 HD95 beside
+atlasreg's), for three baselines:
+
+* ``unet``: the U-Net (configs/variants/jsrt_unet.yaml: the ITN alone, L_s only) trained on the k cases;
+  its output ``itn``;
+* ``atlas_istn``: Atlas-ISTN (configs/jsrt.yaml) trained on the k cases; its outputs ``itn``, ``onepass``
+  and ``refine`` (test-time refinement, the config's 50 iterations). Atlas-ISTN trained on all 158
+  training cases is not retrained here: docs/results.md, "JSRT chest X-rays and Montgomery (issues 2
+  and 3)";
+* ``registration`` (one-shot only): ``atlasreg register TEST_IMAGE JPCLN002 --labels JPCLN002_LABELMAP``
+  (fixed: the test image; moving: the labelled case; defaults: rigid -> affine -> SVF, LNCC), its
+  ``warped_labels.nii.gz`` (on the fixed image's grid) evaluated as the case's ``onepass`` labelmap.
+
+Run by hand from the repository root; every step already done is skipped (a killed training resumes):
+
+    PYTHONPATH=src python benchmarks/deepatlas_baselines.py [RUN_DIR] [--shots 1,5] [--cases N]
+        [--methods unet,atlas_istn,registration] [--tiny]
+
+RUN_DIR (default runs/deepatlas_baselines) receives ``<method>_<k>shot/`` (training runs),
+``seg_<method>_<k>shot_<test set>/`` (segmentation runs; registration: one ``atlasreg register`` folder
+per case), ``eval_...`` (``atlasreg evaluate`` folders, for ``atlasreg report``), ``symmetric_hd95.csv``
+(the columns of deepatlas_experiment.py's; ``variant`` = method and output, e.g. ``atlas_istn refine``),
+``summary.md`` (Dice and HD95 mean ± SD per structure and test set; HD95 in pixels) and
+``timings.yaml`` (wall seconds of every step; median wall seconds per training step from TensorBoard).
+
+Training length. With 1 or 5 cases an epoch is ONE step (batch size 8 > k), so the config's 300 epochs
+would be 300 steps against 6,000 (20 a epoch) for the 158-case model. Seconds per step measured on this
+CPU (2 cores, shared with a DeepATLAS pretraining and a segmentation benchmark; 30-40 epoch runs,
+median / mean gap between logged steps, the epoch's end with its checkpoint and atlas update
+included): Atlas-ISTN 1-shot 0.42 / 0.75 s, 5-shot 0.71 / 1.14 s; U-Net 1-shot 0.14 / 0.22 s, 5-shot
+0.36 / 0.48 s. Each model trains EPOCHS = 800 epochs (800 steps, 800 to 4,000 case presentations,
+augmented): Atlas-ISTN 5-shot, the slowest, 9.5 min at the median and 15 min at the mean, within the
+10-15 min budget; the same number of steps for every model and k. The settings counted in epochs are
+scaled by 800 / 300 (:func:`schedule`): fade-in e0 = tau = 66.7 epochs (25 of 300), the learning rate
+halves every 800 epochs (once over the run, as 300 of 300), and the atlas update rate eta = 1 - 0.99^(300
+/ 800) = 0.0038 a epoch, so that the initial atlas keeps the same weight after the run (0.99^300).
+Augmentation stays on (the config's). data.validation is set to null: no validation (or Montgomery)
+labelmap is read during training (the training split is the k named cases; checked after training).
+
+--tiny: 5 epochs, registration with 5 iterations a level, and --cases 4 unless given: the pipeline end to
+end in minutes. --cases N: the first N cases of each test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from deepatlas_experiment import (JSRT_CONFIG, REPO, TEST_SET_NAMES, labelled_training, run,  # noqa: E402
+                                  step_wall_times, summary_markdown, symmetric_rows, test_sets)
+
+from atlasreg.config import load_config  # noqa: E402
+from atlasreg.contracts import (REGISTERED_LABELS, case_labelmap_path, read_run_config,  # noqa: E402
+                                run_paths)
+from atlasreg.data.cases import pairs_from_spec  # noqa: E402
+
+#: method -> (config, name in the evaluation folders, outputs scored in symmetric_hd95.csv).
+LEARNED = {"unet": (REPO / "configs" / "variants" / "jsrt_unet.yaml", "U-Net", ("itn",)),
+           "atlas_istn": (JSRT_CONFIG, "Atlas-ISTN", ("itn", "onepass", "refine"))}
+METHODS = (*LEARNED, "registration")
+#: Training epochs (= steps with 1-5 cases) of each learned baseline; see the module docstring.
+EPOCHS = 800
+TINY_EPOCHS = 5
+#: `atlasreg register` options of --tiny (the defaults otherwise).
+TINY_REGISTER = ["--iterations", "5"]
+
+
+def schedule(epochs: int) -> list[str]:
+    """--set overrides training `epochs` epochs with the settings of configs/jsrt.yaml that are counted
+    in epochs scaled from its 300 epochs (fade-in e0 and tau, lr_halving_epochs), the atlas update rate
+    eta such that (1 - eta)^epochs = (1 - 0.01)^300, and no validation split."""
+    t = load_config(JSRT_CONFIG)["training"]
+    s = epochs / t["epochs"]
+    eta = 1.0 - (1.0 - t["atlas_eta"]) ** (1.0 / s)
+    return [f"training.epochs={epochs}",
+            f"training.fade_in={{e0: {t['fade_in']['e0'] * s:.6g}, tau: {t['fade_in']['tau'] * s:.6g}}}",
+            f"training.lr_halving_epochs={t['lr_halving_epochs'] * s:.6g}", f"training.atlas_eta={eta:.6g}",
+            "data.validation=null"]
+
+
+def check_training_run(run_dir: Path, chosen: list[str], test_names: set[str]) -> None:
+    """Exit unless the training run's stored config trained on exactly the cases `chosen`, none of them
+    a test case, and read no validation split."""
+    config = read_run_config(run_dir)
+    names = [p.name for p in pairs_from_spec(config["data"]["train"])]
+    if names != chosen or set(names) & test_names or config["data"].get("validation"):
+        sys.exit(f"{run_dir}: trained on {names} (validation split {config['data'].get('validation')}); "
+                 f"expected {chosen} and no validation split")
+
+
+def seconds_per_step(run_dir: Path) -> float | None:
+    """Median wall seconds between consecutive logged training steps of a run (TensorBoard)."""
+    events = step_wall_times(run_dir)
+    gaps = [w1 - w0 for (s0, w0), (s1, w1) in zip(events, events[1:]) if s1 == s0 + 1]
+    return round(statistics.median(gaps), 4) if gaps else None
+
+
+def register_all(pairs, moving, out: Path, options: list[str]) -> float:
+    """``atlasreg register`` of the labelled case `moving` (image and labelmap) to every test image of
+    `pairs` (fixed) into ``out/<case>/``, its warped labelmap copied to ``onepass_labelmap.nii.gz`` for
+    `atlasreg evaluate`; cases already done are skipped. Returns the wall seconds."""
+    seconds = 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    for pair in pairs:
+        case = out / pair.name
+        onepass = case_labelmap_path(case, "onepass", ".nii.gz")
+        if onepass.is_file():
+            continue
+        if not case.is_dir():  # `register` writes its folder at once, complete or not at all
+            seconds += run("register", pair.image, moving.image, "--out", case, "--labels", moving.label,
+                           "--quiet", *options)
+        shutil.copyfile(case / REGISTERED_LABELS, onepass)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", nargs="?", default="runs/deepatlas_baselines")
+    parser.add_argument("--shots", default="1,5", help="labelled JSRT training cases per model")
+    parser.add_argument("--cases", type=int, help="only the first N cases of each test set")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--tiny", action="store_true", help="5 epochs and 4 test cases (a smoke run)")
+    args = parser.parse_args()
+    out = Path(args.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = args.cases if args.cases is not None else (4 if args.tiny else None)
+    shots = [int(k) for k in args.shots.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        sys.exit(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
+    sets = schedule(TINY_EPOCHS if args.tiny else EPOCHS)
+
+    training = labelled_training()        # the baselines learn from these labelled cases only
+    tests = test_sets(cases)
+    test_names = {p.name for pairs, _ in test_sets().values() for p in pairs}
+    labels = load_config(JSRT_CONFIG)["data"]["labels"]
+    timings: dict = {"epochs": TINY_EPOCHS if args.tiny else EPOCHS, "steps": {}, "seconds_per_step": {},
+                     "test_cases": {k: len(v[0]) for k, v in tests.items()}}
+    rows: list[dict] = []
+    for method in methods:
+        for k in (shots if method != "registration" else [k for k in shots if k == 1]):
+            chosen = training[:k]
+            if method in LEARNED:
+                config, name, outputs = LEARNED[method]
+                run_dir = out / f"{method}_{k}shot"
+                checkpoint = run_paths(run_dir).final_checkpoint
+                if not checkpoint.is_file():
+                    cases_set = f"data.train.cases={json.dumps([p.name for p in chosen])}"
+                    timings["steps"][f"train {method} {k}-shot"] = run(
+                        "train", config, "--out", run_dir, "--quiet",
+                        *[a for s in [*sets, cases_set] for a in ("--set", s)])
+                check_training_run(run_dir, [p.name for p in chosen], test_names)
+                timings["seconds_per_step"][f"{method} {k}-shot"] = seconds_per_step(run_dir)
+            else:
+                name, outputs = "Registration", ("onepass",)
+            for test_set, (pairs, merge) in tests.items():
+                seg = out / f"seg_{method}_{k}shot_{test_set}"
+                evaluation = out / f"eval_{method}_{k}shot_{test_set}"
+                if not evaluation.is_dir():
+                    if method in LEARNED:
+                        timings["steps"][f"segment {method} {k}-shot {test_set}"] = run(
+                            "segment", *[p.image for p in pairs], "--checkpoint", checkpoint, "--out", seg,
+                            "--quiet")
+                        source = ["--checkpoint", checkpoint]
+                    else:
+                        timings["steps"][f"register {k}-shot {test_set}"] = register_all(
+                            pairs, chosen[0], seg, TINY_REGISTER if args.tiny else [])
+                        source = ["--config", JSRT_CONFIG]
+                    run("evaluate", seg, "--references", pairs[0].label.parent, *source,
+                        "--test-set", TEST_SET_NAMES[test_set], "--label", f"{name} {k}-shot",
+                        *(["--merge", "255=1,2"] if merge else []), "--out", evaluation, "--quiet")
+                for output in outputs:
+                    variant = method if method == "registration" else f"{method} {output}"
+                    rows += symmetric_rows(seg, {p.name: p.label for p in pairs}, labels, merge, variant, k,
+                                           test_set, output=output)
+    with open(out / "symmetric_hd95.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summary_markdown(rows)
+    (out / "summary.md").write_text(summary)
+    (out / "timings.yaml").write_text(yaml.safe_dump(timings, sort_keys=False))
+    print(summary)
+    print("Atlas-ISTN trained on all 158 JSRT training cases: docs/results.md, "
+          "'JSRT chest X-rays and Montgomery (issues 2 and 3)'")
+
+
+if __name__ == "__main__":
+    main()
