@@ -60,7 +60,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from deepatlas_experiment import (JSRT_CONFIG, REPO, TEST_SET_NAMES, labelled_training, run,  # noqa: E402
-                                  step_wall_times, summary_markdown, symmetric_rows, test_sets)
+                                  evaluated, step_wall_times, summary_markdown, symmetric_rows,
+                                  test_sets)
 
 from atlasreg.config import load_config  # noqa: E402
 from atlasreg.contracts import (REGISTERED_LABELS, case_labelmap_path, read_run_config,  # noqa: E402
@@ -147,7 +148,6 @@ def main() -> None:
     training = labelled_training()        # the baselines learn from these labelled cases only
     tests = test_sets(cases)
     test_names = {p.name for pairs, _ in test_sets().values() for p in pairs}
-    labels = load_config(JSRT_CONFIG)["data"]["labels"]
     timings: dict = {"epochs": TINY_EPOCHS if args.tiny else EPOCHS, "steps": {}, "seconds_per_step": {},
                      "test_cases": {k: len(v[0]) for k, v in tests.items()}}
     rows: list[dict] = []
@@ -170,8 +170,8 @@ def main() -> None:
             for test_set, (pairs, merge) in tests.items():
                 seg = out / f"seg_{method}_{k}shot_{test_set}"
                 evaluation = out / f"eval_{method}_{k}shot_{test_set}"
-                if not evaluation.is_dir():
-                    if method in LEARNED:
+                if not evaluated(evaluation):
+                    if method in LEARNED:  # `segment` skips the case folders already complete
                         timings["steps"][f"segment {method} {k}-shot {test_set}"] = run(
                             "segment", *[p.image for p in pairs], "--checkpoint", checkpoint, "--out", seg,
                             "--quiet")
@@ -182,11 +182,10 @@ def main() -> None:
                         source = ["--config", JSRT_CONFIG]
                     run("evaluate", seg, "--references", pairs[0].label.parent, *source,
                         "--test-set", TEST_SET_NAMES[test_set], "--label", f"{name} {k}-shot",
-                        *(["--merge", "255=1,2"] if merge else []), "--out", evaluation, "--quiet")
+                        *(["--merge", "255=1,2"] if merge else []), "--out", evaluation, "--quiet", "--overwrite")
                 for output in outputs:
                     variant = method if method == "registration" else f"{method} {output}"
-                    rows += symmetric_rows(seg, {p.name: p.label for p in pairs}, labels, merge, variant, k,
-                                           test_set, output=output)
+                    rows += symmetric_rows(evaluation, variant, k, test_set, output=output)
     with open(out / "symmetric_hd95.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -12,8 +12,9 @@ Run by hand from the repository root; every step already done is skipped (pretra
 
 RUN_DIR (default runs/deepatlas_experiment) receives ``<variant>/`` (the pretraining runs), templates,
 segmentation runs (``seg_<variant>_<k>shot_<test set>``), evaluation folders (``eval_...``, for
-``atlasreg report``), ``symmetric_hd95.csv`` (per case and structure: Dice, atlasreg's HD95 = the maximum
-of the two directed 95th percentiles, and Eq. 16's = their mean), ``summary.md`` (means per structure)
+``atlasreg report``), ``symmetric_hd95.csv`` (per case and structure, from the evaluation folders: Dice,
+atlasreg's HD95 = the maximum of the two directed 95th percentiles, and Eq. 16's ``hd95_avg`` = their
+mean), ``summary.md`` (means per structure),
 ``figures/`` (:func:`make_figures`: the learned atlas with the templates, best / median / worst
 propagated cases) and ``timings.yaml``: the wall seconds of every step, the seconds per training step of each stage
 measured from the run's TensorBoard log, and the estimated pretraining time of the config's schedule
@@ -127,34 +128,27 @@ def estimate(full: dict, measured: dict[str, float]) -> dict:
     return {"stages": rows, "hours": total / 3600.0}
 
 
-def symmetric_rows(seg: Path, references: dict[str, Path], labels: dict[int, str], merge: dict | None,
-                   variant: str, shots: int, test_set: str, output: str = "onepass") -> list[dict]:
-    """Per case and structure of the ``<output>_labelmap`` of every case folder of `seg`: Dice,
-    atlasreg's HD95 and Eq. 16's symmetric HD95 (pixels; the PNGs store no spacing)."""
-    import SimpleITK as sitk
+def evaluated(evaluation: Path) -> bool:
+    """Whether `evaluation` is a complete ``atlasreg evaluate`` folder with Eq. 16's ``hd95_avg`` column
+    (folders written before that column existed are evaluated again)."""
+    from atlasreg.contracts import METRICS_PER_CASE
 
-    from atlasreg.contracts import find_labelmap
-    from atlasreg.evaluation.metrics import segmentation_metrics, symmetric_hd95
+    path = evaluation / METRICS_PER_CASE
+    if not path.is_file():
+        return False
+    with open(path, newline="") as f:
+        return "hd95_avg" in next(csv.reader(f), [])
 
-    rows = []
-    for case_dir in sorted(p for p in seg.iterdir() if p.is_dir()):
-        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(find_labelmap(case_dir, output))))
-        reference_image = sitk.ReadImage(str(references[case_dir.name]))
-        reference = sitk.GetArrayFromImage(reference_image)
-        values = dict(labels)
-        if merge:
-            (target, sources), = merge.items()
-            prediction = np.where(np.isin(prediction, [target, *sources]), target, 0)
-            reference = np.where(np.isin(reference, [target, *sources]), target, 0)
-            values = {0: labels[0], target: "lungs"}
-        spacing = reference_image.GetSpacing()
-        standard = segmentation_metrics(prediction, reference, list(values), spacing)
-        paper = symmetric_hd95(prediction, reference, list(values), spacing)
-        for value, name in list(values.items())[1:]:
-            rows.append({"variant": variant, "shots": shots, "test_set": test_set, "case": case_dir.name,
-                         "structure": name, "dice": standard[value]["dice"], "hd95": standard[value]["hd95"],
-                         "hd95_symmetric": paper[value]})
-    return rows
+
+def symmetric_rows(evaluation: Path, variant: str, shots: int, test_set: str, output: str = "onepass") -> list[dict]:
+    """Per case and structure of the ``<output>`` rows of the ``atlasreg evaluate`` folder `evaluation`:
+    Dice, atlasreg's HD95 (the maximum of the two directed 95th percentiles) and Eq. 16's symmetric HD95
+    (``hd95_avg``: their mean), in pixels (the PNGs store no spacing)."""
+    from atlasreg.contracts import read_metrics_per_case
+
+    return [{"variant": variant, "shots": shots, "test_set": test_set, "case": r["case"],
+             "structure": r["structure"], "dice": r["dice"], "hd95": r["hd95"], "hd95_avg": r["hd95_avg"]}
+            for r in read_metrics_per_case(evaluation) if r["method"] == output]
 
 
 def summary_markdown(rows: list[dict]) -> str:
@@ -168,7 +162,7 @@ def summary_markdown(rows: list[dict]) -> str:
             values = [g[key] for g in group if np.isfinite(g[key])]
             return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "n/a"
         lines.append(f"| {variant} | {shots} | {test_set} | {structure} | {len(group)} | {mean('dice')} | "
-                     f"{mean('hd95')} | {mean('hd95_symmetric')} |")
+                     f"{mean('hd95')} | {mean('hd95_avg')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,7 +243,6 @@ def main() -> None:
         run_dir = out / variant
         overrides = [*sets, *extra]
         config = load_config(CONFIG, parse_set(overrides))
-        labels = config["data"]["labels"]
         checkpoint = run_dir / "model.ckpt"
         argv = ["deepatlas", "pretrain", CONFIG, "--out", run_dir, "--quiet"]
         timings["steps"][f"pretrain {variant}"] = run(*argv, *[a for s in overrides for a in ("--set", s)])
@@ -263,17 +256,17 @@ def main() -> None:
             for test_set, (pairs, merge) in tests.items():
                 seg = out / f"seg_{variant}_{k}shot_{test_set}"
                 evaluation = out / f"eval_{variant}_{k}shot_{test_set}"
-                if not evaluation.is_dir():
-                    timings["steps"][f"propagate {variant} {k}-shot {test_set}"] = run(
-                        "deepatlas", "propagate", *[p.image for p in pairs], "--checkpoint", checkpoint,
-                        "--template", template, "--out", seg, "--quiet")
+                if not evaluated(evaluation):
+                    if not evaluation.is_dir():
+                        timings["steps"][f"propagate {variant} {k}-shot {test_set}"] = run(
+                            "deepatlas", "propagate", *[p.image for p in pairs], "--checkpoint", checkpoint,
+                            "--template", template, "--out", seg, "--quiet")
                     label = "DeepATLAS" if variant == "deepatlas" else f"DeepATLAS {variant}"
                     run("evaluate", seg, "--references", pairs[0].label.parent, "--checkpoint", checkpoint,
                         "--test-set", TEST_SET_NAMES[test_set],
                         "--label", f"{label} {k}-shot", *(["--merge", "255=1,2"] if merge else []),
-                        "--out", evaluation, "--quiet")
-                rows += symmetric_rows(seg, {p.name: p.label for p in pairs}, labels,
-                                       merge, variant, k, test_set)
+                        "--out", evaluation, "--quiet", "--overwrite")
+                rows += symmetric_rows(evaluation, variant, k, test_set)
         if variant == "deepatlas":
             measured = seconds_per_step(run_dir, config)
             full = load_config(CONFIG)
