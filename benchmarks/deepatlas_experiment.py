@@ -223,6 +223,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", default="runs/deepatlas_experiment")
     parser.add_argument("--ablations", action="store_true", help="also the explicit-only, implicit-only and MSE runs")
+    parser.add_argument("--variants", help="comma-separated subset of deepatlas," + ",".join(ABLATIONS) +
+                        " to run (default: deepatlas, and the ablations with --ablations); two processes may "
+                        "run different variants into one RUN_DIR, and a last run of all of them gathers the tables")
     parser.add_argument("--shots", default="1,5", help="labelled JSRT training cases per template")
     parser.add_argument("--cases", type=int, help="only the first N cases of each test set")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -239,6 +242,12 @@ def main() -> None:
     timings: dict = {"steps": {}}
     rows: list[dict] = []
     variants = {"deepatlas": [], **(ABLATIONS if args.ablations else {})}
+    if args.variants:
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = sorted(set(chosen) - {"deepatlas", *ABLATIONS})
+        if unknown:
+            sys.exit(f"unknown variant(s) {unknown}; expected some of {['deepatlas', *ABLATIONS]}")
+        variants = {v: ([] if v == "deepatlas" else ABLATIONS[v]) for v in chosen}
     for variant, extra in variants.items():
         run_dir = out / variant
         overrides = [*sets, *extra]
@@ -279,10 +288,13 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     (out / "summary.md").write_text(summary_markdown(rows))
-    (out / "timings.yaml").write_text(yaml.safe_dump(timings, sort_keys=False))
+    (out / ("timings.yaml" if "deepatlas" in variants else f"timings_{'_'.join(variants)}.yaml")).write_text(
+        yaml.safe_dump(timings, sort_keys=False))
     for path in make_figures(out, out / "deepatlas", shots, tests, rows):
         print(f"figure: {path}")
     print(summary_markdown(rows))
+    if "full_schedule_estimate" not in timings:
+        return
     est, paper = timings["full_schedule_estimate"], timings["paper_schedule_estimate"]
     print(f"pretraining at the measured seconds per step: the schedule of {CONFIG.name} about {est['hours']:.1f} h, "
           f"the paper's (20,000 + 5 x 7,500 steps) about {paper['hours']:.1f} h at batch size "

@@ -950,3 +950,17 @@ def test_command_line_warnings_show_once_in_one_line(capsys):
     _show_warning("another", RuntimeWarning, "/x.py", 3)
     assert capsys.readouterr().err == ("atlasreg: warning: deprecated: use that instead\n"
                                        "atlasreg: warning: another\n")
+
+
+def test_merge_option_takes_several_targets_separated_or_repeated():
+    from atlasreg.cli import _parse_merge
+    from atlasreg.errors import AtlasregError
+
+    assert _parse_merge(None) is None and _parse_merge([]) is None
+    assert _parse_merge(["255=1,2"]) == {255: [1, 2]}
+    assert _parse_merge(["101=1,21;102=2,22"]) == _parse_merge(["101=1,21", "102=2,22"]) == {101: [1, 21],
+                                                                                            102: [2, 22]}
+    with pytest.raises(AtlasregError, match="target 101 is given twice"):
+        _parse_merge(["101=1,21", "101=2"])
+    with pytest.raises(AtlasregError, match="'102=b'"):
+        _parse_merge(["101=1;102=b"])

@@ -142,6 +142,26 @@ def test_merge_option(tmp_path):
         evaluate_predictions(tmp_path / "pred", refs, labels, tmp_path / "out2")
 
 
+def test_merge_of_several_targets_groups_hemispheres(tmp_path):
+    """Left/right structures grouped (the mouse brain's 20 structures from 40 labels): each target merges
+    its own sources, named by them, and a structure split between hemispheres scores as one."""
+    labels = {0: "background", 1: "left A", 2: "right A", 3: "left B", 4: "right B"}
+    reference = np.zeros((32, 32), dtype=np.uint8)
+    reference[4:12, 4:12], reference[4:12, 20:28] = 1, 2       # A: one square a hemisphere
+    reference[18:26, 4:12], reference[18:26, 20:28] = 3, 4     # B
+    prediction = reference.copy()
+    prediction[4:12, 4:12] = 2                                 # A's left half labelled right: A grouped is exact
+    prediction[18:26, 20:28] = 0                               # B's right half missed
+    refs = {"c": write(tmp_path / "ref.png", reference)}
+    write(tmp_path / "pred" / "c" / "itn_labelmap.png", prediction)
+    per_case, _ = evaluate_predictions(tmp_path / "pred", refs, labels, tmp_path / "out",
+                                       merge={101: [1, 2], 102: [3, 4]})
+    rows = {r["structure"]: r for r in read_csv(per_case)}
+    assert set(rows) == {"left A+right A", "left B+right B"}
+    assert float(rows["left A+right A"]["dice"]) == pytest.approx(1.0)
+    assert float(rows["left B+right B"]["dice"]) == pytest.approx(2 * 64 / (64 + 128))
+
+
 def test_nifti_3d_with_spacing(tmp_path):
     ref = np.zeros((12, 16, 16), dtype=np.uint8)
     ref[3:9, 4:10, 4:10] = 1

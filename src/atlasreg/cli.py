@@ -129,14 +129,25 @@ def _config_from(args) -> dict:
     raise AtlasregError("evaluate needs --config or --checkpoint to know the declared labels")
 
 
-def _parse_merge(text: str | None) -> dict[int, list[int]] | None:
-    if not text:
+def _parse_merge(texts: list[str] | str | None) -> dict[int, list[int]] | None:
+    """``--merge`` values (each ``TARGET=A,B``, several separated by ';' or given as repeated options) as
+    ``{target: [sources]}``; None for none. AtlasregError for a malformed item or a target given twice."""
+    if not texts:
         return None
-    try:
-        target, sources = text.split("=")
-        return {int(target): [int(s) for s in sources.split(",")]}
-    except ValueError:
-        raise AtlasregError(f"--merge expects TARGET=A,B (e.g. 255=1,2), got '{text}'") from None
+    merge: dict[int, list[int]] = {}
+    for item in [t.strip() for text in ([texts] if isinstance(texts, str) else texts) for t in text.split(";")]:
+        if not item:
+            continue
+        try:
+            target, sources = item.split("=")
+            key, values = int(target), [int(s) for s in sources.split(",")]
+        except ValueError:
+            raise AtlasregError(f"--merge expects TARGET=A,B (e.g. 255=1,2; several separated by ';'), "
+                                f"got '{item}'") from None
+        if key in merge:
+            raise AtlasregError(f"--merge: target {key} is given twice")
+        merge[key] = values
+    return merge or None
 
 
 def _evaluation_info(config: dict, args, references: dict) -> dict:
@@ -371,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="checkpoint whose config declares the labels (default: the one "
                    f"the predictions' {SEGMENT_INFO} names)")
     e.add_argument("--config", help="config that declares the labels")
-    e.add_argument("--merge", help="merge labels before evaluating, e.g. 255=1,2 (lungs)")
+    e.add_argument("--merge", action="append", help="merge labels before evaluating, e.g. 255=1,2 (lungs); several "
+                   "targets separated by ';' or as repeated options, e.g. 101=1,21;102=2,22 (hemispheres grouped)")
     e.add_argument("--out", required=True, help=f"folder for {METRICS_PER_CASE} and summary tables")
     e.add_argument("--test-set", help="name of the test set in the report (default: the predictions folder)")
     e.add_argument("--label", help="name of the model in the report (default: from its config, e.g. "
