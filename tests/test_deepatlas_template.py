@@ -53,6 +53,32 @@ def test_template_from_one_case_reproduces_it_and_segments_another(size):
     assert dice(propagate(M, c2, threshold=0.5), m2) > (0.95 if len(size) == 2 else 0.92)
 
 
+def test_template_is_the_direct_solution_of_the_regularised_normal_equations():
+    """The preconditioned conjugate gradients reach the minimiser of Eq. 14 + lambda ||grad M||^2: the
+    dense normal equations (W^T w W + lambda G^T G) M = W^T w m, W the linear sampling at c (built column
+    by column from unit images), G the forward differences, solved directly; a template larger than
+    the exam has voxels no exam reaches (continued by the membrane term alone)."""
+    from atlasreg.deepatlas.coordinates import sample_at
+
+    size, template = (6, 5), (12, 10)
+    c = coordinate_map(size, 0.7, 0.2, 0.02, 0.03)
+    m = structure(c)
+    weights = torch.rand(1, 1, *size, generator=torch.Generator().manual_seed(0)) + 0.5
+    smoothness = 1e-2
+    n = template[0] * template[1]
+    W = torch.stack([sample_at(torch.eye(n)[j].view(1, 1, *template), c).flatten() for j in range(n)], 1)
+    membrane = torch.zeros(n, n)    # G^T G, G the forward differences along each axis
+    for axis in range(2):
+        G = torch.stack([torch.diff(torch.eye(n)[j].view(1, 1, *template), dim=2 + axis).flatten()
+                         for j in range(n)], 1)
+        membrane += G.T @ G
+    w = weights.flatten()
+    A = W.T @ (w[:, None] * W) + smoothness * membrane
+    expected = torch.linalg.solve(A.double(), (W.T @ (w * m.flatten())).double())
+    M = template_mask(c, m, template, weights=weights, smoothness=smoothness, tol=1e-7)
+    assert float((M.flatten().double() - expected).abs().max()) < 1e-4
+
+
 def test_few_shot_template_and_several_structures():
     size = (32, 30)
     maps = torch.cat([coordinate_map(size, 0.7, 0.2, 0.02, 0.03), coordinate_map(size, 0.75, -0.1, -0.03, 0.02)])

@@ -26,7 +26,7 @@ Choices where the paper is not explicit:
   voxels, lambda = 1e-3 by default) makes the solution unique: where exams give data it is Eq. 14's
   fit, elsewhere M is continued smoothly (harmonically) from the data. The system is symmetric
   positive definite and solved by conjugate gradients (matrix-free, the adjoint of the linear sampling
-  by autograd), to a relative residual of ``tol``.
+  by autograd) with a Jacobi preconditioner (the operator's row sums), to a relative residual of ``tol``.
 * *Paper's cohort*: 5.2.7 builds M from every labelled training exam; the same function takes one
   exam (one-shot) or a few.
 * *Binarisation*: masks are used as given (binary, or soft in [0, 1]); :func:`propagate` thresholds
@@ -100,21 +100,28 @@ def template_mask(c: torch.Tensor, masks: torch.Tensor, size: Sequence[int], wei
         return grad
 
     b = adjoint(w * m)
+    # Jacobi (lumped) preconditioner: the row sums of W^T w W are the splatted weights W^T w (linear
+    # interpolation weights sum to 1), plus the membrane's diagonal, lambda x 2 per axis. Without it the
+    # system's scale differs by 1 / lambda between voxels the exams reach and those they do not, and a
+    # 3D template of 64 x 96 x 80 voxels needed hundreds of iterations instead of tens (measured).
+    diagonal = (adjoint(w.expand_as(m[:, :1]).expand_as(m)) + 2.0 * d * smoothness).clamp_min(smoothness)
     x = torch.zeros_like(b)
     r = b.clone()
-    p = r.clone()
-    rr = (r * r).sum()
+    z = r / diagonal
+    p = z.clone()
+    rz = (r * z).sum()
     stop = (tol * torch.sqrt((b * b).sum())) ** 2
     for _ in range(max_iterations):
-        if rr <= stop:
+        if (r * r).sum() <= stop:
             break
         Ap = operator(p)
-        alpha = rr / (p * Ap).sum()
+        alpha = rz / (p * Ap).sum()
         x = x + alpha * p
         r = r - alpha * Ap
-        rr_new = (r * r).sum()
-        p = r + (rr_new / rr) * p
-        rr = rr_new
+        z = r / diagonal
+        rz_new = (r * z).sum()
+        p = z + (rz_new / rz) * p
+        rz = rz_new
     return x.detach()
 
 
