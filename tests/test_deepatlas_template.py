@@ -53,6 +53,21 @@ def test_template_from_one_case_reproduces_it_and_segments_another(size):
     assert dice(propagate(M, c2, threshold=0.5), m2) > (0.95 if len(size) == 2 else 0.92)
 
 
+@pytest.mark.parametrize("size, template", [((7, 9), (5, 6)), ((4, 5, 6), (6, 3, 5))])
+def test_sparse_sampling_matrix_is_sample_at(size, template):
+    """The explicit sampling matrix of the template solver applies the same corner-aligned linear
+    interpolation with border padding as sample_at (grid_sample), also at coordinates outside [-1, 1]."""
+    from atlasreg.deepatlas.coordinates import sample_at
+    from atlasreg.deepatlas.template import _sampling_matrix
+
+    g = torch.Generator().manual_seed(1)
+    c = 1.3 * (2 * torch.rand(2, len(size), *size, generator=g) - 1)   # some points outside the template
+    x = torch.randn(1, 1, *template, generator=g)
+    W = _sampling_matrix(c, template)
+    expected = sample_at(x, c).flatten()
+    assert float((torch.sparse.mm(W, x.reshape(-1, 1)).flatten() - expected).abs().max()) < 1e-5
+
+
 def test_template_is_the_direct_solution_of_the_regularised_normal_equations():
     """The preconditioned conjugate gradients reach the minimiser of Eq. 14 + lambda ||grad M||^2: the
     dense normal equations (W^T w W + lambda G^T G) M = W^T w m, W the linear sampling at c (built column

@@ -25,8 +25,11 @@ Choices where the paper is not explicit:
   to other exams. A small membrane term ``lambda ||grad M||^2`` (forward differences in template
   voxels, lambda = 1e-3 by default) makes the solution unique: where exams give data it is Eq. 14's
   fit, elsewhere M is continued smoothly (harmonically) from the data. The system is symmetric
-  positive definite and solved by conjugate gradients (matrix-free, the adjoint of the linear sampling
-  by autograd) with a Jacobi preconditioner (the operator's row sums), to a relative residual of ``tol``.
+  positive definite and solved by conjugate gradients with a Jacobi preconditioner (the operator's
+  row sums), to a relative residual of ``tol``, the sampling as an explicit sparse matrix. Measured on
+  a 3D template of 64 x 96 x 80 voxels from a 32 x 48 x 40 exam on one shared CPU thread: 4 labels
+  68.5 s with plain CG through grid_sample's autograd, 13.9 s preconditioned, 4.7 s with the sparse
+  matrix; 41 labels (the mouse brain) 299 s preconditioned, 79 s sparse.
 * *Paper's cohort*: 5.2.7 builds M from every labelled training exam; the same function takes one
   exam (one-shot) or a few.
 * *Binarisation*: masks are used as given (binary, or soft in [0, 1]); :func:`propagate` thresholds
@@ -38,6 +41,7 @@ Choices where the paper is not explicit:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -58,9 +62,48 @@ def _check_maps(c: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor | No
     return d
 
 
-def _membrane(M: torch.Tensor) -> torch.Tensor:
-    """sum of squared forward differences of M along every spatial axis (template voxels)."""
-    return sum(torch.diff(M, dim=k).pow(2).sum() for k in range(2, M.dim()))
+def _sampling_matrix(c: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The linear sampling at the coordinate maps c (N, D, *S) of a template of `size` (array order) as a
+    sparse matrix W (N * prod(S), prod(size)), 2^D entries a row: ``W @ x.reshape(-1)`` equals
+    :func:`~atlasreg.deepatlas.coordinates.sample_at` ``(x, c)`` (corner-aligned, border padding),
+    flattened; x of one channel. Built explicitly (rather than through grid_sample's autograd) because
+    Eq. 14's solver applies W and its transpose to 41-channel 3D templates hundreds of times: a sparse
+    product is several times faster than grid_sample's backward pass (atomic adds)."""
+    n, d = c.shape[:2]
+    pts = c.detach().movedim(1, -1).reshape(-1, d).double()             # ITK order: component k = x, y, z
+    extent = torch.tensor([float(v) for v in size[::-1]], dtype=torch.float64, device=c.device)
+    p = ((pts + 1.0) / 2.0 * (extent - 1.0)).clamp(min=0.0).minimum(extent - 1.0)   # border padding
+    i0 = p.floor().minimum(extent - 2.0)
+    f = (p - i0).float()
+    i0 = i0.long()
+    strides = [math.prod(size[d - k:]) for k in range(d)]               # component k: array axis d - 1 - k
+    rows = torch.arange(pts.shape[0], device=c.device)
+    all_rows, all_cols, all_values = [], [], []
+    for corner in range(2 ** d):
+        bits = [(corner >> k) & 1 for k in range(d)]
+        col = sum((i0[:, k] + bits[k]) * strides[k] for k in range(d))
+        value = torch.ones_like(f[:, 0])
+        for k in range(d):
+            value = value * (f[:, k] if bits[k] else 1.0 - f[:, k])
+        all_rows.append(rows)
+        all_cols.append(col)
+        all_values.append(value)
+    indices = torch.stack([torch.cat(all_rows), torch.cat(all_cols)])
+    shape = (pts.shape[0], math.prod(size))
+    return torch.sparse_coo_tensor(indices, torch.cat(all_values).to(c.dtype), shape,
+                                   check_invariants=False).coalesce()   # indices in range by construction
+
+
+def _membrane_gradient(X: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """G^T G X for X (prod(size), K): the gradient of 0.5 sum of squared forward differences along every
+    axis of the template (template voxels)."""
+    grid = X.reshape(*size, X.shape[1])
+    out = torch.zeros_like(grid)
+    for axis in range(len(size)):
+        diff = torch.diff(grid, dim=axis)
+        out.narrow(axis, 0, size[axis] - 1).sub_(diff)
+        out.narrow(axis, 1, size[axis] - 1).add_(diff)
+    return out.reshape(X.shape)
 
 
 def template_mask(c: torch.Tensor, masks: torch.Tensor, size: Sequence[int], weights: torch.Tensor | None = None,
@@ -71,9 +114,9 @@ def template_mask(c: torch.Tensor, masks: torch.Tensor, size: Sequence[int], wei
     structures' masks in [0, 1]. size: the template grid (array order), usually the atlas's. weights:
     optional (N or 1, 1, *S) voxel weights of the exams. smoothness: lambda of the membrane term
     (> 0). Returns M (1, K, *size), float, detached; near a mask's edges its values overshoot [0, 1]
-    (a least-squares fit of a step by linear interpolation). Solved by conjugate gradients to a
-    residual below ``tol`` times the right-hand side's (``max_iterations`` at most). Raises ValueError
-    for malformed inputs or smoothness <= 0.
+    (a least-squares fit of a step by linear interpolation). Solved by conjugate gradients with a
+    Jacobi preconditioner to a residual below ``tol`` times the right-hand side's (``max_iterations``
+    at most). Raises ValueError for malformed inputs or smoothness <= 0.
     """
     d = _check_maps(c, masks, weights)
     size = tuple(int(n) for n in size)
@@ -83,28 +126,23 @@ def template_mask(c: torch.Tensor, masks: torch.Tensor, size: Sequence[int], wei
         raise ValueError(f"smoothness must be > 0, got {smoothness}")
     c = c.detach()
     dtype = c.dtype if c.is_floating_point() else torch.float32
-    m = masks.detach().to(dtype)
-    w = torch.ones_like(m[:, :1]) if weights is None else weights.detach().to(dtype).expand_as(m[:, :1])
+    k = masks.shape[1]
+    m = masks.detach().to(dtype).movedim(1, -1).reshape(-1, k)          # (N * prod(S), K)
+    w = (torch.ones(m.shape[0], 1, dtype=dtype, device=c.device) if weights is None else
+         weights.detach().to(dtype).expand(c.shape[0], 1, *c.shape[2:]).movedim(1, -1).reshape(-1, 1))
+    W = _sampling_matrix(c.to(dtype), size)
+    Wt = W.t().coalesce().to_sparse_csr()
+    W = W.to_sparse_csr()
 
-    def adjoint(v: torch.Tensor) -> torch.Tensor:  # W^T v: sampling's adjoint (splatting), by autograd
-        probe = torch.zeros((1, m.shape[1], *size), dtype=dtype, device=c.device, requires_grad=True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(sample_at(probe, c), probe, grad_outputs=v)
-        return grad
+    def operator(X: torch.Tensor) -> torch.Tensor:  # (W^T w W + lambda G^T G) X
+        return torch.sparse.mm(Wt, w * torch.sparse.mm(W, X)) + smoothness * _membrane_gradient(X, size)
 
-    def operator(x: torch.Tensor) -> torch.Tensor:  # (W^T w W + lambda G^T G) x
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            quad = 0.5 * (w * sample_at(x, c).pow(2)).sum() + 0.5 * smoothness * _membrane(x)
-            (grad,) = torch.autograd.grad(quad, x)
-        return grad
-
-    b = adjoint(w * m)
+    b = torch.sparse.mm(Wt, w * m)                                      # (prod(size), K)
     # Jacobi (lumped) preconditioner: the row sums of W^T w W are the splatted weights W^T w (linear
     # interpolation weights sum to 1), plus the membrane's diagonal, lambda x 2 per axis. Without it the
     # system's scale differs by 1 / lambda between voxels the exams reach and those they do not, and a
     # 3D template of 64 x 96 x 80 voxels needed hundreds of iterations instead of tens (measured).
-    diagonal = (adjoint(w.expand_as(m[:, :1]).expand_as(m)) + 2.0 * d * smoothness).clamp_min(smoothness)
+    diagonal = (torch.sparse.mm(Wt, w) + 2.0 * d * smoothness).clamp_min(smoothness)
     x = torch.zeros_like(b)
     r = b.clone()
     z = r / diagonal
@@ -122,7 +160,7 @@ def template_mask(c: torch.Tensor, masks: torch.Tensor, size: Sequence[int], wei
         rz_new = (r * z).sum()
         p = z + (rz_new / rz) * p
         rz = rz_new
-    return x.detach()
+    return x.t().reshape(1, k, *size).contiguous()
 
 
 def propagate(template: torch.Tensor, c: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
