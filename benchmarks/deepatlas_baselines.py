@@ -15,9 +15,13 @@ atlasreg's), for three baselines:
   (fixed: the test image; moving: the labelled case; defaults: rigid -> affine -> SVF, LNCC), its
   ``warped_labels.nii.gz`` (on the fixed image's grid) evaluated as the case's ``onepass`` labelmap.
 
+``--experiment mouse``: the same baselines in 3D on the mouse brain (configs/mouse_brain.yaml and
+configs/variants/mouse_brain_unet.yaml trained on its first 1 or 5 training scans; registration of the
+first scan; the 4 validation scans, over 40 labels and with the hemispheres grouped; mm).
+
 Run by hand from the repository root; every step already done is skipped (a killed training resumes):
 
-    PYTHONPATH=src python benchmarks/deepatlas_baselines.py [RUN_DIR] [--shots 1,5] [--cases N]
+    PYTHONPATH=src python benchmarks/deepatlas_baselines.py [RUN_DIR] [--experiment chest|mouse] [--shots 1,5] [--cases N]
         [--methods unet,atlas_istn,registration] [--tiny]
 
 RUN_DIR (default runs/deepatlas_baselines) receives ``<method>_<k>shot/`` (training runs),
@@ -59,18 +63,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deepatlas_experiment import (JSRT_CONFIG, REPO, TEST_SET_NAMES, labelled_training, run,  # noqa: E402
-                                  evaluated, step_wall_times, summary_markdown, symmetric_rows,
-                                  test_sets)
+from deepatlas_experiment import (EXPERIMENTS, labelled_training, run, evaluated,  # noqa: E402
+                                  step_wall_times, summary_markdown, symmetric_rows, test_sets)
 
 from atlasreg.config import load_config  # noqa: E402
 from atlasreg.contracts import (REGISTERED_LABELS, case_labelmap_path, read_run_config,  # noqa: E402
                                 run_paths)
 from atlasreg.data.cases import pairs_from_spec  # noqa: E402
 
-#: method -> (config, name in the evaluation folders, outputs scored in symmetric_hd95.csv).
-LEARNED = {"unet": (REPO / "configs" / "variants" / "jsrt_unet.yaml", "U-Net", ("itn",)),
-           "atlas_istn": (JSRT_CONFIG, "Atlas-ISTN", ("itn", "onepass", "refine"))}
+#: method -> (its config in an experiment, name in the evaluation folders, outputs scored in
+#: symmetric_hd95.csv).
+LEARNED = {"unet": (lambda e: e.unet_config, "U-Net", ("itn",)),
+           "atlas_istn": (lambda e: e.labelled_config, "Atlas-ISTN", ("itn", "onepass", "refine"))}
 METHODS = (*LEARNED, "registration")
 #: Training epochs (= steps with 1-5 cases) of each learned baseline; see the module docstring.
 EPOCHS = 800
@@ -79,11 +83,12 @@ TINY_EPOCHS = 5
 TINY_REGISTER = ["--iterations", "5"]
 
 
-def schedule(epochs: int) -> list[str]:
-    """--set overrides training `epochs` epochs with the settings of configs/jsrt.yaml that are counted
-    in epochs scaled from its 300 epochs (fade-in e0 and tau, lr_halving_epochs), the atlas update rate
-    eta such that (1 - eta)^epochs = (1 - 0.01)^300, and no validation split."""
-    t = load_config(JSRT_CONFIG)["training"]
+def schedule(epochs: int, config_file: Path) -> list[str]:
+    """--set overrides training `epochs` epochs with the settings of `config_file` (configs/jsrt.yaml,
+    configs/mouse_brain.yaml) that are counted in epochs scaled from its own epochs (fade-in e0 and tau,
+    lr_halving_epochs), the atlas update rate eta such that (1 - eta)^epochs = (1 - eta_config)^epochs_config,
+    and no validation split."""
+    t = load_config(config_file)["training"]
     s = epochs / t["epochs"]
     eta = 1.0 - (1.0 - t["atlas_eta"]) ** (1.0 / s)
     return [f"training.epochs={epochs}",
@@ -130,7 +135,9 @@ def register_all(pairs, moving, out: Path, options: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", default="runs/deepatlas_baselines")
-    parser.add_argument("--shots", default="1,5", help="labelled JSRT training cases per model")
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="chest",
+                        help="chest: 2D chest X-rays (JSRT, Montgomery); mouse: 3D mouse brain MRI")
+    parser.add_argument("--shots", default="1,5", help="labelled training cases per model")
     parser.add_argument("--cases", type=int, help="only the first N cases of each test set")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--tiny", action="store_true", help="5 epochs and 4 test cases (a smoke run)")
@@ -143,19 +150,21 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         sys.exit(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
-    sets = schedule(TINY_EPOCHS if args.tiny else EPOCHS)
+    experiment = EXPERIMENTS[args.experiment]
+    sets = schedule(TINY_EPOCHS if args.tiny else EPOCHS, experiment.labelled_config)
 
-    training = labelled_training()        # the baselines learn from these labelled cases only
-    tests = test_sets(cases)
-    test_names = {p.name for pairs, _ in test_sets().values() for p in pairs}
+    training = labelled_training(experiment)        # the baselines learn from these labelled cases only
+    tests = test_sets(cases, experiment)
+    test_names = {p.name for t in test_sets(None, experiment).values() for p in t.pairs}
     timings: dict = {"epochs": TINY_EPOCHS if args.tiny else EPOCHS, "steps": {}, "seconds_per_step": {},
-                     "test_cases": {k: len(v[0]) for k, v in tests.items()}}
+                     "test_cases": {k: len(t.pairs) for k, t in tests.items()}}
     rows: list[dict] = []
     for method in methods:
         for k in (shots if method != "registration" else [k for k in shots if k == 1]):
             chosen = training[:k]
             if method in LEARNED:
-                config, name, outputs = LEARNED[method]
+                config_of, name, outputs = LEARNED[method]
+                config = config_of(experiment)
                 run_dir = out / f"{method}_{k}shot"
                 checkpoint = run_paths(run_dir).final_checkpoint
                 if not checkpoint.is_file():
@@ -167,22 +176,22 @@ def main() -> None:
                 timings["seconds_per_step"][f"{method} {k}-shot"] = seconds_per_step(run_dir)
             else:
                 name, outputs = "Registration", ("onepass",)
-            for test_set, (pairs, merge) in tests.items():
-                seg = out / f"seg_{method}_{k}shot_{test_set}"
+            for test_set, ts in tests.items():
+                seg = out / f"seg_{method}_{k}shot_{ts.seg or test_set}"
                 evaluation = out / f"eval_{method}_{k}shot_{test_set}"
                 if not evaluated(evaluation):
                     if method in LEARNED:  # `segment` skips the case folders already complete
                         timings["steps"][f"segment {method} {k}-shot {test_set}"] = run(
-                            "segment", *[p.image for p in pairs], "--checkpoint", checkpoint, "--out", seg,
+                            "segment", *[p.image for p in ts.pairs], "--checkpoint", checkpoint, "--out", seg,
                             "--quiet")
                         source = ["--checkpoint", checkpoint]
                     else:
                         timings["steps"][f"register {k}-shot {test_set}"] = register_all(
-                            pairs, chosen[0], seg, TINY_REGISTER if args.tiny else [])
-                        source = ["--config", JSRT_CONFIG]
-                    run("evaluate", seg, "--references", pairs[0].label.parent, *source,
-                        "--test-set", TEST_SET_NAMES[test_set], "--label", f"{name} {k}-shot",
-                        *(["--merge", "255=1,2"] if merge else []), "--out", evaluation, "--quiet", "--overwrite")
+                            ts.pairs, chosen[0], seg, TINY_REGISTER if args.tiny else [])
+                        source = ["--config", experiment.labelled_config]
+                    run("evaluate", seg, "--references", ts.pairs[0].label.parent, *source,
+                        "--test-set", ts.title, "--label", f"{name} {k}-shot",
+                        *(["--merge", ts.merge] if ts.merge else []), "--out", evaluation, "--quiet", "--overwrite")
                 for output in outputs:
                     variant = method if method == "registration" else f"{method} {output}"
                     rows += symmetric_rows(evaluation, variant, k, test_set, output=output)
@@ -190,12 +199,12 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = summary_markdown(rows)
+    summary = summary_markdown(rows, experiment.unit)
     (out / "summary.md").write_text(summary)
     (out / "timings.yaml").write_text(yaml.safe_dump(timings, sort_keys=False))
     print(summary)
-    print("Atlas-ISTN trained on all 158 JSRT training cases: docs/results.md, "
-          "'JSRT chest X-rays and Montgomery (issues 2 and 3)'")
+    print("Atlas-ISTN trained on all the training cases: docs/results.md, 'JSRT chest X-rays and Montgomery "
+          "(issues 2 and 3)' and 'Mouse brain: Atlas-ISTN trained'")
 
 
 if __name__ == "__main__":

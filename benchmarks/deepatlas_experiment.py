@@ -5,10 +5,16 @@ split (right lung, left lung, heart) and to Montgomery (lungs: labels 1 and 2 me
 evaluate` folders (Dice, HD95 per structure), the paper's symmetric HD95 (Eq. 16) beside atlasreg's, and
 optionally the ablations of Table 5 (explicit-only, implicit-only, MSE instead of features; one-shot).
 
+``--experiment mouse``: the same in 3D (item 7's mouse brain): pretraining on the 14 images of the
+training split of configs/mouse_brain.yaml without their labelmaps (configs/deepatlas_mouse.yaml; the 4
+validation scans are NOT seen, unlike the chest run's ATLAS-ext setting), templates from its first 1
+and 5 labelled scans, propagation to the 4 validation scans, evaluated over the 40 labels (37 occur)
+and again with the hemispheres grouped (20 structures, :data:`HEMISPHERES_GROUPED`); distances in mm.
+
 Run by hand from the repository root; every step already done is skipped (pretraining resumes):
 
-    PYTHONPATH=src python benchmarks/deepatlas_experiment.py [RUN_DIR] [--ablations] [--shots 1,5]
-        [--cases N] [--set KEY=VALUE ...] [--tiny]
+    PYTHONPATH=src python benchmarks/deepatlas_experiment.py [RUN_DIR] [--experiment chest|mouse]
+        [--ablations | --variants V,...] [--shots 1,5] [--cases N] [--set KEY=VALUE ...] [--tiny]
 
 RUN_DIR (default runs/deepatlas_experiment) receives ``<variant>/`` (the pretraining runs), templates,
 segmentation runs (``seg_<variant>_<k>shot_<test set>``), evaluation folders (``eval_...``, for
@@ -33,7 +39,9 @@ import csv
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import yaml
@@ -49,8 +57,57 @@ from atlasreg.data.dataset import find_pairs  # noqa: E402
 CONFIG = REPO / "configs" / "deepatlas_chest.yaml"
 JSRT_CONFIG = REPO / "configs" / "jsrt.yaml"
 CHEST = REPO.parent / "shared" / "data" / "chest-xray"
-#: ``atlasreg evaluate --test-set`` names of the test sets of :func:`test_sets`.
-TEST_SET_NAMES = {"jsrt": "JSRT validation", "montgomery": "Montgomery (lungs)"}
+#: The mouse brain's 20 structures from its 40 labels: value 100 + i merges Left i and Right i + 20.
+HEMISPHERES_GROUPED = ";".join(f"{100 + i}={i},{i + 20}" for i in range(1, 21))
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """One test set: its ``atlasreg evaluate --test-set`` title, image/labelmap pairs, the ``--merge`` of
+    its evaluation (None: every declared label), and the key of the test set whose segmentation folders
+    it shares (None: its own; a second evaluation of the same images, e.g. the hemispheres grouped)."""
+
+    title: str
+    pairs: list
+    merge: str | None = None
+    seg: str | None = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A DeepATLAS experiment: the pretraining config; the Atlas-ISTN and U-Net configs whose training
+    split's first k cases are the labelled cases (templates and baselines); the test sets; the unit of
+    the distances (the PNGs store no spacing)."""
+
+    config: Path
+    labelled_config: Path
+    unet_config: Path
+    test_sets: Callable[[], dict[str, TestSet]]
+    unit: str
+
+
+def _chest_tests() -> dict[str, TestSet]:
+    """The JSRT validation split of configs/jsrt.yaml (39 cases; right lung, left lung, heart) and
+    Montgomery (110 cases; lungs, reference value 255 = our labels 1 and 2)."""
+    return {"jsrt": TestSet("JSRT validation", pairs_from_spec(load_config(JSRT_CONFIG)["data"]["validation"])),
+            "montgomery": TestSet("Montgomery (lungs)", find_pairs(CHEST / "montgomery" / "images",
+                                                                   CHEST / "montgomery" / "labels"), "255=1,2")}
+
+
+def _mouse_tests() -> dict[str, TestSet]:
+    """The validation split of configs/mouse_brain.yaml (4 scans), evaluated over all 40 labels (37
+    occur) and with the hemispheres grouped (20 structures; :data:`HEMISPHERES_GROUPED`)."""
+    pairs = pairs_from_spec(load_config(REPO / "configs" / "mouse_brain.yaml")["data"]["validation"])
+    return {"mouse": TestSet("mouse brain validation", pairs),
+            "mouse_grouped": TestSet("mouse brain validation, hemispheres grouped", pairs, HEMISPHERES_GROUPED,
+                                     seg="mouse")}
+
+
+EXPERIMENTS = {
+    "chest": Experiment(CONFIG, JSRT_CONFIG, REPO / "configs" / "variants" / "jsrt_unet.yaml", _chest_tests, "px"),
+    "mouse": Experiment(REPO / "configs" / "deepatlas_mouse.yaml", REPO / "configs" / "mouse_brain.yaml",
+                        REPO / "configs" / "variants" / "mouse_brain_unet.yaml", _mouse_tests, "mm"),
+}
 #: The ablations of Table 5 (Sec. 5.4): settings over the config.
 ABLATIONS = {"explicit_only": ["deepatlas.losses.implicit=false"],
              "implicit_only": ["deepatlas.losses.explicit=false"],
@@ -62,20 +119,26 @@ TINY = ["deepatlas.autoencoder.steps=5", "deepatlas.seed_steps=5", "deepatlas.st
         "deepatlas.head_warmup_steps=3", "deepatlas.lr_warmup_steps=1", "deepatlas.checkpoint_every=5"]
 
 
-def labelled_training() -> list:
-    """The JSRT training split of configs/jsrt.yaml (158 labelled cases, seeded 80%): the one-shot and
-    few-shot experiments take its first k cases."""
-    return pairs_from_spec(load_config(JSRT_CONFIG)["data"]["train"])
+def labelled_training(experiment: Experiment = EXPERIMENTS["chest"]) -> list:
+    """The training split of the experiment's labelled config (chest: configs/jsrt.yaml, 158 cases,
+    seeded 80%; mouse: configs/mouse_brain.yaml, 14 scans): the one- and few-shot runs take its first k
+    cases."""
+    return pairs_from_spec(load_config(experiment.labelled_config)["data"]["train"])
 
 
-def test_sets(cases: int | None = None) -> dict[str, tuple[list, dict | None]]:
-    """{test set: (its image/labelmap pairs, the label merge of `evaluate --merge` or None)}: the JSRT
-    validation split of configs/jsrt.yaml (39 cases; right lung, left lung, heart) and Montgomery (110
-    cases; lungs, reference value 255 = our labels 1 and 2); only the first `cases` of each if given."""
-    tests = {"jsrt": (pairs_from_spec(load_config(JSRT_CONFIG)["data"]["validation"]), None),
-             "montgomery": (find_pairs(CHEST / "montgomery" / "images", CHEST / "montgomery" / "labels"),
-                            {255: [1, 2]})}
-    return {k: (v[:cases] if cases else v, merge) for k, (v, merge) in tests.items()}
+def test_sets(cases: int | None = None, experiment: Experiment = EXPERIMENTS["chest"]) -> dict[str, TestSet]:
+    """The experiment's test sets (:class:`TestSet`), only the first `cases` of each if given."""
+    return {k: TestSet(t.title, t.pairs[:cases] if cases else t.pairs, t.merge, t.seg)
+            for k, t in experiment.test_sets().items()}
+
+
+def check_split(experiment: Experiment, tests: dict[str, TestSet]) -> None:
+    """Exit unless pretraining reads no image of a test set (by case name)."""
+    spec = dict(load_config(experiment.config)["data"]["train"], labels=None)
+    seen = {p.name for p in pairs_from_spec(spec, need_labels=False)}
+    leaked = sorted(seen & {p.name for t in tests.values() for p in t.pairs})
+    if leaked and experiment is not EXPERIMENTS["chest"]:   # chest: the paper's ATLAS-ext, by design
+        sys.exit(f"{experiment.config.name}: pretraining reads test images {leaked[:3]}")
 
 
 def run(*argv) -> float:
@@ -151,11 +214,11 @@ def symmetric_rows(evaluation: Path, variant: str, shots: int, test_set: str, ou
             for r in read_metrics_per_case(evaluation) if r["method"] == output]
 
 
-def summary_markdown(rows: list[dict]) -> str:
+def summary_markdown(rows: list[dict], unit: str = "px") -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["shots"], r["test_set"], r["structure"]), []).append(r)
-    lines = ["| Variant | Shots | Test set | Structure | n | Dice | HD95 (max, px) | HD95 Eq. 16 (mean, px) |",
+    lines = [f"| Variant | Shots | Test set | Structure | n | Dice | HD95 (max, {unit}) | HD95 Eq. 16 (mean, {unit}) |",
              "|---|---:|---|---|---:|---:|---:|---:|"]
     for (variant, shots, test_set, structure), group in groups.items():
         def mean(key):
@@ -164,6 +227,11 @@ def summary_markdown(rows: list[dict]) -> str:
         lines.append(f"| {variant} | {shots} | {test_set} | {structure} | {len(group)} | {mean('dice')} | "
                      f"{mean('hd95')} | {mean('hd95_avg')} |")
     return "\n".join(lines) + "\n"
+
+
+def _middle_slice(array: np.ndarray) -> np.ndarray:
+    """A 2D array as it is; a volume's middle slice along its first array axis."""
+    return array if array.ndim == 2 else array[array.shape[0] // 2]
 
 
 def make_figures(out: Path, run_dir: Path, shots: list[int], tests: dict, rows: list[dict]) -> list[Path]:
@@ -185,7 +253,7 @@ def make_figures(out: Path, run_dir: Path, shots: list[int], tests: dict, rows: 
     templates = [(k, template_paths(out / f"template_deepatlas_{k}shot").labelmap) for k in shots]
     templates = [(k, path) for k, path in templates if path.is_file()]
     if atlas_file.is_file():
-        atlas = sitk.GetArrayFromImage(sitk.ReadImage(str(atlas_file)))
+        atlas = _middle_slice(sitk.GetArrayFromImage(sitk.ReadImage(str(atlas_file))))
         fig = Figure(figsize=(3.2 * (1 + len(templates)), 3.6))
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, 1 + len(templates), squeeze=False)[0]
@@ -193,14 +261,17 @@ def make_figures(out: Path, run_dir: Path, shots: list[int], tests: dict, rows: 
                 (f"template, {k} labelled case{'s' if k > 1 else ''}", path) for k, path in templates]):
             ax.imshow(atlas, cmap="gray")
             if labelmap is not None:
-                template = sitk.GetArrayFromImage(sitk.ReadImage(str(labelmap)))
+                template = _middle_slice(sitk.GetArrayFromImage(sitk.ReadImage(str(labelmap))))
                 for value, colour in zip(sorted(set(np.unique(template)) - {0}), figures.OKABE_ITO.values()):
                     ax.contour(template == value, levels=[0.5], colors=colour, linewidths=1.2)
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
         fig.savefig(folder / "atlas_templates.png", dpi=120, bbox_inches="tight")
         written.append(folder / "atlas_templates.png")
-    for test_set, (pairs, _) in tests.items():
+    for test_set, ts in tests.items():
+        if ts.seg is not None:       # the same images as another test set: one figure
+            continue
+        pairs = ts.pairs
         seg = out / f"seg_deepatlas_1shot_{test_set}"
         per_case: dict[str, list[float]] = {}
         for r in rows:
@@ -222,6 +293,8 @@ def make_figures(out: Path, run_dir: Path, shots: list[int], tests: dict, rows: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", default="runs/deepatlas_experiment")
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="chest",
+                        help="chest: 2D chest X-rays (JSRT, Montgomery); mouse: 3D mouse brain MRI")
     parser.add_argument("--ablations", action="store_true", help="also the explicit-only, implicit-only and MSE runs")
     parser.add_argument("--variants", help="comma-separated subset of deepatlas," + ",".join(ABLATIONS) +
                         " to run (default: deepatlas, and the ablations with --ablations); two processes may "
@@ -237,8 +310,11 @@ def main() -> None:
     cases = args.cases if args.cases is not None else (4 if args.tiny else None)
     shots = [int(k) for k in args.shots.split(",")]
 
-    training = labelled_training()        # templates come from these labelled cases only
-    tests = test_sets(cases)
+    experiment = EXPERIMENTS[args.experiment]
+    config_file = experiment.config
+    training = labelled_training(experiment)        # templates come from these labelled cases only
+    tests = test_sets(cases, experiment)
+    check_split(experiment, tests)
     timings: dict = {"steps": {}}
     rows: list[dict] = []
     variants = {"deepatlas": [], **(ABLATIONS if args.ablations else {})}
@@ -251,9 +327,9 @@ def main() -> None:
     for variant, extra in variants.items():
         run_dir = out / variant
         overrides = [*sets, *extra]
-        config = load_config(CONFIG, parse_set(overrides))
+        config = load_config(config_file, parse_set(overrides))
         checkpoint = run_dir / "model.ckpt"
-        argv = ["deepatlas", "pretrain", CONFIG, "--out", run_dir, "--quiet"]
+        argv = ["deepatlas", "pretrain", config_file, "--out", run_dir, "--quiet"]
         timings["steps"][f"pretrain {variant}"] = run(*argv, *[a for s in overrides for a in ("--set", s)])
         for k in (shots if variant == "deepatlas" else [1]):
             template = out / f"template_{variant}_{k}shot"
@@ -262,43 +338,42 @@ def main() -> None:
                 timings["steps"][f"template {variant} {k}-shot"] = run(
                     "deepatlas", "template", "--checkpoint", checkpoint, "--images", *[p.image for p in chosen],
                     "--labels", *[p.label for p in chosen], "--out", template, "--quiet")
-            for test_set, (pairs, merge) in tests.items():
-                seg = out / f"seg_{variant}_{k}shot_{test_set}"
+            for test_set, ts in tests.items():
+                seg = out / f"seg_{variant}_{k}shot_{ts.seg or test_set}"
                 evaluation = out / f"eval_{variant}_{k}shot_{test_set}"
                 if not evaluated(evaluation):
-                    if not evaluation.is_dir():
+                    if not evaluation.is_dir() and not (ts.seg and (seg / "segment.yaml").is_file()):
                         timings["steps"][f"propagate {variant} {k}-shot {test_set}"] = run(
-                            "deepatlas", "propagate", *[p.image for p in pairs], "--checkpoint", checkpoint,
+                            "deepatlas", "propagate", *[p.image for p in ts.pairs], "--checkpoint", checkpoint,
                             "--template", template, "--out", seg, "--quiet")
                     label = "DeepATLAS" if variant == "deepatlas" else f"DeepATLAS {variant}"
-                    run("evaluate", seg, "--references", pairs[0].label.parent, "--checkpoint", checkpoint,
-                        "--test-set", TEST_SET_NAMES[test_set],
-                        "--label", f"{label} {k}-shot", *(["--merge", "255=1,2"] if merge else []),
-                        "--out", evaluation, "--quiet", "--overwrite")
+                    run("evaluate", seg, "--references", ts.pairs[0].label.parent, "--checkpoint", checkpoint,
+                        "--test-set", ts.title, "--label", f"{label} {k}-shot",
+                        *(["--merge", ts.merge] if ts.merge else []), "--out", evaluation, "--quiet", "--overwrite")
                 rows += symmetric_rows(evaluation, variant, k, test_set)
         if variant == "deepatlas":
             measured = seconds_per_step(run_dir, config)
-            full = load_config(CONFIG)
+            full = load_config(config_file)
             timings["seconds_per_step"] = measured
             timings["full_schedule_estimate"] = estimate(full, measured)
-            timings["paper_schedule_estimate"] = estimate(load_config(CONFIG, parse_set(PAPER)), measured)
-            timings["test_cases"] = {k: len(v[0]) for k, v in tests.items()}
+            timings["paper_schedule_estimate"] = estimate(load_config(config_file, parse_set(PAPER)), measured)
+            timings["test_cases"] = {k: len(t.pairs) for k, t in tests.items()}
     with open(out / "symmetric_hd95.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "summary.md").write_text(summary_markdown(rows))
+    (out / "summary.md").write_text(summary_markdown(rows, experiment.unit))
     (out / ("timings.yaml" if "deepatlas" in variants else f"timings_{'_'.join(variants)}.yaml")).write_text(
         yaml.safe_dump(timings, sort_keys=False))
     for path in make_figures(out, out / "deepatlas", shots, tests, rows):
         print(f"figure: {path}")
-    print(summary_markdown(rows))
+    print(summary_markdown(rows, experiment.unit))
     if "full_schedule_estimate" not in timings:
         return
     est, paper = timings["full_schedule_estimate"], timings["paper_schedule_estimate"]
-    print(f"pretraining at the measured seconds per step: the schedule of {CONFIG.name} about {est['hours']:.1f} h, "
+    print(f"pretraining at the measured seconds per step: the schedule of {config_file.name} about {est['hours']:.1f} h, "
           f"the paper's (20,000 + 5 x 7,500 steps) about {paper['hours']:.1f} h at batch size "
-          f"{load_config(CONFIG)['training']['batch_size']}")
+          f"{load_config(config_file)['training']['batch_size']}")
 
 
 if __name__ == "__main__":
