@@ -42,6 +42,7 @@ Choices where the paper is not explicit:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -131,8 +132,10 @@ def template_mask(c: torch.Tensor, masks: torch.Tensor, size: Sequence[int], wei
     w = (torch.ones(m.shape[0], 1, dtype=dtype, device=c.device) if weights is None else
          weights.detach().to(dtype).expand(c.shape[0], 1, *c.shape[2:]).movedim(1, -1).reshape(-1, 1))
     W = _sampling_matrix(c.to(dtype), size)
-    Wt = W.t().coalesce().to_sparse_csr()
-    W = W.to_sparse_csr()
+    with warnings.catch_warnings():   # "Sparse CSR tensor support is in beta state": CSR products are stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        Wt = W.t().coalesce().to_sparse_csr()
+        W = W.to_sparse_csr()
 
     def operator(X: torch.Tensor) -> torch.Tensor:  # (W^T w W + lambda G^T G) X
         return torch.sparse.mm(Wt, w * torch.sparse.mm(W, X)) + smoothness * _membrane_gradient(X, size)
