@@ -229,6 +229,35 @@ def summary_markdown(rows: list[dict], unit: str = "px") -> str:
     return "\n".join(lines) + "\n"
 
 
+def ablation_markdown(rows: list[dict], unit: str = "px") -> str:
+    """Each ablation against the full loss (variant ``deepatlas``, one-shot), per test set and
+    structure: the mean paired difference of Dice and of Eq. 16's HD95 over the cases, with the paired
+    Wilcoxon signed-rank p-value (scipy; cases with a NaN distance left out)."""
+    from scipy.stats import wilcoxon
+
+    table: dict[str, dict[tuple, tuple[float, float]]] = {}
+    for r in rows:
+        if r["shots"] == 1:
+            table.setdefault(r["variant"], {})[(r["test_set"], r["structure"], r["case"])] = (r["dice"], r["hd95_avg"])
+    full = table.get("deepatlas", {})
+    lines = [f"| Ablation | Test set | Structure | n | Dice - full | p | HD95 Eq. 16 - full ({unit}) | p |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for variant, values in table.items():
+        if variant == "deepatlas":
+            continue
+        for group in dict.fromkeys(k[:2] for k in values):
+            keys = [k for k in values if k[:2] == group and k in full]
+            cells = []
+            for i in range(2):
+                pairs = np.array([(full[k][i], values[k][i]) for k in keys], dtype=float)
+                pairs = pairs[np.isfinite(pairs).all(1)]
+                diff = pairs[:, 1] - pairs[:, 0]
+                p_value = wilcoxon(pairs[:, 0], pairs[:, 1]).pvalue if len(pairs) and diff.any() else float("nan")
+                cells += [f"{diff.mean():+.3f}" if len(diff) else "n/a", f"{p_value:.2g}"]
+            lines.append(f"| {variant} | {group[0]} | {group[1]} | {len(keys)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _middle_slice(array: np.ndarray) -> np.ndarray:
     """A 2D array as it is; a volume's middle slice along its first array axis."""
     return array if array.ndim == 2 else array[array.shape[0] // 2]
@@ -363,6 +392,8 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     (out / "summary.md").write_text(summary_markdown(rows, experiment.unit))
+    if len({r["variant"] for r in rows}) > 1:
+        (out / "ablations.md").write_text(ablation_markdown(rows, experiment.unit))
     (out / ("timings.yaml" if "deepatlas" in variants else f"timings_{'_'.join(variants)}.yaml")).write_text(
         yaml.safe_dump(timings, sort_keys=False))
     for path in make_figures(out, out / "deepatlas", shots, tests, rows):
