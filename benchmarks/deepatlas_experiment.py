@@ -291,7 +291,10 @@ def make_figures(out: Path, run_dir: Path, shots: list[int], tests: dict, rows: 
             ax.imshow(atlas, cmap="gray")
             if labelmap is not None:
                 template = _middle_slice(sitk.GetArrayFromImage(sitk.ReadImage(str(labelmap))))
-                for value, colour in zip(sorted(set(np.unique(template)) - {0}), figures.OKABE_ITO.values()):
+                values = sorted(set(np.unique(template)) - {0})   # more than 8 (the mouse brain's 40): cycled
+                palette = list(figures.OKABE_ITO.values())
+                for i, value in enumerate(values):
+                    colour = palette[i % len(palette)]
                     ax.contour(template == value, levels=[0.5], colors=colour, linewidths=1.2)
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
