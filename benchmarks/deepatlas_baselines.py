@@ -52,7 +52,6 @@ end in minutes. --cases N: the first N cases of each test set.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import statistics
@@ -63,8 +62,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deepatlas_experiment import (EXPERIMENTS, labelled_training, run, evaluated,  # noqa: E402
-                                  step_wall_times, summary_markdown, symmetric_rows, test_sets)
+from deepatlas_experiment import (EXPERIMENTS, add_common_arguments, evaluate, evaluated,  # noqa: E402
+                                  labelled_training, run, step_wall_times, symmetric_rows, test_sets,
+                                  write_tables)
 
 from atlasreg.config import load_config  # noqa: E402
 from atlasreg.contracts import (REGISTERED_LABELS, case_labelmap_path, read_run_config,  # noqa: E402
@@ -134,11 +134,7 @@ def register_all(pairs, moving, out: Path, options: list[str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", nargs="?", default="runs/deepatlas_baselines")
-    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="chest",
-                        help="chest: 2D chest X-rays (JSRT, Montgomery); mouse: 3D mouse brain MRI")
-    parser.add_argument("--shots", default="1,5", help="labelled training cases per model")
-    parser.add_argument("--cases", type=int, help="only the first N cases of each test set")
+    add_common_arguments(parser, "runs/deepatlas_baselines")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--tiny", action="store_true", help="5 epochs and 4 test cases (a smoke run)")
     args = parser.parse_args()
@@ -189,18 +185,11 @@ def main() -> None:
                         timings["steps"][f"register {k}-shot {test_set}"] = register_all(
                             ts.pairs, chosen[0], seg, TINY_REGISTER if args.tiny else [])
                         source = ["--config", experiment.labelled_config]
-                    run("evaluate", seg, "--references", ts.pairs[0].label.parent, *source,
-                        "--test-set", ts.title, "--label", f"{name} {k}-shot",
-                        *(["--merge", ts.merge] if ts.merge else []), "--out", evaluation, "--quiet", "--overwrite")
+                    evaluate(seg, ts, source, f"{name} {k}-shot", evaluation)
                 for output in outputs:
                     variant = method if method == "registration" else f"{method} {output}"
                     rows += symmetric_rows(evaluation, variant, k, test_set, output=output)
-    with open(out / "symmetric_hd95.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    summary = summary_markdown(rows, experiment.unit)
-    (out / "summary.md").write_text(summary)
+    summary = write_tables(out, rows, experiment.unit)
     (out / "timings.yaml").write_text(yaml.safe_dump(timings, sort_keys=False))
     print(summary)
     print("Atlas-ISTN trained on all the training cases: docs/results.md, 'JSRT chest X-rays and Montgomery "

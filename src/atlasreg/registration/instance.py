@@ -51,6 +51,11 @@ OPTIMISERS = ("adam", "lbfgs")
 Similarity = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+def per_level(iterations: int | Sequence[int], levels: Sequence[int]) -> tuple:
+    """`iterations` (one int for every level, or one per level) as a tuple of one value per level."""
+    return (iterations,) * len(levels) if isinstance(iterations, (int, np.integer)) else tuple(iterations)
+
+
 def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving_grid: Grid, *,
              similarity: Similarity, model: str = "svf", regulariser: str | None = "diffusion",
              lam: float = 0.0, levels: Sequence[int] = (4, 2, 1), iterations: int | Sequence[int] = 100,
@@ -112,7 +117,7 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
     levels = tuple(levels)
     if not levels or not all(isinstance(f, (int, np.integer)) and f >= 1 for f in levels):
         raise ValueError(f"levels must be positive integers (downsampling factors), got {levels!r}")
-    iterations = (iterations,) * len(levels) if isinstance(iterations, (int, np.integer)) else tuple(iterations)
+    iterations = per_level(iterations, levels)
     if len(iterations) != len(levels) or not all(isinstance(k, (int, np.integer)) and k >= 0 for k in iterations):
         raise ValueError(f"iterations must be an integer >= 0 or one per level {levels}, got {iterations!r}")
     if optimiser not in OPTIMISERS:

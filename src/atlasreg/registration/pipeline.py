@@ -139,7 +139,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
     similarity, images of different dimension, or a mask off its image's grid.
     """
     from ..losses.similarity import build_similarity
-    from .instance import optimise
+    from .instance import optimise, per_level
 
     stages = tuple(stages)
     if not stages or any(s not in STAGES for s in stages) or list(stages) != sorted(stages, key=STAGES.index):
@@ -200,8 +200,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
             kind = "affine" if stage == "affine" else model
             common = dict(similarity=similarity_fn, model=kind, regulariser=None if kind == "affine" else "diffusion",
                           lam=0.0 if kind == "affine" else lam, fixed_mask=fm_t, moving_mask=mm_t)
-            per_level = ((int(iterations),) * len(levels) if isinstance(iterations, (int, np.integer))
-                         else tuple(iterations))
+            its = per_level(iterations, levels)
             if stage == "affine" and result_stages and result_stages[-1]["stage"] == "rigid":
                 # The rigid search is a global heuristic; an affine fit from the field-of-view centres
                 # competes with it at the coarsest level (the chest X-rays of docs/results.md: the search
@@ -209,14 +208,14 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
                 current, history, extra = _best_affine_start(
                     current, centres_start(fixed_grid, moving_grid, f_t.device),
                     lambda start: optimise(f_t, fixed_grid, m_t, moving_grid, levels=levels[:1],
-                                           iterations=per_level[:1], initial=start, **common))
+                                           iterations=its[:1], initial=start, **common))
                 if len(levels) > 1:
                     current, finer = optimise(f_t, fixed_grid, m_t, moving_grid, levels=tuple(levels[1:]),
-                                              iterations=per_level[1:], initial=current, **common)
+                                              iterations=its[1:], initial=current, **common)
                     history = history + finer
             else:
                 current, history = optimise(f_t, fixed_grid, m_t, moving_grid, levels=tuple(levels),
-                                            iterations=per_level, initial=current, **common)
+                                            iterations=its, initial=current, **common)
         result_stages.append({"stage": stage, "seconds": time.perf_counter() - t0,
                               "similarity_first": history[0]["similarity"] if history else None,
                               "similarity_last": history[-1]["similarity"] if history else None, **extra})
