@@ -52,6 +52,7 @@ end in minutes. --cases N: the first N cases of each test set.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import statistics
@@ -62,8 +63,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deepatlas_experiment import (EXPERIMENTS, add_common_arguments, evaluate, evaluated,  # noqa: E402
-                                  labelled_training, run, step_wall_times, symmetric_rows, test_sets,
+from deepatlas_experiment import (EXPERIMENTS, ablation_markdown, add_common_arguments, evaluate,  # noqa: E402
+                                  evaluated, labelled_training, run, step_wall_times, symmetric_rows, test_sets,
                                   write_tables)
 
 from atlasreg.config import load_config  # noqa: E402
@@ -135,6 +136,8 @@ def register_all(pairs, moving, out: Path, options: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "runs/deepatlas_baselines")
+    parser.add_argument("--compare", type=Path, help="RUN_DIR of deepatlas_experiment.py: write comparison.md, "
+                        "DeepATLAS against each baseline with the same labelled cases (paired Wilcoxon)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--tiny", action="store_true", help="5 epochs and 4 test cases (a smoke run)")
     args = parser.parse_args()
@@ -190,6 +193,13 @@ def main() -> None:
                     variant = method if method == "registration" else f"{method} {output}"
                     rows += symmetric_rows(evaluation, variant, k, test_set, output=output)
     summary = write_tables(out, rows, experiment.unit)
+    if args.compare:
+        with open(args.compare / "symmetric_hd95.csv", newline="") as f:
+            theirs = [dict(r, shots=int(r["shots"]), **{k: float(r[k]) for k in ("dice", "hd95", "hd95_avg")})
+                      for r in csv.DictReader(f) if r["variant"] == "deepatlas"]
+        (out / "comparison.md").write_text("".join(
+            f"\n{k} labelled case(s), baseline - DeepATLAS:\n\n" + ablation_markdown(theirs + rows, experiment.unit,
+                                                                                   shots=k) for k in shots))
     (out / "timings.yaml").write_text(yaml.safe_dump(timings, sort_keys=False))
     print(summary)
     print("Atlas-ISTN trained on all the training cases: docs/results.md, 'JSRT chest X-rays and Montgomery "

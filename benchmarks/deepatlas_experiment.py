@@ -261,21 +261,22 @@ def summary_markdown(rows: list[dict], unit: str = "px") -> str:
     return "\n".join(lines) + "\n"
 
 
-def ablation_markdown(rows: list[dict], unit: str = "px") -> str:
-    """Each ablation against the full loss (variant ``deepatlas``, one-shot), per test set and
-    structure: the mean paired difference of Dice and of Eq. 16's HD95 over the cases, with the paired
-    Wilcoxon signed-rank p-value (scipy; cases with a NaN distance left out)."""
+def ablation_markdown(rows: list[dict], unit: str = "px", reference: str = "deepatlas", shots: int = 1) -> str:
+    """Every other variant against `reference` (default: each ablation against the full loss, one-shot),
+    per test set and structure, over the cases with `shots` labelled cases: the mean paired difference
+    (variant - reference) of Dice and of Eq. 16's HD95, with the paired Wilcoxon signed-rank p-value
+    (scipy; cases with a NaN distance left out)."""
     from scipy.stats import wilcoxon
 
     table: dict[str, dict[tuple, tuple[float, float]]] = {}
     for r in rows:
-        if r["shots"] == 1:
+        if r["shots"] == shots:
             table.setdefault(r["variant"], {})[(r["test_set"], r["structure"], r["case"])] = (r["dice"], r["hd95_avg"])
-    full = table.get("deepatlas", {})
-    lines = [f"| Ablation | Test set | Structure | n | Dice - full | p | HD95 Eq. 16 - full ({unit}) | p |",
+    full = table.get(reference, {})
+    lines = [f"| Variant | Test set | Structure | n | Dice - {reference} | p | HD95 Eq. 16 - {reference} ({unit}) | p |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for variant, values in table.items():
-        if variant == "deepatlas":
+        if variant == reference:
             continue
         for group in dict.fromkeys(k[:2] for k in values):
             keys = [k for k in values if k[:2] == group and k in full]
