@@ -28,10 +28,13 @@ Choices where the paper is not explicit:
   positive definite and solved by conjugate gradients with a Jacobi preconditioner (its diagonal),
   to a relative residual of ``tol``; the system matrix ``W^T w W + lambda G^T G`` is assembled once as
   a sparse matrix (:func:`_sampling_matrix`, :func:`_membrane_matrix`), so that the iterations do not
-  depend on the number of exam voxels (five native-resolution mouse scans: 5.7 M points). Measured on
-  a 3D template of 64 x 96 x 80 voxels from a 32 x 48 x 40 exam on one shared CPU thread: 4 labels
-  68.5 s with plain CG through grid_sample's autograd, 13.9 s preconditioned, 4.7 s sparse; 41 labels
-  (the mouse brain) 299 s preconditioned, 79 s sparse (most of it the CG's dense vector updates).
+  depend on the number of exam voxels (five native-resolution mouse scans: 5.7 M points).
+  ``OMP_NUM_THREADS=1 python benchmarks/template_speed.py --labels 4 41 --exam 32,48,40 80,128,112``
+  (a 64 x 96 x 80 template, one thread, beside one other 1-thread job): 4 labels 6.0 s and 12.8 s for
+  the 32 x 48 x 40 and 80 x 128 x 112 exams, 41 labels (the mouse brain) 86 s and 96 s. Plain CG
+  through grid_sample's autograd took 68.5 s for 4 labels on the small exam (the same problem, an
+  ad-hoc run before this solver, on a busier machine); the 41-label mouse template did not finish in
+  13 minutes, and the 5-scan one held 6.8 GB.
 * *Paper's cohort*: 5.2.7 builds M from every labelled training exam; the same function takes one
   exam (one-shot) or a few.
 * *Binarisation*: masks are used as given (binary, or soft in [0, 1]); :func:`propagate` thresholds
@@ -146,15 +149,16 @@ def template_mask(c: torch.Tensor, masks: torch.Tensor, size: Sequence[int], wei
     # The system matrix W^T w W + lambda G^T G (prod(size) square, at most 3^D entries a row) once: the
     # iterations then never touch the exams' voxels, which outnumber the template's (a native-resolution
     # 3D scan), and one sparse product a step replaces the sampling, its adjoint and the membrane.
-    system = (torch.sparse.mm(Wt, weighted.coalesce()) + smoothness * _membrane_matrix(size, dtype, c.device)).coalesce()
     # Jacobi preconditioner: the system's diagonal (the membrane alone where no exam reaches). Without it
     # the scale differs by 1 / lambda between voxels the exams reach and those they do not, and a 3D
     # template of 64 x 96 x 80 voxels needed hundreds of iterations instead of tens (measured).
-    (i, j), values = system.indices(), system.values()
-    diagonal = torch.zeros(system.shape[0], 1, dtype=dtype, device=c.device).index_add_(
-        0, i[i == j], values[i == j][:, None])
     with warnings.catch_warnings():   # "Sparse CSR tensor support is in beta state": CSR products are stable
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        system = (torch.sparse.mm(Wt, weighted.coalesce())
+                  + smoothness * _membrane_matrix(size, dtype, c.device)).coalesce()
+        (i, j), values = system.indices(), system.values()
+        diagonal = torch.zeros(system.shape[0], 1, dtype=dtype, device=c.device).index_add_(
+            0, i[i == j], values[i == j][:, None])
         system = system.to_sparse_csr()
         b = torch.sparse.mm(Wt.to_sparse_csr(), w * m)                   # (prod(size), K)
 
