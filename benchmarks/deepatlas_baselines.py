@@ -36,11 +36,12 @@ would be 300 steps against 6,000 (20 a epoch) for the 158-case model. Seconds pe
 CPU (2 cores, shared with a DeepATLAS pretraining and a segmentation benchmark; 30-40 epoch runs,
 median / mean gap between logged steps, the epoch's end with its checkpoint and atlas update
 included): Atlas-ISTN 1-shot 0.42 / 0.75 s, 5-shot 0.71 / 1.14 s; U-Net 1-shot 0.14 / 0.22 s, 5-shot
-0.36 / 0.48 s. Each model trains EPOCHS = 800 epochs (800 steps, 800 to 4,000 case presentations,
-augmented): Atlas-ISTN 5-shot, the slowest, 9.5 min at the median and 15 min at the mean, within the
-10-15 min budget; the same number of steps for every model and k. The settings counted in epochs are
-scaled by 800 / 300 (:func:`schedule`): fade-in e0 = tau = 66.7 epochs (25 of 300), the learning rate
-halves every 800 epochs (once over the run, as 300 of 300), and the atlas update rate eta = 1 - 0.99^(300
+0.36 / 0.48 s. Each model trains EPOCHS = 800 optimiser steps (chest: 800 epochs, 800 to 4,000 case
+presentations, augmented; mouse, batch 2: 800 epochs for one scan, 267 epochs of 3 steps for five):
+Atlas-ISTN 5-shot, the slowest, 9.5 min at the median and 15 min at the mean, within the 10-15 min
+budget; the same number of steps for every model and k. The settings counted in epochs are scaled by
+epochs / 300 (:func:`schedule`); chest: fade-in e0 = tau = 66.7 epochs (25 of 300), the learning
+rate halves every 800 epochs (once over the run, as 300 of 300), and the atlas update rate eta = 1 - 0.99^(300
 / 800) = 0.0038 a epoch, so that the initial atlas keeps the same weight after the run (0.99^300).
 Augmentation stays on (the config's). data.validation is set to null: no validation (or Montgomery)
 labelmap is read during training (the training split is the k named cases; checked after training).
@@ -54,6 +55,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -77,19 +79,22 @@ from atlasreg.data.cases import pairs_from_spec  # noqa: E402
 LEARNED = {"unet": (lambda e: e.unet_config, "U-Net", ("itn",)),
            "atlas_istn": (lambda e: e.labelled_config, "Atlas-ISTN", ("itn", "onepass", "refine"))}
 METHODS = (*LEARNED, "registration")
-#: Training epochs (= steps with 1-5 cases) of each learned baseline; see the module docstring.
+#: Optimiser steps of each learned baseline (= epochs with 1-5 chest cases; :func:`schedule`); see the module docstring.
 EPOCHS = 800
 TINY_EPOCHS = 5
 #: `atlasreg register` options of --tiny (the defaults otherwise).
 TINY_REGISTER = ["--iterations", "5"]
 
 
-def schedule(epochs: int, config_file: Path) -> list[str]:
-    """--set overrides training `epochs` epochs with the settings of `config_file` (configs/jsrt.yaml,
-    configs/mouse_brain.yaml) that are counted in epochs scaled from its own epochs (fade-in e0 and tau,
-    lr_halving_epochs), the atlas update rate eta such that (1 - eta)^epochs = (1 - eta_config)^epochs_config,
-    and no validation split."""
+def schedule(steps: int, config_file: Path, cases: int = 1) -> list[str]:
+    """--set overrides training for `steps` optimiser steps on `cases` labelled cases with the settings
+    of `config_file` (configs/jsrt.yaml, configs/mouse_brain.yaml, the U-Net variants): epochs =
+    steps / ceil(cases / batch_size) (chest, batch 8: one step an epoch for 1-5 cases; mouse, batch 2:
+    3 steps an epoch for 5 cases), the settings counted in epochs scaled from the config's own epochs
+    (fade-in e0 and tau, lr_halving_epochs), the atlas update rate eta such that (1 - eta)^epochs =
+    (1 - eta_config)^epochs_config, and no validation split."""
     t = load_config(config_file)["training"]
+    epochs = max(1, round(steps / math.ceil(cases / t["batch_size"])))
     s = epochs / t["epochs"]
     eta = 1.0 - (1.0 - t["atlas_eta"]) ** (1.0 / s)
     return [f"training.epochs={epochs}",
@@ -150,12 +155,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
     experiment = EXPERIMENTS[args.experiment]
-    sets = schedule(TINY_EPOCHS if args.tiny else EPOCHS, experiment.labelled_config)
 
     training = labelled_training(experiment)        # the baselines learn from these labelled cases only
     tests = test_sets(cases, experiment)
     test_names = {p.name for t in test_sets(None, experiment).values() for p in t.pairs}
-    timings: dict = {"epochs": TINY_EPOCHS if args.tiny else EPOCHS, "steps": {}, "seconds_per_step": {},
+    timings: dict = {"steps_per_model": TINY_EPOCHS if args.tiny else EPOCHS, "steps": {}, "seconds_per_step": {},
                      "test_cases": {k: len(t.pairs) for k, t in tests.items()}}
     rows: list[dict] = []
     for method in methods:
@@ -167,10 +171,10 @@ def main() -> None:
                 run_dir = out / f"{method}_{k}shot"
                 checkpoint = run_paths(run_dir).final_checkpoint
                 if not checkpoint.is_file():
-                    cases_set = f"data.train.cases={json.dumps([p.name for p in chosen])}"
+                    sets = [*schedule(TINY_EPOCHS if args.tiny else EPOCHS, config, k),
+                            f"data.train.cases={json.dumps([p.name for p in chosen])}"]
                     timings["steps"][f"train {method} {k}-shot"] = run(
-                        "train", config, "--out", run_dir, "--quiet",
-                        *[a for s in [*sets, cases_set] for a in ("--set", s)])
+                        "train", config, "--out", run_dir, "--quiet", *[a for s in sets for a in ("--set", s)])
                 check_training_run(run_dir, [p.name for p in chosen], test_names)
                 timings["seconds_per_step"][f"{method} {k}-shot"] = seconds_per_step(run_dir)
             else:

@@ -186,9 +186,9 @@ def _score(fixed_labels_path: Path, moving_labels_path: Path, field_path: Path) 
 
 # ------------------------------------------------------------------------------------------ driver
 
-def _pairs(data: Path, name: str, n: int) -> list[tuple[Path, Path, Path, Path]]:
+def _pairs(data: Path, name: str, n: int, skip: int = 0) -> list[tuple[Path, Path, Path, Path]]:
     spec = SETS[name]
-    images = sorted((data / spec["images"]).glob("*" + spec["suffix"]))[:n]
+    images = sorted((data / spec["images"]).glob("*" + spec["suffix"]))[skip:skip + n]
     labels = [data / spec["labels"] / p.name for p in images]
     return [(images[i], labels[i], images[j], labels[j]) for i in range(len(images)) for j in range(len(images))
             if i != j]
@@ -224,6 +224,8 @@ def main() -> None:
     p.add_argument("--set", default="mouse", choices=sorted(SETS))
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     p.add_argument("--cases", type=int, default=6, help="first N cases: N (N - 1) ordered pairs")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first K cases (a calibration run on cases the reported pairs do not use)")
     p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--methods", default="atlasreg,atlasreg_rigid,atlasreg_affine,elastix,ants,convexadam")
     p.add_argument("--out", required=True)
@@ -244,7 +246,7 @@ def main() -> None:
     results = out / "results.csv"
     rows = list(csv.DictReader(open(results))) if results.is_file() else []
     done = {(r["fixed"], r["moving"], r["method"]) for r in rows}
-    pairs = _pairs(Path(args.data), args.set, args.cases)[: args.max_pairs]
+    pairs = _pairs(Path(args.data), args.set, args.cases, args.skip)[: args.max_pairs]
     methods = [m for m in args.methods.split(",") if m]
     runs_on = SETS[args.set]["methods"]
     if runs_on is not None and set(methods) - runs_on:
