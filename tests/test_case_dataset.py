@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 import atlasreg.data.case_dataset as case_dataset
 from atlasreg.data.case_dataset import CaseDataset, CaseError, Preprocessing, StreamingSum
 from atlasreg.data.cases import load_case, pairs_from_spec
-from atlasreg.spatial.grid import Grid
 from atlasreg.data.letter_b import write_letter_b_dataset
 from atlasreg.errors import AtlasregError
 

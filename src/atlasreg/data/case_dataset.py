@@ -30,7 +30,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -40,7 +40,6 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import AtlasregError
-from ..spatial.grid import Grid
 from .cases import Preprocessing, load_case, pairs_from_spec
 from .dataset import CasePair
 from .io import atomic_file, write_text

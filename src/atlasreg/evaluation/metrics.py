@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["segmentation_metrics", "symmetric_hd95", "batch_dice_hd95", "labelmap_connected_components",
            "METRIC_NAMES"]

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
-
-import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset

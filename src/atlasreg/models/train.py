@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from ..atlas import save_atlas
 from ..config import ConfigError, differences, validate
-from ..contracts import EPOCH_CHECKPOINT, FINAL_CHECKPOINT, LOG_DIR, read_run_config, run_paths
+from ..contracts import EPOCH_CHECKPOINT, LOG_DIR, read_run_config, run_paths
 from ..data.case_dataset import CaseDataset
 from ..data.cases import pairs_from_spec
 from ..data.io import atomic_file, write_text
