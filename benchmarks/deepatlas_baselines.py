@@ -61,13 +61,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from deepatlas_experiment import (EXPERIMENTS, ablation_markdown, add_common_arguments, evaluate,  # noqa: E402
                                   evaluated, labelled_training, run, step_wall_times, symmetric_rows, test_sets,
-                                  write_tables)
+                                  write_tables, write_timings)
 
 from atlasreg.config import load_config  # noqa: E402
 from atlasreg.contracts import (REGISTERED_LABELS, case_labelmap_path, read_run_config,  # noqa: E402
@@ -204,7 +203,7 @@ def main() -> None:
         (out / "comparison.md").write_text("".join(
             f"\n{k} labelled case(s), baseline - DeepATLAS:\n\n" + ablation_markdown(theirs + rows, experiment.unit,
                                                                                    shots=k) for k in shots))
-    (out / "timings.yaml").write_text(yaml.safe_dump(timings, sort_keys=False))
+    write_timings(out / "timings.yaml", timings)
     print(summary)
     print("Atlas-ISTN trained on all the training cases: docs/results.md, 'JSRT chest X-rays and Montgomery "
           "(issues 2 and 3)' and 'Mouse brain: Atlas-ISTN trained'")

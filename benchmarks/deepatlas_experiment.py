@@ -234,6 +234,14 @@ def evaluate(seg: Path, ts: TestSet, source: list, label: str, evaluation: Path)
         "--overwrite")
 
 
+def write_timings(path: Path, timings: dict) -> None:
+    """Write `timings` to the YAML file `path`, keeping the wall seconds of the steps that an earlier run
+    of the script did and this one skipped (a rerun only adds or replaces steps)."""
+    earlier = yaml.safe_load(path.read_text()) if path.is_file() else None
+    steps = {**(earlier or {}).get("steps", {}), **timings.get("steps", {})}
+    path.write_text(yaml.safe_dump({**(earlier or {}), **timings, "steps": steps}, sort_keys=False))
+
+
 def write_tables(out: Path, rows: list[dict], unit: str) -> str:
     """``symmetric_hd95.csv`` (the rows) and ``summary.md`` (:func:`summary_markdown`) in `out`; returns
     the summary."""
@@ -420,8 +428,8 @@ def main() -> None:
     summary = write_tables(out, rows, experiment.unit)
     if len({r["variant"] for r in rows}) > 1:
         (out / "ablations.md").write_text(ablation_markdown(rows, experiment.unit))
-    (out / ("timings.yaml" if "deepatlas" in variants else f"timings_{'_'.join(variants)}.yaml")).write_text(
-        yaml.safe_dump(timings, sort_keys=False))
+    write_timings(out / ("timings.yaml" if "deepatlas" in variants else f"timings_{'_'.join(variants)}.yaml"),
+                  timings)
     for path in make_figures(out, out / "deepatlas", shots, tests, rows):
         print(f"figure: {path}")
     print(summary)
