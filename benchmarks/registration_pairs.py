@@ -15,7 +15,8 @@ field), what one command-line call per pair costs.
 
 Methods (``--methods``, comma-separated):
 - ``atlasreg``: `atlasreg.registration.pipeline.register_images`, affine -> SVF, LNCC, its defaults
-  (``--levels`` and ``--lam`` change them for a calibration run);
+  (``--levels``, ``--lam``, ``--iterations`` and ``--similarity`` change them for a calibration
+  run, ``--tag`` names it);
 - ``atlasreg_rigid``: the same with the global rigid start first;
 - ``atlasreg_affine``: affine only (atlasreg without the deformable instance optimisation);
 - ``elastix``: itk-elastix, its default 'affine' + 'bspline' parameter maps;
@@ -104,6 +105,10 @@ def _worker(method: str, fixed_path: str, moving_path: str, field_path: str, opt
             kwargs["levels"] = tuple(int(v) for v in options["levels"].split(","))
         if options.get("lam") is not None:
             kwargs["lam"] = float(options["lam"])
+        if options.get("iterations"):
+            kwargs["iterations"] = tuple(int(v) for v in options["iterations"].split(","))
+        if options.get("similarity"):
+            kwargs["similarity"] = options["similarity"]
         if options.get("mask") == "positive":  # brain-extracted: the brain is > 0
             kwargs["fixed_mask"] = sitk.BinaryThreshold(fixed, 1e-6, 1e30, 1, 0)
         result = register_images(fixed, moving, stages=stages, **kwargs)
@@ -232,11 +237,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--levels", default=None, help="atlasreg pyramid levels, e.g. 4,2 (default: its own)")
     p.add_argument("--lam", type=float, default=None, help="atlasreg lambda (default: its own)")
+    p.add_argument("--iterations", default=None, help="atlasreg Adam iterations per level, e.g. 120,60 (default: its own)")
+    p.add_argument("--similarity", default=None, help="atlasreg similarity (default: lncc)")
     p.add_argument("--tag", default="", help="suffix of the method names in the results (calibration runs)")
     p.add_argument("--ants-python", default="/work/venv-ants/bin/python")
     p.add_argument("--worker", nargs=4, metavar=("METHOD", "FIXED", "MOVING", "FIELD"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    options = {"threads": args.threads, "levels": args.levels, "lam": args.lam, "mask": SETS[args.set]["mask"]}
+    options = {"threads": args.threads, "levels": args.levels, "lam": args.lam, "iterations": args.iterations,
+               "similarity": args.similarity, "mask": SETS[args.set]["mask"]}
     if args.worker:
         print(json.dumps(_worker(*args.worker, options)), flush=True)
         return
@@ -269,6 +277,9 @@ def main() -> None:
                 cmd += ["--levels", args.levels]
             if args.lam is not None:
                 cmd += ["--lam", str(args.lam)]
+            for flag, value in (("--iterations", args.iterations), ("--similarity", args.similarity)):
+                if value:
+                    cmd += [flag, value]
             start = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)  # transformix writes there
             wall = time.perf_counter() - start
