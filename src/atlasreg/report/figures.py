@@ -282,7 +282,9 @@ def qualitative_figure(predictions: Path, references: dict, cases: list[str], ti
         for view in c.views:
             image = view.take(c.image)
             axes[r, 0].imshow(image, cmap="gray", aspect=view.aspect, interpolation="nearest")
-            axes[r, 0].set_title(f"{c.name} ({c.title})" + (f", {view.label}" if view.label else ""),
+            detail = f"({c.title})" + (f", {view.label}" if view.label else "")
+            # a long case name and view on one line would run into the next panel's title
+            axes[r, 0].set_title(f"{c.name}{chr(10) if len(c.name) + len(detail) > 40 else ' '}{detail}",
                                  fontsize=FONT_SIZE)
             for k, (output, name) in enumerate(shown, start=1):
                 ax = axes[r, k]
