@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
