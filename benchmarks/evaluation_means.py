@@ -34,9 +34,14 @@ def _nanmean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def _present(folder: Path) -> list[dict]:
+    """The rows of the folder's metrics_per_case.csv whose reference holds the structure."""
+    return [r for r in read_metrics_per_case(folder) if r["reference_components"] > 0]
+
+
 def means(folder: Path) -> list[dict]:
     """Per method of the evaluation folder: structures present, mean Dice, HD95 and hd95_avg (NaN-ignoring)."""
-    rows = [r for r in read_metrics_per_case(folder) if r["reference_components"] > 0]
+    rows = _present(folder)
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
@@ -50,7 +55,7 @@ def per_structure(columns: list[tuple[Path, str, str]]) -> str:
     title) with the mean Dice / hd95_avg over the cases whose reference holds the structure."""
     tables = []
     for folder, method, _ in columns:
-        rows = [r for r in read_metrics_per_case(folder) if r["reference_components"] > 0 and r["method"] == method]
+        rows = [r for r in _present(folder) if r["method"] == method]
         if not rows:
             raise SystemExit(f"{folder}: no rows of method {method!r}")
         by = {}

@@ -273,13 +273,9 @@ def main() -> None:
             python = args.ants_python if method == "ants" else sys.executable
             cmd = [python, __file__, "--worker", method, str(fi), str(mi), str(field), "--out", str(out),
                    "--threads", str(args.threads), "--set", args.set]
-            if args.levels:
-                cmd += ["--levels", args.levels]
-            if args.lam is not None:
-                cmd += ["--lam", str(args.lam)]
-            for flag, value in (("--iterations", args.iterations), ("--similarity", args.similarity)):
-                if value:
-                    cmd += [flag, value]
+            for key in ("levels", "lam", "iterations", "similarity"):  # the worker gets the same options
+                if options[key] is not None:
+                    cmd += [f"--{key}", str(options[key])]
             start = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)  # transformix writes there
             wall = time.perf_counter() - start
