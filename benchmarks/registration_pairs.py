@@ -59,6 +59,8 @@ SETS = {
     "jsrt": {"images": "chest-xray/jsrt/images", "labels": "chest-xray/jsrt/labels", "suffix": ".png",
              "mask": None, "methods": {"atlasreg", "atlasreg_rigid", "atlasreg_affine", "elastix", "ants"}},
 }
+#: atlasreg's settings that the script passes on to each worker (command-line options of the same name).
+WORKER_OPTIONS = ("levels", "lam", "iterations", "similarity", "svf_factor")
 COLUMNS = ("fixed", "moving", "method", "seconds", "wall_s", "peak_mb", "dice_mean", "hd95_mean", "dice_before",
            "nonpositive_jacobian_percent", "std_log_jacobian", "n_labels")
 
@@ -109,6 +111,8 @@ def _worker(method: str, fixed_path: str, moving_path: str, field_path: str, opt
             kwargs["iterations"] = tuple(int(v) for v in options["iterations"].split(","))
         if options.get("similarity"):
             kwargs["similarity"] = options["similarity"]
+        if options.get("svf_factor"):
+            kwargs["svf_factor"] = int(options["svf_factor"])
         if options.get("mask") == "positive":  # brain-extracted: the brain is > 0
             kwargs["fixed_mask"] = sitk.BinaryThreshold(fixed, 1e-6, 1e30, 1, 0)
         result = register_images(fixed, moving, stages=stages, **kwargs)
@@ -239,12 +243,14 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=None, help="atlasreg lambda (default: its own)")
     p.add_argument("--iterations", default=None, help="atlasreg Adam iterations per level, e.g. 120,60 (default: its own)")
     p.add_argument("--similarity", default=None, help="atlasreg similarity (default: lncc)")
+    p.add_argument("--svf-factor", type=int, default=None,
+                   help="atlasreg: the SVF's grid is each level's grid downsampled by this factor (default: its own)")
     p.add_argument("--tag", default="", help="suffix of the method names in the results (calibration runs)")
     p.add_argument("--ants-python", default="/work/venv-ants/bin/python")
     p.add_argument("--worker", nargs=4, metavar=("METHOD", "FIXED", "MOVING", "FIELD"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    options = {"threads": args.threads, "levels": args.levels, "lam": args.lam, "iterations": args.iterations,
-               "similarity": args.similarity, "mask": SETS[args.set]["mask"]}
+    options = {"threads": args.threads, "mask": SETS[args.set]["mask"],
+               **{option: getattr(args, option) for option in WORKER_OPTIONS}}
     if args.worker:
         print(json.dumps(_worker(*args.worker, options)), flush=True)
         return
@@ -273,9 +279,9 @@ def main() -> None:
             python = args.ants_python if method == "ants" else sys.executable
             cmd = [python, __file__, "--worker", method, str(fi), str(mi), str(field), "--out", str(out),
                    "--threads", str(args.threads), "--set", args.set]
-            for key in ("levels", "lam", "iterations", "similarity"):  # the worker gets the same options
-                if options[key] is not None:
-                    cmd += [f"--{key}", str(options[key])]
+            for option in WORKER_OPTIONS:  # the worker gets the same options
+                if options[option] is not None:
+                    cmd += [f"--{option.replace('_', '-')}", str(options[option])]
             start = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)  # transformix writes there
             wall = time.perf_counter() - start

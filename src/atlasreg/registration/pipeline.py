@@ -48,6 +48,14 @@ DEFAULT_LAMBDA = {"lncc": 5.0, "mse": 0.1, "mind": 0.5, "ngf": 0.5, "mi": 0.5}
 #: 0.15 mm mouse grid (1.1 M voxels) the full-resolution level took 830 s of the 900 s (loaded machine).
 DEFAULT_LEVELS = (4, 2)
 DEFAULT_ITERATIONS = (100, 60, 30)
+#: The SVF's grid: each level's grid downsampled by this factor, per image dimension (VoxelMorph's
+#: ``int_downsize``). 3D: 2, chosen on 6 mouse-brain calibration pairs that the reported ones do not use
+#: (docs/results.md: Dice 0.812 -> 0.824 and 14.5 -> 9.7 s per pair on one thread); 2D: 1, as calibrated
+#: on the JSRT pairs.
+DEFAULT_SVF_FACTOR = {2: 1, 3: 2}
+#: LNCC's default window, in voxels of the fixed image per image dimension (converted to mm): 3D 9,
+#: chosen on the same mouse pairs (0.823 with 3 and 5, 0.827 with 9); 2D 5, as calibrated on JSRT.
+LNCC_WINDOW_VOXELS = {2: 5, 3: 9}
 
 
 @dataclass
@@ -124,6 +132,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
                     iterations: int | Sequence[int] | None = None, levels: Sequence[int] = DEFAULT_LEVELS,
                     fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
                     device: str | torch.device = "cpu", similarity_options: dict | None = None,
+                    svf_factor: int | None = None,
                     progress: Callable[[str], None] | None = None) -> RegistrationResult:
     """Register `moving` to `fixed` (scalar SimpleITK images, 2D or 3D, any grids).
 
@@ -135,6 +144,8 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
     :data:`DEFAULT_LAMBDA` of the similarity). iterations: Adam iterations per pyramid level of the
     affine and deformable stages (one int, or one per level; default :func:`default_iterations`:
     60 / 30 for the default levels 4 / 2). fixed_mask, moving_mask: binary images on the images' grids; only voxels inside count.
+    svf_factor: the SVF lives on each level's grid downsampled by this factor (default
+    :data:`DEFAULT_SVF_FACTOR` for the image's dimension; see :func:`~atlasreg.registration.instance.optimise`).
     Returns a :class:`RegistrationResult`. Raises AtlasregError for an unknown stage, model or
     similarity, images of different dimension, or a mask off its image's grid.
     """
@@ -169,8 +180,9 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
     lam = DEFAULT_LAMBDA[similarity] if lam is None else float(lam)
     options = dict(similarity_options or {})
     if similarity == "lncc":
-        options.setdefault("window_mm", 5 * float(np.mean(fixed_grid.spacing)))
+        options.setdefault("window_mm", LNCC_WINDOW_VOXELS[fixed_grid.ndim] * float(np.mean(fixed_grid.spacing)))
     levels = tuple(int(f) for f in levels)
+    svf_factor = DEFAULT_SVF_FACTOR[fixed.GetDimension()] if svf_factor is None else int(svf_factor)
     if iterations is None:
         iterations = default_iterations(levels)
     modules: dict[tuple, torch.nn.Module] = {}
@@ -199,7 +211,8 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
         else:
             kind = "affine" if stage == "affine" else model
             common = dict(similarity=similarity_fn, model=kind, regulariser=None if kind == "affine" else "diffusion",
-                          lam=0.0 if kind == "affine" else lam, fixed_mask=fm_t, moving_mask=mm_t)
+                          lam=0.0 if kind == "affine" else lam, fixed_mask=fm_t, moving_mask=mm_t,
+                          svf_factor=svf_factor)
             its = per_level(iterations, levels)
             if stage == "affine" and result_stages and result_stages[-1]["stage"] == "rigid":
                 # The rigid search is a global heuristic; an affine fit from the field-of-view centres
