@@ -60,7 +60,7 @@ SETS = {
              "mask": None, "methods": {"atlasreg", "atlasreg_rigid", "atlasreg_affine", "elastix", "ants"}},
 }
 #: atlasreg's settings that the script passes on to each worker (command-line options of the same name).
-WORKER_OPTIONS = ("levels", "lam", "iterations", "similarity", "svf_factor")
+WORKER_OPTIONS = ("levels", "lam", "iterations", "similarity", "svf_factor", "affine_similarity")
 COLUMNS = ("fixed", "moving", "method", "seconds", "wall_s", "peak_mb", "dice_mean", "hd95_mean", "dice_before",
            "nonpositive_jacobian_percent", "std_log_jacobian", "n_labels")
 
@@ -111,6 +111,8 @@ def _worker(method: str, fixed_path: str, moving_path: str, field_path: str, opt
             kwargs["iterations"] = tuple(int(v) for v in options["iterations"].split(","))
         if options.get("similarity"):
             kwargs["similarity"] = options["similarity"]
+        if options.get("affine_similarity"):
+            kwargs["affine_similarity"] = options["affine_similarity"]
         if options.get("svf_factor"):
             kwargs["svf_factor"] = int(options["svf_factor"])
         if options.get("mask") == "positive":  # brain-extracted: the brain is > 0
@@ -243,6 +245,7 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=None, help="atlasreg lambda (default: its own)")
     p.add_argument("--iterations", default=None, help="atlasreg Adam iterations per level, e.g. 120,60 (default: its own)")
     p.add_argument("--similarity", default=None, help="atlasreg similarity (default: lncc)")
+    p.add_argument("--affine-similarity", default=None, help="atlasreg: the affine stage's similarity (default: --similarity)")
     p.add_argument("--svf-factor", type=int, default=None,
                    help="atlasreg: the SVF's grid is each level's grid downsampled by this factor (default: its own)")
     p.add_argument("--tag", default="", help="suffix of the method names in the results (calibration runs)")

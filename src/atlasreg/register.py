@@ -133,6 +133,7 @@ def cmd_register(args) -> int:
         result = register_images(fixed, moving, similarity=args.similarity, stages=stages, model=args.model,
                                  lam=args.lam, iterations=iterations, levels=levels, fixed_mask=fixed_mask,
                                  moving_mask=moving_mask, device=device, svf_factor=args.svf_factor,
+                                 affine_similarity=args.affine_similarity,
                                  progress=progress)
     except ValueError as exc:
         raise AtlasregError(str(exc).splitlines()[0]) from None
@@ -140,7 +141,8 @@ def cmd_register(args) -> int:
     T = result.transform
     summary = {
         "fixed": str(Path(args.fixed).resolve()), "moving": str(Path(args.moving).resolve()),
-        "similarity": args.similarity, "stages": list(stages), "model": args.model,
+        "similarity": args.similarity, "affine_similarity": args.affine_similarity or args.similarity,
+        "stages": list(stages), "model": args.model,
         "lambda": DEFAULT_LAMBDA[args.similarity] if args.lam is None else args.lam, "levels": list(levels),
         "iterations": default_iterations(levels) if iterations is None else iterations,
         "svf_factor": DEFAULT_SVF_FACTOR[fixed.GetDimension()] if args.svf_factor is None else args.svf_factor,
@@ -205,6 +207,8 @@ def add_register_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder (warped image, transforms, summary.yaml)")
     r.add_argument("--similarity", default="lncc", choices=("lncc", "mind", "ngf", "mi", "mse"),
                    help="lncc or mse for the same modality; mind, mi or ngf across modalities")
+    r.add_argument("--affine-similarity", default=None, choices=("lncc", "mind", "ngf", "mi", "mse"),
+                   help="the affine stage's similarity (default: --similarity)")
     r.add_argument("--stages", default="rigid,affine,deformable",
                    help="comma-separated subsequence of rigid,affine,deformable")
     r.add_argument("--model", default="svf", choices=("svf", "bspline", "dense"), help="deformable model")

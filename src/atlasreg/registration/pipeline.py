@@ -132,7 +132,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
                     iterations: int | Sequence[int] | None = None, levels: Sequence[int] = DEFAULT_LEVELS,
                     fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
                     device: str | torch.device = "cpu", similarity_options: dict | None = None,
-                    svf_factor: int | None = None,
+                    svf_factor: int | None = None, affine_similarity: str | None = None,
                     progress: Callable[[str], None] | None = None) -> RegistrationResult:
     """Register `moving` to `fixed` (scalar SimpleITK images, 2D or 3D, any grids).
 
@@ -144,6 +144,8 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
     :data:`DEFAULT_LAMBDA` of the similarity). iterations: Adam iterations per pyramid level of the
     affine and deformable stages (one int, or one per level; default :func:`default_iterations`:
     60 / 30 for the default levels 4 / 2). fixed_mask, moving_mask: binary images on the images' grids; only voxels inside count.
+    affine_similarity: the affine stage's similarity (default `similarity`), e.g. 'mi', a global
+    statistic, before a local one for the deformable stage.
     svf_factor: the SVF lives on each level's grid downsampled by this factor (default
     :data:`DEFAULT_SVF_FACTOR` for the image's dimension; see :func:`~atlasreg.registration.instance.optimise`).
     Returns a :class:`RegistrationResult`. Raises AtlasregError for an unknown stage, model or
@@ -175,24 +177,32 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
     arrays = [normalise_intensities(sitk.GetArrayFromImage(img), m) for img, m in zip((fixed, moving), masks)]
     f_t, m_t = (torch.from_numpy(a)[None, None].to(device) for a in arrays)
     fm_t, mm_t = (None if m is None else torch.from_numpy(m.astype(np.float32))[None, None].to(device) for m in masks)
-    if similarity not in DEFAULT_LAMBDA:
-        raise AtlasregError(f"--similarity: expected one of {', '.join(DEFAULT_LAMBDA)}, got {similarity!r}")
+    affine_similarity = similarity if affine_similarity is None else affine_similarity
+    for option, name in (("--similarity", similarity), ("--affine-similarity", affine_similarity)):
+        if name not in DEFAULT_LAMBDA:
+            raise AtlasregError(f"{option}: expected one of {', '.join(DEFAULT_LAMBDA)}, got {name!r}")
     lam = DEFAULT_LAMBDA[similarity] if lam is None else float(lam)
-    options = dict(similarity_options or {})
-    if similarity == "lncc":
-        options.setdefault("window_mm", LNCC_WINDOW_VOXELS[fixed_grid.ndim] * float(np.mean(fixed_grid.spacing)))
     levels = tuple(int(f) for f in levels)
     svf_factor = DEFAULT_SVF_FACTOR[fixed.GetDimension()] if svf_factor is None else int(svf_factor)
     if iterations is None:
         iterations = default_iterations(levels)
-    modules: dict[tuple, torch.nn.Module] = {}
 
-    def similarity_fn(warped, fixed_level, mask):
-        # Built per pyramid level: the LNCC window in mm and the NGF gradients follow the level's spacing.
-        spacing = _level_spacing(fixed_grid, fixed_level.shape[2:])
-        if spacing not in modules:
-            modules[spacing] = build_similarity(similarity, spacing, **options)
-        return modules[spacing](fixed_level, warped, mask)
+    def level_similarity(name: str):
+        """The similarity `name` as optimise's callable, built per pyramid level: the LNCC window in mm
+        and the NGF gradients follow the level's spacing. similarity_options go to `similarity`."""
+        options = dict(similarity_options or {}) if name == similarity else {}
+        if name == "lncc":
+            options.setdefault("window_mm", LNCC_WINDOW_VOXELS[fixed_grid.ndim] * float(np.mean(fixed_grid.spacing)))
+        modules: dict[tuple, torch.nn.Module] = {}
+
+        def fn(warped, fixed_level, mask):
+            spacing = _level_spacing(fixed_grid, fixed_level.shape[2:])
+            if spacing not in modules:
+                modules[spacing] = build_similarity(name, spacing, **options)
+            return modules[spacing](fixed_level, warped, mask)
+        return fn
+
+    similarity_fns = {"affine": level_similarity(affine_similarity), "deformable": level_similarity(similarity)}
 
     current: Transform | None = None
     result_stages: list[dict] = []
@@ -210,7 +220,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
             history = []
         else:
             kind = "affine" if stage == "affine" else model
-            common = dict(similarity=similarity_fn, model=kind, regulariser=None if kind == "affine" else "diffusion",
+            common = dict(similarity=similarity_fns[stage], model=kind, regulariser=None if kind == "affine" else "diffusion",
                           lam=0.0 if kind == "affine" else lam, fixed_mask=fm_t, moving_mask=mm_t,
                           svf_factor=svf_factor)
             its = per_level(iterations, levels)
