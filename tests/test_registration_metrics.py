@@ -185,3 +185,31 @@ def test_propagated_labels_of_a_shifted_square():
     # Outside the moving field of view the propagated labelmap is background.
     far = AffineTransform(torch.eye(2)[None], torch.tensor([[100.0, 0.0]]))
     assert (propagate_labels(moving, labels, far, grid, grid) == 0).all()
+
+
+def test_regularity_of_a_displacement_field_file_on_a_flipped_grid(tmp_path):
+    """An ITK displacement field file of the affine map x -> A x (A = diag(0.4, 0.4, 1), det 0.16) on a
+    grid with direction diag(-1, -1, 1) (the mouse-brain volumes' header), read back with
+    read_transform: det J = 0.16 at every voxel. (SimpleITK's DisplacementFieldJacobianDeterminant,
+    which differentiates along the index axes and ignores the direction, gives 2.56 inside: ITK issue
+    #5358; the registration benchmark therefore scores folding with transform_regularity.)"""
+    import SimpleITK as sitk
+
+    from atlasreg.spatial.itk import read_transform
+
+    img = sitk.Image([10, 12, 8], sitk.sitkVectorFloat64, 3)
+    img.SetSpacing((0.5, 0.6, 0.7))
+    img.SetOrigin((3.0, -2.0, 1.0))
+    img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    grid = Grid.from_sitk(img)
+    x = grid.points()[0].double().numpy()                       # (z, y, x, 3) world points
+    a = np.diag([0.4, 0.4, 1.0])
+    field = sitk.GetImageFromArray(x @ a.T - x, isVector=True)
+    field.CopyInformation(img)
+    sitk.WriteImage(field, str(tmp_path / "field.nii.gz"))
+    stats = transform_regularity(read_transform(tmp_path / "field.nii.gz"), grid)
+    assert stats["fraction_nonpositive"][0] == 0.0
+    with torch.no_grad():
+        from atlasreg.spatial.transforms import jacobian_determinant
+        det = jacobian_determinant(read_transform(tmp_path / "field.nii.gz").on_grid(grid), grid)
+    assert torch.allclose(det, torch.full_like(det, 0.16), atol=1e-4), (det.min(), det.max())
