@@ -254,6 +254,8 @@ def main() -> None:
     p.add_argument("--affine-similarity", default=None, help="atlasreg: the affine stage's similarity (default: --similarity)")
     p.add_argument("--svf-factor", type=int, default=None,
                    help="atlasreg: the SVF's grid is each level's grid downsampled by this factor (default: its own)")
+    p.add_argument("--keep-fields", action="store_true", help="keep each method's displacement field (10 MB per "
+                   "mouse pair) under OUT/fields, to score it again later")
     p.add_argument("--tag", default="", help="suffix of the method names in the results (calibration runs)")
     p.add_argument("--ants-python", default="/work/venv-ants/bin/python")
     p.add_argument("--worker", nargs=4, metavar=("METHOD", "FIXED", "MOVING", "FIELD"), help=argparse.SUPPRESS)
@@ -299,7 +301,8 @@ def main() -> None:
                 continue
             timing = json.loads(proc.stdout.strip().splitlines()[-1])
             row = {"fixed": key[0], "moving": key[1], "method": name, **timing, "wall_s": wall, **_score(fl, ml, field)}
-            field.unlink()  # 10 MB per field: only the scores are kept
+            if not args.keep_fields:
+                field.unlink()  # 10 MB per field: only the scores are kept
             rows.append(row)
             new = not results.is_file()
             with open(results, "a", newline="") as fh:
