@@ -253,7 +253,8 @@ def main() -> None:
     p.add_argument("--similarity", default=None, help="atlasreg similarity (default: lncc)")
     p.add_argument("--affine-similarity", default=None, help="atlasreg: the affine stage's similarity (default: --similarity)")
     p.add_argument("--svf-factor", type=int, default=None,
-                   help="atlasreg: the SVF's grid is each level's grid downsampled by this factor (default: its own)")
+                   help="atlasreg: the SVF is never finer than the finest level's grid downsampled by "
+                   "this factor (default: its own)")
     p.add_argument("--keep-fields", action="store_true", help="keep each method's displacement field (10 MB per "
                    "mouse pair) under OUT/fields, to score it again later")
     p.add_argument("--tag", default="", help="suffix of the method names in the results (calibration runs)")

@@ -133,9 +133,9 @@ def test_recovers_known_transform(model, ndim):
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_svf_integrated_on_a_coarser_grid(ndim):
-    # svf_factor 2: the velocity lives on each level's grid halved (VoxelMorph's int_downsize). The smooth
-    # truth (40 mm wavelength) is still recovered within the bounds of the full-resolution SVF, and the
-    # result keeps its exact inverse.
+    # svf_factor 2 with levels (2, 1): the velocity lives on the fixed grid halved at both levels, never
+    # finer (VoxelMorph's int_downsize). The smooth truth (40 mm wavelength) is still recovered within the
+    # bounds of the full-resolution SVF, and the result keeps its exact inverse.
     fixed, fixed_grid, moving, moving_grid, target = pair("smooth", ndim, oblique=ndim == 3)
     result, _ = optimise(fixed, fixed_grid, moving, moving_grid, model="svf", similarity=mse,
                          regulariser="bending", lam=0.2, levels=(2, 1), iterations=40, svf_factor=2)

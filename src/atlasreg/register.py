@@ -219,7 +219,8 @@ def add_register_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--levels", default="4,2", help="pyramid downsampling factors, coarse to fine (1: full "
                    "resolution)")
     r.add_argument("--svf-factor", type=int, default=None,
-                   help="the SVF lives on each level's grid downsampled by this factor (default 2 in 3D, 1 in 2D)")
+                   help="the SVF is never finer than the finest level's grid downsampled by this factor "
+                   "(default 2 in 3D, 1 in 2D)")
     r.add_argument("--mask", help="fixed-image mask (nonzero inside) on the fixed grid")
     r.add_argument("--moving-mask", help="moving-image mask on the moving grid")
     r.add_argument("--labels", help="moving labelmap to warp onto the fixed grid")

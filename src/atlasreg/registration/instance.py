@@ -340,20 +340,18 @@ class _SVF(_Dense):
 
     def __init__(self, n, fixed_grid, device, dtype, steps=6, factor=1, finest=1, **options):
         super().__init__(n, fixed_grid, device, dtype)
-        self.steps, self.limit = steps, finest * factor
-        self.fixed_grid, self.svf_factor = fixed_grid, finest
-
-    def _svf_grid(self, factor: int) -> Grid:
-        g = self.fixed_grid.downsample(max(factor, self.limit))
-        return Grid.centred(g.size, g.spacing)
+        self.steps, self.fixed_grid = steps, fixed_grid
+        self.min_factor = finest * factor   # the SVF's grid is never finer than the fixed grid / this
+        self.svf_factor, self.svf_c = None, None
 
     def to_level(self, grid_c, factor=1):
-        self.svf_factor = max(factor, self.limit)
-        super().to_level(self._svf_grid(factor))
+        self.svf_factor = max(factor, self.min_factor)
+        g = self.fixed_grid.downsample(self.svf_factor)
+        self.svf_c = Grid.centred(g.size, g.spacing)
+        super().to_level(self.svf_c)
 
     def transform(self, grid_c):
-        svf_c = self._svf_grid(self.svf_factor)
-        return StationaryVelocityField(self.u, svf_c, self.steps, None if svf_c == grid_c else grid_c)
+        return StationaryVelocityField(self.u, self.svf_c, self.steps, None if self.svf_c == grid_c else grid_c)
 
     def world(self, fixed_grid, grid):
         v = self.u.detach()

@@ -48,13 +48,14 @@ DEFAULT_LAMBDA = {"lncc": 5.0, "mse": 0.1, "mind": 0.5, "ngf": 0.5, "mi": 0.5}
 #: 0.15 mm mouse grid (1.1 M voxels) the full-resolution level took 830 s of the 900 s (loaded machine).
 DEFAULT_LEVELS = (4, 2)
 DEFAULT_ITERATIONS = (100, 60, 30)
-#: The SVF's grid: each level's grid downsampled by this factor, per image dimension (VoxelMorph's
-#: ``int_downsize``). 3D: 2, chosen on 6 mouse-brain calibration pairs that the reported ones do not use
-#: (docs/results.md: Dice 0.812 -> 0.824 and 14.5 -> 9.7 s per pair on one thread); 2D: 1, as calibrated
-#: on the JSRT pairs.
+#: The SVF is never finer than the finest level's grid downsampled by this factor, per image dimension
+#: (VoxelMorph's ``int_downsize``; see :func:`~atlasreg.registration.instance.optimise`). 3D: 2, chosen
+#: with the 3D LNCC window below on 6 mouse-brain calibration pairs that the reported ones do not use
+#: (docs/results.md: Dice 0.812 -> 0.829 and 14.5 -> 10.6 s per pair on one thread, both changes
+#: together); 2D: 1, as calibrated on the JSRT pairs.
 DEFAULT_SVF_FACTOR = {2: 1, 3: 2}
 #: LNCC's default window, in voxels of the fixed image per image dimension (converted to mm): 3D 9,
-#: chosen on the same mouse pairs (0.823 with 3 and 5, 0.827 with 9); 2D 5, as calibrated on JSRT.
+#: chosen on the same mouse pairs (docs/results.md); 2D 5, as calibrated on JSRT.
 LNCC_WINDOW_VOXELS = {2: 5, 3: 9}
 
 
@@ -146,7 +147,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
     60 / 30 for the default levels 4 / 2). fixed_mask, moving_mask: binary images on the images' grids; only voxels inside count.
     affine_similarity: the affine stage's similarity (default `similarity`), e.g. 'mi', a global
     statistic, before a local one for the deformable stage.
-    svf_factor: the SVF lives on each level's grid downsampled by this factor (default
+    svf_factor: the SVF is never finer than the finest level's grid downsampled by this factor (default
     :data:`DEFAULT_SVF_FACTOR` for the image's dimension; see :func:`~atlasreg.registration.instance.optimise`).
     Returns a :class:`RegistrationResult`. Raises AtlasregError for an unknown stage, model or
     similarity, images of different dimension, or a mask off its image's grid.
