@@ -236,6 +236,31 @@ def _summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _paired(rows: list[dict], reference: str) -> str:
+    """`reference` against every other method over the pairs both ran: mean Dice difference, pairs won,
+    Wilcoxon signed-rank p (scipy), median of the other's seconds / the reference's."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    by: dict[str, dict] = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[(r["fixed"], r["moving"])] = r
+    if reference not in by:
+        raise SystemExit(f"--compare: no rows of method {reference!r}")
+    ref = by[reference]
+    lines = [f"| {reference} against | pairs | Dice difference | pairs won | p | time ratio (median) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for method, other in by.items():
+        keys = sorted(set(ref) & set(other))
+        if method == reference or not keys:
+            continue
+        d = np.array([float(ref[k]["dice_mean"]) - float(other[k]["dice_mean"]) for k in keys])
+        ratio = np.median([float(other[k]["seconds"]) / float(ref[k]["seconds"]) for k in keys])
+        p = wilcoxon(d).pvalue if np.any(d != 0) else float("nan")
+        lines.append(f"| {method} | {len(keys)} | {d.mean():+.3f} | {int((d > 0).sum())} | {p:.1g} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--set", default="mouse", choices=sorted(SETS))
@@ -257,6 +282,7 @@ def main() -> None:
                    "this factor (default: its own)")
     p.add_argument("--keep-fields", action="store_true", help="keep each method's displacement field (10 MB per "
                    "mouse pair) under OUT/fields, to score it again later")
+    p.add_argument("--compare", default=None, help="also print METHOD paired against every other method")
     p.add_argument("--tag", default="", help="suffix of the method names in the results (calibration runs)")
     p.add_argument("--ants-python", default="/work/venv-ants/bin/python")
     p.add_argument("--worker", nargs=4, metavar=("METHOD", "FIXED", "MOVING", "FIELD"), help=argparse.SUPPRESS)
@@ -273,7 +299,7 @@ def main() -> None:
     rows = list(csv.DictReader(open(results))) if results.is_file() else []
     done = {(r["fixed"], r["moving"], r["method"]) for r in rows}
     pairs = _pairs(Path(args.data), args.set, args.cases, args.skip)[: args.max_pairs]
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m and m != "none"]  # none: only the summary
     runs_on = SETS[args.set]["methods"]
     if runs_on is not None and set(methods) - runs_on:
         print(f"not on {args.set} (2D): {', '.join(sorted(set(methods) - runs_on))}", file=sys.stderr)
@@ -316,6 +342,8 @@ def main() -> None:
                   f"|J|<=0 {row['nonpositive_jacobian_percent']:.3f}%, {row['seconds']:.1f} s, "
                   f"{row['peak_mb']:.0f} MB", flush=True)
     print(_summary(rows))
+    if args.compare:
+        print(_paired(rows, args.compare))
 
 
 if __name__ == "__main__":
