@@ -1,12 +1,12 @@
 """Pairwise registration benchmark (issue 12): atlasreg against elastix, ANTs SyN and ConvexAdam.
 
 Every ordered pair (fixed, moving) of the first N cases of a set is registered by each method; each
-method runs in a subprocess of its own (its time and peak memory are its own) and writes its transform
+method runs in a subprocess of its own (its time and peak memory, VmHWM, are its own) and writes its transform
 as an ITK displacement field on the fixed grid (fixed world point p -> moving world point p + d(p),
 mm). This script then scores every method the same way: the moving labelmap is resampled with that
 field by SimpleITK (nearest neighbour), Dice and HD95 per structure against the fixed labelmap
 (:func:`atlasreg.evaluation.registration.propagated_label_metrics`, MONAI), and the Jacobian
-determinant of the field (SimpleITK's DisplacementFieldJacobianDeterminantFilter) inside the fixed
+determinant of the field (atlasreg's direction-aware one; see `_score`) inside the fixed
 brain (labels > 0 dilated by 2 voxels): the fraction <= 0 and the SD of log det J over det J > 0.
 
 Times: ``seconds`` is the registration alone (the worker imports its libraries and reads the images
@@ -14,7 +14,7 @@ first); ``wall_s`` the whole worker process (Python start, imports, reading, reg
 field), what one command-line call per pair costs.
 
 Methods (``--methods``, comma-separated):
-- ``atlasreg``: `atlasreg.registration.pipeline.register_images`, affine -> SVF, LNCC, its defaults
+- ``atlasreg``: `atlasreg.registration.pipeline.register_images`, affine -> SVF, its defaults (LNCC in 3D, MIND in 2D)
   (``--levels``, ``--lam``, ``--iterations`` and ``--similarity`` change them for a calibration
   run, ``--tag`` names it);
 - ``atlasreg_rigid``: the same with the global rigid start first;
@@ -59,7 +59,8 @@ SETS = {
              "mask": None, "methods": {"atlasreg", "atlasreg_rigid", "atlasreg_affine", "elastix", "ants"}},
 }
 #: atlasreg's settings that the script passes on to each worker (command-line options of the same name).
-WORKER_OPTIONS = ("levels", "lam", "iterations", "similarity", "svf_factor", "affine_similarity")
+WORKER_OPTIONS = ("levels", "lam", "iterations", "similarity", "svf_factor", "affine_similarity", "model",
+                  "regulariser", "affine_levels", "fold_weight")
 COLUMNS = ("fixed", "moving", "method", "seconds", "wall_s", "peak_mb", "dice_mean", "hd95_mean", "dice_before",
            "nonpositive_jacobian_percent", "std_log_jacobian", "n_labels")
 
@@ -68,11 +69,15 @@ COLUMNS = ("fixed", "moving", "method", "seconds", "wall_s", "peak_mb", "dice_me
 
 def _load_libraries(method: str) -> None:
     """Import what `method` runs on before the clock starts: torch (with torch._dynamo, which
-    torch.optim imports at the first step), itk's elastix module (itk loads lazily at first use), ants."""
+    torch.optim imports at the first step), MONAI for atlasreg's rigid start (the search blurs with MONAI's
+    GaussianFilter; importing MONAI takes about 2 s, more where itk is installed, which MONAI then
+    imports too), itk's elastix module (itk loads lazily at first use), ants."""
     if method.startswith("atlasreg") or method == "convexadam":
         import torch._dynamo  # noqa: F401
 
         import atlasreg.registration.pipeline  # noqa: F401
+        if method == "atlasreg_rigid":
+            import monai.networks.layers  # noqa: F401
     elif method == "elastix":
         import itk
 
@@ -114,6 +119,13 @@ def _worker(method: str, fixed_path: str, moving_path: str, field_path: str, opt
             kwargs["affine_similarity"] = options["affine_similarity"]
         if options.get("svf_factor"):
             kwargs["svf_factor"] = int(options["svf_factor"])
+        if options.get("affine_levels"):
+            kwargs["affine_levels"] = tuple(int(v) for v in options["affine_levels"].split(","))
+        if options.get("fold_weight") is not None:
+            kwargs["fold_weight"] = float(options["fold_weight"])
+        for name in ("model", "regulariser"):
+            if options.get(name):
+                kwargs[name] = options[name]
         if options.get("mask") == "positive":  # brain-extracted: the brain is > 0
             kwargs["fixed_mask"] = sitk.BinaryThreshold(fixed, 1e-6, 1e30, 1, 0)
         result = register_images(fixed, moving, stages=stages, **kwargs)
@@ -160,8 +172,22 @@ def _worker(method: str, fixed_path: str, moving_path: str, field_path: str, opt
         sitk.WriteImage(img, field_path)
     else:
         raise SystemExit(f"unknown method {method}")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return {"seconds": seconds, "peak_mb": peak_mb}
+    return {"seconds": seconds, "peak_mb": _peak_mb()}
+
+
+def _peak_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM of /proc/self/status, the high-water mark of
+    its own address space. Not getrusage's ru_maxrss, which on Linux also holds the parent's resident
+    size at the fork (measured: a worker started by a 218 MB parent reported 218 MB, VmHWM 14 MB);
+    ru_maxrss is the fallback where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -280,6 +306,11 @@ def main() -> None:
     p.add_argument("--svf-factor", type=int, default=None,
                    help="atlasreg: the SVF is never finer than the finest level's grid downsampled by "
                    "this factor (default: its own)")
+    p.add_argument("--model", default=None, help="atlasreg: the deformable model, svf, bspline or dense (default: svf)")
+    p.add_argument("--fold-weight", type=float, default=None, help="atlasreg: the folding penalty's weight (default: its own)")
+    p.add_argument("--regulariser", default=None, help="atlasreg: diffusion or bending (default: diffusion)")
+    p.add_argument("--affine-levels", default=None, help="atlasreg: the affine stage's pyramid, e.g. 8,4,2 "
+                   "(default: --levels)")
     p.add_argument("--keep-fields", action="store_true", help="keep each method's displacement field (10 MB per "
                    "mouse pair) under OUT/fields, to score it again later")
     p.add_argument("--compare", default=None, help="also print METHOD paired against every other method")

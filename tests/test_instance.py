@@ -333,3 +333,25 @@ def _bad(**changes):
 def test_bad_arguments_raise_value_error(changes, message):
     with pytest.raises(ValueError, match=message):
         optimise(**_bad(**changes))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_fold_weight_removes_folds_of_an_unregularised_dense_field(ndim):
+    """A dense field without regularisation (lam 0) fitted between two unrelated textures folds; the
+    folding penalty (fold_weight 10) removes nearly all folds while the similarity still improves
+    (measured 2026-11-29: 46% -> 0.3% of the voxels folded in 2D, 48% -> 0.05% in 3D; a soft penalty
+    under Adam with a large step, lr 0.5 mm, leaves a few)."""
+    from atlasreg.spatial.transforms import jacobian_determinant
+
+    fixed_grid, moving_grid = grids(ndim)
+    fixed = texture(fixed_grid.points()[0], seed=1)[None, None]
+    moving = texture(moving_grid.points()[0], seed=2)[None, None]
+    folded, gain = {}, {}
+    for weight in (0.0, 10.0):
+        T, history = optimise(fixed, fixed_grid, moving, moving_grid, similarity=mse, model="dense",
+                              regulariser=None, levels=(1,), iterations=60, lr=0.5, fold_weight=weight)
+        det = jacobian_determinant(T.points(fixed_grid.points()), fixed_grid)
+        folded[weight] = float((det <= 0).float().mean())
+        gain[weight] = history[0]["similarity"] - history[-1]["similarity"]
+    assert folded[0.0] > 0.3 and folded[10.0] < folded[0.0] / 50, folded
+    assert gain[10.0] > 0.1 * gain[0.0] > 0, gain

@@ -350,3 +350,33 @@ def test_ngf_of_a_ramp_is_its_normalised_gradient_in_world_units(ndim):
     assert torch.allclose(n.movedim(1, -1), expected.expand(1, *grid.size, ndim), atol=1e-12)
     # Inverted contrast flips the field, so its squared dot products are unchanged.
     assert torch.allclose(ngf_field(2.0 - 3.0 * image, spacing, 3.0 * eps), -n, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lncc", "mind"])
+def test_module_reuses_what_it_computed_from_the_fixed_image_only_while_fixed_and_mask_are_the_same(name):
+    """LNCC and MINDSSC (the modules) compute the fixed image's part (local statistics, descriptors)
+    once per fixed image and mask: repeated calls, a new moving image, an in-place change of the fixed
+    image, another fixed tensor and another mask all give the pure function's value (to 1e-6), and its
+    gradient too."""
+    from atlasreg.losses.similarity import LNCC, MINDSSC, lncc, mind_loss
+
+    spacing = (1.0, 1.2, 2.0)
+    module = LNCC(spacing, window_mm=5.0) if name == "lncc" else MINDSSC(spacing)
+    function = (lambda f, m, k: lncc(f, m, spacing, 5.0, k)) if name == "lncc" else mind_loss
+    g = torch.Generator().manual_seed(3)
+    fixed = torch.rand(2, 1, 20, 18, 16, generator=g)
+    mask = (torch.rand(2, 1, 20, 18, 16, generator=g) > 0.3).float()
+    for step in range(6):
+        moving = torch.rand(2, 1, 20, 18, 16, generator=g).requires_grad_(True)
+        m = None if step == 5 else mask
+        if step == 3:
+            fixed.mul_(0.5).add_(0.2)                     # in place: the cached part is stale
+        if step == 4:
+            fixed = torch.rand(2, 1, 20, 18, 16, generator=g)
+        got = module(fixed, moving, m)
+        (grad,) = torch.autograd.grad(got, moving)
+        moving2 = moving.detach().clone().requires_grad_(True)
+        want = function(fixed, moving2, m) if name == "lncc" else function(fixed, moving2, mask=m)
+        (grad_want,) = torch.autograd.grad(want, moving2)
+        assert abs(float(got) - float(want)) < 1e-6, step
+        assert torch.allclose(grad, grad_want, atol=1e-7), step

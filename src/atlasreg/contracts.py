@@ -258,6 +258,10 @@ SKIPPED = "skipped"
 REGISTERED_IMAGE = "warped.nii.gz"
 REGISTERED_LABELS = "warped_labels.nii.gz"
 REGISTRATION_SUMMARY = "summary.yaml"
+#: `atlasreg register-to-atlas` (fixed: the model's atlas image; moving: the scan): the atlas labelmap
+#: on the scan's own grid, through the exact inverse (a segmentation by registration), and the atlas
+#: files registered against, as written by `atlasreg train` (ATLAS_IMAGE, ATLAS_LABELMAP).
+ATLAS_LABELS_ON_MOVING = "atlas_labels_on_moving.nii.gz"
 
 # training run folder
 RUN_CONFIG = "config.yaml"

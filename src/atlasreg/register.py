@@ -17,6 +17,13 @@ Written into DIR (all at once: the folder appears complete or not at all):
   Jacobian statistics of T on the fixed grid, and with ``--fixed-labels`` Dice and HD95 per label
   before and after, with ``--fixed-landmarks``/``--moving-landmarks`` the target registration error.
 
+`atlasreg register-to-atlas SCAN --checkpoint MODEL --out DIR` does the same with the trained model's
+atlas image as the fixed image (its centred model grid, as ``atlasreg train`` writes it in
+``<run>/atlas``) and the scan as the moving one, so ``warped`` is the scan in atlas space; it also
+writes the atlas files it used and, where the transform has an exact inverse, the atlas labelmap on the
+scan's own grid (``atlas_labels_on_moving.nii.gz``). ``--labels`` (the scan's labelmap) is then scored
+against the atlas labelmap.
+
 This module holds no torch import at its top, so building the command line stays fast.
 """
 
@@ -28,7 +35,8 @@ from pathlib import Path
 
 from .errors import AtlasregError
 
-from .contracts import (FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM,  # noqa: F401
+from .contracts import (ATLAS_IMAGE, ATLAS_LABELMAP, ATLAS_LABELS_ON_MOVING,  # noqa: F401
+                        FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM,
                         REGISTERED_IMAGE as WARPED, REGISTERED_LABELS as WARPED_LABELS,
                         REGISTRATION_SUMMARY as SUMMARY)
 
@@ -85,7 +93,54 @@ def _label_metrics(moving_labels, fixed_labels, warped_labels, result) -> dict:
     return out
 
 
-def cmd_register(args) -> int:
+def _factors(text: str, option: str) -> tuple[int, ...]:
+    """Comma-separated pyramid downsampling factors (coarse to fine, each >= 1) as a tuple. Raises
+    AtlasregError naming `option` for anything else."""
+    try:
+        factors = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        factors = ()
+    if not factors or min(factors) < 1:
+        raise AtlasregError(f"{option}: expected comma-separated downsampling factors >= 1, e.g. 4,2; got {text!r}")
+    return factors
+
+
+def cmd_register_to_atlas(args) -> int:
+    """`atlasreg register-to-atlas`: :func:`cmd_register` with the checkpoint's atlas image as the
+    fixed image. Raises AtlasregError naming the checkpoint if it holds no built atlas."""
+    import tempfile
+
+    import SimpleITK as sitk
+    import torch
+
+    from .atlas import save_atlas
+    from .models.registry import load_model
+    from .spatial.grid import Grid
+
+    module = load_model(args.checkpoint)
+    atlas_image, atlas_labelmap = getattr(module, "atlas_image", None), getattr(module, "atlas_labelmap", None)
+    ready = getattr(module, "atlas_ready", None)
+    if atlas_image is None or atlas_labelmap is None or (isinstance(ready, torch.Tensor) and not bool(ready)):
+        raise AtlasregError("holds no atlas image (train an Atlas-ISTN model to build one)", args.checkpoint)
+    m = module.config["model"]
+    grid = Grid.centred(m["size"], m["spacing"])
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(args.moving))
+        reader.ReadImageInformation()
+        dim = reader.GetDimension()
+    except RuntimeError:
+        dim = None  # unreadable: cmd_register says so, naming the file
+    if dim is not None and dim != grid.ndim:
+        raise AtlasregError(f"is {dim}D but the model's atlas is {grid.ndim}D", args.moving)
+    with tempfile.TemporaryDirectory(prefix="atlasreg-atlas-") as tmp:
+        paths = save_atlas(atlas_labelmap, atlas_image, module.labels, grid, Path(tmp) / "atlas")
+        args.fixed, args.fixed_labels = str(paths[ATLAS_IMAGE]), str(paths[ATLAS_LABELMAP])
+        args.mask = args.fixed_landmarks = args.moving_landmarks = None
+        return cmd_register(args, atlas={"checkpoint": str(Path(args.checkpoint).resolve()), "paths": paths})
+
+
+def cmd_register(args, atlas: dict | None = None) -> int:
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -96,7 +151,8 @@ def cmd_register(args) -> int:
     from .devices import resolve_device
     from .evaluation.registration import propagate_labels, read_landmark_pair, target_registration_error, \
         transform_regularity
-    from .registration.pipeline import DEFAULT_LAMBDA, DEFAULT_SVF_FACTOR, default_iterations, register_images
+    from .registration.pipeline import (DEFAULT_FOLD_WEIGHT, DEFAULT_LAMBDA, DEFAULT_SIMILARITY, DEFAULT_SVF_FACTOR,
+                                        default_iterations, register_images)
     from .spatial.itk import write_transform
 
     out = check_output_folder(args.out)  # before anything is read or written
@@ -119,7 +175,8 @@ def cmd_register(args) -> int:
     if args.iterations:
         iterations = [int(x) for x in args.iterations.split(",")]
         iterations = iterations[0] if len(iterations) == 1 else iterations
-    levels = tuple(int(x) for x in args.levels.split(","))
+    levels = _factors(args.levels, "--levels")
+    affine_levels = _factors(args.affine_levels, "--affine-levels") if args.affine_levels else None
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,23 +185,28 @@ def cmd_register(args) -> int:
         if not args.quiet:
             print(f"{stage} ...", flush=True)
 
+    dim = fixed.GetDimension()
+    similarity = args.similarity or DEFAULT_SIMILARITY[dim]
     t0 = time.perf_counter()
     try:
-        result = register_images(fixed, moving, similarity=args.similarity, stages=stages, model=args.model,
+        result = register_images(fixed, moving, similarity=similarity, stages=stages, model=args.model,
                                  lam=args.lam, iterations=iterations, levels=levels, fixed_mask=fixed_mask,
                                  moving_mask=moving_mask, device=device, svf_factor=args.svf_factor,
-                                 affine_similarity=args.affine_similarity,
-                                 progress=progress)
+                                 affine_similarity=args.affine_similarity, regulariser=args.regulariser,
+                                 affine_levels=affine_levels, fold_weight=args.fold_weight, progress=progress)
     except ValueError as exc:
         raise AtlasregError(str(exc).splitlines()[0]) from None
     seconds = time.perf_counter() - t0
     T = result.transform
     summary = {
         "fixed": str(Path(args.fixed).resolve()), "moving": str(Path(args.moving).resolve()),
-        "similarity": args.similarity, "affine_similarity": args.affine_similarity or args.similarity,
+        "similarity": similarity, "affine_similarity": args.affine_similarity or similarity,
         "stages": list(stages), "model": args.model,
-        "lambda": DEFAULT_LAMBDA[args.similarity] if args.lam is None else args.lam, "levels": list(levels),
+        "regulariser": args.regulariser,
+        "fold_weight": DEFAULT_FOLD_WEIGHT[dim] if args.fold_weight is None else args.fold_weight,
+        "lambda": DEFAULT_LAMBDA[similarity] if args.lam is None else args.lam, "levels": list(levels),
         "iterations": default_iterations(levels) if iterations is None else iterations,
+        "affine_levels": list(affine_levels or levels),
         "svf_factor": DEFAULT_SVF_FACTOR[fixed.GetDimension()] if args.svf_factor is None else args.svf_factor,
         "seconds": round(seconds, 3),
         "stage_results": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.items()}
@@ -181,6 +243,21 @@ def cmd_register(args) -> int:
         if result.inverse is not None:
             write_transform(result.inverse, tmp / INVERSE_TRANSFORM)
             write_transform(result.inverse, tmp / INVERSE_FIELD, grid=result.moving_grid)
+        if atlas is not None:
+            import shutil
+
+            for path in atlas["paths"].values():
+                shutil.copyfile(path, tmp / Path(path).name)
+            if result.inverse is not None:  # the atlas labelmap on the scan's own grid
+                atlas_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(atlas["paths"][ATLAS_LABELMAP])))
+                values = sorted(set(np.unique(atlas_labels).tolist()) | {0})
+                on_moving = propagate_labels(atlas_labels, values, result.inverse, result.fixed_grid,
+                                             result.moving_grid)
+                lab_img = sitk.GetImageFromArray(on_moving.astype(np.int32))
+                lab_img.CopyInformation(moving)
+                write_image(lab_img, tmp / ATLAS_LABELS_ON_MOVING)
+            summary["atlas_checkpoint"] = atlas["checkpoint"]
+            summary["fixed"] = str((out / ATLAS_IMAGE).resolve())  # the copy beside the results
         write_text(tmp / SUMMARY, yaml.safe_dump(summary, sort_keys=False))
     if not args.quiet:
         line = f"registered in {seconds:.1f} s; |J|<=0: {100 * summary['jacobian']['fraction_nonpositive']:.3f}%"
@@ -195,8 +272,42 @@ def cmd_register(args) -> int:
     return 0
 
 
+def _add_registration_options(r: argparse.ArgumentParser) -> None:
+    """The options `register` and `register-to-atlas` share."""
+    r.add_argument("--out", required=True, help="output folder (warped image, transforms, summary.yaml)")
+    r.add_argument("--similarity", default=None, choices=("lncc", "mind", "ngf", "mi", "mse"),
+                   help="lncc or mse for the same modality; mind, mi or ngf across modalities (default: lncc "
+                   "in 3D, mind in 2D, as calibrated on mouse-brain MRI and chest X-ray pairs)")
+    r.add_argument("--affine-similarity", default=None, choices=("lncc", "mind", "ngf", "mi", "mse"),
+                   help="the affine stage's similarity (default: --similarity)")
+    r.add_argument("--stages", default="rigid,affine,deformable",
+                   help="comma-separated subsequence of rigid,affine,deformable")
+    r.add_argument("--model", default="svf", choices=("svf", "bspline", "dense"), help="deformable model")
+    r.add_argument("--regulariser", default="diffusion", choices=("diffusion", "bending"),
+                   help="the deformable stage's penalty: first (diffusion) or second (bending) derivatives")
+    r.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="regularisation weight (world units; default per similarity, set for diffusion)")
+    r.add_argument("--fold-weight", type=float, default=None,
+                   help="weight of the penalty on Jacobian determinants below 0.1 (0: off; default 10 in 2D, "
+                   "0 in 3D)")
+    r.add_argument("--iterations", default=None,
+                   help="Adam iterations per level, one number or one per level (default 60,30 for levels 4,2)")
+    r.add_argument("--levels", default="4,2", help="pyramid downsampling factors, coarse to fine (1: full "
+                   "resolution)")
+    r.add_argument("--affine-levels", default=None,
+                   help="the affine stage's own pyramid, e.g. 8,4,2 (default: --levels)")
+    r.add_argument("--svf-factor", type=int, default=None,
+                   help="the SVF is never finer than the finest level's grid downsampled by this factor "
+                   "(default 2 in 3D, 1 in 2D)")
+    r.add_argument("--moving-mask", help="moving-image mask on the moving grid")
+    r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<index>")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    r.add_argument("--quiet", action="store_true", help="print only where the outputs went")
+
+
 def add_register_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``register`` command to an argparse sub-parser collection and return its parser."""
+    """Add the ``register`` and ``register-to-atlas`` commands to an argparse sub-parser collection and
+    return the ``register`` parser."""
     r = subparsers.add_parser(
         "register", help="register a moving image to a fixed image (rigid -> affine -> deformable)",
         description="Pairwise registration in world units: a global rigid search (Cross-Sim-NGF), Adam on "
@@ -204,31 +315,22 @@ def add_register_parser(subparsers) -> argparse.ArgumentParser:
         "diffusion regularisation. Outputs lie on the fixed image's grid.")
     r.add_argument("fixed", help="fixed image (NIfTI, MetaImage, NRRD, PNG, ...)")
     r.add_argument("moving", help="moving image, any grid of the same dimension")
-    r.add_argument("--out", required=True, help="output folder (warped image, transforms, summary.yaml)")
-    r.add_argument("--similarity", default="lncc", choices=("lncc", "mind", "ngf", "mi", "mse"),
-                   help="lncc or mse for the same modality; mind, mi or ngf across modalities")
-    r.add_argument("--affine-similarity", default=None, choices=("lncc", "mind", "ngf", "mi", "mse"),
-                   help="the affine stage's similarity (default: --similarity)")
-    r.add_argument("--stages", default="rigid,affine,deformable",
-                   help="comma-separated subsequence of rigid,affine,deformable")
-    r.add_argument("--model", default="svf", choices=("svf", "bspline", "dense"), help="deformable model")
-    r.add_argument("--lambda", dest="lam", type=float, default=None,
-                   help="diffusion regularisation weight (world units; default per similarity)")
-    r.add_argument("--iterations", default=None,
-                   help="Adam iterations per level, one number or one per level (default 100,60,30)")
-    r.add_argument("--levels", default="4,2", help="pyramid downsampling factors, coarse to fine (1: full "
-                   "resolution)")
-    r.add_argument("--svf-factor", type=int, default=None,
-                   help="the SVF is never finer than the finest level's grid downsampled by this factor "
-                   "(default 2 in 3D, 1 in 2D)")
+    _add_registration_options(r)
     r.add_argument("--mask", help="fixed-image mask (nonzero inside) on the fixed grid")
-    r.add_argument("--moving-mask", help="moving-image mask on the moving grid")
     r.add_argument("--labels", help="moving labelmap to warp onto the fixed grid")
     r.add_argument("--fixed-labels", help="fixed labelmap: Dice and HD95 before and after in summary.yaml")
     r.add_argument("--fixed-landmarks", help="CSV of fixed world points (columns x,y[,z], mm)")
     r.add_argument("--moving-landmarks", help="CSV of the corresponding moving world points")
-    r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<index>")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    r.add_argument("--quiet", action="store_true", help="print only where the outputs went")
     r.set_defaults(func=cmd_register)
+    a = subparsers.add_parser(
+        "register-to-atlas", help="register a scan to a trained model's atlas image (rigid -> affine -> SVF)",
+        description="`register` with the atlas image of a trained Atlas-ISTN checkpoint as the fixed image: "
+        "the scan warped into atlas space, the transforms both ways, and the atlas labelmap on the scan's "
+        "own grid.")
+    a.add_argument("moving", metavar="scan", help="the scan (NIfTI, PNG, ...), of the model's dimension")
+    a.add_argument("--checkpoint", required=True, help="model.ckpt written by `atlasreg train`")
+    _add_registration_options(a)
+    a.add_argument("--labels", help="the scan's labelmap: warped into atlas space and scored against the atlas "
+                   "labelmap in summary.yaml")
+    a.set_defaults(func=cmd_register_to_atlas)
     return r

@@ -51,6 +51,33 @@ def bending_energy(u: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
     return total
 
 
+def folding_penalty(u: torch.Tensor, spacing: Sequence[float], margin: float = 0.1) -> torch.Tensor:
+    """Penalty on folding: the per-voxel mean of ``max(0, margin - det(I + grad u))`` (the negative
+    Jacobian loss of Kuang and Schmah, "FAIM", MICCAI workshops 2019, with a margin so that a
+    determinant is pushed up before it reaches 0, where a field resampled to a finer grid would fold).
+
+    u: (N, D, *spatial) displacement in mm on a grid of `spacing` (ITK order, mm), axes aligned with the
+    world axes (a centred grid). Derivatives by central differences (one-sided at the borders), so a
+    field without folds near `margin` costs exactly 0. Returns a scalar (dimensionless). Raises
+    ValueError for a malformed field or a margin outside [0, 1).
+    """
+    d = u.dim() - 2
+    if d not in (2, 3) or u.shape[1] != d or len(spacing) != d:
+        raise ValueError(f"expected (N, D, *spatial) with D = len(spacing), got {tuple(u.shape)}, {spacing}")
+    if not 0.0 <= float(margin) < 1.0:
+        raise ValueError(f"margin must lie in [0, 1), got {margin}")
+    # J[i][j] = delta_ij + d u_i / d x_j; x_j (ITK order) is array dim 2 + d - 1 - j
+    grads = [torch.gradient(u, spacing=float(spacing[j]), dim=2 + d - 1 - j)[0] for j in range(d)]
+    J = [[grads[j][:, i] + (1.0 if i == j else 0.0) for j in range(d)] for i in range(d)]
+    if d == 2:
+        det = J[0][0] * J[1][1] - J[0][1] * J[1][0]
+    else:
+        det = (J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
+               - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
+               + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0]))
+    return torch.relu(float(margin) - det).mean()
+
+
 class DiffusionRegulariser(nn.Module):
     """Module wrapper of :func:`diffusion_regulariser`."""
 

@@ -222,17 +222,28 @@ def lncc_window(spacing: Sequence[float], window_mm: float | Sequence[float]) ->
     return tuple(max(3, 2 * int(math.floor(w / (2 * s))) + 1) for w, s in zip(window, spacing))
 
 
-def _lncc_map(fixed: torch.Tensor, moving: torch.Tensor, w: torch.Tensor, window_array: Sequence[int],
-              eps: float) -> torch.Tensor:
-    """Local squared correlation cc^2 (N, 1, *S) of single-channel images, statistics over the mask
-    voxels of each box (normalised convolution)."""
-    zero = torch.zeros_like(fixed)
-    f = torch.where(w > 0, fixed, zero) * w
-    m = torch.where(w > 0, moving, zero) * w
-    fw, mw = torch.where(w > 0, fixed, zero), torch.where(w > 0, moving, zero)
-    stats = _box_mean(torch.cat([w, f, m, f * fw, m * mw, f * mw], dim=1), window_array)
+def _lncc_fixed(fixed: torch.Tensor, w: torch.Tensor, window_array: Sequence[int]) -> torch.Tensor:
+    """The fixed image's part of the local statistics, (N, 3, *S): sum of weights, local mean and
+    local mean of squares over the mask voxels of each box. They do not depend on the moving image, so
+    an optimiser's loop computes them once (:class:`LNCC`)."""
+    fw = torch.where(w > 0, fixed, torch.zeros_like(fixed))
+    stats = _box_mean(torch.cat([w, fw * w, fw * fw * w], dim=1), window_array)
     sw = stats[:, :1].clamp_min(_TINY)
-    mf, mm, ff, mmm, fm = (stats[:, i:i + 1] / sw for i in range(1, 6))
+    return torch.cat([sw, stats[:, 1:] / sw], dim=1)
+
+
+def _lncc_map(fixed: torch.Tensor, moving: torch.Tensor, w: torch.Tensor, window_array: Sequence[int],
+              eps: float, fixed_stats: torch.Tensor | None = None) -> torch.Tensor:
+    """Local squared correlation cc^2 (N, 1, *S) of single-channel images, statistics over the mask
+    voxels of each box (normalised convolution). fixed_stats: :func:`_lncc_fixed` of (fixed, w), if
+    already computed."""
+    if fixed_stats is None:
+        fixed_stats = _lncc_fixed(fixed, w, window_array)
+    zero = torch.zeros_like(fixed)
+    fw, mw = torch.where(w > 0, fixed, zero), torch.where(w > 0, moving, zero)
+    stats = _box_mean(torch.cat([mw * w, mw * mw * w, fw * mw * w], dim=1), window_array)
+    sw, mf, ff = fixed_stats[:, :1], fixed_stats[:, 1:2], fixed_stats[:, 2:3]
+    mm, mmm, fm = (stats[:, i:i + 1] / sw for i in range(3))
     var_f = (ff - mf * mf).clamp_min(0)
     var_m = (mmm - mm * mm).clamp_min(0)
     cov = fm - mf * mm
@@ -254,12 +265,21 @@ def lncc(fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], wi
     Returns a value in [0, 1] to minimise. Shapes, mask and reduction as in the module docstring.
     Raises ValueError for mismatched shapes, spacing or window.
     """
+    return _lncc(fixed, moving, spacing, window_mm, mask, eps, reduction)[0]
+
+
+def _lncc(fixed, moving, spacing, window_mm, mask, eps, reduction, fixed_stats=None):
+    """:func:`lncc` and the fixed image's statistics it used (to be given back as `fixed_stats` while
+    fixed and mask stay the same)."""
     _check(fixed, moving, mask, spacing)
     window = tuple(reversed(lncc_window(spacing, window_mm)))  # array order
     n = fixed.shape[0]
     w = _per_channel(_weights(mask, fixed).repeat_interleave(fixed.shape[1], 0))
-    cc2 = _lncc_map(_per_channel(fixed), _per_channel(moving), w, window, eps)
-    return _reduce(1 - _weighted_mean(cc2, w), n, reduction)
+    f = _per_channel(fixed)
+    if fixed_stats is None:
+        fixed_stats = _lncc_fixed(f, w, window)
+    cc2 = _lncc_map(f, _per_channel(moving), w, window, eps, fixed_stats)
+    return _reduce(1 - _weighted_mean(cc2, w), n, reduction), fixed_stats
 
 
 # ---------------------------------------------------------------- MIND-SSC
@@ -342,14 +362,22 @@ def mind_loss(fixed: torch.Tensor, moving: torch.Tensor, radius: int = 1, dilati
     (:func:`erode_mask`), and V is normalised over them. Returns a value in [0, 1] to minimise.
     Shapes, mask and reduction as in the module docstring; radius and dilation in voxels.
     """
+    return _mind_loss(fixed, moving, radius, dilation, mask, reduction)[0]
+
+
+def _mind_loss(fixed, moving, radius, dilation, mask, reduction, fixed_descriptors=None):
+    """:func:`mind_loss` and the fixed image's descriptors it used (to be given back as
+    `fixed_descriptors` while fixed and mask stay the same)."""
     _check(fixed, moving, mask)
     fixed, moving = _inside(mask, fixed, moving)
     w = _weights(mask, fixed, erode=int(radius) + int(dilation))
-    diff = (mind_ssc(fixed, radius, dilation, w) - mind_ssc(moving, radius, dilation, w)).pow(2)
+    if fixed_descriptors is None:
+        fixed_descriptors = mind_ssc(fixed, radius, dilation, w)
+    diff = (fixed_descriptors - mind_ssc(moving, radius, dilation, w)).pow(2)
     k = diff.shape[1] // fixed.shape[1]
     diff = diff.reshape(fixed.shape[0] * fixed.shape[1], k, *fixed.shape[2:])
     wc = w.repeat_interleave(fixed.shape[1], 0)
-    return _reduce(_weighted_mean(diff, wc), fixed.shape[0], reduction)
+    return _reduce(_weighted_mean(diff, wc), fixed.shape[0], reduction), fixed_descriptors
 
 
 # ---------------------------------------------------------------- NGF
@@ -507,6 +535,35 @@ def mutual_information(fixed: torch.Tensor, moving: torch.Tensor, bins: int = 32
 
 # ---------------------------------------------------------------- modules
 
+class _FixedCache:
+    """What a similarity module computes from the fixed image and mask alone (LNCC's local statistics,
+    MIND's descriptors), kept for the next call while the very same tensors come back unchanged: an
+    optimiser's loop passes one fixed image per pyramid level. A tensor that requires gradients is
+    never cached; an in-place change (its version counter) or another tensor invalidates the entry.
+    The entry holds the tensors themselves, so no other tensor can take over their identity."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._value: torch.Tensor | None = None
+
+    @staticmethod
+    def _key_of(fixed: torch.Tensor, mask: torch.Tensor | None) -> tuple | None:
+        if fixed.requires_grad or (mask is not None and mask.requires_grad):
+            return None
+        return (fixed, fixed._version, mask, None if mask is None else mask._version)
+
+    def get(self, fixed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        key = self._key_of(fixed, mask)
+        if key is None or self._key is None:
+            return None
+        same = key[0] is self._key[0] and key[2] is self._key[2] and key[1] == self._key[1] and key[3] == self._key[3]
+        return self._value if same else None
+
+    def put(self, fixed: torch.Tensor, mask: torch.Tensor | None, value: torch.Tensor) -> None:
+        self._key = self._key_of(fixed, mask)
+        self._value = value.detach() if self._key is not None else None
+
+
 class MSE(nn.Module):
     """Module form of :func:`mse`; ``forward(fixed, moving, mask=None)``. `spacing` is accepted (and
     unused) so that every entry of :data:`SIMILARITIES` is built the same way."""
@@ -528,9 +585,15 @@ class LNCC(nn.Module):
         self.spacing = _check_spacing(spacing, len(spacing))
         lncc_window(self.spacing, window_mm)  # validates the window now
         self.window_mm, self.eps, self.reduction = window_mm, eps, reduction
+        self._cache = _FixedCache()
 
     def forward(self, fixed, moving, mask=None):
-        return lncc(fixed, moving, self.spacing, self.window_mm, mask, self.eps, self.reduction)
+        """As :func:`lncc`; the fixed image's local statistics are computed once per fixed image and
+        mask (:class:`_FixedCache`): half the box filtering per call in an optimiser's loop."""
+        stats = self._cache.get(fixed, mask)
+        loss, stats = _lncc(fixed, moving, self.spacing, self.window_mm, mask, self.eps, self.reduction, stats)
+        self._cache.put(fixed, mask, stats)
+        return loss
 
 
 class MINDSSC(nn.Module):
@@ -542,9 +605,15 @@ class MINDSSC(nn.Module):
         if int(radius) < 0 or int(dilation) < 1:
             raise ValueError(f"MIND radius {radius} must be >= 0 and dilation {dilation} >= 1 (voxels)")
         self.radius, self.dilation, self.reduction = int(radius), int(dilation), reduction
+        self._cache = _FixedCache()
 
     def forward(self, fixed, moving, mask=None):
-        return mind_loss(fixed, moving, self.radius, self.dilation, mask, self.reduction)
+        """As :func:`mind_loss`; the fixed image's descriptors are computed once per fixed image and
+        mask (:class:`_FixedCache`): half the descriptor work per call in an optimiser's loop."""
+        descriptors = self._cache.get(fixed, mask)
+        loss, descriptors = _mind_loss(fixed, moving, self.radius, self.dilation, mask, self.reduction, descriptors)
+        self._cache.put(fixed, mask, descriptors)
+        return loss
 
 
 class NGF(nn.Module):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atlasreg.losses.regularisers import bending_energy, diffusion_regulariser
+from atlasreg.losses.regularisers import bending_energy, diffusion_regulariser, folding_penalty
 from atlasreg.models.optim import adam
 from atlasreg.spatial.grid import Grid
 from atlasreg.spatial.transforms import (
@@ -62,7 +62,7 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
              lr: float | None = None, optimiser: str = "adam", initial: Transform | None = None,
              fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None,
              control_spacing: float | Sequence[float] | None = None,
-             svf_steps: int = 6, svf_factor: int = 1) -> tuple[Transform, list[dict]]:
+             svf_steps: int = 6, svf_factor: int = 1, fold_weight: float = 0.0) -> tuple[Transform, list[dict]]:
     """Optimise a transform T (fixed world points -> moving world points) so that ``moving o T``
     matches ``fixed``; N pairs at once.
 
@@ -96,7 +96,9 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
     >= 1): at level f it lives and is integrated on the fixed grid downsampled by max(f, svf_factor x
     levels[-1]), and its displacement is linearly upsampled to the level's grid before warping
     (VoxelMorph's ``int_downsize``; Atlas-ISTN integrates at half resolution too). 2 costs a quarter
-    (2D) or an eighth (3D) of the finest level's squarings and smooths the field.
+    (2D) or an eighth (3D) of the finest level's squarings and smooths the field. fold_weight: weight
+    of :func:`~atlasreg.losses.regularisers.folding_penalty` on the level's deformation (0: none; not
+    for 'affine'), which lets a weaker `lam` fit more without folding.
 
     Returns (T, history): T a world-space Transform of batch N (:class:`AffineTransform`,
     :class:`DisplacementField` on the finest level's grid, :class:`BSplineTransform`, or
@@ -144,6 +146,8 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
     params = _PARAMETRISATIONS[model](n, fixed_grid, device, dtype, control_spacing=control_spacing,
                                       steps=svf_steps, factor=int(svf_factor), finest=int(levels[-1]))
     reg = REGULARISERS[regulariser] if regulariser is not None and lam > 0 else None
+    if not float(fold_weight) >= 0 or (model == "affine" and fold_weight > 0):
+        raise ValueError(f"fold_weight must be >= 0, and 0 for model='affine'; got {fold_weight}")
     frame = None if fixed_grid.is_centred else tuple(
         torch.as_tensor(a, device=device, dtype=dtype) for a in fixed_grid.frame())
 
@@ -175,7 +179,10 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
                 raise ValueError(f"similarity must return a scalar tensor, got "
                                  f"{tuple(sim.shape) if isinstance(sim, torch.Tensor) else type(sim).__name__}")
             r = reg((pts - x_c).movedim(-1, 1), grid_c.spacing) if reg is not None else sim.new_zeros(())
-            return sim + lam * r, sim, r
+            loss = sim + lam * r
+            if fold_weight > 0:
+                loss = loss + fold_weight * folding_penalty((pts - x_c).movedim(-1, 1), grid_c.spacing)
+            return loss, sim, r
 
         if steps == 0:
             continue

@@ -10,9 +10,10 @@ The stages are atlasreg's own building blocks, in world units (mm) on each image
    and the lower final loss continues: the search is a global heuristic that can prefer a wrong
    rotation (chest X-rays, docs/results.md), and the stage's summary records which start was kept;
 3. ``deformable``: Adam instance optimisation of a stationary velocity field (default; diffeomorphic,
-   with an exact inverse), a B-spline or a dense displacement, with diffusion regularisation weighted
-   by lambda in world units, on top of the affine one (VoxelMorph++ and ConvexAdam use the same
-   instance optimisation).
+   with an exact inverse), a B-spline or a dense displacement, with diffusion (or bending)
+   regularisation weighted by lambda in world units and, by default in 2D, a penalty on Jacobian
+   determinants below 0.1 (:func:`atlasreg.losses.regularisers.folding_penalty`), on top of the affine
+   one (VoxelMorph++ and ConvexAdam use the same instance optimisation).
 
 Every transform maps fixed world points to moving world points (the pull-back ITK's resampling
 uses), so ``warped = moving o T`` lies on the fixed grid.
@@ -38,11 +39,15 @@ from ..spatial.transforms import AffineTransform, Transform
 
 STAGES = ("rigid", "affine", "deformable")
 DEFORMABLE_MODELS = ("svf", "bspline", "dense")
+#: The deformable stage's regularisers (instance.REGULARISERS, named here so that the command line
+#: validates them without importing the optimiser).
+REGULARISERS = ("diffusion", "bending")
 
 #: Default regularisation weight lambda (diffusion, world units) per similarity: each similarity has its
 #: own scale. LNCC's 5.0 was chosen on a mouse-brain pair (docs/results.md: Dice 0.782 and 0.44% folded
-#: voxels with 1.0, 0.830 and none with 5, 0.826 with 20); the others are provisional.
-DEFAULT_LAMBDA = {"lncc": 5.0, "mse": 0.1, "mind": 0.5, "ngf": 0.5, "mi": 0.5}
+#: voxels with 1.0, 0.830 and none with 5, 0.826 with 20); MIND's 0.25 on 90 JSRT chest X-ray pairs
+#: with the 2D folding penalty (docs/results.md; 3D not calibrated); the others are provisional.
+DEFAULT_LAMBDA = {"lncc": 5.0, "mse": 0.1, "mind": 0.25, "ngf": 0.5, "mi": 0.5}
 #: Pyramid levels (downsampling factors): the finest optimisation is at half resolution, as ConvexAdam's
 #: instance optimisation (grid spacing 2); the transform is then evaluated at any resolution. On the
 #: 0.15 mm mouse grid (1.1 M voxels) the full-resolution level took 830 s of the 900 s (loaded machine).
@@ -57,6 +62,15 @@ DEFAULT_SVF_FACTOR = {2: 1, 3: 2}
 #: LNCC's default window, in voxels of the fixed image per image dimension (converted to mm): 3D 9,
 #: chosen on the same mouse pairs (docs/results.md); 2D 5, as calibrated on JSRT.
 LNCC_WINDOW_VOXELS = {2: 5, 3: 9}
+#: Default similarity per image dimension. 3D: LNCC (mouse-brain MRI, docs/results.md). 2D: MIND-SSC,
+#: which beat LNCC and MI on 90 JSRT chest X-ray calibration pairs that the reported ones do not use
+#: (rigid -> affine -> SVF; docs/results.md): local intensity statistics follow the ribs, which do not
+#: move with the lung borders, and MI folds at the weights where it fits well.
+DEFAULT_SIMILARITY = {2: "mind", 3: "lncc"}
+#: Weight of the folding penalty of the deformable stage per image dimension (0: off). 2D: 10, which
+#: removed every fold of MIND at lambda 0.25 on the 90 JSRT calibration pairs at no cost in Dice (19 of
+#: 90 pairs folded without it); 3D: off (no fold on the 30 mouse-brain pairs without it).
+DEFAULT_FOLD_WEIGHT = {2: 10.0, 3: 0.0}
 
 
 @dataclass
@@ -128,29 +142,40 @@ def _best_affine_start(rigid: AffineTransform, centres: AffineTransform,
     return from_centres, history_centres, record
 
 
-def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = "lncc",
+def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | None = None,
                     stages: Sequence[str] = STAGES, model: str = "svf", lam: float | None = None,
                     iterations: int | Sequence[int] | None = None, levels: Sequence[int] = DEFAULT_LEVELS,
                     fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
                     device: str | torch.device = "cpu", similarity_options: dict | None = None,
                     svf_factor: int | None = None, affine_similarity: str | None = None,
+                    regulariser: str = "diffusion", affine_levels: Sequence[int] | None = None,
+                    fold_weight: float | None = None,
                     progress: Callable[[str], None] | None = None) -> RegistrationResult:
     """Register `moving` to `fixed` (scalar SimpleITK images, 2D or 3D, any grids).
 
-    similarity: 'lncc' (default; same modality), 'mind' or 'mi' or 'ngf' (across modalities), 'mse'
-    (same modality and intensity scale): the losses of :mod:`atlasreg.losses.similarity`.
+    similarity: 'lncc' (same modality), 'mind' or 'mi' or 'ngf' (across modalities), 'mse' (same
+    modality and intensity scale): the losses of :mod:`atlasreg.losses.similarity`; default
+    :data:`DEFAULT_SIMILARITY` of the image dimension.
     stages: a subsequence of ('rigid', 'affine', 'deformable'), run in that order, each starting from
     the previous one's transform (none: the identity in world coordinates). model: the deformable
-    part, 'svf' (default), 'bspline' or 'dense'. lam: the diffusion weight (world units; default
-    :data:`DEFAULT_LAMBDA` of the similarity). iterations: Adam iterations per pyramid level of the
-    affine and deformable stages (one int, or one per level; default :func:`default_iterations`:
-    60 / 30 for the default levels 4 / 2). fixed_mask, moving_mask: binary images on the images' grids; only voxels inside count.
+    part, 'svf' (default), 'bspline' or 'dense'. regulariser: the deformable stage's penalty,
+    'diffusion' (default; first derivatives) or 'bending' (second derivatives), both in world units
+    (:mod:`atlasreg.losses.regularisers`). lam: its weight (default :data:`DEFAULT_LAMBDA` of the
+    similarity, set for diffusion). levels: the pyramid's downsampling factors, coarse to fine.
+    iterations: Adam iterations per pyramid level of the affine and deformable stages (one int, or one
+    per level; default :func:`default_iterations`: 60 / 30 for the default levels 4 / 2).
+    fold_weight: weight of the folding penalty on the deformable stage
+    (:func:`~atlasreg.losses.regularisers.folding_penalty`; default :data:`DEFAULT_FOLD_WEIGHT`).
+    affine_levels: the affine stage's own pyramid (default `levels`; ANTs and elastix also give each
+    stage its own schedule); its iterations are `iterations` where that is one int, else
+    :func:`default_iterations` of it. fixed_mask, moving_mask: binary images on the images' grids; only
+    voxels inside count.
     affine_similarity: the affine stage's similarity (default `similarity`), e.g. 'mi', a global
     statistic, before a local one for the deformable stage.
     svf_factor: the SVF is never finer than the finest level's grid downsampled by this factor (default
     :data:`DEFAULT_SVF_FACTOR` for the image's dimension; see :func:`~atlasreg.registration.instance.optimise`).
-    Returns a :class:`RegistrationResult`. Raises AtlasregError for an unknown stage, model or
-    similarity, images of different dimension, or a mask off its image's grid.
+    Returns a :class:`RegistrationResult`. Raises AtlasregError for an unknown stage, model,
+    regulariser or similarity, images of different dimension, or a mask off its image's grid.
     """
     from ..losses.similarity import build_similarity
     from .instance import optimise, per_level
@@ -160,10 +185,13 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
         raise AtlasregError(f"--stages: expected a subsequence of {','.join(STAGES)}, got {','.join(stages) or 'none'}")
     if model not in DEFORMABLE_MODELS:
         raise AtlasregError(f"--model: expected one of {', '.join(DEFORMABLE_MODELS)}, got {model!r}")
+    if regulariser not in REGULARISERS:
+        raise AtlasregError(f"--regulariser: expected one of {', '.join(REGULARISERS)}, got {regulariser!r}")
     if fixed.GetDimension() != moving.GetDimension():
         raise AtlasregError(f"the fixed image is {fixed.GetDimension()}D and the moving image "
                             f"{moving.GetDimension()}D")
     fixed_grid, moving_grid = Grid.from_sitk(fixed), Grid.from_sitk(moving)
+    similarity = DEFAULT_SIMILARITY.get(fixed_grid.ndim, "lncc") if similarity is None else similarity
     masks = []
     for name, mask, image in (("fixed", fixed_mask, fixed), ("moving", moving_mask, moving)):
         if mask is None:
@@ -185,8 +213,19 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
     lam = DEFAULT_LAMBDA[similarity] if lam is None else float(lam)
     levels = tuple(int(f) for f in levels)
     svf_factor = DEFAULT_SVF_FACTOR[fixed.GetDimension()] if svf_factor is None else int(svf_factor)
+    fold_weight = DEFAULT_FOLD_WEIGHT[fixed_grid.ndim] if fold_weight is None else float(fold_weight)
+    if not fold_weight >= 0:
+        raise AtlasregError(f"--fold-weight: expected a weight >= 0, got {fold_weight}")
     if iterations is None:
         iterations = default_iterations(levels)
+    if affine_levels is None:
+        affine_levels, affine_iterations = levels, iterations
+    else:
+        affine_levels = tuple(int(f) for f in affine_levels)
+        affine_iterations = iterations if isinstance(iterations, (int, np.integer)) else default_iterations(affine_levels)
+    for option, values in (("--levels", levels), ("--affine-levels", affine_levels)):
+        if not values or any(f < 1 for f in values):
+            raise AtlasregError(f"{option}: expected downsampling factors >= 1, got {','.join(map(str, values))}")
 
     def level_similarity(name: str):
         """The similarity `name` as optimise's callable, built per pyramid level: the LNCC window in mm
@@ -221,24 +260,25 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str = 
             history = []
         else:
             kind = "affine" if stage == "affine" else model
-            common = dict(similarity=similarity_fns[stage], model=kind, regulariser=None if kind == "affine" else "diffusion",
+            common = dict(similarity=similarity_fns[stage], model=kind, regulariser=None if kind == "affine" else regulariser,
                           lam=0.0 if kind == "affine" else lam, fixed_mask=fm_t, moving_mask=mm_t,
-                          svf_factor=svf_factor)
-            its = per_level(iterations, levels)
+                          svf_factor=svf_factor, fold_weight=0.0 if kind == "affine" else fold_weight)
+            stage_levels = affine_levels if stage == "affine" else levels
+            its = per_level(affine_iterations if stage == "affine" else iterations, stage_levels)
             if stage == "affine" and result_stages and result_stages[-1]["stage"] == "rigid":
                 # The rigid search is a global heuristic; an affine fit from the field-of-view centres
                 # competes with it at the coarsest level (the chest X-rays of docs/results.md: the search
                 # turned 6 of 39 upright pairs by 40-180 degrees; this check kept all 6 upright).
                 current, history, extra = _best_affine_start(
                     current, centres_start(fixed_grid, moving_grid, f_t.device),
-                    lambda start: optimise(f_t, fixed_grid, m_t, moving_grid, levels=levels[:1],
+                    lambda start: optimise(f_t, fixed_grid, m_t, moving_grid, levels=stage_levels[:1],
                                            iterations=its[:1], initial=start, **common))
-                if len(levels) > 1:
-                    current, finer = optimise(f_t, fixed_grid, m_t, moving_grid, levels=tuple(levels[1:]),
+                if len(stage_levels) > 1:
+                    current, finer = optimise(f_t, fixed_grid, m_t, moving_grid, levels=tuple(stage_levels[1:]),
                                               iterations=its[1:], initial=current, **common)
                     history = history + finer
             else:
-                current, history = optimise(f_t, fixed_grid, m_t, moving_grid, levels=tuple(levels),
+                current, history = optimise(f_t, fixed_grid, m_t, moving_grid, levels=tuple(stage_levels),
                                             iterations=its, initial=current, **common)
         result_stages.append({"stage": stage, "seconds": time.perf_counter() - t0,
                               "similarity_first": history[0]["similarity"] if history else None,
