@@ -844,8 +844,8 @@ def test_every_option_of_every_command_has_help_and_its_default_shown():
     import argparse
 
     parser, sub = _commands()
-    assert set(sub.choices) == {"train", "segment", "evaluate", "correspond", "register", "report", "letter-b",
-                                "demo", "deepatlas"}
+    assert set(sub.choices) == {"train", "segment", "evaluate", "correspond", "register", "register-to-atlas",
+                                "report", "letter-b", "demo", "deepatlas"}
     assert all(c.help and c.help.strip() for c in sub._choices_actions)  # the list in `atlasreg --help`
     (steps,) = [a for a in sub.choices["deepatlas"]._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(steps.choices) == {"pretrain", "template", "propagate", "crop"}

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .errors import AtlasregError
 
-from .contracts import (ATLAS_IMAGE, ATLAS_LABELMAP, ATLAS_LABELS_ON_MOVING,  # noqa: F401
+from .contracts import (ATLAS_DIR, ATLAS_IMAGE, ATLAS_LABELMAP, ATLAS_LABELS_ON_MOVING, FINAL_CHECKPOINT,  # noqa: F401
                         FORWARD_FIELD, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM,
                         REGISTERED_IMAGE as WARPED, REGISTERED_LABELS as WARPED_LABELS,
                         REGISTRATION_SUMMARY as SUMMARY)
@@ -134,7 +134,7 @@ def cmd_register_to_atlas(args) -> int:
     if dim is not None and dim != grid.ndim:
         raise AtlasregError(f"is {dim}D but the model's atlas is {grid.ndim}D", args.moving)
     with tempfile.TemporaryDirectory(prefix="atlasreg-atlas-") as tmp:
-        paths = save_atlas(atlas_labelmap, atlas_image, module.labels, grid, Path(tmp) / "atlas")
+        paths = save_atlas(atlas_labelmap, atlas_image, module.labels, grid, Path(tmp) / ATLAS_DIR)
         args.fixed, args.fixed_labels = str(paths[ATLAS_IMAGE]), str(paths[ATLAS_LABELMAP])
         args.mask = args.fixed_landmarks = args.moving_landmarks = None
         return cmd_register(args, atlas={"checkpoint": str(Path(args.checkpoint).resolve()), "paths": paths})
@@ -328,7 +328,7 @@ def add_register_parser(subparsers) -> argparse.ArgumentParser:
         "the scan warped into atlas space, the transforms both ways, and the atlas labelmap on the scan's "
         "own grid.")
     a.add_argument("moving", metavar="scan", help="the scan (NIfTI, PNG, ...), of the model's dimension")
-    a.add_argument("--checkpoint", required=True, help="model.ckpt written by `atlasreg train`")
+    a.add_argument("--checkpoint", required=True, help=f"{FINAL_CHECKPOINT} written by `atlasreg train`")
     _add_registration_options(a)
     a.add_argument("--labels", help="the scan's labelmap: warped into atlas space and scored against the atlas "
                    "labelmap in summary.yaml")
