@@ -266,7 +266,8 @@ def test_register_to_atlas_maps_a_scan_to_the_atlas_and_the_atlas_labelmap_back(
     (5, -4) mm and 10% larger) is registered to the checkpoint's atlas image; warped.nii.gz lies on the
     atlas grid, atlas_labels_on_moving.nii.gz on the scan's grid (SimpleITK reads back its geometry)
     and overlaps the scan's own labelmap far better than before; the summary names the checkpoint and
-    scores --labels against the atlas labelmap. A 3D scan for a 2D atlas and a checkpoint without an
+    scores --labels against the atlas labelmap. Without the rigid stage, a scan 250 mm away is found
+    from the fields of view's centres. A 3D scan for a 2D atlas and a checkpoint without an
     atlas give one line, exit status 2, and no folder."""
     from scipy.ndimage import gaussian_filter
 
@@ -298,6 +299,18 @@ def test_register_to_atlas_maps_a_scan_to_the_atlas_and_the_atlas_labelmap_back(
     assert summary["atlas_checkpoint"] == str(ckpt.resolve())
     assert summary["labels"]["after"]["dice_mean"] > 0.95 > summary["labels"]["before"]["dice_mean"]
     assert (out / ATLAS_IMAGE).is_file() and (out / ATLAS_LABELMAP).is_file()
+    # without the rigid stage the fit starts from the fields of view's centres (the atlas's centred world
+    # frame is unrelated to the scan's): the scan moved 200 mm away is registered as well
+    for path in paths:
+        im = sitk.ReadImage(str(path))
+        im.SetOrigin((origin[0] + 200.0, origin[1] - 150.0))
+        sitk.WriteImage(im, str(path))
+    far = tmp_path / "far"
+    assert main(["register-to-atlas", str(paths[0]), "--checkpoint", str(ckpt), "--out", str(far),
+                 "--labels", str(paths[1]), "--levels", "2,1", "--iterations", "40", "--stages",
+                 "affine,deformable", "--quiet"]) == 0
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(far / ATLAS_LABELS_ON_MOVING))) == 255
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.95
     capsys.readouterr()
 
     volume = tmp_path / "volume.nii.gz"

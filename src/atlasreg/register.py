@@ -152,7 +152,8 @@ def cmd_register(args, atlas: dict | None = None) -> int:
     from .evaluation.registration import propagate_labels, read_landmark_pair, target_registration_error, \
         transform_regularity
     from .registration.pipeline import (DEFAULT_FOLD_WEIGHT, DEFAULT_LAMBDA, DEFAULT_SIMILARITY, DEFAULT_SVF_FACTOR,
-                                        default_iterations, register_images)
+                                        centres_start, default_iterations, register_images)
+    from .spatial.grid import Grid
     from .spatial.itk import write_transform
 
     out = check_output_folder(args.out)  # before anything is read or written
@@ -187,13 +188,19 @@ def cmd_register(args, atlas: dict | None = None) -> int:
 
     dim = fixed.GetDimension()
     similarity = args.similarity or DEFAULT_SIMILARITY[dim]
+    initial = None
+    if atlas is not None and "rigid" not in stages:
+        # the atlas's world frame (the centred model grid) is unrelated to the scan's: start from the
+        # fields of view's centres, not from the identity
+        initial = centres_start(Grid.from_sitk(fixed), Grid.from_sitk(moving), device)
     t0 = time.perf_counter()
     try:
         result = register_images(fixed, moving, similarity=similarity, stages=stages, model=args.model,
                                  lam=args.lam, iterations=iterations, levels=levels, fixed_mask=fixed_mask,
                                  moving_mask=moving_mask, device=device, svf_factor=args.svf_factor,
                                  affine_similarity=args.affine_similarity, regulariser=args.regulariser,
-                                 affine_levels=affine_levels, fold_weight=args.fold_weight, progress=progress)
+                                 affine_levels=affine_levels, fold_weight=args.fold_weight, initial=initial,
+                                 progress=progress)
     except ValueError as exc:
         raise AtlasregError(str(exc).splitlines()[0]) from None
     seconds = time.perf_counter() - t0

@@ -149,7 +149,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | 
                     device: str | torch.device = "cpu", similarity_options: dict | None = None,
                     svf_factor: int | None = None, affine_similarity: str | None = None,
                     regulariser: str = "diffusion", affine_levels: Sequence[int] | None = None,
-                    fold_weight: float | None = None,
+                    fold_weight: float | None = None, initial: Transform | None = None,
                     progress: Callable[[str], None] | None = None) -> RegistrationResult:
     """Register `moving` to `fixed` (scalar SimpleITK images, 2D or 3D, any grids).
 
@@ -166,6 +166,9 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | 
     per level; default :func:`default_iterations`: 60 / 30 for the default levels 4 / 2).
     fold_weight: weight of the folding penalty on the deformable stage
     (:func:`~atlasreg.losses.regularisers.folding_penalty`; default :data:`DEFAULT_FOLD_WEIGHT`).
+    initial: the transform (fixed -> moving world points, batch 1) the first stage after the rigid search
+    starts from, instead of the identity, when there is no rigid stage (e.g. :func:`centres_start` for
+    images whose world frames are unrelated).
     affine_levels: the affine stage's own pyramid (default `levels`; ANTs and elastix also give each
     stage its own schedule); its iterations are `iterations` where that is one int, else
     :func:`default_iterations` of it. fixed_mask, moving_mask: binary images on the images' grids; only
@@ -244,7 +247,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | 
 
     similarity_fns = {"affine": level_similarity(affine_similarity), "deformable": level_similarity(similarity)}
 
-    current: Transform | None = None
+    current: Transform | None = None if initial is None or "rigid" in stages else initial
     result_stages: list[dict] = []
     for stage in stages:
         t0 = time.perf_counter()
