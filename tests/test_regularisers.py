@@ -42,32 +42,30 @@ def test_bending_energy_zero_for_affine_field():
 
 
 def test_folding_penalty_known_values_2d_and_3d():
-    """folding_penalty = mean(max(0, margin - det(I + grad u))): 0 for a translation and for a mild
-    stretch (det 1.2); for a linear field its central differences are exact, so a reflection along x
-    (u_x = -2 x: det -1) costs margin + 1 everywhere, and a compression to det 0.05 costs
-    margin - 0.05; in 3D a field that folds on half of the voxels costs half as much."""
+    """folding_penalty = mean(max(0, margin - det J)) of a point map x + u(x): 0 for a translation and
+    for a mild stretch (det 1.2); for a linear field its central differences are exact, so a reflection
+    along x (u_x = -2 x: det -1) costs margin + 1 everywhere, and a compression to det 0.05 costs
+    margin - 0.05; in 3D a field that folds on part of the voxels costs less."""
     import pytest
 
     from atlasreg.losses import folding_penalty
 
     for d in (2, 3):
-        size, spacing = (6, 7, 5)[:d], (1.5, 0.8, 2.0)[:d]
-        axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) * s for n, s in zip(size, spacing[::-1])],
-                              indexing="ij")                      # array order; x_j is axes[d - 1 - j]
-        x = torch.stack([axes[d - 1 - j] for j in range(d)])[None]  # (1, D, *size), ITK order components
-        assert float(folding_penalty(torch.full_like(x, 3.0), spacing)) == 0.0
-        stretch = torch.zeros_like(x)
-        stretch[:, 0] = 0.2 * x[:, 0]
-        assert float(folding_penalty(stretch, spacing)) == 0.0
-        flip = torch.zeros_like(x)
-        flip[:, 0] = -2.0 * x[:, 0]
-        assert float(folding_penalty(flip, spacing, margin=0.1)) == pytest.approx(1.1, abs=1e-9)
-        squeeze = torch.zeros_like(x)
-        squeeze[:, 0] = -0.95 * x[:, 0]
-        assert float(folding_penalty(squeeze, spacing, margin=0.1)) == pytest.approx(0.05, abs=1e-9)
+        grid = Grid.centred((6, 7, 5)[:d], (1.5, 0.8, 2.0)[:d])
+        x = grid.points(dtype=torch.float64)                # (1, *size, D), components x, y[, z]
+        assert float(folding_penalty(x + 3.0, grid)) == 0.0
+        stretch = x.clone()
+        stretch[..., 0] += 0.2 * x[..., 0]
+        assert float(folding_penalty(stretch, grid)) == 0.0
+        flip = x.clone()
+        flip[..., 0] += -2.0 * x[..., 0]
+        assert float(folding_penalty(flip, grid, margin=0.1)) == pytest.approx(1.1, abs=1e-9)
+        squeeze = x.clone()
+        squeeze[..., 0] += -0.95 * x[..., 0]
+        assert float(folding_penalty(squeeze, grid, margin=0.1)) == pytest.approx(0.05, abs=1e-9)
     half = flip.clone()
-    half[..., :2] = 0.0      # the last array axis (x) in two halves: the first two x columns do not fold
-    inner = folding_penalty(half, spacing, margin=0.1)
+    half[..., :2, :] = x[..., :2, :]  # the first two x columns (last array axis) do not fold
+    inner = folding_penalty(half, grid, margin=0.1)
     assert 0.0 < float(inner) < 1.1
     with pytest.raises(ValueError, match="margin"):
-        folding_penalty(flip, spacing, margin=1.0)
+        folding_penalty(flip, grid, margin=1.0)

@@ -33,6 +33,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .config import IMAGE_SIMILARITIES
 from .errors import AtlasregError
 
 from .contracts import (ATLAS_DIR, ATLAS_IMAGE, ATLAS_LABELMAP, ATLAS_LABELS_ON_MOVING, FINAL_CHECKPOINT,  # noqa: F401
@@ -282,10 +283,10 @@ def cmd_register(args, atlas: dict | None = None) -> int:
 def _add_registration_options(r: argparse.ArgumentParser) -> None:
     """The options `register` and `register-to-atlas` share."""
     r.add_argument("--out", required=True, help="output folder (warped image, transforms, summary.yaml)")
-    r.add_argument("--similarity", default=None, choices=("lncc", "mind", "ngf", "mi", "mse"),
+    r.add_argument("--similarity", default=None, choices=IMAGE_SIMILARITIES,
                    help="lncc or mse for the same modality; mind, mi or ngf across modalities (default: lncc "
                    "in 3D, mind in 2D, as calibrated on mouse-brain MRI and chest X-ray pairs)")
-    r.add_argument("--affine-similarity", default=None, choices=("lncc", "mind", "ngf", "mi", "mse"),
+    r.add_argument("--affine-similarity", default=None, choices=IMAGE_SIMILARITIES,
                    help="the affine stage's similarity (default: --similarity)")
     r.add_argument("--stages", default="rigid,affine,deformable",
                    help="comma-separated subsequence of rigid,affine,deformable")

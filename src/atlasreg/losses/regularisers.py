@@ -13,6 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..spatial.grid import Grid
+from ..spatial.transforms import jacobian_determinant
+
 
 def diffusion_regulariser(u: torch.Tensor, spacing: Sequence[float], reduction: str = "mean") -> torch.Tensor:
     """Diffusion regulariser ||grad u||^2 (Atlas-ISTN Eq. 13), per-voxel mean.
@@ -51,31 +54,20 @@ def bending_energy(u: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
     return total
 
 
-def folding_penalty(u: torch.Tensor, spacing: Sequence[float], margin: float = 0.1) -> torch.Tensor:
-    """Penalty on folding: the per-voxel mean of ``max(0, margin - det(I + grad u))`` (the negative
-    Jacobian loss of Kuang and Schmah, "FAIM", MICCAI workshops 2019, with a margin so that a
-    determinant is pushed up before it reaches 0, where a field resampled to a finer grid would fold).
+def folding_penalty(points: torch.Tensor, grid: Grid, margin: float = 0.1) -> torch.Tensor:
+    """Penalty on folding: the per-voxel mean of ``max(0, margin - det J)`` (the negative Jacobian
+    loss of Kuang and Schmah, "FAIM", MICCAI workshops 2019, with a margin so that a determinant is
+    pushed up before it reaches 0, where a field resampled to a finer grid would fold).
 
-    u: (N, D, *spatial) displacement in mm on a grid of `spacing` (ITK order, mm), axes aligned with the
-    world axes (a centred grid). Derivatives by central differences (one-sided at the borders), so a
-    field without folds near `margin` costs exactly 0. Returns a scalar (dimensionless). Raises
-    ValueError for a malformed field or a margin outside [0, 1).
+    points: (N, *grid.size, D) a point map in mm at the voxel centres of the :class:`Grid` `grid`
+    (x + u(x)); det J is :func:`atlasreg.spatial.transforms.jacobian_determinant` (central
+    differences, one-sided at the borders), so a map without determinants below `margin` costs
+    exactly 0. Returns a scalar (dimensionless). Raises ValueError for points off the grid or a margin
+    outside [0, 1).
     """
-    d = u.dim() - 2
-    if d not in (2, 3) or u.shape[1] != d or len(spacing) != d:
-        raise ValueError(f"expected (N, D, *spatial) with D = len(spacing), got {tuple(u.shape)}, {spacing}")
     if not 0.0 <= float(margin) < 1.0:
         raise ValueError(f"margin must lie in [0, 1), got {margin}")
-    # J[i][j] = delta_ij + d u_i / d x_j; x_j (ITK order) is array dim 2 + d - 1 - j
-    grads = [torch.gradient(u, spacing=float(spacing[j]), dim=2 + d - 1 - j)[0] for j in range(d)]
-    J = [[grads[j][:, i] + (1.0 if i == j else 0.0) for j in range(d)] for i in range(d)]
-    if d == 2:
-        det = J[0][0] * J[1][1] - J[0][1] * J[1][0]
-    else:
-        det = (J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
-               - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
-               + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0]))
-    return torch.relu(float(margin) - det).mean()
+    return torch.relu(float(margin) - jacobian_determinant(points, grid)).mean()
 
 
 class DiffusionRegulariser(nn.Module):

@@ -181,7 +181,7 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
             r = reg((pts - x_c).movedim(-1, 1), grid_c.spacing) if reg is not None else sim.new_zeros(())
             loss = sim + lam * r
             if fold_weight > 0:
-                loss = loss + fold_weight * folding_penalty((pts - x_c).movedim(-1, 1), grid_c.spacing)
+                loss = loss + fold_weight * folding_penalty(pts, grid_c)
             return loss, sim, r
 
         if steps == 0:

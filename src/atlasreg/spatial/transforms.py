@@ -198,7 +198,14 @@ def jacobian_determinant(points: torch.Tensor, grid: Grid) -> torch.Tensor:
     for j in range(d):  # derivative along grid axis j (ITK order), which is array dim (d - j)
         cols.append(torch.gradient(points, spacing=float(grid.spacing[j]), dim=d - j)[0])
     jac = torch.stack(cols, dim=-1)  # (..., i, j) = d p_i / d x_j along the grid axes
-    det = torch.linalg.det(jac)
+    # the closed form of a 2 x 2 or 3 x 3 determinant: cheaper than a batched LU on every voxel and
+    # differentiable at singular matrices (the folding penalty optimises through it)
+    if d == 2:
+        det = jac[..., 0, 0] * jac[..., 1, 1] - jac[..., 0, 1] * jac[..., 1, 0]
+    else:
+        det = (jac[..., 0, 0] * (jac[..., 1, 1] * jac[..., 2, 2] - jac[..., 1, 2] * jac[..., 2, 1])
+               - jac[..., 0, 1] * (jac[..., 1, 0] * jac[..., 2, 2] - jac[..., 1, 2] * jac[..., 2, 0])
+               + jac[..., 0, 2] * (jac[..., 1, 0] * jac[..., 2, 1] - jac[..., 1, 1] * jac[..., 2, 0]))
     # Derivatives along the grid axes are those along world axes times the direction matrix R, so
     # det J_world = det J_grid / det R (det R = +-1).
     if np.linalg.det(grid.direction_matrix) < 0:
