@@ -60,7 +60,7 @@ SETS = {
 }
 #: atlasreg's settings that the script passes on to each worker (command-line options of the same name).
 WORKER_OPTIONS = ("levels", "lam", "iterations", "similarity", "svf_factor", "affine_similarity", "model",
-                  "regulariser", "affine_levels", "fold_weight")
+                  "regulariser", "affine_levels", "fold_weight", "tolerance")
 COLUMNS = ("fixed", "moving", "method", "seconds", "wall_s", "peak_mb", "dice_mean", "hd95_mean", "dice_before",
            "nonpositive_jacobian_percent", "std_log_jacobian", "n_labels")
 
@@ -69,7 +69,8 @@ COLUMNS = ("fixed", "moving", "method", "seconds", "wall_s", "peak_mb", "dice_me
 
 def _load_libraries(method: str) -> None:
     """Import what `method` runs on before the clock starts: torch (with torch._dynamo, which
-    torch.optim imports at the first step), MONAI for atlasreg's rigid start (the search blurs with MONAI's
+    torch.optim imports at its first use: ConvexAdam's optimiser; atlasreg's instance optimisation has
+    its own Adam), MONAI for atlasreg's rigid start (the search blurs with MONAI's
     GaussianFilter; importing MONAI takes about 2 s, more where itk is installed, which MONAI then
     imports too), itk's elastix module (itk loads lazily at first use), ants."""
     if method.startswith("atlasreg") or method == "convexadam":
@@ -121,8 +122,9 @@ def _worker(method: str, fixed_path: str, moving_path: str, field_path: str, opt
             kwargs["svf_factor"] = int(options["svf_factor"])
         if options.get("affine_levels"):
             kwargs["affine_levels"] = tuple(int(v) for v in options["affine_levels"].split(","))
-        if options.get("fold_weight") is not None:
-            kwargs["fold_weight"] = float(options["fold_weight"])
+        for name in ("fold_weight", "tolerance"):
+            if options.get(name) is not None:
+                kwargs[name] = float(options[name])
         for name in ("model", "regulariser"):
             if options.get(name):
                 kwargs[name] = options[name]
@@ -301,7 +303,7 @@ def main() -> None:
     p.add_argument("--levels", default=None, help="atlasreg pyramid levels, e.g. 4,2 (default: its own)")
     p.add_argument("--lam", type=float, default=None, help="atlasreg lambda (default: its own)")
     p.add_argument("--iterations", default=None, help="atlasreg Adam iterations per level, e.g. 120,60 (default: its own)")
-    p.add_argument("--similarity", default=None, help="atlasreg similarity (default: lncc)")
+    p.add_argument("--similarity", default=None, help="atlasreg similarity (default: its own per dimension)")
     p.add_argument("--affine-similarity", default=None, help="atlasreg: the affine stage's similarity (default: --similarity)")
     p.add_argument("--svf-factor", type=int, default=None,
                    help="atlasreg: the SVF is never finer than the finest level's grid downsampled by "
@@ -310,7 +312,9 @@ def main() -> None:
     p.add_argument("--fold-weight", type=float, default=None, help="atlasreg: the folding penalty's weight (default: its own)")
     p.add_argument("--regulariser", default=None, help="atlasreg: diffusion or bending (default: diffusion)")
     p.add_argument("--affine-levels", default=None, help="atlasreg: the affine stage's pyramid, e.g. 8,4,2 "
-                   "(default: --levels)")
+                   "(default: its own)")
+    p.add_argument("--tolerance", type=float, default=None, help="atlasreg: a pyramid level's early-stop "
+                   "tolerance (default: its own)")
     p.add_argument("--keep-fields", action="store_true", help="keep each method's displacement field (10 MB per "
                    "mouse pair) under OUT/fields, to score it again later")
     p.add_argument("--compare", default=None, help="also print METHOD paired against every other method")

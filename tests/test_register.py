@@ -108,7 +108,7 @@ def test_register_2d_rigid_start_finds_a_half_turn(tmp_path):
         if stages == "rigid,affine":  # the search's half turn beat the fields of view's centres
             (affine,) = [s for s in summary["stage_results"] if s["stage"] == "affine"]
             assert affine["start"] == "rigid search", affine
-            assert affine["coarse_loss_from_rigid"] < affine["coarse_loss_from_centres"]
+            assert affine["loss_from_rigid"] < affine["loss_from_centres"]
     assert dice["rigid,affine"] > 0.9 and dice["affine"] < 0.6, dice
 
 
@@ -135,13 +135,55 @@ def test_register_keeps_the_centres_start_when_the_rigid_search_is_wrong(monkeyp
     result = register_images(fixed, moving, stages=("rigid", "affine"), levels=(2, 1), iterations=40)
     (affine,) = [s for s in result.stages if s["stage"] == "affine"]
     assert affine["start"] == "field-of-view centres", affine
-    assert affine["coarse_loss_from_centres"] < affine["coarse_loss_from_rigid"]
+    assert affine["loss_from_centres"] < affine["loss_from_rigid"]
     matrix = result.transform.matrix[0].numpy()
     assert np.diag(matrix).min() > 0.8, matrix           # upright (a quarter turn: diagonal 0)
     moved = torch.from_numpy(np.roll(lab, (2, -3), axis=(0, 1)))[None, None]
     warped = result.transform.warp(moved, Grid.from_sitk(moving), Grid.from_sitk(fixed))[0, 0].numpy() > 0.5
     dice = 2 * (warped & (lab > 0)).sum() / (warped.sum() + (lab > 0).sum())
     assert dice > 0.95, dice
+
+
+def test_best_affine_start_is_scored_by_the_given_score():
+    """With a score (the similarity at the affine stage's finest level), the start whose coarse fit
+    scores lower wins, whatever the coarse losses say; without one, the coarse losses decide."""
+    from atlasreg.registration.pipeline import _best_affine_start
+    from atlasreg.spatial.transforms import AffineTransform
+
+    rigid, centres = AffineTransform.identity(2), AffineTransform.identity(2)
+    centres = AffineTransform(centres.matrix, centres.translation + 5.0)
+    coarse = {id(rigid): -0.30, id(centres): -0.28}          # the coarse level prefers the rigid start
+    fine = {id(rigid): -0.40, id(centres): -0.45}            # the finer level the centres
+
+    def fit(start):
+        return start, [{"similarity": coarse[id(start)]}]
+    chosen, _, record = _best_affine_start(rigid, centres, fit, lambda t: fine[id(t)])
+    assert chosen is centres and record["start"] == "field-of-view centres"
+    assert record["loss_from_centres"] == -0.45
+    chosen, _, record = _best_affine_start(rigid, centres, fit)
+    assert chosen is rigid and record["start"] == "rigid search"
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_default_settings_per_dimension_are_resolved_in_the_result(ndim):
+    """The settings a registration used come back with the defaults resolved: 2D MI on levels 8, 4, 2
+    with the affine stage on 16, 8, 4, an early stop and the folding penalty; 3D LNCC on 4, 2. Given
+    levels also set the affine stage's pyramid."""
+    from atlasreg.registration.pipeline import register_images
+
+    size = (48,) * ndim
+    g = np.random.default_rng(0)
+    img = sitk.GetImageFromArray(g.random(size).astype(np.float32))
+    result = register_images(img, img, stages=("affine", "deformable"), iterations=2)
+    expected = {2: dict(similarity="mi", levels=[8, 4, 2], affine_levels=[16, 8, 4], tolerance=1e-2,
+                        fold_weight=100.0, svf_factor=2, lam=1.0),
+                3: dict(similarity="lncc", levels=[4, 2], affine_levels=[4, 2], tolerance=0.0, fold_weight=0.0,
+                        svf_factor=2, lam=5.0)}[ndim]
+    got = result.settings
+    assert {k: got["lambda" if k == "lam" else k] for k in expected} == expected, got
+    assert got["iterations"] == 2 and got["affine_iterations"] == 2
+    result = register_images(img, img, stages=("affine",), levels=(2,), iterations=1)
+    assert result.settings["affine_levels"] == [2]
 
 
 def test_register_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):

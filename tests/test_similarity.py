@@ -240,6 +240,33 @@ def test_mutual_information_equals_monai_for_images_spanning_0_1(normalized):
         assert torch.all(nmi - 1 > 0)
 
 
+@pytest.mark.parametrize("bins,sigma_ratio", [(16, 1.0), (40, 0.3), (32, 0.5)])
+def test_mutual_information_truncated_windows_equal_dense_ones(bins, sigma_ratio):
+    """Each voxel votes into the bins within 5 sigma only (2 r + 1 of them): the same MI, to 1e-5, as
+    Gaussian windows over every bin (the estimate MONAI's GlobalMutualInformationLoss uses), written
+    out here for images spanning [0, 1]."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 1, 32, 32, generator=g, dtype=torch.float64)
+    b = (a ** 2 + 0.2 * torch.rand(1, 1, 32, 32, generator=g, dtype=torch.float64)).clamp(0, 1)
+    for x in (a, b):
+        x.view(-1)[0], x.view(-1)[1] = 0.0, 1.0
+    centres = torch.linspace(0, 1, bins, dtype=torch.float64)
+    sigma = sigma_ratio / (bins - 1)
+
+    def votes(x):
+        w = torch.exp(-0.5 * ((x.reshape(-1, 1) - centres) / sigma) ** 2)
+        return w / w.sum(1, keepdim=True)
+
+    joint = votes(a).T @ votes(b) / a.numel()
+
+    def entropy(p):
+        return -(p * torch.log(p.clamp_min(1e-12))).sum()
+
+    dense = entropy(joint.sum(1)) + entropy(joint.sum(0)) - entropy(joint)
+    assert float(dense) > 0.1
+    assert float(-mutual_information(a, b, bins=bins, sigma_ratio=sigma_ratio)) == pytest.approx(float(dense), abs=1e-5)
+
+
 def test_mutual_information_rises_with_dependence():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(1, 1, 64, 64, generator=g)
@@ -352,17 +379,18 @@ def test_ngf_of_a_ramp_is_its_normalised_gradient_in_world_units(ndim):
     assert torch.allclose(ngf_field(2.0 - 3.0 * image, spacing, 3.0 * eps), -n, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["lncc", "mind"])
+@pytest.mark.parametrize("name", ["lncc", "mind", "mi"])
 def test_module_reuses_what_it_computed_from_the_fixed_image_only_while_fixed_and_mask_are_the_same(name):
-    """LNCC and MINDSSC (the modules) compute the fixed image's part (local statistics, descriptors)
-    once per fixed image and mask: repeated calls, a new moving image, an in-place change of the fixed
+    """LNCC, MINDSSC and MutualInformation (the modules) compute the fixed image's part (local
+    statistics, descriptors, Parzen votes) once per fixed image and mask: repeated calls, a new moving image, an in-place change of the fixed
     image, another fixed tensor and another mask all give the pure function's value (to 1e-6), and its
     gradient too."""
-    from atlasreg.losses.similarity import LNCC, MINDSSC, lncc, mind_loss
+    from atlasreg.losses.similarity import LNCC, MINDSSC, MutualInformation, lncc, mind_loss
 
     spacing = (1.0, 1.2, 2.0)
-    module = LNCC(spacing, window_mm=5.0) if name == "lncc" else MINDSSC(spacing)
-    function = (lambda f, m, k: lncc(f, m, spacing, 5.0, k)) if name == "lncc" else mind_loss
+    module = {"lncc": LNCC(spacing, window_mm=5.0), "mind": MINDSSC(spacing), "mi": MutualInformation(spacing)}[name]
+    function = {"lncc": lambda f, m, k: lncc(f, m, spacing, 5.0, k), "mind": lambda f, m, k: mind_loss(f, m, mask=k),
+                "mi": lambda f, m, k: mutual_information(f, m, mask=k)}[name]
     g = torch.Generator().manual_seed(3)
     fixed = torch.rand(2, 1, 20, 18, 16, generator=g)
     mask = (torch.rand(2, 1, 20, 18, 16, generator=g) > 0.3).float()
@@ -376,7 +404,7 @@ def test_module_reuses_what_it_computed_from_the_fixed_image_only_while_fixed_an
         got = module(fixed, moving, m)
         (grad,) = torch.autograd.grad(got, moving)
         moving2 = moving.detach().clone().requires_grad_(True)
-        want = function(fixed, moving2, m) if name == "lncc" else function(fixed, moving2, mask=m)
+        want = function(fixed, moving2, m)
         (grad_want,) = torch.autograd.grad(want, moving2)
         assert abs(float(got) - float(want)) < 1e-6, step
         assert torch.allclose(grad, grad_want, atol=1e-7), step

@@ -152,8 +152,7 @@ def cmd_register(args, atlas: dict | None = None) -> int:
     from .devices import resolve_device
     from .evaluation.registration import propagate_labels, read_landmark_pair, target_registration_error, \
         transform_regularity
-    from .registration.pipeline import (DEFAULT_FOLD_WEIGHT, DEFAULT_LAMBDA, DEFAULT_SIMILARITY, DEFAULT_SVF_FACTOR,
-                                        centres_start, default_iterations, register_images)
+    from .registration.pipeline import centres_start, register_images
     from .spatial.grid import Grid
     from .spatial.itk import write_transform
 
@@ -177,7 +176,7 @@ def cmd_register(args, atlas: dict | None = None) -> int:
     if args.iterations:
         iterations = [int(x) for x in args.iterations.split(",")]
         iterations = iterations[0] if len(iterations) == 1 else iterations
-    levels = _factors(args.levels, "--levels")
+    levels = _factors(args.levels, "--levels") if args.levels else None
     affine_levels = _factors(args.affine_levels, "--affine-levels") if args.affine_levels else None
     device = resolve_device(args.device)
     if args.threads:
@@ -187,8 +186,6 @@ def cmd_register(args, atlas: dict | None = None) -> int:
         if not args.quiet:
             print(f"{stage} ...", flush=True)
 
-    dim = fixed.GetDimension()
-    similarity = args.similarity or DEFAULT_SIMILARITY[dim]
     initial = None
     if atlas is not None and "rigid" not in stages:
         # the atlas's world frame (the centred model grid) is unrelated to the scan's: start from the
@@ -196,26 +193,19 @@ def cmd_register(args, atlas: dict | None = None) -> int:
         initial = centres_start(Grid.from_sitk(fixed), Grid.from_sitk(moving), device)
     t0 = time.perf_counter()
     try:
-        result = register_images(fixed, moving, similarity=similarity, stages=stages, model=args.model,
+        result = register_images(fixed, moving, similarity=args.similarity, stages=stages, model=args.model,
                                  lam=args.lam, iterations=iterations, levels=levels, fixed_mask=fixed_mask,
                                  moving_mask=moving_mask, device=device, svf_factor=args.svf_factor,
                                  affine_similarity=args.affine_similarity, regulariser=args.regulariser,
                                  affine_levels=affine_levels, fold_weight=args.fold_weight, initial=initial,
-                                 progress=progress)
+                                 tolerance=args.tolerance, progress=progress)
     except ValueError as exc:
         raise AtlasregError(str(exc).splitlines()[0]) from None
     seconds = time.perf_counter() - t0
     T = result.transform
     summary = {
         "fixed": str(Path(args.fixed).resolve()), "moving": str(Path(args.moving).resolve()),
-        "similarity": similarity, "affine_similarity": args.affine_similarity or similarity,
-        "stages": list(stages), "model": args.model,
-        "regulariser": args.regulariser,
-        "fold_weight": DEFAULT_FOLD_WEIGHT[dim] if args.fold_weight is None else args.fold_weight,
-        "lambda": DEFAULT_LAMBDA[similarity] if args.lam is None else args.lam, "levels": list(levels),
-        "iterations": default_iterations(levels) if iterations is None else iterations,
-        "affine_levels": list(affine_levels or levels),
-        "svf_factor": DEFAULT_SVF_FACTOR[fixed.GetDimension()] if args.svf_factor is None else args.svf_factor,
+        "stages": list(stages), **result.settings,
         "seconds": round(seconds, 3),
         "stage_results": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.items()}
                           for s in result.stages],
@@ -285,7 +275,7 @@ def _add_registration_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="output folder (warped image, transforms, summary.yaml)")
     r.add_argument("--similarity", default=None, choices=IMAGE_SIMILARITIES,
                    help="lncc or mse for the same modality; mind, mi or ngf across modalities (default: lncc "
-                   "in 3D, mind in 2D, as calibrated on mouse-brain MRI and chest X-ray pairs)")
+                   "in 3D, mi in 2D, as calibrated on mouse-brain MRI and chest X-ray pairs)")
     r.add_argument("--affine-similarity", default=None, choices=IMAGE_SIMILARITIES,
                    help="the affine stage's similarity (default: --similarity)")
     r.add_argument("--stages", default="rigid,affine,deformable",
@@ -296,17 +286,22 @@ def _add_registration_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regularisation weight (world units; default per similarity, set for diffusion)")
     r.add_argument("--fold-weight", type=float, default=None,
-                   help="weight of the penalty on Jacobian determinants below 0.1 (0: off; default 10 in 2D, "
+                   help="weight of the penalty on Jacobian determinants below 0.1 (0: off; default 100 in 2D, "
                    "0 in 3D)")
     r.add_argument("--iterations", default=None,
-                   help="Adam iterations per level, one number or one per level (default 60,30 for levels 4,2)")
-    r.add_argument("--levels", default="4,2", help="pyramid downsampling factors, coarse to fine (1: full "
-                   "resolution)")
+                   help="Adam iterations per level, one number or one per level (default 100,60,30 for three "
+                   "levels, 60,30 for two)")
+    r.add_argument("--levels", default=None, help="pyramid downsampling factors, coarse to fine (1: full "
+                   "resolution; default 8,4,2 in 2D, 4,2 in 3D)")
     r.add_argument("--affine-levels", default=None,
-                   help="the affine stage's own pyramid, e.g. 8,4,2 (default: --levels)")
+                   help="the affine stage's own pyramid (default 16,8,4 in 2D when --levels is not given, "
+                   "else --levels)")
+    r.add_argument("--tolerance", type=float, default=None,
+                   help="a pyramid level stops once its objective fell by less than this fraction over 10 "
+                   "iterations (0: off; default 0.01 in 2D, 0 in 3D)")
     r.add_argument("--svf-factor", type=int, default=None,
                    help="the SVF is never finer than the finest level's grid downsampled by this factor "
-                   "(default 2 in 3D, 1 in 2D)")
+                   "(default 2)")
     r.add_argument("--moving-mask", help="moving-image mask on the moving grid")
     r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<index>")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -478,18 +478,27 @@ def ngf(fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], eps
 
 # ---------------------------------------------------------------- mutual information
 
-def _parzen(x: torch.Tensor, w: torch.Tensor, bins: int, sigma: float) -> torch.Tensor:
-    """Gaussian Parzen weights (M, V, bins) of (M, 1, *S) intensities rescaled to [0, 1] by their
-    per-image min and max over the voxels with w > 0 (detached), normalised to sum 1 per voxel."""
+def _parzen(x: torch.Tensor, w: torch.Tensor, bins: int, sigma_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse Gaussian Parzen weights of (M, 1, *S) intensities, rescaled to [0, 1] by their per-image
+    min and max over the voxels with w > 0 (detached): for each voxel the bins within
+    ``r = ceil(5 sigma_ratio - 1/2)`` bins of its nearest bin centre, (M, V, 2r + 1) bin indices (long)
+    and weights exp(-d^2 / (2 sigma^2)) normalised to sum 1 per voxel (d the distance to the bin centre
+    in bin widths, sigma = sigma_ratio bin widths). The bins left out lie at least 5 sigma away (weight
+    below 4e-6 of the largest), so the estimate is the dense one's up to that truncation, at 2r + 1
+    instead of `bins` exponentials per voxel (Mattes et al. 2003 use compact B-spline windows for the
+    same reason)."""
     inside = (w > 0).flatten(1)
     flat = x.flatten(1)
     big = torch.finfo(flat.dtype).max
     lo = torch.where(inside, flat, torch.full_like(flat, big)).amin(1, keepdim=True).detach()
     hi = torch.where(inside, flat, torch.full_like(flat, -big)).amax(1, keepdim=True).detach()
-    u = ((flat - lo) / (hi - lo).clamp_min(_TINY)).clamp(0, 1)
-    centres = torch.linspace(0, 1, bins, device=x.device, dtype=x.dtype)
-    weights = torch.exp(-0.5 * ((u[..., None] - centres) / sigma) ** 2)
-    return weights / weights.sum(-1, keepdim=True)
+    s = ((flat - lo) / (hi - lo).clamp_min(_TINY)).clamp(0, 1) * (bins - 1)
+    r = max(1, math.ceil(5.0 * sigma_ratio - 0.5))
+    offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    centres = torch.round(s.detach())[..., None] + offsets                  # (M, V, 2r + 1)
+    valid = (centres >= 0) & (centres <= bins - 1)
+    weights = torch.exp(-0.5 * ((s[..., None] - centres) / sigma_ratio) ** 2) * valid
+    return centres.clamp(0, bins - 1).long(), weights / weights.sum(-1, keepdim=True)
 
 
 def mutual_information(fixed: torch.Tensor, moving: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5,
@@ -502,27 +511,38 @@ def mutual_information(fixed: torch.Tensor, moving: torch.Tensor, bins: int = 32
     Each image is rescaled to [0, 1] by its own minimum and maximum over the mask voxels (per case and
     channel; the range is not differentiated) and every voxel votes into ``bins`` equally spaced bin
     centres 0 .. 1 with Gaussian weights of standard deviation ``sigma = sigma_ratio / (bins - 1)``
-    (``sigma_ratio`` bin widths), normalised to sum 1 per voxel; the joint histogram is the
-    mask-weighted mean of the outer products, p(a, b), with marginals p(a), p(b). Then
+    (``sigma_ratio`` bin widths), normalised to sum 1 per voxel and truncated beyond 5 sigma (each
+    voxel votes into 2 r + 1 bins, 5 for the default 0.5; see :func:`_parzen`); the joint histogram is
+    the mask-weighted mean of the outer products, p(a, b), with marginals p(a), p(b). Then
     ``MI = H(A) + H(B) - H(A, B)`` (nats) and ``NMI = (H(A) + H(B)) / H(A, B)`` in [1, 2].
-    Memory: two (N C, V, bins) weight tensors (V voxels).
+    Memory: (N C, V, (2 r + 1)^2) joint votes (V voxels).
 
     Returns ``-MI``, or ``-NMI`` with ``normalized=True``, to minimise. Invariant to any one-to-one
     intensity map up to binning. Shapes, mask and reduction as in the module docstring. Raises
     ValueError for mismatched shapes, fewer than 2 bins or a non-positive sigma_ratio.
     """
+    return _mutual_information(fixed, moving, bins, sigma_ratio, normalized, mask, reduction)[0]
+
+
+def _mutual_information(fixed, moving, bins, sigma_ratio, normalized, mask, reduction, fixed_parzen=None):
+    """:func:`mutual_information` and the fixed image's Parzen votes (bin indices, weights times the
+    voxel weights), which depend on the fixed image and mask only; `fixed_parzen` reuses them."""
     _check(fixed, moving, mask)
     if int(bins) < 2 or not float(sigma_ratio) > 0:
         raise ValueError(f"mutual information needs bins >= 2 (got {bins}) and sigma_ratio > 0 (got {sigma_ratio})")
     fixed, moving = _inside(mask, fixed, moving)
     bins = int(bins)
-    sigma = float(sigma_ratio) / (bins - 1)
     n = fixed.shape[0]
     w = _per_channel(_weights(mask, fixed).repeat_interleave(fixed.shape[1], 0))
-    wa = _parzen(_per_channel(fixed), w, bins, sigma)
-    wb = _parzen(_per_channel(moving), w, bins, sigma)
     vw = w.flatten(1)
-    joint = torch.bmm((wa * vw[..., None]).transpose(1, 2), wb) / vw.sum(1).clamp_min(_TINY)[:, None, None]
+    if fixed_parzen is None:
+        ia, wa = _parzen(_per_channel(fixed), w, bins, float(sigma_ratio))
+        fixed_parzen = (ia, wa * (vw / vw.sum(1, keepdim=True).clamp_min(_TINY))[..., None])
+    ia, wa = fixed_parzen
+    ib, wb = _parzen(_per_channel(moving), w, bins, float(sigma_ratio))
+    votes = (wa[..., :, None] * wb[..., None, :]).flatten(1)                 # (M, V k^2)
+    cells = (ia[..., :, None] * bins + ib[..., None, :]).flatten(1)
+    joint = votes.new_zeros(votes.shape[0], bins * bins).scatter_add(1, cells, votes).view(-1, bins, bins)
     pa, pb = joint.sum(2), joint.sum(1)
 
     def entropy(p: torch.Tensor) -> torch.Tensor:
@@ -530,15 +550,15 @@ def mutual_information(fixed: torch.Tensor, moving: torch.Tensor, bins: int = 32
 
     ha, hb, hab = entropy(pa), entropy(pb), entropy(joint)
     value = (ha + hb) / hab.clamp_min(_TINY) if normalized else ha + hb - hab
-    return _reduce(-value, n, reduction)
+    return _reduce(-value, n, reduction), fixed_parzen
 
 
 # ---------------------------------------------------------------- modules
 
 class _FixedCache:
     """What a similarity module computes from the fixed image and mask alone (LNCC's local statistics,
-    MIND's descriptors), kept for the next call while the very same tensors come back unchanged: an
-    optimiser's loop passes one fixed image per pyramid level. A tensor that requires gradients is
+    MIND's descriptors, MI's Parzen votes), kept for the next call while the very same tensors come
+    back unchanged: an optimiser's loop passes one fixed image per pyramid level. A tensor that requires gradients is
     never cached; an in-place change (its version counter) or another tensor invalidates the entry.
     The entry holds the tensors themselves, so no other tensor can take over their identity."""
 
@@ -552,16 +572,19 @@ class _FixedCache:
             return None
         return (fixed, fixed._version, mask, None if mask is None else mask._version)
 
-    def get(self, fixed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    def get(self, fixed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | tuple | None:
         key = self._key_of(fixed, mask)
         if key is None or self._key is None:
             return None
         same = key[0] is self._key[0] and key[2] is self._key[2] and key[1] == self._key[1] and key[3] == self._key[3]
         return self._value if same else None
 
-    def put(self, fixed: torch.Tensor, mask: torch.Tensor | None, value: torch.Tensor) -> None:
+    def put(self, fixed: torch.Tensor, mask: torch.Tensor | None, value: torch.Tensor | tuple) -> None:
         self._key = self._key_of(fixed, mask)
-        self._value = value.detach() if self._key is not None else None
+        if self._key is None:
+            self._value = None
+        else:
+            self._value = tuple(v.detach() for v in value) if isinstance(value, tuple) else value.detach()
 
 
 class MSE(nn.Module):
@@ -641,9 +664,16 @@ class MutualInformation(nn.Module):
         self.bins, self.sigma_ratio, self.normalized, self.reduction = int(bins), float(sigma_ratio), \
             bool(normalized), reduction
 
+        self._cache = _FixedCache()
+
     def forward(self, fixed, moving, mask=None):
-        return mutual_information(fixed, moving, self.bins, self.sigma_ratio, self.normalized, mask,
-                                  self.reduction)
+        """As :func:`mutual_information`; the fixed image's Parzen votes are computed once per fixed
+        image and mask (:class:`_FixedCache`)."""
+        cached = self._cache.get(fixed, mask)
+        loss, parzen = _mutual_information(fixed, moving, self.bins, self.sigma_ratio, self.normalized, mask,
+                                           self.reduction, cached)
+        self._cache.put(fixed, mask, parzen)
+        return loss
 
 
 #: Similarity modules by name; each is called as ``SIMILARITIES[name](spacing, **options)`` and the

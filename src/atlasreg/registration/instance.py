@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from atlasreg.losses.regularisers import bending_energy, diffusion_regulariser, folding_penalty
-from atlasreg.models.optim import adam
 from atlasreg.spatial.grid import Grid
 from atlasreg.spatial.transforms import (
     AffineTransform, BSplineTransform, Composite, DisplacementField, StationaryVelocityField, Transform,
@@ -62,7 +61,8 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
              lr: float | None = None, optimiser: str = "adam", initial: Transform | None = None,
              fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None,
              control_spacing: float | Sequence[float] | None = None,
-             svf_steps: int = 6, svf_factor: int = 1, fold_weight: float = 0.0) -> tuple[Transform, list[dict]]:
+             svf_steps: int = 6, svf_factor: int = 1, fold_weight: float = 0.0,
+             tolerance: float = 0.0, window: int = 10) -> tuple[Transform, list[dict]]:
     """Optimise a transform T (fixed world points -> moving world points) so that ``moving o T``
     matches ``fixed``; N pairs at once.
 
@@ -136,6 +136,8 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if svf_steps < 0:
         raise ValueError(f"svf_steps must be >= 0, got {svf_steps}")
+    if not (math.isfinite(tolerance) and tolerance >= 0) or int(window) < 1:
+        raise ValueError(f"tolerance must be >= 0 and window >= 1, got {tolerance!r} and {window!r}")
     if not (isinstance(svf_factor, (int, np.integer)) and svf_factor >= 1):
         raise ValueError(f"svf_factor must be an integer >= 1, got {svf_factor!r}")
 
@@ -187,10 +189,16 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
         if steps == 0:
             continue
         if optimiser == "adam":
-            opt = adam(params.parameters(), lr)
+            opt = Adam(params.parameters(), lr)
         else:
             opt = torch.optim.LBFGS(params.parameters(), lr=lr, max_iter=1, line_search_fn="strong_wolfe")
         for i in range(steps):
+            if tolerance > 0 and i >= 2 * window:
+                # the mean objective of the last window against the window before it (a restarted Adam's
+                # first steps may overshoot; a trend is what counts)
+                before = sum(h["loss"] for h in history[-2 * window:-window]) / window
+                if before - sum(h["loss"] for h in history[-window:]) / window < tolerance * abs(before):
+                    break
             record = {}
 
             def closure():
@@ -219,6 +227,38 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
     if isinstance(result, AffineTransform) and isinstance(initial, AffineTransform):
         return initial.compose(result), history
     return Composite((result, initial)), history
+
+
+# ---------------------------------------------------------------- optimiser
+
+class Adam:
+    """Adam (Kingma and Ba 2015) with torch.optim.Adam's defaults (betas 0.9, 0.999, eps 1e-8, no weight
+    decay) and the same update, for the few parameter tensors of one registration.
+
+    Why not torch.optim.Adam: its first construction in a process imports torch._dynamo (1.4 s on the
+    2-core CPU; PyTorch 2.13 wraps ``Optimizer.__init__`` in a dynamo guard), more than a whole 2D
+    registration takes; tests/test_instance.py checks that both give the same parameters.
+    params: tensors that require gradients; lr > 0 (the step, in the parameters' units)."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, self.betas, self.eps = float(lr), betas, float(eps)
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update from the parameters' .grad (parameters without a gradient are skipped)."""
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
 
 
 # ---------------------------------------------------------------- inputs

@@ -45,32 +45,44 @@ REGULARISERS = ("diffusion", "bending")
 
 #: Default regularisation weight lambda (diffusion, world units) per similarity: each similarity has its
 #: own scale. LNCC's 5.0 was chosen on a mouse-brain pair (docs/results.md: Dice 0.782 and 0.44% folded
-#: voxels with 1.0, 0.830 and none with 5, 0.826 with 20); MIND's 0.25 on 90 JSRT chest X-ray pairs
-#: with the 2D folding penalty (docs/results.md; 3D not calibrated); the others are provisional.
-DEFAULT_LAMBDA = {"lncc": 5.0, "mse": 0.1, "mind": 0.25, "ngf": 0.5, "mi": 0.5}
-#: Pyramid levels (downsampling factors): the finest optimisation is at half resolution, as ConvexAdam's
-#: instance optimisation (grid spacing 2); the transform is then evaluated at any resolution. On the
-#: 0.15 mm mouse grid (1.1 M voxels) the full-resolution level took 830 s of the 900 s (loaded machine).
-DEFAULT_LEVELS = (4, 2)
+#: voxels with 1.0, 0.830 and none with 5, 0.826 with 20); MIND's 0.25 and MI's 1.0 on JSRT chest X-ray
+#: calibration pairs with the 2D folding penalty (docs/results.md; 3D not calibrated); the others are
+#: provisional.
+DEFAULT_LAMBDA = {"lncc": 5.0, "mse": 0.1, "mind": 0.25, "ngf": 0.5, "mi": 1.0}
+#: Pyramid levels (downsampling factors) per image dimension: the finest optimisation is at half
+#: resolution, as ConvexAdam's instance optimisation (grid spacing 2); the transform is then evaluated at
+#: any resolution. 3D: on the 0.15 mm mouse grid (1.1 M voxels) the full-resolution level took 830 s of
+#: the 900 s (loaded machine). 2D: a coarser first level (8) gives the capture range that chest X-rays
+#: whose lungs differ in height by a third need (docs/results.md).
+DEFAULT_LEVELS = {2: (8, 4, 2), 3: (4, 2)}
+#: The affine stage's own pyramid per image dimension where the caller gives no levels (None: the
+#: deformable stage's). 2D: 16, 8, 4, chosen on JSRT calibration pairs (docs/results.md).
+DEFAULT_AFFINE_LEVELS = {2: (16, 8, 4), 3: None}
 DEFAULT_ITERATIONS = (100, 60, 30)
 #: The SVF is never finer than the finest level's grid downsampled by this factor, per image dimension
 #: (VoxelMorph's ``int_downsize``; see :func:`~atlasreg.registration.instance.optimise`). 3D: 2, chosen
 #: with the 3D LNCC window below on 6 mouse-brain calibration pairs that the reported ones do not use
 #: (docs/results.md: Dice 0.812 -> 0.829 and 14.5 -> 10.6 s per pair on one thread, both changes
-#: together); 2D: 1, as calibrated on the JSRT pairs.
-DEFAULT_SVF_FACTOR = {2: 1, 3: 2}
+#: together); 2D: 2 as well, on the JSRT calibration pairs (the same Dice as 1, faster).
+DEFAULT_SVF_FACTOR = {2: 2, 3: 2}
 #: LNCC's default window, in voxels of the fixed image per image dimension (converted to mm): 3D 9,
 #: chosen on the same mouse pairs (docs/results.md); 2D 5, as calibrated on JSRT.
 LNCC_WINDOW_VOXELS = {2: 5, 3: 9}
-#: Default similarity per image dimension. 3D: LNCC (mouse-brain MRI, docs/results.md). 2D: MIND-SSC,
-#: which beat LNCC and MI on 90 JSRT chest X-ray calibration pairs that the reported ones do not use
-#: (rigid -> affine -> SVF; docs/results.md): local intensity statistics follow the ribs, which do not
-#: move with the lung borders, and MI folds at the weights where it fits well.
-DEFAULT_SIMILARITY = {2: "mind", 3: "lncc"}
-#: Weight of the folding penalty of the deformable stage per image dimension (0: off). 2D: 10, which
-#: removed every fold of MIND at lambda 0.25 on the 90 JSRT calibration pairs at no cost in Dice (19 of
-#: 90 pairs folded without it); 3D: off (no fold on the 30 mouse-brain pairs without it).
-DEFAULT_FOLD_WEIGHT = {2: 10.0, 3: 0.0}
+#: Default similarity per image dimension. 3D: LNCC (mouse-brain MRI, docs/results.md). 2D: mutual
+#: information, chosen on 180 JSRT chest X-ray calibration pairs that the reported ones do not use
+#: (rigid -> affine -> SVF; docs/results.md): about as good as MIND-SSC on average and far better where
+#: the lungs must stretch by a third (local descriptors lose the diaphragm's edge there), with the 2D
+#: folding penalty against MI's folds. LNCC follows the ribs, which do not move with the lung borders.
+DEFAULT_SIMILARITY = {2: "mi", 3: "lncc"}
+#: Weight of the folding penalty of the deformable stage per image dimension (0: off). 2D: 100; with MI
+#: on the 180 JSRT calibration pairs, 10 left 1-4 folded pixels in 3 pairs, 100 in 1 pair (one pixel),
+#: at the same Dice (docs/results.md); 3D: off (no fold on the 30 mouse-brain pairs without it).
+DEFAULT_FOLD_WEIGHT = {2: 100.0, 3: 0.0}
+#: Early stop of a pyramid level (``optimise``'s tolerance: the mean objective of the last 10 iterations
+#: fell by less than this fraction against the 10 before) per image dimension (0: off). 2D: 1e-2 (on the
+#: 180 JSRT calibration pairs the same Dice as 3e-3 and a fifth less time; docs/results.md); 3D: off
+#: (not calibrated).
+DEFAULT_TOLERANCE = {2: 1e-2, 3: 0.0}
 
 
 @dataclass
@@ -89,6 +101,9 @@ class RegistrationResult:
     @property
     def seconds(self) -> float:
         return float(sum(s["seconds"] for s in self.stages))
+
+    #: The settings used, defaults resolved (similarity, lambda, levels, iterations, ...).
+    settings: dict = field(default_factory=dict)
 
 
 def normalise_intensities(array: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -127,16 +142,22 @@ def centres_start(fixed_grid: Grid, moving_grid: Grid, device=None) -> AffineTra
 
 
 def _best_affine_start(rigid: AffineTransform, centres: AffineTransform,
-                       fit: Callable[[AffineTransform], tuple]) -> tuple:
+                       fit: Callable[[AffineTransform], tuple],
+                       score: Callable[[AffineTransform], float] | None = None) -> tuple:
     """Fit the affine stage's coarsest level from the rigid search's result and from the field-of-view
-    centres (`fit(start) -> (transform, history)`), and keep the fit with the lower final loss (ties go
-    to the rigid search). Returns (transform, history, record): record names the start kept and the
-    two final losses, for the stage's summary."""
+    centres (`fit(start) -> (transform, history)`), and keep the fit with the lower loss (ties go to the
+    rigid search): `score(transform)` where given (the similarity at the stage's finest level: the 2D
+    affine pyramid starts on 16 x 16 chest X-rays, too coarse to compare two fits), else the fit's final
+    loss. Returns (transform, history, record): record names the start kept and the two losses
+    ('loss_from_rigid', 'loss_from_centres'), for the stage's summary."""
     from_rigid, history_rigid = fit(rigid)
     from_centres, history_centres = fit(centres)
-    loss_rigid, loss_centres = history_rigid[-1]["similarity"], history_centres[-1]["similarity"]
+    if score is None:
+        loss_rigid, loss_centres = history_rigid[-1]["similarity"], history_centres[-1]["similarity"]
+    else:
+        loss_rigid, loss_centres = score(from_rigid), score(from_centres)
     record = {"start": "rigid search" if loss_rigid <= loss_centres else "field-of-view centres",
-              "coarse_loss_from_rigid": loss_rigid, "coarse_loss_from_centres": loss_centres}
+              "loss_from_rigid": loss_rigid, "loss_from_centres": loss_centres}
     if loss_rigid <= loss_centres:
         return from_rigid, history_rigid, record
     return from_centres, history_centres, record
@@ -144,12 +165,13 @@ def _best_affine_start(rigid: AffineTransform, centres: AffineTransform,
 
 def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | None = None,
                     stages: Sequence[str] = STAGES, model: str = "svf", lam: float | None = None,
-                    iterations: int | Sequence[int] | None = None, levels: Sequence[int] = DEFAULT_LEVELS,
+                    iterations: int | Sequence[int] | None = None, levels: Sequence[int] | None = None,
                     fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
                     device: str | torch.device = "cpu", similarity_options: dict | None = None,
                     svf_factor: int | None = None, affine_similarity: str | None = None,
                     regulariser: str = "diffusion", affine_levels: Sequence[int] | None = None,
                     fold_weight: float | None = None, initial: Transform | None = None,
+                    tolerance: float | None = None,
                     progress: Callable[[str], None] | None = None) -> RegistrationResult:
     """Register `moving` to `fixed` (scalar SimpleITK images, 2D or 3D, any grids).
 
@@ -161,15 +183,19 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | 
     part, 'svf' (default), 'bspline' or 'dense'. regulariser: the deformable stage's penalty,
     'diffusion' (default; first derivatives) or 'bending' (second derivatives), both in world units
     (:mod:`atlasreg.losses.regularisers`). lam: its weight (default :data:`DEFAULT_LAMBDA` of the
-    similarity, set for diffusion). levels: the pyramid's downsampling factors, coarse to fine.
+    similarity, set for diffusion). levels: the pyramid's downsampling factors, coarse to fine
+    (default :data:`DEFAULT_LEVELS` of the image dimension).
     iterations: Adam iterations per pyramid level of the affine and deformable stages (one int, or one
-    per level; default :func:`default_iterations`: 60 / 30 for the default levels 4 / 2).
+    per level; default :func:`default_iterations`: 100 / 60 / 30 for three levels, 60 / 30 for two).
+    tolerance: a pyramid level stops once its objective fell by less than this fraction over the last 10
+    iterations (default :data:`DEFAULT_TOLERANCE`; 0: every iteration runs).
     fold_weight: weight of the folding penalty on the deformable stage
     (:func:`~atlasreg.losses.regularisers.folding_penalty`; default :data:`DEFAULT_FOLD_WEIGHT`).
     initial: the transform (fixed -> moving world points, batch 1) the first stage after the rigid search
     starts from, instead of the identity, when there is no rigid stage (e.g. :func:`centres_start` for
     images whose world frames are unrelated).
-    affine_levels: the affine stage's own pyramid (default `levels`; ANTs and elastix also give each
+    affine_levels: the affine stage's own pyramid (default :data:`DEFAULT_AFFINE_LEVELS` where `levels`
+    is not given either and that has one, else `levels`; ANTs and elastix also give each
     stage its own schedule); its iterations are `iterations` where that is one int, else
     :func:`default_iterations` of it. fixed_mask, moving_mask: binary images on the images' grids; only
     voxels inside count.
@@ -214,9 +240,14 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | 
         if name not in DEFAULT_LAMBDA:
             raise AtlasregError(f"{option}: expected one of {', '.join(DEFAULT_LAMBDA)}, got {name!r}")
     lam = DEFAULT_LAMBDA[similarity] if lam is None else float(lam)
-    levels = tuple(int(f) for f in levels)
+    if affine_levels is None and levels is None:
+        affine_levels = DEFAULT_AFFINE_LEVELS.get(fixed_grid.ndim)
+    levels = tuple(int(f) for f in (DEFAULT_LEVELS[fixed_grid.ndim] if levels is None else levels))
     svf_factor = DEFAULT_SVF_FACTOR[fixed.GetDimension()] if svf_factor is None else int(svf_factor)
     fold_weight = DEFAULT_FOLD_WEIGHT[fixed_grid.ndim] if fold_weight is None else float(fold_weight)
+    tolerance = DEFAULT_TOLERANCE[fixed_grid.ndim] if tolerance is None else float(tolerance)
+    if not (np.isfinite(tolerance) and tolerance >= 0):
+        raise AtlasregError(f"--tolerance: expected a number >= 0, got {tolerance}")
     if not fold_weight >= 0:
         raise AtlasregError(f"--fold-weight: expected a weight >= 0, got {fold_weight}")
     if iterations is None:
@@ -265,17 +296,25 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | 
             kind = "affine" if stage == "affine" else model
             common = dict(similarity=similarity_fns[stage], model=kind, regulariser=None if kind == "affine" else regulariser,
                           lam=0.0 if kind == "affine" else lam, fixed_mask=fm_t, moving_mask=mm_t,
-                          svf_factor=svf_factor, fold_weight=0.0 if kind == "affine" else fold_weight)
+                          svf_factor=svf_factor, fold_weight=0.0 if kind == "affine" else fold_weight,
+                          tolerance=tolerance)
             stage_levels = affine_levels if stage == "affine" else levels
             its = per_level(affine_iterations if stage == "affine" else iterations, stage_levels)
             if stage == "affine" and result_stages and result_stages[-1]["stage"] == "rigid":
                 # The rigid search is a global heuristic; an affine fit from the field-of-view centres
                 # competes with it at the coarsest level (the chest X-rays of docs/results.md: the search
                 # turned 6 of 39 upright pairs by 40-180 degrees; this check kept all 6 upright).
+                def score(transform: AffineTransform) -> float:
+                    # the similarity at the stage's finest level: the objective before one negligible step
+                    _, record = optimise(f_t, fixed_grid, m_t, moving_grid, levels=stage_levels[-1:], iterations=1,
+                                         initial=transform, lr=1e-9, **common)
+                    return record[0]["similarity"]
+
                 current, history, extra = _best_affine_start(
                     current, centres_start(fixed_grid, moving_grid, f_t.device),
                     lambda start: optimise(f_t, fixed_grid, m_t, moving_grid, levels=stage_levels[:1],
-                                           iterations=its[:1], initial=start, **common))
+                                           iterations=its[:1], initial=start, **common),
+                    score if len(stage_levels) > 1 else None)
                 if len(stage_levels) > 1:
                     current, finer = optimise(f_t, fixed_grid, m_t, moving_grid, levels=tuple(stage_levels[1:]),
                                               iterations=its[1:], initial=current, **common)
@@ -291,4 +330,11 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | 
         inverse = current.inverse()
     except ValueError:
         pass
-    return RegistrationResult(current, inverse, fixed_grid, moving_grid, result_stages)
+    settings = {"similarity": similarity, "affine_similarity": affine_similarity, "model": model,
+                "regulariser": regulariser, "lambda": lam, "fold_weight": fold_weight, "levels": list(levels),
+                "iterations": iterations if isinstance(iterations, (int, np.integer)) else list(iterations),
+                "affine_levels": list(affine_levels),
+                "affine_iterations": (affine_iterations if isinstance(affine_iterations, (int, np.integer))
+                                      else list(affine_iterations)),
+                "svf_factor": svf_factor, "tolerance": tolerance}
+    return RegistrationResult(current, inverse, fixed_grid, moving_grid, result_stages, settings)
