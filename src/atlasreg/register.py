@@ -297,8 +297,8 @@ def _add_registration_options(r: argparse.ArgumentParser) -> None:
                    help="the affine stage's own pyramid (default 16,8,4 in 2D when --levels is not given, "
                    "else --levels)")
     r.add_argument("--tolerance", type=float, default=None,
-                   help="a pyramid level stops once its objective fell by less than this fraction over 10 "
-                   "iterations (0: off; default 0.01 in 2D, 0 in 3D)")
+                   help="a pyramid level stops once the mean objective of its last 10 iterations is below "
+                   "that of the 10 before by less than this fraction (0: off; default 0.01 in 2D, 0 in 3D)")
     r.add_argument("--svf-factor", type=int, default=None,
                    help="the SVF is never finer than the finest level's grid downsampled by this factor "
                    "(default 2)")
