@@ -320,6 +320,27 @@ def test_tolerance_stops_a_level_once_the_objective_stalls():
     assert float(errors(early, fixed_grid, target, 3).mean()) < 0.05
 
 
+@pytest.mark.parametrize("masks", [False, True])
+def test_similarity_at_equals_the_objective_optimise_starts_from(masks):
+    """similarity_at scores a transform on a pyramid level as optimise sees it: equal to the
+    similarity optimise records before its first step from that transform, with and without masks."""
+    from atlasreg.registration.instance import similarity_at
+
+    fixed, fixed_grid, moving, moving_grid, _ = pair("affine", 2)
+    start = rigid_about_centre(fixed_grid, 0.1, (2.0, -1.0))
+    fmask = mmask = None
+    if masks:
+        fmask = torch.ones(1, 1, *fixed_grid.size)
+        fmask[..., :5, :] = 0
+        mmask = torch.ones(1, 1, *moving_grid.size)
+        mmask[..., :, -7:] = 0
+    _, history = optimise(fixed, fixed_grid, moving, moving_grid, similarity=mse, model="affine", levels=(2,),
+                          iterations=1, initial=start, fixed_mask=fmask, moving_mask=mmask)
+    got = similarity_at(fixed, fixed_grid, moving, moving_grid, start, mse, 2, fmask, mmask)
+    assert got == pytest.approx(history[0]["similarity"], rel=1e-5)
+    assert got > 0.01
+
+
 def test_adam_equals_torch_optim_adam():
     """The instance optimiser's own Adam makes torch.optim.Adam's updates (default betas and eps)."""
     from atlasreg.registration.instance import Adam

@@ -157,11 +157,8 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
     for factor, steps in zip(levels, iterations):
         grid = fixed_grid.downsample(factor)              # the level's grid in world space
         grid_c = Grid.centred(grid.size, grid.spacing)    # the same in the fixed grid's frame
-        mgrid = moving_grid.downsample(factor)
-        fixed_l = _expand(_area(fixed.to(dtype), grid.size), n)
-        moving_l = _expand(_area(moving.to(dtype), mgrid.size), n)
-        fmask_l = None if fixed_mask is None else _expand(_area(fixed_mask.to(dtype), grid.size), n)
-        mmask_l = None if moving_mask is None else _expand(_area(moving_mask.to(dtype), mgrid.size), n)
+        mgrid, fixed_l, moving_l, fmask_l, mmask_l = _level_images(fixed, moving, fixed_mask, moving_mask, grid,
+                                                                   moving_grid, factor, n, dtype)
         x_c = grid_c.points(device, dtype)
         params.to_level(grid_c, int(factor))
 
@@ -171,11 +168,7 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
             world = pts if frame is None else pts @ frame[0].T + frame[1]
             if initial is not None:
                 world = initial.points(world)
-            warped = sample(moving_l, world, mgrid)
-            mask = fmask_l
-            if mmask_l is not None:
-                warped_mask = sample(mmask_l, world.detach(), mgrid, padding="zeros")  # selects, not optimised
-                mask = warped_mask if mask is None else mask * warped_mask
+            warped, mask = _warp(moving_l, mgrid, world, fmask_l, mmask_l)
             sim = similarity(warped, fixed_l, mask)
             if not isinstance(sim, torch.Tensor) or sim.dim() != 0:
                 raise ValueError(f"similarity must return a scalar tensor, got "
@@ -227,6 +220,50 @@ def optimise(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving
     if isinstance(result, AffineTransform) and isinstance(initial, AffineTransform):
         return initial.compose(result), history
     return Composite((result, initial)), history
+
+
+def similarity_at(fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving_grid: Grid,
+                  transform: Transform, similarity: Similarity, factor: int = 1,
+                  fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> float:
+    """The similarity of ``moving o transform`` and `fixed` on the pyramid level of downsampling
+    `factor`, with the images and masks prepared as :func:`optimise` prepares that level (same shapes
+    and conventions; `transform` maps fixed world points to moving world points). No gradient. Returns
+    the similarity's value as a float (lower is better). Raises ValueError as optimise does for
+    mismatched inputs."""
+    n, _ = _check_inputs(fixed, fixed_grid, moving, moving_grid, fixed_mask, moving_mask, transform)
+    like = fixed if fixed.is_floating_point() else moving
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    grid = fixed_grid.downsample(factor)
+    mgrid, fixed_l, moving_l, fmask_l, mmask_l = _level_images(fixed, moving, fixed_mask, moving_mask, grid,
+                                                               moving_grid, factor, n, dtype)
+    with torch.no_grad():
+        world = transform.points(grid.points(like.device, dtype).expand(n, *grid.size, grid.ndim))
+        warped, mask = _warp(moving_l, mgrid, world, fmask_l, mmask_l)
+        return float(similarity(warped, fixed_l, mask))
+
+
+def _level_images(fixed, moving, fixed_mask, moving_mask, grid: Grid, moving_grid: Grid, factor: int, n: int,
+                  dtype) -> tuple:
+    """A pyramid level's moving grid and its images and masks (batch n): area-averaged onto the fixed
+    level `grid` and onto the moving grid downsampled by `factor`."""
+    mgrid = moving_grid.downsample(factor)
+    fixed_l = _expand(_area(fixed.to(dtype), grid.size), n)
+    moving_l = _expand(_area(moving.to(dtype), mgrid.size), n)
+    fmask_l = None if fixed_mask is None else _expand(_area(fixed_mask.to(dtype), grid.size), n)
+    mmask_l = None if moving_mask is None else _expand(_area(moving_mask.to(dtype), mgrid.size), n)
+    return mgrid, fixed_l, moving_l, fmask_l, mmask_l
+
+
+def _warp(moving_l, mgrid: Grid, world: torch.Tensor, fmask_l, mmask_l) -> tuple:
+    """The level's moving image sampled at the world points (on the fixed level grid) and the mask the
+    similarity gets: the fixed mask times the warped moving mask (which selects voxels and is not
+    differentiated), or None without masks."""
+    warped = sample(moving_l, world, mgrid)
+    mask = fmask_l
+    if mmask_l is not None:
+        warped_mask = sample(mmask_l, world.detach(), mgrid, padding="zeros")
+        mask = warped_mask if mask is None else mask * warped_mask
+    return warped, mask
 
 
 # ---------------------------------------------------------------- optimiser

@@ -208,7 +208,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | 
     regulariser or similarity, images of different dimension, or a mask off its image's grid.
     """
     from ..losses.similarity import build_similarity
-    from .instance import optimise, per_level
+    from .instance import optimise, per_level, similarity_at
 
     stages = tuple(stages)
     if not stages or any(s not in STAGES for s in stages) or list(stages) != sorted(stages, key=STAGES.index):
@@ -305,11 +305,9 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, *, similarity: str | 
                 # The rigid search is a global heuristic; an affine fit from the field-of-view centres
                 # competes with it at the coarsest level (the chest X-rays of docs/results.md: the search
                 # turned 6 of 39 upright pairs by 40-180 degrees; this check kept all 6 upright).
-                def score(transform: AffineTransform) -> float:
-                    # the similarity at the stage's finest level: the objective before one negligible step
-                    _, record = optimise(f_t, fixed_grid, m_t, moving_grid, levels=stage_levels[-1:], iterations=1,
-                                         initial=transform, lr=1e-9, **common)
-                    return record[0]["similarity"]
+                def score(transform: AffineTransform) -> float:  # the similarity at the stage's finest level
+                    return similarity_at(f_t, fixed_grid, m_t, moving_grid, transform, similarity_fns[stage],
+                                         stage_levels[-1], fm_t, mm_t)
 
                 current, history, extra = _best_affine_start(
                     current, centres_start(fixed_grid, moving_grid, f_t.device),
