@@ -304,6 +304,7 @@ def test_checkpoint_with_nan_weights_is_refused_before_the_refinement(trained, t
     (["--beta", "inf"], "refinement.beta: expected a number >= 0, got inf"),
     (["--cases-at-once", "0"], "refinement.cases_at_once: expected an integer >= 1, got 0"),
     (["--iterations", "abc"], "argument --iterations: invalid int value: 'abc'"),
+    (["--refine-target", "softmax"], "argument --refine-target: invalid choice: 'softmax'"),
     (["--refine-lr", "1e10"], "the refinement diverged"),  # valid, but Adam's steps overflow
 ])
 def test_segment_with_a_bad_refinement_value_fails_in_one_line_and_writes_nothing(trained, tmp_path, capsys,
@@ -551,6 +552,24 @@ def test_segment_refuses_a_folder_of_another_run_and_overwrite_clears_it(trained
     (out / "segment.yaml").unlink()
     run_fails(segment_argv(trained, [test / "B101_img.png"], out), capsys,
               f"{out}: holds segmentations (B103) without segment.yaml")
+
+
+def test_segment_refine_target_reaches_the_refinement_and_its_manifest(trained, tmp_path, monkeypatch):
+    """--refine-target labelmap fits the atlas to the one-hot of the ITN's argmax (models/refine.py);
+    segment.yaml records the setting, and the config's value (the paper's logits) is the default."""
+    import atlasreg.models.refine as refine
+
+    seen = []
+    original = refine.refinement_target
+    monkeypatch.setattr(refine, "refinement_target", lambda logits, target: seen.append(target) or original(logits, target))
+    test = trained / "test"
+    for target, out in (("labelmap", tmp_path / "a"), (None, tmp_path / "b")):
+        extra = ["--refine-target", target] if target else []
+        assert main(segment_argv(trained, [test / "B101_img.png"], out) + ["--iterations", "1", "--image-suffix",
+                                                                          "_img"] + extra) == 0
+        info = yaml.safe_load((out / "segment.yaml").read_text())
+        assert info["refinement"]["target"] == (target or "logits")
+    assert seen == ["labelmap", "logits"]
 
 
 def test_evaluate_refuses_an_interrupted_or_mixed_segmentation_run(trained, tmp_path, capsys, monkeypatch):

@@ -153,3 +153,42 @@ def test_image_based_refinement_adds_the_image_term_and_moves_the_atlas_image_to
     assert d_both < d_plain, (d_both, d_plain, first_image_term)
     with __import__("pytest").raises(ValueError, match="images and the atlas image"):
         refine_transforms(net, logits, atlas, iterations=1, image_similarity="lncc", image_weight=1.0)
+
+
+def test_refinement_target_is_the_logits_or_the_one_hot_of_their_argmax():
+    from atlasreg.models.refine import refinement_target
+
+    logits = torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.45, 0.2], [0.2, 0.35, 0.7]])[None, :, :, None]  # (1, 3, 3, 1)
+    assert refinement_target(logits, "logits") is logits
+    one_hot = refinement_target(logits, "labelmap")
+    assert torch.equal(one_hot.argmax(1), logits.argmax(1))
+    assert torch.equal(one_hot.sum(1), torch.ones(1, 3, 1)) and set(one_hot.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="'logits' or 'labelmap'"):
+        refinement_target(logits, "probabilities")
+
+
+def test_unsure_logits_pull_the_atlas_away_and_their_labelmap_does_not():
+    """Under-confident ITN logits (0.4 inside the structure, its argmax nonetheless) make an MSE on
+    the foreground channels cheaper for background than for the structure ((1 - 0.4)^2 > 0.4^2), so
+    refining towards them shrinks the deformed atlas structure; towards their one-hot argmax
+    (refinement.target: labelmap) its overlap with the ITN's segmentation grows."""
+    torch.manual_seed(0)
+    grid = Grid.centred((32, 32), (2.0, 2.0))
+    net = AtlasISTN(2, 2, grid)
+    atlas = square(1, (10, 10), (22, 22))
+    segmentation = square(1, (9, 11), (23, 23))
+    inside = segmentation[:, 1:]
+    logits = torch.cat([1 - 0.7 * inside, 0.4 * inside], 1)  # inside: bg 0.3, fg 0.4 (the argmax); outside: 1, 0
+
+    def fit(target):
+        tr, _ = refine_transforms(net, logits, atlas, iterations=40, lr=3e-3, target=target)
+        from atlasreg.spatial.transforms import warp
+        fg = warp(atlas, tr.inverse_points(), grid)[0, 1] > 0.5
+        ref = segmentation[0, 1] > 0.5
+        return float(2 * (fg & ref).sum() / (fg.sum() + ref.sum())), int(fg.sum())
+
+    dice_logits, size_logits = fit("logits")
+    dice_labelmap, size_labelmap = fit("labelmap")
+    assert dice_labelmap > dice_logits + 0.1, (dice_labelmap, dice_logits)
+    assert size_logits < 0.8 * size_labelmap, (size_logits, size_labelmap)
+    assert dice_labelmap > 0.97  # the undeformed atlas: 0.92

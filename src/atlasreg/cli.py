@@ -26,7 +26,8 @@ def _refinement_overrides(args) -> dict:
     out = {}
     for key, attr in (("iterations", "iterations"), ("beta", "beta"), ("gamma", "gamma"),
                       ("lambda", "lam"), ("lr", "refine_lr"), ("cases_at_once", "cases_at_once"),
-                      ("image_similarity", "image_similarity"), ("image_weight", "image_weight")):
+                      ("image_similarity", "image_similarity"), ("image_weight", "image_weight"),
+                      ("target", "refine_target")):
         value = getattr(args, attr, None)
         if value is not None:
             out[key] = value
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-similarity", help="also fit the deformed atlas image to the image during the "
                    "refinement: lncc, mind, ngf, mi or mse (default from the config: none)")
     s.add_argument("--image-weight", type=float, help="weight of that image term (default from the config: 1)")
+    s.add_argument("--refine-target", choices=("logits", "labelmap"), help="what the deformed atlas labelmap is "
+                   "fitted to: the ITN logits (the paper's Eq. 17) or the one-hot of their argmax (default from "
+                   "the config)")
     s.add_argument("--device", default="auto", help=_DEVICE_HELP + "; the model and the refinement run there")
     s.add_argument("--num-parts", type=_positive_int, default=1, metavar="P",
                    help="split the run into P parts, each a command of its own (on any machine) writing the "

@@ -580,6 +580,9 @@ SCHEMA = Section({
                                   "null, or lncc | mind | ngf | mi | mse: also fit the deformed atlas image to the "
                                   "image (issue 12 item 7)"),
         "image_weight": Field(Float(0.0), 1.0, "weight of the image term when image_similarity is set"),
+        "target": Field(Choice(lambda: REFINEMENT_TARGETS), "logits",
+                        "what the deformed atlas labelmap is fitted to: logits (the paper's Eq. 17, the ITN "
+                        "logits) or labelmap (the one-hot of the ITN's argmax; see models/refine.py)"),
     })),
     "deepatlas": Field(DEEPATLAS, None, "DeepATLAS: network, schedule and losses (model.method deepatlas only)",
                        method="deepatlas", across=lambda cfg: _check_deepatlas(cfg)),
@@ -587,6 +590,9 @@ SCHEMA = Section({
 
 
 INTENSITY = ("zscore", "zscore_foreground", "rescale")
+
+#: Targets of the refinement (atlasreg.models.refine.refinement_target).
+REFINEMENT_TARGETS = ("logits", "labelmap")
 
 #: Image similarities of the image-based refinement (atlasreg.losses.similarity.SIMILARITIES).
 IMAGE_SIMILARITIES = ("lncc", "mind", "ngf", "mi", "mse")

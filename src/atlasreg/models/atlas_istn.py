@@ -233,7 +233,8 @@ class AtlasISTNModule(Method):
         return out
 
     def refine(self, images: torch.Tensor, predicted: dict, settings: dict | None = None) -> dict | None:
-        """Test-time refinement (Eqs. 17-21) towards the ITN logits of :meth:`predict`: returns
+        """Test-time refinement (Eqs. 17-21) towards the ITN output of :meth:`predict` (its logits, or
+        their argmax one-hot with ``refinement.target: labelmap``): returns
         {'transform': refined Phi* (batch N), 'history': losses (K+1, N)}, or None where the method
         does not refine. settings: overrides of ``config['refinement']``, validated as the config's
         own values (ConfigError naming the key, e.g. 'refinement.lr: expected a number > 0, got 0')."""
@@ -249,7 +250,8 @@ class AtlasISTNModule(Method):
                                                mask=predicted.get("mask"), images=images,
                                                atlas_image=self.atlas_image,
                                                image_similarity=r.get("image_similarity"),
-                                               image_weight=float(r.get("image_weight", 0.0)))
+                                               image_weight=float(r.get("image_weight", 0.0)),
+                                               target=r.get("target", "logits"))
         return {"transform": transform, "history": history}
 
     # ---------------------------------------------------------------- report naming

@@ -41,12 +41,33 @@ from .atlas_istn import AtlasISTN, deformation_losses
 from .optim import adam
 
 
+def refinement_target(logits: torch.Tensor, target: str = "logits") -> torch.Tensor:
+    """What the deformed atlas labelmap is fitted to in L*_a2s (Eq. 17). logits: (B, C, *size) ITN
+    output. target 'logits': the logits themselves (the paper); 'labelmap': the one-hot of their
+    argmax (B, C, *size), i.e. the ITN's segmentation. Raises ValueError for another target.
+
+    Why 'labelmap' exists: the ITN regresses its logits onto one-hot labels (Eq. 10), and where it is
+    unsure it outputs less than 0.5 inside a structure (ACDC, a weak case: 0.39-0.45 on average inside
+    its own argmax). An MSE against such a target then costs less for background than for the
+    structure ((1 - 0.45)^2 > 0.45^2): the refinement gains by shrinking a structure or, where the
+    loss is masked to the scan's field of view, by moving it out of the scan. On that case (ACDC
+    patient080_frame02, seed-1 model) the refined RV kept Dice 0.06 with the ITN's own argmax
+    (1-pass: 0.69) while its loss halved. Against the one-hot argmax, being right costs 0 and wrong
+    costs 1 for either class, so L*_a2s measures the overlap with the ITN's segmentation; a sharpened
+    softmax(10 x logits) gave the same Dice on the 8 ACDC validation volumes (docs/results.md)."""
+    if target == "logits":
+        return logits
+    if target == "labelmap":
+        return torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+    raise ValueError(f"refinement target must be 'logits' or 'labelmap', got {target!r}")
+
+
 def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torch.Tensor,
                       iterations: int = 50, lr: float = 1e-3, beta: float = 1.0, gamma: float = 0.0,
                       lam: float = 0.126, use_affine: bool = True,
                       mask: torch.Tensor | None = None, images: torch.Tensor | None = None,
                       atlas_image: torch.Tensor | None = None, image_similarity: str | None = None,
-                      image_weight: float = 0.0) -> tuple[AffineSVFTransform, torch.Tensor]:
+                      image_weight: float = 0.0, target: str = "logits") -> tuple[AffineSVFTransform, torch.Tensor]:
     """Refine the STN per case so that the deformed atlas labelmap fits the ITN logits (Eq. 19:
     L* = beta L*_a2s + gamma L*_s2a + lambda L_reg), K = `iterations` Adam steps.
 
@@ -56,12 +77,13 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     S(image_i, atlas_image o Phi*^-1)``: the deformed atlas image against the case's normalised image
     (images: (B, 1, *size); atlas_image: (1, 1, *size); the scan's field-of-view mask applies).
 
-    logits: (B, C, *size) ITN output (the target, no gradient); atlas_labelmap: (1, C, *size).
+    logits: (B, C, *size) ITN output (no gradient); the target is :func:`refinement_target` of it
+    (`target` 'logits', the paper's, or 'labelmap'); atlas_labelmap: (1, C, *size).
     mask: (B, 1, *size) the scans' field of view on the model grid (padding does not count), or None.
     Returns the refined transforms Phi*, Phi*^-1 (batch B, Eq. 21) and the loss history (K + 1, B)
     (the last row is the loss of the returned transforms). Case i's losses and STN outputs are those of
     refining case i alone, bit for bit on CPU (see the module docstring). Raises ValueError for
-    negative K and for NaN or infinite logits, atlas or mask (NaN reaching grid_sample through the
+    negative K, an unknown target and for NaN or infinite logits, atlas or mask (NaN reaching grid_sample through the
     STN crashed the process with SIGSEGV, issue 14); AtlasregError when the refinement diverges (a NaN
     or infinite STN output, e.g. with too large a learning rate).
     """
@@ -70,7 +92,7 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     for name, value in (("logits", logits), ("atlas", atlas_labelmap), ("mask", mask)):
         if value is not None and not bool(torch.isfinite(value).all()):
             raise ValueError(f"refine_transforms: the {name} are not finite (NaN or infinite values)")
-    logits = logits.detach()
+    logits = refinement_target(logits.detach(), target)
     b = logits.shape[0]
     similarity = None
     if image_similarity and image_weight > 0:
