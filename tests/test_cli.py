@@ -570,6 +570,13 @@ def test_segment_refine_target_reaches_the_refinement_and_its_manifest(trained, 
         info = yaml.safe_load((out / "segment.yaml").read_text())
         assert info["refinement"]["target"] == (target or "logits")
     assert seen == ["labelmap", "logits"]
+    # A manifest of an older atlasreg, written before refinement.target existed, is the same run:
+    # continued (its case skipped), not refused as another run's settings.
+    info["refinement"].pop("target")
+    (tmp_path / "b" / "segment.yaml").write_text(yaml.safe_dump(info))
+    assert main(segment_argv(trained, [test / "B101_img.png"], tmp_path / "b") + ["--iterations", "1",
+                                                                                 "--image-suffix", "_img"]) == 0
+    assert seen == ["labelmap", "logits"]
 
 
 def test_evaluate_refuses_an_interrupted_or_mixed_segmentation_run(trained, tmp_path, capsys, monkeypatch):

@@ -45,7 +45,7 @@ from .contracts import (  # noqa: F401 - the case folder's names, re-exported
     append_segment_manifest, read_case_info, read_segment_info, segment_manifest_path, segment_part_info_path,
     segment_run_status, start_segment_manifest, transform_metrics_csv, write_segment_info, write_segment_part_info,
 )
-from .config import SPLITS, validate_section
+from .config import DEFAULTS, SPLITS, validate_section
 from .data.cases import Case, Preprocessing, case_name, load_case
 from .data.dataset import CasePair, find_pairs, split_extension
 from .data.io import remove_temporaries, write_bytes
@@ -362,6 +362,9 @@ def _begin_run(out_dir: Path, checkpoint: str | Path, refinement: dict, names: S
     identity = {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(checkpoint),
                 "refinement": dict(refinement)}
     previous = read_segment_info(out_dir)
+    if isinstance(previous.get("refinement"), dict):
+        # a setting the manifest of an older atlasreg lacks did not exist then: that run had its default
+        previous = {**previous, "refinement": {**DEFAULTS["refinement"], **previous["refinement"]}}
     owned = [p for p in out_dir.iterdir() if p.is_dir() and (p / CASE_INFO).is_file()] if out_dir.is_dir() else []
     cases = set(names)
     if claim_output(out_dir, out_dir / SEGMENT_INFO, previous, identity, owned, "segmentations", overwrite):
