@@ -19,6 +19,7 @@ from pathlib import Path
 from . import __version__
 from .contracts import (FINAL_CHECKPOINT, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, METRICS_PER_CASE,
                         REPORT_HTML, REPORT_MD, SEGMENT_INFO, case_labelmap_path, read_segment_info, run_paths)
+from .config import REFINEMENT_TARGETS
 from .errors import AtlasregError
 
 
@@ -357,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-similarity", help="also fit the deformed atlas image to the image during the "
                    "refinement: lncc, mind, ngf, mi or mse (default from the config: none)")
     s.add_argument("--image-weight", type=float, help="weight of that image term (default from the config: 1)")
-    s.add_argument("--refine-target", choices=("logits", "labelmap"), help="what the deformed atlas labelmap is "
+    s.add_argument("--refine-target", choices=REFINEMENT_TARGETS, help="what the deformed atlas labelmap is "
                    "fitted to: the ITN logits (the paper's Eq. 17) or the one-hot of their argmax (default from "
                    "the config)")
     s.add_argument("--device", default="auto", help=_DEVICE_HELP + "; the model and the refinement run there")

@@ -251,7 +251,7 @@ class AtlasISTNModule(Method):
                                                atlas_image=self.atlas_image,
                                                image_similarity=r.get("image_similarity"),
                                                image_weight=float(r.get("image_weight", 0.0)),
-                                               target=r.get("target", "logits"))
+                                               target=r["target"])
         return {"transform": transform, "history": history}
 
     # ---------------------------------------------------------------- report naming
