@@ -12,6 +12,16 @@ holds the structure; n/a where no distance is defined), e.g.
     python benchmarks/evaluation_means.py --per-structure \
         runs/deepatlas_mouse/eval_deepatlas_1shot_mouse_grouped:onepass=DeepATLAS \
         runs/deepatlas_mouse_baselines/eval_registration_1shot_mouse_grouped:onepass=registration
+
+--criteria FOLDER:METHOD FOLDER:METHOD ...: issue 11's acceptance, per structure, for the first
+(the candidate, e.g. refine) against the others (e.g. the ITN and the U-Net): its mean HD95 at or below
+each of theirs, and its mean Dice at least the best of theirs minus --dice-tolerance (0.02). Means
+over the cases whose reference holds the structure; a case where a method predicts nothing has no
+HD95 (NaN) and counts as an infinite one, so a missed structure never looks close. Prints a row per
+structure and the number of structures that meet both, e.g.
+
+    python benchmarks/evaluation_means.py --criteria runs/mouse3/eval_atlas_istn:refine \
+        runs/mouse3/eval_atlas_istn:itn runs/mouse3/eval_unet:itn
 """
 
 from __future__ import annotations
@@ -76,12 +86,62 @@ def per_structure(columns: list[tuple[Path, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _per_structure_means(folder: Path, method: str) -> dict[str, tuple[float, float]]:
+    """{structure: (mean Dice, mean HD95)} of one method of an evaluation folder, over the cases whose
+    reference holds the structure; the HD95 is infinite if the method missed it in any of them."""
+    by: dict[str, list[dict]] = {}
+    for r in _present(folder):
+        if r["method"] == method:
+            by.setdefault(r["structure"], []).append(r)
+    if not by:
+        raise SystemExit(f"{folder}: no rows of method {method!r}")
+    return {s: (float(np.mean([r["dice"] for r in rows])),
+                float(np.mean([r["hd95"] if np.isfinite(r["hd95"]) else np.inf for r in rows])))
+            for s, rows in by.items()}
+
+
+def criteria(candidate: tuple[Path, str], baselines: list[tuple[Path, str]], dice_tolerance: float = 0.02) -> str:
+    """Markdown table of issue 11's acceptance per structure (see the module docstring) and a summary line."""
+    cand = _per_structure_means(*candidate)
+    bases = [_per_structure_means(*b) for b in baselines]
+    names = [f"{f.name}:{m}" for f, m in [candidate, *baselines]]
+    lines = ["| structure | " + " | ".join(f"{n} Dice / HD95" for n in names) + " | Dice ok | HD95 ok |",
+             "|---|" + "---:|" * len(names) + "---|---|"]
+    both = 0
+    for structure, (dice, hd) in cand.items():
+        others = [b.get(structure, (0.0, np.inf)) for b in bases]
+        dice_ok = dice >= max(d for d, _ in others) - dice_tolerance
+        hd_ok = hd <= min(h for _, h in others)
+        both += dice_ok and hd_ok
+        cells = [f"{d:.3f} / {h:.2f}" for d, h in [(dice, hd), *others]]
+        lines.append(f"| {structure} | " + " | ".join(cells) + f" | {'yes' if dice_ok else 'NO'} | "
+                     f"{'yes' if hd_ok else 'NO'} |")
+    lines.append(f"\n{both} of {len(cand)} structures meet both (Dice tolerance {dice_tolerance}).")
+    return "\n".join(lines)
+
+
+def _folder_method(spec: str) -> tuple[Path, str]:
+    folder, _, method = spec.rpartition(":")
+    if not folder or not method:
+        raise SystemExit(f"expected FOLDER:METHOD, got {spec!r}")
+    return Path(folder), method
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("evaluations", nargs="*", type=Path)
     parser.add_argument("--per-structure", nargs="+", metavar="FOLDER:METHOD=TITLE",
                         help="a table per structure with a column per folder and method")
+    parser.add_argument("--criteria", nargs="+", metavar="FOLDER:METHOD",
+                        help="issue 11's acceptance per structure: the first against the others")
+    parser.add_argument("--dice-tolerance", type=float, default=0.02)
     args = parser.parse_args()
+    if args.criteria:
+        if len(args.criteria) < 2:
+            parser.error("--criteria: a candidate and at least one baseline")
+        specs = [_folder_method(s) for s in args.criteria]
+        print(criteria(specs[0], specs[1:], args.dice_tolerance))
+        return
     if args.per_structure:
         columns = []
         for spec in args.per_structure:

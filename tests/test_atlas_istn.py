@@ -1,13 +1,15 @@
 """The paper's baselines and variants (Sec. 3.2) as configs of one model: U-Net, Independent, VML,
 Atlas-ISTN without L_s, Fixed atlas; trained and applied with the same functions."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
 
 from atlasreg.config import load_config
 from atlasreg.data.letter_b import write_letter_b_dataset
-from atlasreg.models.atlas_istn import AtlasISTNModule
+from atlasreg.models.atlas_istn import AtlasISTNModule, warn_if_svf_constant
 from atlasreg.models.registry import build_method
 from atlasreg.models.train import load_module, train
 from atlasreg.segment import segment
@@ -121,6 +123,21 @@ def test_epoch_losses_are_batch_size_weighted_means_reset_every_epoch():
     module.on_train_epoch_start()
     module._accumulate({"loss/seg": torch.tensor(3.0, requires_grad=True) * 1}, 2)
     assert module.epoch_losses() == {"loss/seg": 3.0}
+
+
+def test_a_constant_svf_is_reported_with_the_fix_and_a_living_one_is_not():
+    relu = load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}}, "model": {"size": [16, 16]}})
+    leaky = load_config(None, {"data": {"labels": {0: "bg", 1: "fg"}},
+                               "model": {"size": [16, 16], "stn_activation": "leaky_relu"}})
+    with pytest.warns(UserWarning, match="SVF is constant.*stn_activation: leaky_relu"):
+        assert warn_if_svf_constant({"loss/reg": 1.0e-8}, relu)
+    with pytest.warns(UserWarning, match="SVF is constant") as caught:
+        assert warn_if_svf_constant({"loss/reg": 0.0}, leaky)
+    assert "leaky_relu" not in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_svf_constant({"loss/reg": 5.0e-4}, relu)
+        assert not warn_if_svf_constant({"loss/seg": 0.1}, relu)  # the U-Net has no L_reg
 
 
 def test_deformation_losses_are_eqs_11_to_13_on_the_foreground_channels():

@@ -305,6 +305,7 @@ def test_checkpoint_with_nan_weights_is_refused_before_the_refinement(trained, t
     (["--cases-at-once", "0"], "refinement.cases_at_once: expected an integer >= 1, got 0"),
     (["--iterations", "abc"], "argument --iterations: invalid int value: 'abc'"),
     (["--refine-target", "softmax"], "argument --refine-target: invalid choice: 'softmax'"),
+    (["--refine-structures", "some"], "argument --refine-structures: invalid choice: 'some'"),
     (["--refine-lr", "1e10"], "the refinement diverged"),  # valid, but Adam's steps overflow
 ])
 def test_segment_with_a_bad_refinement_value_fails_in_one_line_and_writes_nothing(trained, tmp_path, capsys,
@@ -555,24 +556,30 @@ def test_segment_refuses_a_folder_of_another_run_and_overwrite_clears_it(trained
 
 
 def test_segment_refine_target_reaches_the_refinement_and_its_manifest(trained, tmp_path, monkeypatch):
-    """--refine-target labelmap fits the atlas to the one-hot of the ITN's argmax (models/refine.py);
-    segment.yaml records the setting, and the config's value (the paper's logits) is the default."""
+    """--refine-target labelmap fits the atlas to the one-hot of the ITN's argmax and
+    --refine-structures segmented counts only the structures it holds (models/refine.py); segment.yaml
+    records both settings, and the config's values (the paper's logits, all structures) are the defaults."""
     import atlasreg.models.refine as refine
 
-    seen = []
-    original = refine.refinement_target
+    seen, counted = [], []
+    original, segmented = refine.refinement_target, refine.segmented_structures
     monkeypatch.setattr(refine, "refinement_target", lambda logits, target: seen.append(target) or original(logits, target))
+    monkeypatch.setattr(refine, "segmented_structures",
+                        lambda logits, mask=None: counted.append(1) or segmented(logits, mask))
     test = trained / "test"
     for target, out in (("labelmap", tmp_path / "a"), (None, tmp_path / "b")):
-        extra = ["--refine-target", target] if target else []
+        extra = ["--refine-target", target, "--refine-structures", "segmented"] if target else []
         assert main(segment_argv(trained, [test / "B101_img.png"], out) + ["--iterations", "1", "--image-suffix",
                                                                           "_img"] + extra) == 0
         info = yaml.safe_load((out / "segment.yaml").read_text())
         assert info["refinement"]["target"] == (target or "logits")
+        assert info["refinement"]["structures"] == ("segmented" if target else "all")
     assert seen == ["labelmap", "logits"]
-    # A manifest of an older atlasreg, written before refinement.target existed, is the same run:
-    # continued (its case skipped), not refused as another run's settings.
+    assert counted == [1]
+    # A manifest of an older atlasreg, written before refinement.target and .structures existed, is
+    # the same run: continued (its case skipped), not refused as another run's settings.
     info["refinement"].pop("target")
+    info["refinement"].pop("structures")
     (tmp_path / "b" / "segment.yaml").write_text(yaml.safe_dump(info))
     assert main(segment_argv(trained, [test / "B101_img.png"], tmp_path / "b") + ["--iterations", "1",
                                                                                  "--image-suffix", "_img"]) == 0

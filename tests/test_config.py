@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from atlasreg.cli import main
-from atlasreg.config import (DEFAULTS, STN_VARIANTS, ConfigError, known_methods, load_config, parse_set,
+from atlasreg.config import (DEFAULTS, STN_ACTIVATIONS, STN_VARIANTS, ConfigError, known_methods, load_config, parse_set,
                              validate)
 from atlasreg.data.cases import pairs_from_spec
 from atlasreg.data.letter_b import write_letter_b_dataset
@@ -76,10 +76,11 @@ def test_readme_train_example_resolves_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_known_choices_match_the_code_that_builds_them():
-    from atlasreg.nets.stn import VARIANTS
+    from atlasreg.nets.stn import ACTIVATIONS, VARIANTS
 
     assert known_methods() == ("atlas_istn", "unet", "vml", "deepatlas")
     assert STN_VARIANTS == VARIANTS
+    assert STN_ACTIVATIONS == tuple(ACTIVATIONS)
 
 
 # ---------------------------------------------------------------- merging and bases

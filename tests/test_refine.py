@@ -192,3 +192,50 @@ def test_unsure_logits_pull_the_atlas_away_and_their_labelmap_does_not():
     assert dice_labelmap > dice_logits + 0.1, (dice_labelmap, dice_logits)
     assert size_logits < 0.8 * size_labelmap, (size_logits, size_labelmap)
     assert dice_labelmap > 0.97  # the undeformed atlas: 0.92
+
+
+def test_segmented_structures_are_those_winning_the_argmax_somewhere_in_the_field_of_view():
+    logits = torch.zeros(2, 4, 8, 8)
+    logits[:, 0] = 1.0
+    logits[0, 1, :2] = 2.0          # case 0: structure 1 wins in rows 0-1
+    logits[1, 2, 6:] = 2.0          # case 1: structure 2 wins in rows 6-7 only ...
+    logits[:, 3] = 0.9              # structure 3 never wins
+    mask = torch.ones(2, 1, 8, 8)
+    mask[1, :, 5:] = 0              # ... which lie outside case 1's scan
+    from atlasreg.models.refine import segmented_structures
+
+    assert segmented_structures(logits).tolist() == [[1, 1, 0, 0], [1, 0, 1, 0]]
+    assert segmented_structures(logits, mask).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_a_structure_the_itn_missed_follows_its_neighbours_only_with_segmented_structures():
+    """Atlas: structures 1 and 2 side by side. The ITN segments 1 (shifted by 2 voxels) and misses 2
+    (background there). Refining all structures squeezes the atlas's 2 away; with
+    refinement.structures 'segmented' it keeps its size while 1 is still fitted."""
+    torch.manual_seed(0)
+    grid = Grid.centred((32, 32), (2.0, 2.0))
+    net = AtlasISTN(2, 3, grid)
+    atlas = torch.zeros(1, 3, 32, 32)
+    atlas[0, 1, 8:24, 6:15] = 1
+    atlas[0, 2, 8:24, 15:24] = 1
+    atlas[0, 0] = 1 - atlas[0, 1:].sum(0)
+    itn = torch.zeros(1, 3, 32, 32)
+    itn[0, 1, 10:26, 6:15] = 1
+    itn[0, 0] = 1 - itn[0, 1]
+    from atlasreg.spatial.transforms import warp
+
+    def fit(structures):
+        tr, _ = refine_transforms(net, itn, atlas, iterations=40, lr=3e-3, lam=0.01, target="labelmap",
+                                  structures=structures)
+        deformed = warp(atlas, tr.inverse_points(), grid)[0]
+        one = deformed[1] > 0.5
+        ref = itn[0, 1] > 0.5
+        return float(2 * (one & ref).sum() / (one.sum() + ref.sum())), int((deformed[2] > 0.5).sum())
+
+    dice_all, size_all = fit("all")
+    dice_segmented, size_segmented = fit("segmented")
+    assert size_segmented > 0.9 * 16 * 9, size_segmented        # structure 2: 144 voxels in the atlas
+    assert size_all < 0.8 * size_segmented, (size_all, size_segmented)
+    assert dice_segmented > 0.95, dice_segmented                 # the undeformed atlas: 0.875
+    with pytest.raises(ValueError, match="structures"):
+        refine_transforms(net, itn, atlas, iterations=1, structures="some")

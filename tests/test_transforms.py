@@ -31,6 +31,24 @@ def test_stn_transform_is_identity_at_initialisation(ndim):
     assert torch.allclose(warp(image, tr.inverse_points(), grid), image, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation, revives", [("relu", False), ("leaky_relu", True)])
+def test_a_dead_svf_decoder_gets_a_gradient_only_with_leaky_relu(activation, revives):
+    # The mouse-brain failure: every unit of the decoder's last layer negative for every input, so the
+    # SVF is the head's bias (a constant, L_reg 0). With ReLU nothing reaches the decoder again.
+    grid = Grid.centred((16, 16, 16), (0.3,) * 3)
+    stn = STN(3, 4, grid, activation=activation)
+    torch.nn.init.normal_(stn.svf_head.weight, std=0.1)
+    last = stn.dec1[1][0]
+    with torch.no_grad():
+        last.bias.fill_(-100.0)
+    svf = stn(torch.rand(2, 4, *grid.size))["svf"]
+    svf.square().mean().backward()
+    reached = last.weight.grad.abs().max().item()
+    assert (reached > 0) == revives
+    with pytest.raises(ValueError, match="activation"):
+        STN(3, 4, grid, activation="gelu")
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_phi_composed_with_inverse_is_identity(ndim):
     size = (64, 64) if ndim == 2 else (32, 32, 32)

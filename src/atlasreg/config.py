@@ -43,6 +43,8 @@ from .errors import AtlasregError
 
 #: STN variants `model.stn_variant` accepts (the same tuple as `nets.stn.VARIANTS`; a test keeps them equal).
 STN_VARIANTS = ("affine_svf", "svf", "affine")
+#: STN nonlinearities `model.stn_activation` accepts (the keys of `nets.stn.ACTIVATIONS`; a test keeps them equal).
+STN_ACTIVATIONS = ("relu", "leaky_relu")
 ORIENTATION_SEARCH = ("none", "in_plane", "in_plane_flips", "axes")  # atlasreg.data.placement (not imported: torch-free)
 CENTRES = ("image", "foreground", "labels")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
@@ -522,6 +524,8 @@ SCHEMA = Section({
         "itn_channels": Field(ListOf(Int(1), min_length=1), [8, 16, 32, 64], "ITN features per scale"),
         "stn_channels": Field(ListOf(Int(1), length=3), [16, 16, 32], "STN features at 1/2, 1/4, 1/8"),
         "stn_variant": Field(Choice(lambda: STN_VARIANTS), "affine_svf", "affine_svf | svf | affine"),
+        "stn_activation": Field(Choice(lambda: STN_ACTIVATIONS), "relu",
+                                "relu (the paper's) | leaky_relu (slope 0.2: the SVF decoder cannot die)"),
         "integration_steps": Field(Int(0), 6, "scaling and squaring steps of the SVF"),
     })),
     "training": Field(Section({
@@ -583,6 +587,10 @@ SCHEMA = Section({
         "target": Field(Choice(lambda: REFINEMENT_TARGETS), "logits",
                         "what the deformed atlas labelmap is fitted to: logits (the paper's Eq. 17, the ITN "
                         "logits) or labelmap (the one-hot of the ITN's argmax; see models/refine.py)"),
+        "structures": Field(Choice(lambda: REFINEMENT_STRUCTURES), "all",
+                            "which structures L*_a2s / L*_s2a count: all (the paper's) or segmented (only those "
+                            "the ITN's argmax holds in the case; a structure the ITN missed then follows its "
+                            "neighbours instead of being squeezed out; see models/refine.py)"),
     })),
     "deepatlas": Field(DEEPATLAS, None, "DeepATLAS: network, schedule and losses (model.method deepatlas only)",
                        method="deepatlas", across=lambda cfg: _check_deepatlas(cfg)),
@@ -593,6 +601,9 @@ INTENSITY = ("zscore", "zscore_foreground", "rescale")
 
 #: Targets of the refinement (atlasreg.models.refine.refinement_target).
 REFINEMENT_TARGETS = ("logits", "labelmap")
+
+#: Structures the refinement's label terms count (atlasreg.models.refine.segmented_structures).
+REFINEMENT_STRUCTURES = ("all", "segmented")
 
 #: Image similarities of the image-based refinement (atlasreg.losses.similarity.SIMILARITIES).
 IMAGE_SIMILARITIES = ("lncc", "mind", "ngf", "mi", "mse")

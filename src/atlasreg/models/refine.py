@@ -62,12 +62,31 @@ def refinement_target(logits: torch.Tensor, target: str = "logits") -> torch.Ten
     raise ValueError(f"refinement target must be 'logits' or 'labelmap', got {target!r}")
 
 
+def segmented_structures(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Which structures the ITN segmented: (B, C) float, 1 where channel c wins the argmax of `logits`
+    (B, C, *size) in at least one voxel (inside `mask` (B, 1, *size), the field of view, when given),
+    else 0; the background (channel 0) always 1.
+
+    Why (``refinement.structures: segmented``): the label terms of the refinement (Eqs. 17-18) pull the
+    deformed atlas towards the ITN's output in every channel. Where the ITN misses a structure (the
+    mouse-brain ITN segments a handful of the 37), that pull squeezes the atlas's structure away,
+    undoing what the 1-pass transform got right. Counting only the segmented structures leaves a
+    missed one to the deformation of its neighbours and the regulariser."""
+    won = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).movedim(-1, 1)
+    if mask is not None:
+        won = won * (mask > 0)
+    present = won.flatten(2).amax(2).to(logits.dtype)
+    present[:, 0] = 1
+    return present
+
+
 def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torch.Tensor,
                       iterations: int = 50, lr: float = 1e-3, beta: float = 1.0, gamma: float = 0.0,
                       lam: float = 0.126, use_affine: bool = True,
                       mask: torch.Tensor | None = None, images: torch.Tensor | None = None,
                       atlas_image: torch.Tensor | None = None, image_similarity: str | None = None,
-                      image_weight: float = 0.0, target: str = "logits") -> tuple[AffineSVFTransform, torch.Tensor]:
+                      image_weight: float = 0.0, target: str = "logits",
+                      structures: str = "all") -> tuple[AffineSVFTransform, torch.Tensor]:
     """Refine the STN per case so that the deformed atlas labelmap fits the ITN logits (Eq. 19:
     L* = beta L*_a2s + gamma L*_s2a + lambda L_reg), K = `iterations` Adam steps.
 
@@ -79,11 +98,15 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
 
     logits: (B, C, *size) ITN output (no gradient); the target is :func:`refinement_target` of it
     (`target` 'logits', the paper's, or 'labelmap'); atlas_labelmap: (1, C, *size).
+    structures: 'all' (the paper's) or 'segmented': the label terms count only the structures the ITN
+    segmented in the case (:func:`segmented_structures`; the channels of the others are zeroed in both
+    the target and the atlas, so the loss keeps its normalisation and lambda its meaning). The STN
+    still sees every channel.
     mask: (B, 1, *size) the scans' field of view on the model grid (padding does not count), or None.
     Returns the refined transforms Phi*, Phi*^-1 (batch B, Eq. 21) and the loss history (K + 1, B)
     (the last row is the loss of the returned transforms). Case i's losses and STN outputs are those of
     refining case i alone, bit for bit on CPU (see the module docstring). Raises ValueError for
-    negative K, an unknown target and for NaN or infinite logits, atlas or mask (NaN reaching grid_sample through the
+    negative K, an unknown target or structures and for NaN or infinite logits, atlas or mask (NaN reaching grid_sample through the
     STN crashed the process with SIGSEGV, issue 14); AtlasregError when the refinement diverges (a NaN
     or infinite STN output, e.g. with too large a learning rate).
     """
@@ -92,6 +115,9 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     for name, value in (("logits", logits), ("atlas", atlas_labelmap), ("mask", mask)):
         if value is not None and not bool(torch.isfinite(value).all()):
             raise ValueError(f"refine_transforms: the {name} are not finite (NaN or infinite values)")
+    if structures not in ("all", "segmented"):
+        raise ValueError(f"refinement structures must be 'all' or 'segmented', got {structures!r}")
+    keep = segmented_structures(logits.detach(), mask) if structures == "segmented" else None
     logits = refinement_target(logits.detach(), target)
     b = logits.shape[0]
     similarity = None
@@ -114,7 +140,11 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
             raise AtlasregError(f"the refinement diverged (NaN or infinite transform after {len(history)} of "
                                 f"{iterations} iterations); lower refinement.lr (now {lr:g})")
         tr = compose_transform(out["svf"], out["A"], out["t"], net.grid, net.steps)
-        terms = deformation_losses(tr, logits[i:i + 1], atlas_labelmap, reduction="per_case",
+        fitted, atlas = logits[i:i + 1], atlas_labelmap
+        if keep is not None:
+            shape = (1, -1) + (1,) * (fitted.dim() - 2)
+            fitted, atlas = fitted * keep[i].view(shape), atlas * keep[i].view(shape)
+        terms = deformation_losses(tr, fitted, atlas, reduction="per_case",
                                    with_s2a=gamma != 0.0, mask=None if mask is None else mask[i:i + 1])
         loss = beta * terms["a2s"] + lam * terms["reg"]
         if gamma != 0.0:

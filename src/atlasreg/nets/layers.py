@@ -14,8 +14,14 @@ def conv(ndim: int, cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn
     return getattr(nn, f"Conv{ndim}d")(cin, cout, kernel_size=kernel, stride=stride, padding=kernel // 2)
 
 
-def conv_relu(ndim: int, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(conv(ndim, cin, cout, stride), nn.ReLU(inplace=True))
+def activation(negative_slope: float = 0.0) -> nn.Module:
+    """ReLU, or LeakyReLU with this slope for x < 0 when it is above 0."""
+    return nn.LeakyReLU(negative_slope, inplace=True) if negative_slope > 0 else nn.ReLU(inplace=True)
+
+
+def conv_relu(ndim: int, cin: int, cout: int, stride: int = 1, negative_slope: float = 0.0) -> nn.Sequential:
+    """Convolution + ReLU (LeakyReLU with `negative_slope` > 0)."""
+    return nn.Sequential(conv(ndim, cin, cout, stride), activation(negative_slope))
 
 
 class LinearUpsample(nn.Module):

@@ -16,9 +16,12 @@ from torch import nn
 
 from ..spatial.grid import Grid
 from ..spatial.transforms import affine_trs
-from .layers import conv, conv_relu, memory_format, to_memory_format, upsample
+from .layers import activation as make_activation, conv, conv_relu, memory_format, to_memory_format, upsample
 
 VARIANTS = ("affine_svf", "svf", "affine")
+#: Nonlinearities of the STN (`model.stn_activation`) and their slope for x < 0: the paper's ReLU, or
+#: VoxelMorph's LeakyReLU(0.2), whose units cannot die.
+ACTIVATIONS = {"relu": 0.0, "leaky_relu": 0.2}
 
 
 class STN(nn.Module):
@@ -35,16 +38,24 @@ class STN(nn.Module):
     randomly initialised with a one-voxel unit. With a zero-initialised head and a one-voxel unit (32
     times smaller on Letter-B), Adam, which moves parameters by about lr per step whatever the
     gradient's scale, kept the SVF near zero and the decoder's ReLUs died during training.
+    activation: 'relu' (the paper's) or 'leaky_relu' (slope 0.2, as VoxelMorph): with ReLU the SVF
+    decoder's last 8 units can all die (measured on the mouse brain at 0.3 mm: the SVF became a
+    constant, L_reg 1e-8, from epoch 71 of 220, and never came back); LeakyReLU units always pass a
+    gradient. Raises ValueError for an unknown variant or activation, a grid of another dimension or a
+    size not divisible by 8.
 
     forward(x: (N, in_channels, *size)) -> dict with 'svf' (N, D, *size/2) mm or None, and
     'A' (N, D, D), 't' (N, D) mm or None.
     """
 
     def __init__(self, ndim: int, in_channels: int, grid: Grid, variant: str = "affine_svf",
-                 channels: Sequence[int] = (16, 16, 32), pool: int = 4):
+                 channels: Sequence[int] = (16, 16, 32), pool: int = 4, activation: str = "relu"):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown STN variant {variant!r}; choose one of {VARIANTS}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown STN activation {activation!r}; choose one of {tuple(ACTIVATIONS)}")
+        slope = ACTIVATIONS[activation]
         if grid.ndim != ndim:
             raise ValueError(f"the grid {grid.size} is not {ndim}D")
         if any(s % 8 for s in grid.size):
@@ -52,22 +63,23 @@ class STN(nn.Module):
         self.ndim, self.variant = ndim, variant
         c1, c2, c3 = channels
         self.register_buffer("half_fov", grid.half_extent_tensor(), persistent=False)
-        self.enc1 = nn.Sequential(conv(ndim, in_channels, c1, stride=2), nn.ReLU(inplace=True),
-                                  conv_relu(ndim, c1, c1))
-        self.enc2 = nn.Sequential(conv(ndim, c1, c2, stride=2), conv_relu(ndim, c2, c2))
-        self.enc3 = nn.Sequential(conv(ndim, c2, c3, stride=2), conv_relu(ndim, c3, c3))
+        self.enc1 = nn.Sequential(conv(ndim, in_channels, c1, stride=2), make_activation(slope),
+                                  conv_relu(ndim, c1, c1, negative_slope=slope))
+        self.enc2 = nn.Sequential(conv(ndim, c1, c2, stride=2), conv_relu(ndim, c2, c2, negative_slope=slope))
+        self.enc3 = nn.Sequential(conv(ndim, c2, c3, stride=2), conv_relu(ndim, c3, c3, negative_slope=slope))
         self.up = upsample(ndim)
         self.has_svf = variant in ("affine_svf", "svf")
         self.has_affine = variant in ("affine_svf", "affine")
         if self.has_svf:
-            self.dec2 = conv_relu(ndim, c3 + c2, c2)
-            self.dec1 = nn.Sequential(conv_relu(ndim, c2 + c1, c1), conv_relu(ndim, c1, max(c1 // 2, ndim)))
+            self.dec2 = conv_relu(ndim, c3 + c2, c2, negative_slope=slope)
+            self.dec1 = nn.Sequential(conv_relu(ndim, c2 + c1, c1, negative_slope=slope),
+                                      conv_relu(ndim, c1, max(c1 // 2, ndim), negative_slope=slope))
             self.svf_head = conv(ndim, max(c1 // 2, ndim), ndim)
             nn.init.zeros_(self.svf_head.weight)
             nn.init.zeros_(self.svf_head.bias)
         if self.has_affine:
             self.pool_size = pool
-            self.fc = nn.Sequential(nn.Linear(c3 * pool ** ndim, 32), nn.ReLU(inplace=True))
+            self.fc = nn.Sequential(nn.Linear(c3 * pool ** ndim, 32), make_activation(slope))
             n_angles = 1 if ndim == 2 else 3
             self.translation = nn.Linear(32, ndim)
             self.rotation = nn.Linear(32, n_angles)
