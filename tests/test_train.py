@@ -214,6 +214,25 @@ def test_what_training_shows_may_change_on_resume(tmp_path):
         _check_resumable(stored, load_config(None, {**base, "training": {**shown, "lambda": 0.5}}), tmp_path)
 
 
+def test_a_run_stored_before_a_new_setting_resumes_only_at_its_default(tmp_path):
+    """A setting a newer atlasreg added (model.stn_activation, refinement.structures) is missing from
+    an older run's config.yaml: at its default value the run is the same and resumes; at another value
+    it is another run, refused with the key named."""
+    import pytest
+    import yaml
+
+    from atlasreg.config import load_config
+    from atlasreg.errors import AtlasregError
+    from atlasreg.models.train import _check_resumable
+
+    base = {"data": {"labels": {0: "bg", 1: "fg"}}}
+    stored = yaml.safe_load(yaml.safe_dump(load_config(None, base)))
+    del stored["model"]["stn_activation"], stored["refinement"]["structures"]
+    _check_resumable(stored, load_config(None, base), tmp_path)
+    with pytest.raises(AtlasregError, match=r"model\.stn_activation: <unset> -> leaky_relu"):
+        _check_resumable(stored, load_config(None, {**base, "model": {"stn_activation": "leaky_relu"}}), tmp_path)
+
+
 def test_a_method_with_a_training_run_of_its_own_is_trained_by_it(tmp_path):
     """`train` runs the training run of a method that has its own (DeepATLAS: its staged schedule in
     steps, `Method.training_run`), with the same run folder; it trains in one process."""

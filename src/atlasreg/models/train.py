@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from ..atlas import save_atlas
-from ..config import ConfigError, differences, validate
+from ..config import DEFAULTS, ConfigError, differences, validate
 from ..contracts import EPOCH_CHECKPOINT, LOG_DIR, read_run_config, run_paths
 from ..data.case_dataset import CaseDataset
 from ..data.cases import pairs_from_spec
@@ -182,11 +182,26 @@ class RandomStates(Callback):
         self._augmentation = None
 
 
+def _new_default(difference: str, config: Mapping) -> bool:
+    """Whether a :func:`~atlasreg.config.differences` entry is a setting the stored config lacks (an
+    older atlasreg wrote it) and `config` holds at its default: the same run, so it resumes."""
+    key, _, change = difference.partition(": ")
+    if not change.startswith("<unset> -> "):
+        return False
+    node, default = config, DEFAULTS
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or not isinstance(default, Mapping) or part not in default:
+            return False
+        node, default = node.get(part), default[part]
+    return node == default
+
+
 def _check_resumable(stored: Mapping, config: Mapping, folder: Path) -> None:
     """AtlasregError naming the run's config file and the differing keys unless `config` may resume
     the run whose config is `stored` (equal up to :data:`RESUMABLE_KEYS`)."""
     plain = yaml.safe_load(yaml.safe_dump(dict(config), sort_keys=False))  # tuples -> lists, as stored
-    changed = [d for d in differences(stored, plain) if d.split(":")[0] not in RESUMABLE_KEYS]
+    changed = [d for d in differences(stored, plain) if d.split(":")[0] not in RESUMABLE_KEYS
+               and not _new_default(d, plain)]
     if changed:
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise AtlasregError(f"holds a run trained with another config ({shown}): give the same config to "
