@@ -35,6 +35,7 @@ import copy
 
 import torch
 
+from ..config import REFINEMENT_STRUCTURES
 from ..errors import AtlasregError
 from ..spatial.transforms import AffineSVFTransform, compose_transform, warp
 from .atlas_istn import AtlasISTN, deformation_losses
@@ -115,11 +116,19 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     for name, value in (("logits", logits), ("atlas", atlas_labelmap), ("mask", mask)):
         if value is not None and not bool(torch.isfinite(value).all()):
             raise ValueError(f"refine_transforms: the {name} are not finite (NaN or infinite values)")
-    if structures not in ("all", "segmented"):
-        raise ValueError(f"refinement structures must be 'all' or 'segmented', got {structures!r}")
+    if structures not in REFINEMENT_STRUCTURES:
+        raise ValueError(f"refinement structures must be one of {REFINEMENT_STRUCTURES}, got {structures!r}")
     keep = segmented_structures(logits.detach(), mask) if structures == "segmented" else None
     logits = refinement_target(logits.detach(), target)
     b = logits.shape[0]
+    # What each case's label terms compare, fixed for the K iterations: with 'segmented', the channels of
+    # the structures the ITN missed zeroed in both the target and the atlas.
+    fitted = [logits[i:i + 1] for i in range(b)]
+    atlases = [atlas_labelmap] * b
+    if keep is not None:
+        shape = (1, -1) + (1,) * (logits.dim() - 2)
+        fitted = [f * keep[i].view(shape) for i, f in enumerate(fitted)]
+        atlases = [atlas_labelmap * keep[i].view(shape) for i in range(b)]
     similarity = None
     if image_similarity and image_weight > 0:
         if images is None or atlas_image is None:
@@ -140,11 +149,7 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
             raise AtlasregError(f"the refinement diverged (NaN or infinite transform after {len(history)} of "
                                 f"{iterations} iterations); lower refinement.lr (now {lr:g})")
         tr = compose_transform(out["svf"], out["A"], out["t"], net.grid, net.steps)
-        fitted, atlas = logits[i:i + 1], atlas_labelmap
-        if keep is not None:
-            shape = (1, -1) + (1,) * (fitted.dim() - 2)
-            fitted, atlas = fitted * keep[i].view(shape), atlas * keep[i].view(shape)
-        terms = deformation_losses(tr, fitted, atlas, reduction="per_case",
+        terms = deformation_losses(tr, fitted[i], atlases[i], reduction="per_case",
                                    with_s2a=gamma != 0.0, mask=None if mask is None else mask[i:i + 1])
         loss = beta * terms["a2s"] + lam * terms["reg"]
         if gamma != 0.0:
