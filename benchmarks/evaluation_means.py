@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from atlasreg.contracts import read_metrics_per_case  # noqa: E402
+from atlasreg.contracts import read_metrics_per_case, read_transforms_per_case  # noqa: E402
 
 
 def _nanmean(values: list[float]) -> float:
@@ -50,13 +50,33 @@ def _present(folder: Path) -> list[dict]:
 
 
 def means(folder: Path) -> list[dict]:
-    """Per method of the evaluation folder: structures present, mean Dice, HD95 and hd95_avg (NaN-ignoring)."""
+    """Per method of the evaluation folder: structures present, mean Dice, HD95, hd95_avg and ASD
+    (NaN-ignoring), the structures with a mean Dice above 0.5, the structures with one connected
+    component in every case, and the holes summed over cases and structures."""
     rows = _present(folder)
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        out.append({"method": method, "structures": len({r["structure"] for r in mine}),
-                    **{k: _nanmean([r[k] for r in mine]) for k in ("dice", "hd95", "hd95_avg")}})
+        by: dict[str, list[dict]] = {}
+        for r in mine:
+            by.setdefault(r["structure"], []).append(r)
+        out.append({"method": method, "structures": len(by),
+                    **{k: _nanmean([r[k] for r in mine]) for k in ("dice", "hd95", "hd95_avg", "asd")},
+                    "dice_above_half": sum(np.mean([r["dice"] for r in rs]) > 0.5 for rs in by.values()),
+                    "one_component": sum(all(r["components"] == 1 for r in rs) for rs in by.values()),
+                    "holes": int(sum(r["holes"] for r in mine))})
+    return out
+
+
+def transform_means(folder: Path) -> list[dict]:
+    """Per transform method of the folder's transforms_per_case.csv: the largest fraction of det J <= 0
+    over the cases, and the means of SD log|J|, MICE (mm) and IC-DSC; [] when it has none."""
+    rows = read_transforms_per_case(folder)
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        out.append({"method": method, "folds_max": max(r["nonpositive_jacobian_fraction"] for r in mine),
+                    **{k: _nanmean([r[k] for r in mine]) for k in ("std_log_jacobian", "mice_mm", "ic_dsc")}})
     return out
 
 
@@ -154,11 +174,20 @@ def main() -> None:
         return
     if not args.evaluations:
         parser.error("give evaluation folders, or --per-structure")
-    print("| evaluation | method | structures | Dice | HD95 | HD95 Eq. 16 |\n|---|---|---:|---:|---:|---:|")
+    print("| evaluation | method | structures | Dice | HD95 | HD95 Eq. 16 | ASD | Dice > 0.5 | 1 component | holes |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for folder in args.evaluations:
         for m in means(folder):
             print(f"| {folder.name} | {m['method']} | {m['structures']} | {m['dice']:.3f} | {m['hd95']:.3f} | "
-                  f"{m['hd95_avg']:.3f} |")
+                  f"{m['hd95_avg']:.3f} | {m['asd']:.3f} | {m['dice_above_half']} | {m['one_component']} | "
+                  f"{m['holes']} |")
+    transforms = [(folder, t) for folder in args.evaluations for t in transform_means(folder)]
+    if transforms:
+        print("\n| evaluation | transform | max fraction det J <= 0 | SD log det J | MICE (mm) | IC-DSC |\n"
+              "|---|---|---:|---:|---:|---:|")
+        for folder, t in transforms:
+            print(f"| {folder.name} | {t['method']} | {t['folds_max']:.4f} | {t['std_log_jacobian']:.3f} | "
+                  f"{t['mice_mm']:.4f} | {t['ic_dsc']:.3f} |")
 
 
 if __name__ == "__main__":
