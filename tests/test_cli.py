@@ -8,11 +8,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from scipy import ndimage
 
 from lightning.pytorch.callbacks import Callback
 
 from atlasreg.cli import main
 from atlasreg.config import load_config
+from atlasreg.contracts import case_labelmap_path
 from atlasreg.models.train import train
 from atlasreg.data.letter_b import write_letter_b_dataset
 from bad_inputs_rows import other_checkpoint
@@ -306,6 +308,7 @@ def test_checkpoint_with_nan_weights_is_refused_before_the_refinement(trained, t
     (["--iterations", "abc"], "argument --iterations: invalid int value: 'abc'"),
     (["--refine-target", "softmax"], "argument --refine-target: invalid choice: 'softmax'"),
     (["--refine-structures", "some"], "argument --refine-structures: invalid choice: 'some'"),
+    (["--atlas-topology", "fused"], "argument --atlas-topology: invalid choice: 'fused'"),
     (["--refine-lr", "1e10"], "the refinement diverged"),  # valid, but Adam's steps overflow
 ])
 def test_segment_with_a_bad_refinement_value_fails_in_one_line_and_writes_nothing(trained, tmp_path, capsys,
@@ -556,9 +559,10 @@ def test_segment_refuses_a_folder_of_another_run_and_overwrite_clears_it(trained
 
 
 def test_segment_refine_target_reaches_the_refinement_and_its_manifest(trained, tmp_path, monkeypatch):
-    """--refine-target labelmap fits the atlas to the one-hot of the ITN's argmax and
-    --refine-structures segmented counts only the structures it holds (models/refine.py); segment.yaml
-    records both settings, and the config's values (the paper's logits, all structures) are the defaults."""
+    """--refine-target labelmap fits the atlas to the one-hot of the ITN's argmax,
+    --refine-structures segmented counts only the structures it holds (models/refine.py) and
+    --atlas-topology connected fits and warps the connected atlas (atlas_topology.py); segment.yaml
+    records the settings, and the config's values (the paper's logits, all structures) are the defaults."""
     import atlasreg.models.refine as refine
 
     seen, counted = [], []
@@ -568,18 +572,25 @@ def test_segment_refine_target_reaches_the_refinement_and_its_manifest(trained, 
                         lambda logits, mask=None: counted.append(1) or segmented(logits, mask))
     test = trained / "test"
     for target, out in (("labelmap", tmp_path / "a"), (None, tmp_path / "b")):
-        extra = ["--refine-target", target, "--refine-structures", "segmented"] if target else []
+        extra = ["--refine-target", target, "--refine-structures", "segmented", "--atlas-topology",
+                 "connected"] if target else []
         assert main(segment_argv(trained, [test / "B101_img.png"], out) + ["--iterations", "1", "--image-suffix",
                                                                           "_img"] + extra) == 0
         info = yaml.safe_load((out / "segment.yaml").read_text())
         assert info["refinement"]["target"] == (target or "logits")
         assert info["refinement"]["structures"] == ("segmented" if target else "all")
+        assert info["refinement"]["atlas_topology"] == ("connected" if target else "none")
     assert seen == ["labelmap", "logits"]
+    # with the connected atlas every structure of every labelmap warped from it is one component
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case_labelmap_path(tmp_path / "a" / "B101", "refine", ".png"))))
+    for value in np.unique(labels)[1:]:
+        assert ndimage.label(labels == value, np.ones((3, 3)))[1] == 1
     assert counted == [1]
     # A manifest of an older atlasreg, written before refinement.target and .structures existed, is
     # the same run: continued (its case skipped), not refused as another run's settings.
     info["refinement"].pop("target")
     info["refinement"].pop("structures")
+    info["refinement"].pop("atlas_topology")
     (tmp_path / "b" / "segment.yaml").write_text(yaml.safe_dump(info))
     assert main(segment_argv(trained, [test / "B101_img.png"], tmp_path / "b") + ["--iterations", "1",
                                                                                  "--image-suffix", "_img"]) == 0

@@ -239,3 +239,26 @@ def test_a_structure_the_itn_missed_follows_its_neighbours_only_with_segmented_s
     assert dice_segmented > 0.95, dice_segmented                 # the undeformed atlas: 0.875
     with pytest.raises(ValueError, match="structures"):
         refine_transforms(net, itn, atlas, iterations=1, structures="some")
+
+
+def test_the_stn_sees_the_atlas_it_was_trained_on_while_the_connected_atlas_is_fitted():
+    """refinement.atlas_topology connected: the label terms fit the connected atlas, the STN input keeps
+    the probabilistic atlas it was trained on, so K = 0 gives back the 1-pass transform exactly."""
+    from atlasreg.atlas_topology import connected_atlas
+
+    torch.manual_seed(0)
+    net = AtlasISTN(2, 2, Grid.centred((32, 32), (2.0, 2.0)))
+    with torch.no_grad():  # a trained STN: its output layers are zero at initialisation
+        for w in net.stn.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    atlas = 0.7 * square(1, (10, 10), (22, 22)) + 0.3 * square(1, (12, 12), (24, 24))
+    fitted = connected_atlas(atlas, (2.0, 2.0))
+    logits = square(1, (12, 8), (26, 20))
+    with torch.no_grad():
+        onepass = net.transform(net.stn_input(None, logits, atlas, None)).inverse_points()
+    kept, _ = refine_transforms(net, logits, fitted, iterations=0, stn_atlas=atlas)
+    assert torch.equal(kept.inverse_points(), onepass)
+    other, _ = refine_transforms(net, logits, fitted, iterations=0)
+    assert not torch.equal(other.inverse_points(), onepass)
+    _, history = refine_transforms(net, logits, fitted, iterations=20, lr=3e-3, stn_atlas=atlas)
+    assert history[-1, 0] < 0.7 * history[0, 0]

@@ -23,6 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .atlas_topology import fitted_atlas
+from .config import validate_section
 from .contracts import labelmap_extension
 from .data.cases import Case, Preprocessing, case_from_image, load_case
 from .errors import AtlasregError
@@ -160,9 +162,11 @@ class Model:
     def _run(self, cases: list[Case], refine: bool, refinement: dict) -> list[Segmentation]:
         module, labels = self.module, list(self.labels)
         results = []
+        settings = validate_section("refinement", refinement or {}, module.config["refinement"])
+        connected = settings.get("atlas_topology") == "connected"
         for pred in predict_cases(module, cases, refinement, refine):
-            out = native_outputs(pred.case, labels, self.grid, pred.itn, pred.transforms, module.atlas_labelmap,
-                                 module.atlas_image)
+            out = native_outputs(pred.case, labels, self.grid, pred.itn, pred.transforms,
+                                 fitted_atlas(module, settings), module.atlas_image, connected)
             results.append(Segmentation(pred.case.name, out["labelmaps"], out.get("to_atlas"),
                                         out.get("to_subject"), out.get("deformed_atlas_image"),
                                         pred.transform_metrics, out, pred.case))

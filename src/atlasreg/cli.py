@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .contracts import (FINAL_CHECKPOINT, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, METRICS_PER_CASE,
                         REPORT_HTML, REPORT_MD, SEGMENT_INFO, case_labelmap_path, read_segment_info, run_paths)
-from .config import REFINEMENT_STRUCTURES, REFINEMENT_TARGETS
+from .config import ATLAS_TOPOLOGIES, REFINEMENT_STRUCTURES, REFINEMENT_TARGETS
 from .errors import AtlasregError
 
 
@@ -28,7 +28,8 @@ def _refinement_overrides(args) -> dict:
     for key, attr in (("iterations", "iterations"), ("beta", "beta"), ("gamma", "gamma"),
                       ("lambda", "lam"), ("lr", "refine_lr"), ("cases_at_once", "cases_at_once"),
                       ("image_similarity", "image_similarity"), ("image_weight", "image_weight"),
-                      ("target", "refine_target"), ("structures", "refine_structures")):
+                      ("target", "refine_target"), ("structures", "refine_structures"),
+                      ("atlas_topology", "atlas_topology")):
         value = getattr(args, attr, None)
         if value is not None:
             out[key] = value
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine-structures", choices=REFINEMENT_STRUCTURES, help="which structures the refinement "
                    "fits: all (the paper's) or those the ITN segmented in the case, so that one it missed follows "
                    "its neighbours (default from the config)")
+    s.add_argument("--atlas-topology", choices=ATLAS_TOPOLOGIES, help="none: the atlas labelmap as built (the "
+                   "paper's); connected: one connected component per structure in the atlas the refinement fits "
+                   "and in every labelmap warped from it (default from the config)")
     s.add_argument("--device", default="auto", help=_DEVICE_HELP + "; the model and the refinement run there")
     s.add_argument("--num-parts", type=_positive_int, default=1, metavar="P",
                    help="split the run into P parts, each a command of its own (on any machine) writing the "

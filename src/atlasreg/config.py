@@ -591,6 +591,11 @@ SCHEMA = Section({
                             "which structures L*_a2s / L*_s2a count: all (the paper's) or segmented (only those "
                             "the ITN's argmax holds in the case; a structure the ITN missed then follows its "
                             "neighbours instead of being squeezed out; see models/refine.py)"),
+        "atlas_topology": Field(Choice(lambda: ATLAS_TOPOLOGIES), "none",
+                                "none (the paper's: the atlas labelmap as built, Eq. 15) or connected (one connected "
+                                "component per structure: the refinement fits and the outputs warp the one-hot of the "
+                                "repaired atlas labelmap, and output labelmaps have resampling gaps closed; see "
+                                "atlas_topology.py)"),
     })),
     "deepatlas": Field(DEEPATLAS, None, "DeepATLAS: network, schedule and losses (model.method deepatlas only)",
                        method="deepatlas", across=lambda cfg: _check_deepatlas(cfg)),
@@ -604,6 +609,9 @@ REFINEMENT_TARGETS = ("logits", "labelmap")
 
 #: Structures the refinement's label terms count (atlasreg.models.refine.segmented_structures).
 REFINEMENT_STRUCTURES = ("all", "segmented")
+
+#: The atlas labelmap the refinement fits and the outputs warp (atlasreg.atlas_topology.fitted_atlas).
+ATLAS_TOPOLOGIES = ("none", "connected")
 
 #: Image similarities of the image-based refinement (atlasreg.losses.similarity.SIMILARITIES).
 IMAGE_SIMILARITIES = ("lncc", "mind", "ngf", "mi", "mse")

@@ -60,16 +60,32 @@ def world_transforms(transform: AffineSVFTransform, frame: AffineTransform | Gri
     return Composite((transform, frame)), Composite((frame.inverse(), transform.inverse()))
 
 
+def _atlas_indices(probabilities: torch.Tensor, grid: Grid, connected: bool) -> np.ndarray:
+    """Label indices (*grid.size) of atlas probabilities (C, *grid.size) sampled on `grid`: their argmax,
+    with resampling gaps closed when `connected` (see :func:`native_outputs`)."""
+    probs = probabilities.float().cpu().numpy()
+    indices = probs.argmax(0)
+    if connected:
+        from .atlas_topology import connect_structures
+
+        indices, _ = connect_structures(indices, probs, tuple(reversed(grid.spacing)))
+    return indices
+
+
 def native_outputs(case: Case, labels: Sequence[int], model_grid: Grid,
                    itn_probabilities: torch.Tensor | None = None,
                    transforms: Mapping[str, AffineSVFTransform] | None = None,
                    atlas_labelmap: torch.Tensor | None = None,
-                   atlas_image: torch.Tensor | None = None) -> dict:
+                   atlas_image: torch.Tensor | None = None, connected: bool = False) -> dict:
     """A case's outputs on its own grid, in memory.
 
     itn_probabilities: (C, *model_grid.size) ITN probabilities on the model grid placed on the case;
     transforms: 'onepass' and/or 'refine' -> batch-1 Phi in the case's model frame (the last one given
     is the final one); atlas_labelmap (1, C, *size) and atlas_image (1, 1, *size) on `model_grid`.
+    connected: the atlas is the one-hot of a labelmap with one component per structure
+    (``refinement.atlas_topology: connected``): the labelmaps sampled from it ('atlas', 'onepass',
+    'refine') get the gaps that resampling onto the input grid cut into thin structures closed
+    (:func:`atlasreg.atlas_topology.connect_structures`, the sampled one-hot as probabilities).
     Returns a dict: ``labelmaps``: output name ('itn', 'itn_lcc', 'atlas', 'onepass', 'refine', those
     that apply) -> SimpleITK image of declared label values with the input's geometry;
     ``deformed_atlas_image`` (float32 image) and ``to_atlas`` / ``to_subject`` (world transforms of the
@@ -89,13 +105,14 @@ def native_outputs(case: Case, labels: Sequence[int], model_grid: Grid,
             out["labelmaps"]["itn"] = _labelmap_image(indices, labels, case, ext)
             out["labelmaps"]["itn_lcc"] = _labelmap_image(largest_components(indices, len(labels)), labels, case, ext)
         if transforms and atlas_labelmap is not None:
-            atlas_native = resample(atlas_labelmap, placed, physical)[0].argmax(0).cpu().numpy()
-            out["labelmaps"]["atlas"] = _labelmap_image(atlas_native, labels, case, ext)
+            atlas_native = resample(atlas_labelmap, placed, physical)[0]
+            out["labelmaps"]["atlas"] = _labelmap_image(_atlas_indices(atlas_native, native, connected),
+                                                        labels, case, ext)
         for name, transform in transforms.items():
             out["to_subject"], out["to_atlas"] = world_transforms(transform, case.frame(torch.float64))
             if atlas_labelmap is not None:
                 probs = out["to_atlas"].warp(atlas_labelmap, model_grid, native)[0]
-                out["labelmaps"][name] = _labelmap_image(probs.argmax(0).cpu().numpy(), labels, case, ext)
+                out["labelmaps"][name] = _labelmap_image(_atlas_indices(probs, native, connected), labels, case, ext)
         if "to_atlas" in out:
             if atlas_image is not None:
                 img = out["to_atlas"].warp(atlas_image, model_grid, native)[0, 0]
@@ -109,7 +126,8 @@ def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], model_g
                        itn_probabilities: torch.Tensor | None = None,
                        transforms: Mapping[str, AffineSVFTransform] | None = None,
                        atlas_labelmap: torch.Tensor | None = None, atlas_image: torch.Tensor | None = None,
-                       transform_metrics: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+                       transform_metrics: Mapping[str, Mapping[str, float]] | None = None,
+                       connected: bool = False) -> Path:
     """Write one case's outputs atomically into ``out_dir/<case.name>`` (contract: :mod:`atlasreg.contracts`).
 
     Arguments as in :func:`native_outputs`, plus transform_metrics: transform name -> {column of
@@ -117,7 +135,8 @@ def write_case_outputs(out_dir: Path, case: Case, labels: Sequence[int], model_g
     absolute path) is always written. Returns the case folder; on any error nothing of it is written (an older folder of the
     same name is kept)."""
     ext = labelmap_extension(case.path)
-    outputs = native_outputs(case, labels, model_grid, itn_probabilities, transforms, atlas_labelmap, atlas_image)
+    outputs = native_outputs(case, labels, model_grid, itn_probabilities, transforms, atlas_labelmap, atlas_image,
+                             connected)
     return write_outputs(Path(out_dir) / case.name, case, outputs, ext, transform_metrics)
 
 

@@ -52,6 +52,7 @@ from .data.io import remove_temporaries, write_bytes
 from .devices import release_free_memory
 from .errors import AtlasregError
 from .contracts import labelmap_extension
+from .atlas_topology import fitted_atlas
 from .export import native_outputs, world_transforms, write_case_outputs, write_outputs  # noqa: F401 - re-exported
 from .models.registry import Method
 from .outputs import claim_output, file_sha256
@@ -501,7 +502,8 @@ def segment(module: Method, inputs: Iterable[str | Path], out_dir: str | Path,
                     if r.name not in present:  # the outputs on the input's grid: computed here, written there
                         start = time.perf_counter()
                         outputs = native_outputs(pred.case, labels, grid, pred.itn, pred.transforms,
-                                                 module.atlas_labelmap, module.atlas_image)
+                                                 fitted_atlas(module, ref), module.atlas_image,
+                                                 connected=ref.get("atlas_topology") == "connected")
                         writer.put((pred, r, share + time.perf_counter() - start, outputs))
             # complete cases of a batch computed again (for its missing ones) keep their folders, even
             # one that cannot be read now

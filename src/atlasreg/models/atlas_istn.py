@@ -266,15 +266,18 @@ class AtlasISTNModule(Method):
         from ..config import validate_section
         from .refine import refine_transforms
 
+        from ..atlas_topology import fitted_atlas
+
         r = validate_section("refinement", settings or {}, self.config["refinement"])
-        transform, history = refine_transforms(self.net, predicted["logits"], self.atlas_labelmap,
+        transform, history = refine_transforms(self.net, predicted["logits"], fitted_atlas(self, r),
                                                int(r["iterations"]), float(r["lr"]), float(r["beta"]),
                                                float(r["gamma"]), float(r["lambda"]),
                                                mask=predicted.get("mask"), images=images,
                                                atlas_image=self.atlas_image,
                                                image_similarity=r.get("image_similarity"),
                                                image_weight=float(r.get("image_weight", 0.0)),
-                                               target=r["target"], structures=r["structures"])
+                                               target=r["target"], structures=r["structures"],
+                                               stn_atlas=self.atlas_labelmap)
         return {"transform": transform, "history": history}
 
     # ---------------------------------------------------------------- report naming

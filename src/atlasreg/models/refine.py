@@ -87,7 +87,8 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
                       mask: torch.Tensor | None = None, images: torch.Tensor | None = None,
                       atlas_image: torch.Tensor | None = None, image_similarity: str | None = None,
                       image_weight: float = 0.0, target: str = "logits",
-                      structures: str = "all") -> tuple[AffineSVFTransform, torch.Tensor]:
+                      structures: str = "all", stn_atlas: torch.Tensor | None = None
+                      ) -> tuple[AffineSVFTransform, torch.Tensor]:
     """Refine the STN per case so that the deformed atlas labelmap fits the ITN logits (Eq. 19:
     L* = beta L*_a2s + gamma L*_s2a + lambda L_reg), K = `iterations` Adam steps.
 
@@ -103,6 +104,10 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     segmented in the case (:func:`segmented_structures`; the channels of the others are zeroed in both
     the target and the atlas, so the loss keeps its normalisation and lambda its meaning). The STN
     still sees every channel.
+    stn_atlas: (1, C, *size) the atlas labelmap the STN sees in its input, when it differs from the one
+    fitted (``refinement.atlas_topology: connected`` fits the one-hot of the repaired labelmap, while the
+    STN was trained on the probabilistic atlas, :func:`atlasreg.atlas_topology.fitted_atlas`); None:
+    `atlas_labelmap`.
     mask: (B, 1, *size) the scans' field of view on the model grid (padding does not count), or None.
     Returns the refined transforms Phi*, Phi*^-1 (batch B, Eq. 21) and the loss history (K + 1, B)
     (the last row is the loss of the returned transforms). Case i's losses and STN outputs are those of
@@ -139,7 +144,7 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
         images = images.detach()
     copies = [copy.deepcopy(net.stn) for _ in range(b)]
     weights = [w.requires_grad_(True) for stn in copies for w in stn.parameters()]
-    x = AtlasISTN.label_stn_input(logits, atlas_labelmap)
+    x = AtlasISTN.label_stn_input(logits, atlas_labelmap if stn_atlas is None else stn_atlas)
 
     def case(i: int) -> tuple[torch.Tensor, dict]:
         """Case i's loss (1,) and STN outputs, computed as if it were refined alone."""
