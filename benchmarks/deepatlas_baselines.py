@@ -15,8 +15,8 @@ atlasreg's), for three baselines:
   (fixed: the test image; moving: the labelled case; defaults: rigid -> affine -> SVF, LNCC), its
   ``warped_labels.nii.gz`` (on the fixed image's grid) evaluated as the case's ``onepass`` labelmap.
 
-``--experiment mouse``: the same baselines in 3D on the mouse brain (configs/mouse_brain.yaml and
-configs/variants/mouse_brain_unet.yaml trained on its first 1 or 5 training scans; registration of the
+``--experiment mouse``: the same baselines in 3D on the mouse brain (configs/variants/mouse_brain_0.4mm.yaml
+and configs/variants/mouse_brain_0.4mm_unet.yaml trained on its first 1 or 5 training scans; registration of the
 first scan; the 4 validation scans, over 40 labels and with the hemispheres grouped; mm).
 
 Run by hand from the repository root; every step already done is skipped (a killed training resumes):
@@ -87,7 +87,7 @@ TINY_REGISTER = ["--iterations", "5"]
 
 def schedule(steps: int, config_file: Path, cases: int = 1) -> list[str]:
     """--set overrides training for `steps` optimiser steps on `cases` labelled cases with the settings
-    of `config_file` (configs/jsrt.yaml, configs/mouse_brain.yaml, the U-Net variants): epochs =
+    of `config_file` (configs/jsrt.yaml, configs/variants/mouse_brain_0.4mm.yaml, the U-Net variants): epochs =
     steps / ceil(cases / batch_size) (chest, batch 8: one step an epoch for 1-5 cases; mouse, batch 2:
     3 steps an epoch for 5 cases), the settings counted in epochs scaled from the config's own epochs
     (fade-in e0 and tau, lr_halving_epochs), the atlas update rate eta such that (1 - eta)^epochs =

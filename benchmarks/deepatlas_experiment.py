@@ -107,8 +107,9 @@ def _mouse_tests() -> dict[str, TestSet]:
 EXPERIMENTS = {
     "chest": Experiment(CONFIG, JSRT_CONFIG, REPO / "configs" / "variants" / "jsrt_unet.yaml", _chest_tests, "px",
                         sees_test_images=True),
-    "mouse": Experiment(REPO / "configs" / "deepatlas_mouse.yaml", REPO / "configs" / "mouse_brain.yaml",
-                        REPO / "configs" / "variants" / "mouse_brain_unet.yaml", _mouse_tests, "mm"),
+    "mouse": Experiment(REPO / "configs" / "deepatlas_mouse.yaml",
+                        REPO / "configs" / "variants" / "mouse_brain_0.4mm.yaml",
+                        REPO / "configs" / "variants" / "mouse_brain_0.4mm_unet.yaml", _mouse_tests, "mm"),
 }
 #: The ablations of Table 5 (Sec. 5.4): settings over the config.
 ABLATIONS = {"explicit_only": ["deepatlas.losses.implicit=false"],
