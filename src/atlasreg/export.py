@@ -63,7 +63,7 @@ def world_transforms(transform: AffineSVFTransform, frame: AffineTransform | Gri
 def _atlas_indices(probabilities: torch.Tensor, grid: Grid, connected: bool) -> np.ndarray:
     """Label indices (*grid.size) of atlas probabilities (C, *grid.size) sampled on `grid`: their argmax,
     with resampling gaps closed when `connected` (see :func:`native_outputs`)."""
-    probs = probabilities.float().cpu().numpy()
+    probs = probabilities.detach().cpu().numpy()  # the warp's own precision: float32 would make new ties
     indices = probs.argmax(0)
     if connected:
         from .atlas_topology import connect_structures
