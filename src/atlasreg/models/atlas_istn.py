@@ -263,10 +263,9 @@ class AtlasISTNModule(Method):
         own values (ConfigError naming the key, e.g. 'refinement.lr: expected a number > 0, got 0')."""
         if not self.refines():
             return None
+        from ..atlas_topology import fitted_atlas
         from ..config import validate_section
         from .refine import refine_transforms
-
-        from ..atlas_topology import fitted_atlas
 
         r = validate_section("refinement", settings or {}, self.config["refinement"])
         transform, history = refine_transforms(self.net, predicted["logits"], fitted_atlas(self, r),

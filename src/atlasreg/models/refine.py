@@ -105,8 +105,8 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     the target and the atlas, so the loss keeps its normalisation and lambda its meaning). The STN
     still sees every channel.
     stn_atlas: (1, C, *size) the atlas labelmap the STN sees in its input, when it differs from the one
-    fitted (``refinement.atlas_topology: connected`` fits the one-hot of the repaired labelmap, while the
-    STN was trained on the probabilistic atlas, :func:`atlasreg.atlas_topology.fitted_atlas`); None:
+    fitted (``refinement.atlas_topology: connected`` fits an atlas whose argmax is the repaired labelmap,
+    while the STN was trained on the probabilistic atlas, :func:`atlasreg.atlas_topology.fitted_atlas`); None:
     `atlas_labelmap`.
     mask: (B, 1, *size) the scans' field of view on the model grid (padding does not count), or None.
     Returns the refined transforms Phi*, Phi*^-1 (batch B, Eq. 21) and the loss history (K + 1, B)
