@@ -97,6 +97,23 @@ def test_atlas_istn_without_segmentation_loss_still_trains_the_itn_through_the_s
     assert "refine_labelmap.png" in files and "itn_lcc_labelmap.png" in files
 
 
+def test_without_the_stn_gradient_the_itn_learns_from_l_s_alone(data):
+    module, files = run_variant(data, "detached", training={"seg_weight": 0.0, "stn_gradient_to_itn": False})
+    start = initial_weights(module.config)
+    assert not changed(module.net.itn, start.itn) and changed(module.net.stn, start.stn)
+    assert "refine_labelmap.png" in files
+
+
+def test_without_the_stn_gradient_the_itn_is_the_unet_of_the_same_seed(data):
+    """training.stn_gradient_to_itn false: the ITN is trained as the U-Net baseline (same weights, same
+    seed), so the Atlas-ISTN outputs are compared with its own ITN = the U-Net."""
+    detached, _ = run_variant(data, "detached_ls", training={"stn_gradient_to_itn": False})
+    unet, _ = run_variant(data, "unet_same_seed", {"method": "unet"})
+    joint, _ = run_variant(data, "joint_ls")
+    assert all(torch.equal(a, b) for a, b in zip(detached.net.itn.parameters(), unet.net.itn.parameters()))
+    assert changed(joint.net.itn, unet.net.itn)  # with the paper's joint training the ITN differs
+
+
 @pytest.mark.parametrize("variant", ["svf", "affine"])
 def test_stn_ablations_train_segment_and_refine(data, variant):
     module, files = run_variant(data, variant, {"stn_variant": variant})

@@ -534,6 +534,9 @@ SCHEMA = Section({
         "lr": Field(Float(0.0, open_min=True), 1.0e-3, "Adam learning rate"),
         "lr_halving_epochs": Field(Float(0.0, open_min=True), 300, "the learning rate halves every so many epochs"),
         "seg_weight": Field(Float(0.0), 1.0, "weight of L_s in Eq. 14 (0: the paper's Atlas-ISTN without L_s)"),
+        "stn_gradient_to_itn": Field(Bool(), True, "the deformation losses also train the ITN through the STN's "
+                                     "input (the paper's, Sec. 2.4); false: the STN reads the ITN logits detached and "
+                                     "the ITN learns from L_s alone, as the U-Net (competing gradients, Sec. 3.3)"),
         "dice_weight": Field(Float(0.0), 0.0, "soft-Dice term added to L_s (0: the paper's MSE alone; for many small "
                              "structures)"),
         "fixed_atlas": Field(Optional(Str(names=True)), None,

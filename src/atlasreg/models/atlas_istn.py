@@ -7,7 +7,10 @@ weights, optimiser, atlas and the method's arguments together. :class:`UNetModul
 alone; with ``training.fixed_atlas`` also the paper's 'Independent') and :class:`VMLModule` (``vml``:
 no ITN, the STN registers the image to the atlas image) are the baselines. Fixed atlas, Atlas-ISTN
 without L_s and SVF only are settings of ``atlas_istn`` (``training.fixed_atlas``,
-``training.seg_weight: 0``, ``model.stn_variant: svf``).
+``training.seg_weight: 0``, ``model.stn_variant: svf``). With ``training.stn_gradient_to_itn: false``
+the deformation losses train the STN only: the ITN learns from L_s alone and is, weight for weight, the
+U-Net baseline of the same seed (the paper's Sec. 3.3 blames competing gradients for its ITN falling
+behind the U-Net).
 """
 
 from __future__ import annotations
@@ -85,9 +88,12 @@ class AtlasISTN(nn.Module):
         return compose_transform(out["svf"], out["A"], out["t"], self.grid, self.steps)
 
     def forward(self, image: torch.Tensor, atlas_labelmap: torch.Tensor, atlas_image: torch.Tensor | None = None,
-                use_affine: bool = True):
+                use_affine: bool = True, detach_logits: bool = False):
+        """(ITN logits (N, C, *S) or None, the transform). detach_logits: the STN reads the logits
+        without passing gradients back to the ITN (training.stn_gradient_to_itn false)."""
         logits = self.itn(image) if self.itn is not None else None
-        return logits, self.transform(self.stn_input(image, logits, atlas_labelmap, atlas_image), use_affine)
+        seen = logits.detach() if detach_logits and logits is not None else logits
+        return logits, self.transform(self.stn_input(image, seen, atlas_labelmap, atlas_image), use_affine)
 
 
 def fade_in_weight(epoch: int, fade_in: dict | None) -> float:
@@ -378,7 +384,8 @@ class AtlasISTNModule(Method):
         image, labelmap, mask = self._batch(batch)
         t = self.config["training"]
         n = image.shape[0]
-        logits, transform = self.net(image, self.atlas_labelmap, self.atlas_image, self.use_affine())
+        logits, transform = self.net(image, self.atlas_labelmap, self.atlas_image, self.use_affine(),
+                                     detach_logits=not t.get("stn_gradient_to_itn", True))
         d = deformation_losses(transform, labelmap, self.atlas_labelmap, mask=mask)
         w = fade_in_weight(self.current_epoch, t["fade_in"])
         loss = w * (d["a2s"] + d["s2a"] + t["lambda"] * d["reg"])
