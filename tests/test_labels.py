@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from atlasreg.losses import label_mse, segmentation_loss, soft_dice_loss
+from atlasreg.losses import cross_entropy_loss, label_mse, segmentation_loss, soft_dice_loss
 
 
 def one_hot(idx, c):
@@ -43,3 +43,34 @@ def test_mask_and_weighting():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="shape"):
         soft_dice_loss(logits, target[:, :2])
+
+
+def test_cross_entropy_keeps_a_gradient_where_the_soft_dice_has_lost_it():
+    """All-background logits (background 1, the 40 structures 0), the plateau the MSE leads to: the soft
+    Dice's gradient on a structure's voxels is ~1e-4 of the CE's, which pushes the true label's logit up."""
+    idx = torch.zeros(1, 16, 16, dtype=torch.long)
+    idx[0, 4:8, 4:8] = 7
+    target = one_hot(idx, 41)
+    logits = one_hot(torch.zeros_like(idx), 41).requires_grad_(True)
+    soft_dice_loss(logits, target).backward()
+    dice_grad = logits.grad[0, 7, 4:8, 4:8].abs().max()
+    logits.grad = None
+    cross_entropy_loss(logits, target).backward()
+    ce_grad = logits.grad[0, 7, 4:8, 4:8]
+    assert (ce_grad < 0).all() and float(dice_grad) < 1e-3 * float(ce_grad.abs().min())
+
+
+def test_cross_entropy_is_torchs_on_the_voxels_inside_the_mask():
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 4, (2, 6, 6), generator=g)
+    target, logits = one_hot(idx, 4), torch.randn(2, 4, 6, 6, generator=g)
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[..., :3] = 1
+    inside = torch.nn.functional.cross_entropy(10 * logits[..., :3], idx[..., :3])
+    assert torch.allclose(cross_entropy_loss(logits, target, mask), inside, atol=1e-6)
+    assert torch.allclose(cross_entropy_loss(logits, target), torch.nn.functional.cross_entropy(10 * logits, idx))
+    assert torch.allclose(segmentation_loss(logits, target, mask, 0.5, 2.0),
+                          label_mse(logits, target, weight=mask) + 0.5 * soft_dice_loss(logits, target, mask)
+                          + 2.0 * inside, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        cross_entropy_loss(logits, target[:, :2])

@@ -539,6 +539,8 @@ SCHEMA = Section({
                                      "the ITN learns from L_s alone, as the U-Net (competing gradients, Sec. 3.3)"),
         "dice_weight": Field(Float(0.0), 0.0, "soft-Dice term added to L_s (0: the paper's MSE alone; for many small "
                              "structures)"),
+        "ce_weight": Field(Float(0.0), 0.0, "cross-entropy term added to L_s (0: none; with dice_weight, nnU-Net's "
+                           "Dice + CE: the soft Dice alone vanishes where the MSE made every voxel background)"),
         "fixed_atlas": Field(Optional(Str(names=True)), None,
                              "case name: a fixed training-case atlas, never updated ('Fixed')"),
         "lambda": Field(Float(0.0), 0.126, "world-unit weight; = 500 of the reference (see losses.regularisers)"),

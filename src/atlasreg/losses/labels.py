@@ -58,11 +58,33 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     return DiceLoss(include_background=False, reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5)(probs, target)
 
 
+def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                       temperature: float = 10.0) -> torch.Tensor:
+    """Cross-entropy of softmax(temperature * logits) against the argmax of the one-hot `target` (the CE
+    of nnU-Net's Dice + CE; torch's cross_entropy), the mean over the voxels, weighted by `weight`.
+    The temperature is that of :func:`soft_dice_loss`: logits regressed onto one-hot labels (Eq. 10)
+    differ by 1 between channels. Where the MSE has made every voxel background, softmax(10 logits) of
+    a foreground channel is about 1e-4 and the soft Dice's gradient vanishes with it; the CE's gradient
+    for the logit of the voxel's true label stays about -temperature, so a network cannot sit at
+    all-background. logits, target: (N, C, *spatial), target one-hot; weight: (N or 1, 1, *spatial)
+    field-of-view mask or None. Returns a scalar (nats). Raises ValueError on shape mismatch."""
+    if logits.shape != target.shape:
+        raise ValueError(f"shape mismatch: {tuple(logits.shape)} vs {tuple(target.shape)}")
+    ce = F.cross_entropy(temperature * logits, target.argmax(1), reduction="none")  # (N, *spatial)
+    if weight is None:
+        return ce.mean()
+    w = weight[:, 0].expand_as(ce)
+    return (ce * w).sum() / w.sum().clamp_min(1e-12)
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                      dice_weight: float = 0.0) -> torch.Tensor:
+                      dice_weight: float = 0.0, ce_weight: float = 0.0) -> torch.Tensor:
     """L_s of Eq. 14: the label MSE of Eq. 10 (the paper) plus `dice_weight` times :func:`soft_dice_loss`
-    (``training.dice_weight``; 0: the paper's loss alone). Shapes as :func:`label_mse`."""
+    and `ce_weight` times :func:`cross_entropy_loss` (``training.dice_weight`` / ``ce_weight``; 0: the
+    paper's loss alone). Shapes as :func:`label_mse`."""
     loss = label_mse(logits, target, weight=weight)
     if dice_weight > 0.0:
         loss = loss + dice_weight * soft_dice_loss(logits, target, weight)
+    if ce_weight > 0.0:
+        loss = loss + ce_weight * cross_entropy_loss(logits, target, weight)
     return loss

@@ -395,11 +395,17 @@ class AtlasISTNModule(Method):
             loss = loss + w * float(t["unbiased_weight"]) * penalty
             logs["loss/unbiased"] = penalty
         if logits is not None:  # Eq. 14; seg_weight 0 is the paper's Atlas-ISTN without L_s
-            l_s = segmentation_loss(logits, labelmap, mask, float(t.get("dice_weight", 0.0)))
+            l_s = self.segmentation_loss(logits, labelmap, mask)
             loss = loss + float(t.get("seg_weight", 1.0)) * l_s
             logs["loss/seg"] = l_s
         self._accumulate({"loss/total": loss, **logs, "w": w}, n)
         return loss
+
+    def segmentation_loss(self, logits: torch.Tensor, labelmap: torch.Tensor, mask: torch.Tensor | None):
+        """L_s with the config's dice_weight and ce_weight (:func:`atlasreg.losses.segmentation_loss`)."""
+        t = self.config["training"]
+        return segmentation_loss(logits, labelmap, mask, float(t.get("dice_weight", 0.0)),
+                                 float(t.get("ce_weight", 0.0)))
 
     def _unbiased_penalty(self, v: torch.Tensor, momentum: float) -> torch.Tensor:
         """Unbiased-atlas penalty (WBIR 2022, fetal atlas; issue 12 item 6): the running mean of the
@@ -531,8 +537,7 @@ class UNetModule(AtlasISTNModule):
 
     def training_step(self, batch, batch_idx):
         image, labelmap, mask = self._batch(batch)
-        loss = segmentation_loss(self.net.itn(image), labelmap, mask,
-                                 float(self.config["training"].get("dice_weight", 0.0)))
+        loss = self.segmentation_loss(self.net.itn(image), labelmap, mask)
         self._accumulate({"loss/total": loss, "loss/seg": loss}, image.shape[0])
         return loss
 
