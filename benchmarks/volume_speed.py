@@ -1,7 +1,7 @@
 """Speed and memory of Atlas-ISTN on the 3D configs (run by hand; prints figures, asserts nothing).
 
 For each config: seconds per epoch (training and atlas update, from a short real training run on the
-config's own training split), refinement seconds per case for K = 50 and K = 100 (one validation case
+config's own training split), refinement seconds per case for K = 50, K = 100 and the config's own K (one validation case
 after the test-time first pass, no outputs written) and the peak resident memory of that process
 (CPU) or peak CUDA memory (GPU). Every config runs in a fresh process, so each peak is its own.
 
@@ -51,7 +51,7 @@ def measure(config_path: str, epochs: int, threads: int, device: str) -> dict:
         image = case.image.to(module.device)
         predicted = module.predict(image)
         predicted["mask"] = case.mask.to(module.device)
-        for k in (50, 100):
+        for k in sorted({50, 100, int(cfg["refinement"]["iterations"])}):
             module.refine(image, predicted, {"iterations": 2})  # warm-up
             if module.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -90,10 +90,11 @@ def main() -> None:
         r = json.loads(res.stdout.strip().splitlines()[-1])
         mem = f"peak RSS {r['peak_rss_MiB']:.0f} MiB" + (
             f", peak CUDA {r['peak_cuda_MiB']:.0f} MiB" if "peak_cuda_MiB" in r else "")
+        refine = ", ".join(f"K={key[len('refine_K'):-len('_s_per_case')]} {value:.1f} s/case"
+                           for key, value in r.items() if key.startswith("refine_K"))
         print(f"{cfg}: model grid {r['model_size']} at {r['model_spacing']} mm; "
               f"training {r['train_s_per_epoch']:.1f} s/epoch + atlas update {r['atlas_s_per_epoch']:.1f} s/epoch "
-              f"(first epoch {r['first_epoch_s']:.1f} s, reads the files); refinement "
-              f"K=50 {r['refine_K50_s_per_case']:.1f} s/case, K=100 {r['refine_K100_s_per_case']:.1f} s/case; {mem}")
+              f"(first epoch {r['first_epoch_s']:.1f} s, reads the files); refinement {refine}; {mem}")
 
 
 if __name__ == "__main__":
