@@ -51,6 +51,7 @@ def measure(config_path: str, epochs: int, threads: int, device: str) -> dict:
         image = case.image.to(module.device)
         predicted = module.predict(image)
         predicted["mask"] = case.mask.to(module.device)
+        out["refine_s_per_case"] = {}
         for k in sorted({50, 100, int(cfg["refinement"]["iterations"])}):
             module.refine(image, predicted, {"iterations": 2})  # warm-up
             if module.device.type == "cuda":
@@ -59,7 +60,7 @@ def measure(config_path: str, epochs: int, threads: int, device: str) -> dict:
             module.refine(image, predicted, {"iterations": k})
             if module.device.type == "cuda":
                 torch.cuda.synchronize()
-            out[f"refine_K{k}_s_per_case"] = time.perf_counter() - t0
+            out["refine_s_per_case"][k] = time.perf_counter() - t0
         out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if module.device.type == "cuda":
             out["peak_cuda_MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -90,8 +91,7 @@ def main() -> None:
         r = json.loads(res.stdout.strip().splitlines()[-1])
         mem = f"peak RSS {r['peak_rss_MiB']:.0f} MiB" + (
             f", peak CUDA {r['peak_cuda_MiB']:.0f} MiB" if "peak_cuda_MiB" in r else "")
-        refine = ", ".join(f"K={key[len('refine_K'):-len('_s_per_case')]} {value:.1f} s/case"
-                           for key, value in r.items() if key.startswith("refine_K"))
+        refine = ", ".join(f"K={k} {seconds:.1f} s/case" for k, seconds in r["refine_s_per_case"].items())
         print(f"{cfg}: model grid {r['model_size']} at {r['model_spacing']} mm; "
               f"training {r['train_s_per_epoch']:.1f} s/epoch + atlas update {r['atlas_s_per_epoch']:.1f} s/epoch "
               f"(first epoch {r['first_epoch_s']:.1f} s, reads the files); refinement {refine}; {mem}")
