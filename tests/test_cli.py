@@ -309,6 +309,7 @@ def test_checkpoint_with_nan_weights_is_refused_before_the_refinement(trained, t
     (["--refine-target", "softmax"], "argument --refine-target: invalid choice: 'softmax'"),
     (["--refine-structures", "some"], "argument --refine-structures: invalid choice: 'some'"),
     (["--atlas-topology", "fused"], "argument --atlas-topology: invalid choice: 'fused'"),
+    (["--refine-loss", "ncc"], "argument --refine-loss: invalid choice: 'ncc'"),
     (["--refine-lr", "1e10"], "the refinement diverged"),  # valid, but Adam's steps overflow
 ])
 def test_segment_with_a_bad_refinement_value_fails_in_one_line_and_writes_nothing(trained, tmp_path, capsys,
@@ -561,7 +562,8 @@ def test_segment_refuses_a_folder_of_another_run_and_overwrite_clears_it(trained
 def test_segment_refine_target_reaches_the_refinement_and_its_manifest(trained, tmp_path, monkeypatch):
     """--refine-target labelmap fits the atlas to the one-hot of the ITN's argmax,
     --refine-structures segmented counts only the structures it holds (models/refine.py) and
-    --atlas-topology connected fits and warps the connected atlas (atlas_topology.py); segment.yaml
+    --atlas-topology connected fits and warps the connected atlas (atlas_topology.py), --refine-loss
+    reaches the manifest; segment.yaml
     records the settings, and the config's values (the paper's logits, all structures) are the defaults."""
     import atlasreg.models.refine as refine
 
@@ -573,13 +575,14 @@ def test_segment_refine_target_reaches_the_refinement_and_its_manifest(trained, 
     test = trained / "test"
     for target, out in (("labelmap", tmp_path / "a"), (None, tmp_path / "b")):
         extra = ["--refine-target", target, "--refine-structures", "segmented", "--atlas-topology",
-                 "connected"] if target else []
+                 "connected", "--refine-loss", "dice"] if target else []
         assert main(segment_argv(trained, [test / "B101_img.png"], out) + ["--iterations", "1", "--image-suffix",
                                                                           "_img"] + extra) == 0
         info = yaml.safe_load((out / "segment.yaml").read_text())
         assert info["refinement"]["target"] == (target or "logits")
         assert info["refinement"]["structures"] == ("segmented" if target else "all")
         assert info["refinement"]["atlas_topology"] == ("connected" if target else "none")
+        assert info["refinement"]["label_loss"] == ("dice" if target else "mse")
     assert seen == ["labelmap", "logits"]
     # with the connected atlas every structure of every labelmap warped from it is one component
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case_labelmap_path(tmp_path / "a" / "B101", "refine", ".png"))))
@@ -591,6 +594,7 @@ def test_segment_refine_target_reaches_the_refinement_and_its_manifest(trained, 
     info["refinement"].pop("target")
     info["refinement"].pop("structures")
     info["refinement"].pop("atlas_topology")
+    info["refinement"].pop("label_loss")
     (tmp_path / "b" / "segment.yaml").write_text(yaml.safe_dump(info))
     assert main(segment_argv(trained, [test / "B101_img.png"], tmp_path / "b") + ["--iterations", "1",
                                                                                  "--image-suffix", "_img"]) == 0

@@ -74,3 +74,35 @@ def test_cross_entropy_is_torchs_on_the_voxels_inside_the_mask():
                           + 2.0 * inside, atol=1e-6)
     with pytest.raises(ValueError, match="shape"):
         cross_entropy_loss(logits, target[:, :2])
+
+
+def test_label_dice_is_one_minus_the_dice_per_structure_averaged_over_structures():
+    """Hard maps: 1 - mean Dice per case, by hand; a channel empty in both scores 0; per_case gives (N,),
+    mean their mean; outside the mask nothing counts; a thin structure missed costs 1 / C of the Dice
+    term, 40 times what it costs the MSE (its 24 voxels of 2 x 1024)."""
+    from atlasreg.losses import label_dice
+
+    target = torch.zeros(2, 2, 32, 32)
+    target[:, 0, 4:28, 4:20] = 1                    # a large structure: 384 voxels
+    target[:, 1, 4:28, 21] = 1                      # a thin one: 24 voxels
+    prediction = target.clone()
+    prediction[1, 0, 4:28, 4:12] = 0                # case 1: the large one halved (Dice 2/3) ...
+    prediction[1, 1] = 0                            # ... and the thin one missed (Dice 0)
+    per = label_dice(prediction, target, "per_case")
+    assert per.shape == (2,)
+    assert float(per[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(per[1]) == pytest.approx(1 - (2 / 3 + 0) / 2, abs=1e-5)
+    assert float(label_dice(prediction, target)) == pytest.approx(float(per.mean()), abs=1e-6)
+    thin_missed = target.clone()
+    thin_missed[:, 1] = 0
+    assert float(label_mse(thin_missed, target)) == pytest.approx(24 / 2048, abs=1e-6)
+    assert float(label_dice(thin_missed, target)) == pytest.approx(0.5, abs=1e-5)
+    assert float(label_dice(torch.zeros_like(target), torch.zeros_like(target))) == pytest.approx(0.0, abs=1e-6)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :, 12:] = 1                           # case 1's halving lies outside the mask
+    prediction[1, 1] = target[1, 1]
+    assert float(label_dice(prediction, target, "per_case", weight=mask)[1]) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        label_dice(prediction, target[:, :1])
+    with pytest.raises(ValueError, match="reduction"):
+        label_dice(prediction, target, "sum")

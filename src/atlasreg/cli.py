@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .contracts import (FINAL_CHECKPOINT, FORWARD_TRANSFORM, INVERSE_FIELD, INVERSE_TRANSFORM, METRICS_PER_CASE,
                         REPORT_HTML, REPORT_MD, SEGMENT_INFO, case_labelmap_path, read_segment_info, run_paths)
-from .config import ATLAS_TOPOLOGIES, REFINEMENT_STRUCTURES, REFINEMENT_TARGETS
+from .config import ATLAS_TOPOLOGIES, LABEL_LOSSES, REFINEMENT_STRUCTURES, REFINEMENT_TARGETS
 from .errors import AtlasregError
 
 
@@ -29,7 +29,7 @@ def _refinement_overrides(args) -> dict:
                       ("lambda", "lam"), ("lr", "refine_lr"), ("cases_at_once", "cases_at_once"),
                       ("image_similarity", "image_similarity"), ("image_weight", "image_weight"),
                       ("target", "refine_target"), ("structures", "refine_structures"),
-                      ("atlas_topology", "atlas_topology")):
+                      ("atlas_topology", "atlas_topology"), ("label_loss", "refine_loss")):
         value = getattr(args, attr, None)
         if value is not None:
             out[key] = value
@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine-structures", choices=REFINEMENT_STRUCTURES, help="which structures the refinement "
                    "fits: all (the paper's) or those the ITN segmented in the case, so that one it missed follows "
                    "its neighbours (default from the config)")
+    s.add_argument("--refine-loss", choices=LABEL_LOSSES, help="how the refinement compares the deformed atlas "
+                   "labelmap with the ITN's output: mse (the paper's) or dice (every structure weighing the same; "
+                   "default from the config)")
     s.add_argument("--atlas-topology", choices=ATLAS_TOPOLOGIES, help="none: the atlas labelmap as built (the "
                    "paper's); connected: one connected component per structure in the atlas the refinement fits "
                    "and in every labelmap warped from it (default from the config)")

@@ -596,6 +596,11 @@ SCHEMA = Section({
                             "which structures L*_a2s / L*_s2a count: all (the paper's) or segmented (only those "
                             "the ITN's argmax holds in the case; a structure the ITN missed then follows its "
                             "neighbours instead of being squeezed out; see models/refine.py)"),
+        "label_loss": Field(Choice(lambda: LABEL_LOSSES), "mse",
+                            "how L*_a2s / L*_s2a compare the deformed atlas labelmap with the ITN's output: mse "
+                            "(the paper's Eqs. 17-18, a mean over voxels, so a structure weighs by its volume) or "
+                            "dice (1 - soft Dice per structure, every structure weighing the same; lambda then "
+                            "weighs against a loss of another scale, see models/refine.py)"),
         "atlas_topology": Field(Choice(lambda: ATLAS_TOPOLOGIES), "none",
                                 "none (the paper's: the atlas labelmap as built, Eq. 15) or connected (one connected "
                                 "component per structure: the refinement fits and the outputs warp the one-hot of the "
@@ -614,6 +619,9 @@ REFINEMENT_TARGETS = ("logits", "labelmap")
 
 #: Structures the refinement's label terms count (atlasreg.models.refine.segmented_structures).
 REFINEMENT_STRUCTURES = ("all", "segmented")
+
+#: Label terms of the refinement (atlasreg.losses.label_mse, atlasreg.losses.label_dice).
+LABEL_LOSSES = ("mse", "dice")
 
 #: The atlas labelmap the refinement fits and the outputs warp (atlasreg.atlas_topology.fitted_atlas).
 ATLAS_TOPOLOGIES = ("none", "connected")

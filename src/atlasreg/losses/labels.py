@@ -58,6 +58,31 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     return DiceLoss(include_background=False, reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5)(probs, target)
 
 
+def label_dice(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - soft Dice between (soft) one-hot maps, averaged over the channels given (Milletari et al.
+    2016; MONAI's DiceLoss with include_background=True, batch=False): the label term of the refinement
+    with ``refinement.label_loss: dice``. prediction, target: (N, C, *spatial) values in [0, 1] (e.g.
+    the warped atlas labelmap's foreground channels and the ITN's one-hot); weight: (N or 1, 1,
+    *spatial) field-of-view mask multiplied into both, or None. reduction 'mean': a scalar;
+    'per_case': (N,). A channel empty in both scores 0. Dimensionless.
+
+    Why beside :func:`label_mse`: the MSE is a mean over every voxel and channel, so a thin structure
+    (the LV myocardium, a ring 3-4 model voxels thick) weighs by its volume; the Dice weighs every
+    structure equally. Raises ValueError on shape mismatch or an unknown reduction."""
+    from monai.losses import DiceLoss
+
+    if prediction.shape != target.shape:
+        raise ValueError(f"shape mismatch: {tuple(prediction.shape)} vs {tuple(target.shape)}")
+    if reduction not in ("mean", "per_case"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    if weight is not None:
+        prediction, target = prediction * weight, target * weight
+    per = DiceLoss(include_background=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)(prediction, target)
+    per = per.flatten(1).mean(1)  # (N,)
+    return per.mean() if reduction == "mean" else per
+
+
 def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                        temperature: float = 10.0) -> torch.Tensor:
     """Cross-entropy of softmax(temperature * logits) against the argmax of the one-hot `target` (the CE

@@ -27,8 +27,9 @@ from tqdm import tqdm
 from ..atlas import atlas_update
 from ..data.case_dataset import StreamingSum
 from ..distributed import all_reduce_sum, shard
+from ..config import LABEL_LOSSES
 from ..errors import AtlasregError
-from ..losses import diffusion_regulariser, label_mse, segmentation_loss
+from ..losses import diffusion_regulariser, label_dice, label_mse, segmentation_loss
 from ..nets.stn import STN
 from ..nets.unet import UNet
 from ..spatial.grid import Grid
@@ -107,18 +108,26 @@ def fade_in_weight(epoch: int, fade_in: dict | None) -> float:
 
 
 def deformation_losses(transform: AffineSVFTransform, labelmap: torch.Tensor, atlas_labelmap: torch.Tensor,
-                       reduction: str = "mean", with_s2a: bool = True, mask: torch.Tensor | None = None) -> dict:
+                       reduction: str = "mean", with_s2a: bool = True, mask: torch.Tensor | None = None,
+                       label_loss: str = "mse") -> dict:
     """L_a2s (Eq. 11), L_s2a (Eq. 12) and L_reg (Eq. 13) for one-hot/logit `labelmap` (N, C, *S)
     against the atlas labelmap (1, C, *S); foreground channels only. reduction: 'mean' or 'per_case'.
     mask: (N, 1, *S) the scans' field of view on the model grid, or None: L_a2s counts the voxels
     inside the scan, L_s2a the atlas voxels that Phi maps into it (padding is no anatomy).
+    label_loss: 'mse' (the paper's, :func:`~atlasreg.losses.label_mse`) or 'dice'
+    (:func:`~atlasreg.losses.label_dice`, every structure weighing the same; ``refinement.label_loss``).
+    Raises ValueError for another label_loss.
 
     The regulariser acts on the non-rigid part only (the displacement of phi at SVF resolution)."""
+    if label_loss not in LABEL_LOSSES:
+        raise ValueError(f"label_loss must be one of {LABEL_LOSSES}, got {label_loss!r}")
+    compare = label_mse if label_loss == "mse" else (
+        lambda p, t, _foreground_only, red, weight=None: label_dice(p, t, red, weight))
     n = labelmap.shape[0]
     # Only the foreground channels are warped: the losses never look at the background.
     atlas = atlas_labelmap[:, 1:].expand(n, -1, *atlas_labelmap.shape[2:])
     target = labelmap[:, 1:]
-    out = {"a2s": label_mse(warp(atlas, transform.inverse_points(), transform.grid), target, False, reduction,
+    out = {"a2s": compare(warp(atlas, transform.inverse_points(), transform.grid), target, False, reduction,
                             weight=mask)}
     if with_s2a:
         if mask is None:
@@ -127,7 +136,7 @@ def deformation_losses(transform: AffineSVFTransform, labelmap: torch.Tensor, at
             both = warp(torch.cat([target, mask], 1), transform.forward_points(), transform.grid,
                         padding="zeros")
             moved, weight = both[:, :-1], both[:, -1:]
-        out["s2a"] = label_mse(moved, atlas, False, reduction, weight=weight)
+        out["s2a"] = compare(moved, atlas, False, reduction, weight=weight)
     svf = transform.svf
     if svf is not None:
         out["reg"] = diffusion_regulariser(svf.displacement_on_svf_grid, svf.grid.spacing, reduction)
@@ -282,7 +291,7 @@ class AtlasISTNModule(Method):
                                                image_similarity=r.get("image_similarity"),
                                                image_weight=float(r.get("image_weight", 0.0)),
                                                target=r["target"], structures=r["structures"],
-                                               stn_atlas=self.atlas_labelmap)
+                                               stn_atlas=self.atlas_labelmap, label_loss=r["label_loss"])
         return {"transform": transform, "history": history}
 
     # ---------------------------------------------------------------- report naming

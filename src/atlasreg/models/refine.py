@@ -35,7 +35,7 @@ import copy
 
 import torch
 
-from ..config import REFINEMENT_STRUCTURES
+from ..config import LABEL_LOSSES, REFINEMENT_STRUCTURES
 from ..errors import AtlasregError
 from ..spatial.transforms import AffineSVFTransform, compose_transform, warp
 from .atlas_istn import AtlasISTN, deformation_losses
@@ -87,8 +87,8 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
                       mask: torch.Tensor | None = None, images: torch.Tensor | None = None,
                       atlas_image: torch.Tensor | None = None, image_similarity: str | None = None,
                       image_weight: float = 0.0, target: str = "logits",
-                      structures: str = "all", stn_atlas: torch.Tensor | None = None
-                      ) -> tuple[AffineSVFTransform, torch.Tensor]:
+                      structures: str = "all", stn_atlas: torch.Tensor | None = None,
+                      label_loss: str = "mse") -> tuple[AffineSVFTransform, torch.Tensor]:
     """Refine the STN per case so that the deformed atlas labelmap fits the ITN logits (Eq. 19:
     L* = beta L*_a2s + gamma L*_s2a + lambda L_reg), K = `iterations` Adam steps.
 
@@ -109,10 +109,11 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     while the STN was trained on the probabilistic atlas, :func:`atlasreg.atlas_topology.fitted_atlas`); None:
     `atlas_labelmap`.
     mask: (B, 1, *size) the scans' field of view on the model grid (padding does not count), or None.
+    label_loss: 'mse' (the paper's) or 'dice' (:func:`~atlasreg.models.atlas_istn.deformation_losses`).
     Returns the refined transforms Phi*, Phi*^-1 (batch B, Eq. 21) and the loss history (K + 1, B)
     (the last row is the loss of the returned transforms). Case i's losses and STN outputs are those of
     refining case i alone, bit for bit on CPU (see the module docstring). Raises ValueError for
-    negative K, an unknown target or structures and for NaN or infinite logits, atlas or mask (NaN reaching grid_sample through the
+    negative K, an unknown target, structures or label_loss and for NaN or infinite logits, atlas or mask (NaN reaching grid_sample through the
     STN crashed the process with SIGSEGV, issue 14); AtlasregError when the refinement diverges (a NaN
     or infinite STN output, e.g. with too large a learning rate).
     """
@@ -121,6 +122,8 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     for name, value in (("logits", logits), ("atlas", atlas_labelmap), ("mask", mask)):
         if value is not None and not bool(torch.isfinite(value).all()):
             raise ValueError(f"refine_transforms: the {name} are not finite (NaN or infinite values)")
+    if label_loss not in LABEL_LOSSES:
+        raise ValueError(f"refinement label_loss must be one of {LABEL_LOSSES}, got {label_loss!r}")
     if structures not in REFINEMENT_STRUCTURES:
         raise ValueError(f"refinement structures must be one of {REFINEMENT_STRUCTURES}, got {structures!r}")
     keep = segmented_structures(logits.detach(), mask) if structures == "segmented" else None
@@ -154,8 +157,8 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
             raise AtlasregError(f"the refinement diverged (NaN or infinite transform after {len(history)} of "
                                 f"{iterations} iterations); lower refinement.lr (now {lr:g})")
         tr = compose_transform(out["svf"], out["A"], out["t"], net.grid, net.steps)
-        terms = deformation_losses(tr, fitted[i], atlases[i], reduction="per_case",
-                                   with_s2a=gamma != 0.0, mask=None if mask is None else mask[i:i + 1])
+        terms = deformation_losses(tr, fitted[i], atlases[i], reduction="per_case", with_s2a=gamma != 0.0,
+                                   mask=None if mask is None else mask[i:i + 1], label_loss=label_loss)
         loss = beta * terms["a2s"] + lam * terms["reg"]
         if gamma != 0.0:
             loss = loss + gamma * terms["s2a"]
