@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..atlas import atlas_update
+from ..config import LABEL_LOSSES
 from ..data.case_dataset import StreamingSum
 from ..distributed import all_reduce_sum, shard
-from ..config import LABEL_LOSSES
 from ..errors import AtlasregError
 from ..losses import diffusion_regulariser, label_dice, label_mse, segmentation_loss
 from ..nets.stn import STN
@@ -121,14 +121,17 @@ def deformation_losses(transform: AffineSVFTransform, labelmap: torch.Tensor, at
     The regulariser acts on the non-rigid part only (the displacement of phi at SVF resolution)."""
     if label_loss not in LABEL_LOSSES:
         raise ValueError(f"label_loss must be one of {LABEL_LOSSES}, got {label_loss!r}")
-    compare = label_mse if label_loss == "mse" else (
-        lambda p, t, _foreground_only, red, weight=None: label_dice(p, t, red, weight))
+
+    def compare(prediction, target, weight):
+        if label_loss == "dice":
+            return label_dice(prediction, target, reduction, weight)
+        return label_mse(prediction, target, False, reduction, weight=weight)
+
     n = labelmap.shape[0]
     # Only the foreground channels are warped: the losses never look at the background.
     atlas = atlas_labelmap[:, 1:].expand(n, -1, *atlas_labelmap.shape[2:])
     target = labelmap[:, 1:]
-    out = {"a2s": compare(warp(atlas, transform.inverse_points(), transform.grid), target, False, reduction,
-                            weight=mask)}
+    out = {"a2s": compare(warp(atlas, transform.inverse_points(), transform.grid), target, mask)}
     if with_s2a:
         if mask is None:
             moved, weight = warp(target, transform.forward_points(), transform.grid), None
@@ -136,7 +139,7 @@ def deformation_losses(transform: AffineSVFTransform, labelmap: torch.Tensor, at
             both = warp(torch.cat([target, mask], 1), transform.forward_points(), transform.grid,
                         padding="zeros")
             moved, weight = both[:, :-1], both[:, -1:]
-        out["s2a"] = compare(moved, atlas, False, reduction, weight=weight)
+        out["s2a"] = compare(moved, atlas, weight)
     svf = transform.svf
     if svf is not None:
         out["reg"] = diffusion_regulariser(svf.displacement_on_svf_grid, svf.grid.spacing, reduction)
