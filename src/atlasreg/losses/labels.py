@@ -39,8 +39,8 @@ def label_mse(prediction: torch.Tensor, target: torch.Tensor, foreground_only: b
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                    temperature: float = 10.0) -> torch.Tensor:
     """1 - mean soft Dice over the foreground channels (Milletari et al. 2016, as nnU-Net's Dice term),
-    on softmax(temperature * logits); MONAI's DiceLoss (batch=False, squared_pred=False,
-    include_background=False). The ITN's logits are regressed onto one-hot labels (Eq. 10), so logits
+    on softmax(temperature * logits): :func:`label_dice` (MONAI's DiceLoss, batch=False) of the foreground
+    channels. The ITN's logits are regressed onto one-hot labels (Eq. 10), so logits
     equal to their target differ by 1 between channels: with 41 channels softmax(logits) gives the
     right channel only 0.064 and the Dice term would fight the MSE, while softmax(10 logits) gives it
     0.998. logits, target: (N, C, *spatial), target one-hot; weight: (N or 1, 1,
@@ -48,14 +48,10 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     where the MSE of Eq. 10 averages over voxels and channels (with 40 structures the all-background
     prediction is nearly optimal). A channel absent from both a case and its prediction scores 0.
     Raises ValueError on shape mismatch."""
-    from monai.losses import DiceLoss
-
     if logits.shape != target.shape:
         raise ValueError(f"shape mismatch: {tuple(logits.shape)} vs {tuple(target.shape)}")
     probs = torch.softmax(temperature * logits, 1)
-    if weight is not None:
-        probs, target = probs * weight, target * weight
-    return DiceLoss(include_background=False, reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5)(probs, target)
+    return label_dice(probs[:, 1:], target[:, 1:], "mean", weight)
 
 
 def label_dice(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean",

@@ -35,7 +35,7 @@ import copy
 
 import torch
 
-from ..config import LABEL_LOSSES, REFINEMENT_STRUCTURES
+from ..config import REFINEMENT_STRUCTURES
 from ..errors import AtlasregError
 from ..spatial.transforms import AffineSVFTransform, compose_transform, warp
 from .atlas_istn import AtlasISTN, deformation_losses
@@ -122,8 +122,6 @@ def refine_transforms(net: AtlasISTN, logits: torch.Tensor, atlas_labelmap: torc
     for name, value in (("logits", logits), ("atlas", atlas_labelmap), ("mask", mask)):
         if value is not None and not bool(torch.isfinite(value).all()):
             raise ValueError(f"refine_transforms: the {name} are not finite (NaN or infinite values)")
-    if label_loss not in LABEL_LOSSES:
-        raise ValueError(f"refinement label_loss must be one of {LABEL_LOSSES}, got {label_loss!r}")
     if structures not in REFINEMENT_STRUCTURES:
         raise ValueError(f"refinement structures must be one of {REFINEMENT_STRUCTURES}, got {structures!r}")
     keep = segmented_structures(logits.detach(), mask) if structures == "segmented" else None
