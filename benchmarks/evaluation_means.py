@@ -22,6 +22,16 @@ structure and the number of structures that meet both, e.g.
 
     python benchmarks/evaluation_means.py --criteria runs/mouse3/eval_atlas_istn:refine \
         runs/mouse3/eval_atlas_istn:itn runs/mouse3/eval_unet:itn
+
+--paired CANDIDATE BASELINE FOLDER ...: the paper's paired test (Sec. 3.1; one-sided, percentile
+bootstrap, 10,000 resamples, 98% interval; atlasreg.evaluation.statistics.paired_bootstrap) of method
+CANDIDATE against method BASELINE, per structure, over the (case, structure) pairs of every folder
+pooled (e.g. several trainings' validation parts): the mean difference of Dice and of HD95 (positive:
+the candidate is better), its interval, and the one-sided p-value. A pair where either method missed
+the structure (HD95 NaN) is left out of the HD95 test and counted in the row. This answers whether a
+mean that misses the criteria by a little is a difference at all, e.g.
+
+    python benchmarks/evaluation_means.py --paired refine itn runs/acdc_split/ce_seed{1,2}_eval
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from atlasreg.contracts import read_metrics_per_case, read_transforms_per_case  # noqa: E402
+from atlasreg.evaluation.statistics import paired_bootstrap  # noqa: E402
 
 
 def _nanmean(values: list[float]) -> float:
@@ -140,6 +151,32 @@ def criteria(candidate: tuple[Path, str], baselines: list[tuple[Path, str]], dic
     return "\n".join(lines)
 
 
+def paired(candidate: str, baseline: str, folders: list[Path]) -> str:
+    """Markdown table of the paired bootstrap test of `candidate` against `baseline` (method names) per
+    structure, over the (folder, case) pairs of every folder (see the module docstring)."""
+    pairs: dict[str, dict[tuple, dict]] = {}
+    for folder in folders:
+        for r in _present(folder):
+            if r["method"] in (candidate, baseline):
+                pairs.setdefault(r["structure"], {}).setdefault((str(folder), r["case"]), {})[r["method"]] = r
+    lines = [f"| structure | pairs | Dice {candidate} - {baseline} [98% CI], p | "
+             f"HD95 {baseline} - {candidate} [98% CI], p | pairs without HD95 |", "|---|---:|---|---|---:|"]
+    for structure, by_case in pairs.items():
+        both = [v for v in by_case.values() if candidate in v and baseline in v]
+        if len(both) < 2:
+            continue
+        cells = []
+        dice = paired_bootstrap([v[candidate]["dice"] for v in both], [v[baseline]["dice"] for v in both])
+        with_hd = [v for v in both if np.isfinite(v[candidate]["hd95"]) and np.isfinite(v[baseline]["hd95"])]
+        for test in (dice, paired_bootstrap([v[candidate]["hd95"] for v in with_hd],
+                                            [v[baseline]["hd95"] for v in with_hd], higher_is_better=False)
+                     if len(with_hd) >= 2 else None):
+            cells.append("n/a" if test is None else f"{test['mean_difference']:+.3f} [{test['ci_low']:+.3f}, "
+                         f"{test['ci_high']:+.3f}], p {test['p_value']:.3f}")
+        lines.append(f"| {structure} | {len(both)} | {cells[0]} | {cells[1]} | {len(both) - len(with_hd)} |")
+    return "\n".join(lines)
+
+
 def _folder_method(spec: str) -> tuple[Path, str]:
     folder, _, method = spec.rpartition(":")
     if not folder or not method:
@@ -155,7 +192,14 @@ def main() -> None:
     parser.add_argument("--criteria", nargs="+", metavar="FOLDER:METHOD",
                         help="issue 11's acceptance per structure: the first against the others")
     parser.add_argument("--dice-tolerance", type=float, default=0.02)
+    parser.add_argument("--paired", nargs=2, metavar=("CANDIDATE", "BASELINE"),
+                        help="the paper's paired bootstrap test of two methods over the folders pooled")
     args = parser.parse_args()
+    if args.paired:
+        if not args.evaluations:
+            parser.error("--paired: give the evaluation folders")
+        print(paired(*args.paired, args.evaluations))
+        return
     if args.criteria:
         if len(args.criteria) < 2:
             parser.error("--criteria: a candidate and at least one baseline")

@@ -50,6 +50,38 @@ def test_a_dead_svf_decoder_gets_a_gradient_only_with_leaky_relu(activation, rev
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
+def test_the_affine_rotation_reaches_the_configured_bound_and_no_further(ndim):
+    # ACDC needs turns beyond the paper's 45 degrees (model.stn_max_rotation, nets/stn.py): with the
+    # rotation head saturated, the angle about the last axis is the bound, and A is that rotation.
+    from atlasreg.config import ConfigError, load_config
+    from atlasreg.models.atlas_istn import AtlasISTNModule
+
+    size = (32, 32) if ndim == 2 else (16, 16, 16)
+    grid = Grid.centred(size, (2.0,) * ndim)
+    for bound, default in ((45.0, True), (90.0, False), (180.0, False)):
+        stn = STN(ndim, 2, grid) if default else STN(ndim, 2, grid, max_rotation=bound)
+        with torch.no_grad():
+            stn.rotation.bias[-1] = 30.0                       # tanh(30) = 1 in float32
+        A = stn(torch.randn(2, 2, *size))["A"]
+        c, s = math.cos(math.radians(bound)), math.sin(math.radians(bound))
+        expected = torch.eye(ndim)
+        expected[:2, :2] = torch.tensor([[c, -s], [s, c]])   # about z in 3D (R = Rz Ry Rx), acting on (x, y)
+        assert torch.allclose(A, expected.expand_as(A), atol=1e-6)
+    for bad in (0.0, -10.0, 181.0):
+        with pytest.raises(ValueError, match="rotation bound"):
+            STN(ndim, 2, grid, max_rotation=bad)
+    labels = {0: "bg", 1: "fg"}
+    cfg = load_config(None, {"data": {"labels": labels},
+                             "model": {"ndim": ndim, "size": list(size), "spacing": [2.0] * ndim,
+                                       "stn_max_rotation": 90}})
+    assert AtlasISTNModule(cfg).net.stn.max_rotation == pytest.approx(math.pi / 2)
+    assert AtlasISTNModule(load_config(None, {"data": {"labels": labels}, "model": {
+        "ndim": ndim, "size": list(size), "spacing": [2.0] * ndim}})).net.stn.max_rotation == pytest.approx(math.pi / 4)
+    with pytest.raises(ConfigError, match="model.stn_max_rotation"):
+        load_config(None, {"data": {"labels": labels}, "model": {"stn_max_rotation": 0}})
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
 def test_phi_composed_with_inverse_is_identity(ndim):
     size = (64, 64) if ndim == 2 else (32, 32, 32)
     spacing = (1.5,) * ndim

@@ -527,6 +527,9 @@ SCHEMA = Section({
         "stn_activation": Field(Choice(lambda: STN_ACTIVATIONS), "relu",
                                 "relu (the paper's) | leaky_relu (slope 0.2: the SVF decoder cannot die)"),
         "integration_steps": Field(Int(0), 6, "scaling and squaring steps of the SVF"),
+        "stn_max_rotation": Field(Float(0.0, 180.0, open_min=True), 45.0,
+                                  "bound of each rotation angle of the STN's affine part, degrees (the paper's "
+                                  "pi/4 = 45); larger where scans differ more in orientation"),
     })),
     "training": Field(Section({
         "epochs": Field(Int(1), 300),

@@ -53,7 +53,7 @@ class AtlasISTN(nn.Module):
     def __init__(self, ndim: int, num_classes: int, grid: Grid,
                  itn_channels=(8, 16, 32, 64), stn_channels=(16, 16, 32), stn_variant: str = "affine_svf",
                  integration_steps: int = 6, with_itn: bool = True, stn_on_images: bool = False,
-                 stn_activation: str = "relu"):
+                 stn_activation: str = "relu", stn_max_rotation: float = 45.0):
         super().__init__()
         if not with_itn and not stn_on_images:
             raise ValueError("without an ITN the STN must see the images (stn_on_images=True)")
@@ -65,7 +65,8 @@ class AtlasISTN(nn.Module):
         self.stn_on_images = stn_on_images
         self.itn = UNet(ndim, 1, num_classes, itn_channels) if with_itn else None
         stn_in = 2 if stn_on_images else 2 * (num_classes - 1)
-        self.stn = STN(ndim, stn_in, grid, stn_variant, stn_channels, activation=stn_activation)
+        self.stn = STN(ndim, stn_in, grid, stn_variant, stn_channels, activation=stn_activation,
+                       max_rotation=stn_max_rotation)
 
     @staticmethod
     def label_stn_input(logits: torch.Tensor, atlas_labelmap: torch.Tensor) -> torch.Tensor:
@@ -193,7 +194,8 @@ class AtlasISTNModule(Method):
         self.net = AtlasISTN(m["ndim"], len(labels), Grid.centred(m["size"], m["spacing"]), m["itn_channels"],
                              m["stn_channels"], m["stn_variant"], m["integration_steps"],
                              with_itn=self.with_itn, stn_on_images=self.stn_on_images,
-                             stn_activation=m.get("stn_activation", "relu"))
+                             stn_activation=m.get("stn_activation", "relu"),
+                             stn_max_rotation=float(m.get("stn_max_rotation", 45.0)))
         size = tuple(m["size"])
         self.register_buffer("atlas_labelmap", torch.zeros(1, len(labels), *size))
         self.register_buffer("atlas_image", torch.zeros(1, 1, *size))

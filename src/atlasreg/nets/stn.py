@@ -32,7 +32,8 @@ class STN(nn.Module):
     channels: features at 1/2, 1/4, 1/8 resolution (reference: 16, 16, 32). The first convolution has
     stride 2, so the SVF head is at half resolution; coarser scales use strided (linear) convolutions
     followed by convolution + ReLU, and the SVF decoder one convolution + ReLU per scale. Affine heads are zero-initialised (identity at start) and bounded:
-    |translation| <= half the field of view, |rotation| <= pi/4 per angle, scale in [1/e, e]. The SVF
+    |translation| <= half the field of view, |rotation| <= `max_rotation` degrees per angle (the paper's
+    pi/4 = 45 by default), scale in [1/e, e]. The SVF
     head is zero-initialised, so the transform is exactly the identity at initialisation; its output
     unit is half the field of view per axis, converted to mm. The reference instead leaves its SVF head
     randomly initialised with a one-voxel unit. With a zero-initialised head and a one-voxel unit (32
@@ -41,21 +42,29 @@ class STN(nn.Module):
     activation: 'relu' (the paper's) or 'leaky_relu' (slope 0.2, as VoxelMorph): with ReLU the SVF
     decoder's last 8 units can all die (measured on the mouse brain at 0.3 mm: the SVF became a
     constant, L_reg 1e-8, from epoch 71 of 220, and never came back); LeakyReLU units always pass a
-    gradient. Raises ValueError for an unknown variant or activation, a grid of another dimension or a
-    size not divisible by 8.
+    gradient. max_rotation: the rotation bound in degrees, in (0, 180]. Why not always 45: on ACDC the
+    RV -> LV direction spans about 93 degrees between patients, and training turns the slices by up to
+    40 degrees more; with the 45-degree bound the refinement of patient059 (50 degrees from the image
+    axes) ended at the bound from every start, the SVF bending the rest (benchmarks/refine_rotation_start.py).
+    Raises ValueError for an unknown variant or activation, a bound outside (0, 180], a grid of another
+    dimension or a size not divisible by 8.
 
     forward(x: (N, in_channels, *size)) -> dict with 'svf' (N, D, *size/2) mm or None, and
     'A' (N, D, D), 't' (N, D) mm or None.
     """
 
     def __init__(self, ndim: int, in_channels: int, grid: Grid, variant: str = "affine_svf",
-                 channels: Sequence[int] = (16, 16, 32), pool: int = 4, activation: str = "relu"):
+                 channels: Sequence[int] = (16, 16, 32), pool: int = 4, activation: str = "relu",
+                 max_rotation: float = 45.0):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown STN variant {variant!r}; choose one of {VARIANTS}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown STN activation {activation!r}; choose one of {tuple(ACTIVATIONS)}")
+        if not 0.0 < max_rotation <= 180.0:
+            raise ValueError(f"the STN's rotation bound must be in (0, 180] degrees, got {max_rotation}")
         slope = ACTIVATIONS[activation]
+        self.max_rotation = math.radians(max_rotation)
         if grid.ndim != ndim:
             raise ValueError(f"the grid {grid.size} is not {ndim}D")
         if any(s % 8 for s in grid.size):
@@ -104,7 +113,7 @@ class STN(nn.Module):
                 F.adaptive_avg_pool3d(h3, self.pool_size)
             f = self.fc(pooled.flatten(1))
             t = torch.tanh(self.translation(f)) * self.half_fov
-            angles = torch.tanh(self.rotation(f)) * (math.pi / 4)
+            angles = torch.tanh(self.rotation(f)) * self.max_rotation
             log_s = torch.tanh(self.log_scale(f))
             out["A"], out["t"] = affine_trs(t, angles, log_s)
         return out
