@@ -32,6 +32,12 @@ the structure (HD95 NaN) is left out of the HD95 test and counted in the row. Th
 mean that misses the criteria by a little is a difference at all, e.g.
 
     python benchmarks/evaluation_means.py --paired refine itn runs/acdc_split/ce_seed{1,2}_eval
+
+With --against FOLDER ..., the baseline's rows come from those folders, the i-th paired with the i-th
+evaluation folder by case: the same method of two runs, e.g. refine with two settings,
+
+    python benchmarks/evaluation_means.py --paired refine refine runs/acdc_rot/seed2_eval \
+        --against runs/acdc_split/ce_seed2_lam06g1_eval
 """
 
 from __future__ import annotations
@@ -151,29 +157,36 @@ def criteria(candidate: tuple[Path, str], baselines: list[tuple[Path, str]], dic
     return "\n".join(lines)
 
 
-def paired(candidate: str, baseline: str, folders: list[Path]) -> str:
+def _test_cell(test: dict | None) -> str:
+    return "n/a" if test is None else (f"{test['mean_difference']:+.3f} [{test['ci_low']:+.3f}, "
+                                       f"{test['ci_high']:+.3f}], p {test['p_value']:.3f}")
+
+
+def paired(candidate: str, baseline: str, folders: list[Path], against: list[Path] | None = None) -> str:
     """Markdown table of the paired bootstrap test of `candidate` against `baseline` (method names) per
-    structure, over the (folder, case) pairs of every folder (see the module docstring)."""
+    structure, over the (folder, case) pairs of every folder (see the module docstring). against: the
+    baseline's rows come from these folders instead, the i-th paired with the i-th of `folders` (the
+    same cases evaluated from another run)."""
+    if against is not None and len(against) != len(folders):
+        raise SystemExit(f"--against: {len(against)} folders for {len(folders)}")
     pairs: dict[str, dict[tuple, dict]] = {}
-    for folder in folders:
-        for r in _present(folder):
-            if r["method"] in (candidate, baseline):
-                pairs.setdefault(r["structure"], {}).setdefault((str(folder), r["case"]), {})[r["method"]] = r
+    for i, folder in enumerate(folders):
+        for side, source, method in (("a", folder, candidate), ("b", against[i] if against else folder, baseline)):
+            for r in _present(source):
+                if r["method"] == method:
+                    pairs.setdefault(r["structure"], {}).setdefault((i, r["case"]), {})[side] = r
     lines = [f"| structure | pairs | Dice {candidate} - {baseline} [98% CI], p | "
              f"HD95 {baseline} - {candidate} [98% CI], p | pairs without HD95 |", "|---|---:|---|---|---:|"]
     for structure, by_case in pairs.items():
-        both = [v for v in by_case.values() if candidate in v and baseline in v]
+        both = [v for v in by_case.values() if "a" in v and "b" in v]
         if len(both) < 2:
             continue
-        cells = []
-        dice = paired_bootstrap([v[candidate]["dice"] for v in both], [v[baseline]["dice"] for v in both])
-        with_hd = [v for v in both if np.isfinite(v[candidate]["hd95"]) and np.isfinite(v[baseline]["hd95"])]
-        for test in (dice, paired_bootstrap([v[candidate]["hd95"] for v in with_hd],
-                                            [v[baseline]["hd95"] for v in with_hd], higher_is_better=False)
-                     if len(with_hd) >= 2 else None):
-            cells.append("n/a" if test is None else f"{test['mean_difference']:+.3f} [{test['ci_low']:+.3f}, "
-                         f"{test['ci_high']:+.3f}], p {test['p_value']:.3f}")
-        lines.append(f"| {structure} | {len(both)} | {cells[0]} | {cells[1]} | {len(both) - len(with_hd)} |")
+        dice = paired_bootstrap([v["a"]["dice"] for v in both], [v["b"]["dice"] for v in both])
+        with_hd = [v for v in both if np.isfinite(v["a"]["hd95"]) and np.isfinite(v["b"]["hd95"])]
+        hd = paired_bootstrap([v["a"]["hd95"] for v in with_hd], [v["b"]["hd95"] for v in with_hd],
+                              higher_is_better=False) if len(with_hd) >= 2 else None
+        lines.append(f"| {structure} | {len(both)} | {_test_cell(dice)} | {_test_cell(hd)} | "
+                     f"{len(both) - len(with_hd)} |")
     return "\n".join(lines)
 
 
@@ -194,11 +207,13 @@ def main() -> None:
     parser.add_argument("--dice-tolerance", type=float, default=0.02)
     parser.add_argument("--paired", nargs=2, metavar=("CANDIDATE", "BASELINE"),
                         help="the paper's paired bootstrap test of two methods over the folders pooled")
+    parser.add_argument("--against", nargs="+", type=Path, metavar="FOLDER",
+                        help="with --paired: the baseline's rows from these folders, one per evaluation folder")
     args = parser.parse_args()
     if args.paired:
         if not args.evaluations:
             parser.error("--paired: give the evaluation folders")
-        print(paired(*args.paired, args.evaluations))
+        print(paired(*args.paired, args.evaluations, args.against))
         return
     if args.criteria:
         if len(args.criteria) < 2:

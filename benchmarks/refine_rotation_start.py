@@ -70,22 +70,22 @@ def main() -> None:
     labels = list(model.labels)
     names = [model.labels[v] for v in labels[1:]]
 
-    trained = stn.max_rotation                                      # radians
+    trained = stn.rotation_bound                                      # radians
     bound = math.radians(args.max_rotation) if args.max_rotation else trained
 
     def degrees(x: float) -> float:
-        return math.degrees(math.tanh(x) * stn.max_rotation)
+        return math.degrees(math.tanh(x) * stn.rotation_bound)
 
     for case in args.cases:
         image, reference = Path(args.images) / f"{case}.nii.gz", Path(args.labels) / f"{case}.nii.gz"
         with torch.no_grad():
             stn.rotation.bias.copy_(bias0)
-        stn.max_rotation = trained
+        stn.rotation_bound = trained
         calls.clear()
         model.segment(str(image), refine=False)
         own_x = calls[-1]
         own = degrees(own_x)
-        stn.max_rotation = bound
+        stn.rotation_bound = bound
         limit = math.degrees(bound) - 0.5
         for offset in args.offsets:
             target = max(-limit, min(limit, own + offset))

@@ -74,9 +74,9 @@ def test_the_affine_rotation_reaches_the_configured_bound_and_no_further(ndim):
     cfg = load_config(None, {"data": {"labels": labels},
                              "model": {"ndim": ndim, "size": list(size), "spacing": [2.0] * ndim,
                                        "stn_max_rotation": 90}})
-    assert AtlasISTNModule(cfg).net.stn.max_rotation == pytest.approx(math.pi / 2)
+    assert AtlasISTNModule(cfg).net.stn.rotation_bound == pytest.approx(math.pi / 2)
     assert AtlasISTNModule(load_config(None, {"data": {"labels": labels}, "model": {
-        "ndim": ndim, "size": list(size), "spacing": [2.0] * ndim}})).net.stn.max_rotation == pytest.approx(math.pi / 4)
+        "ndim": ndim, "size": list(size), "spacing": [2.0] * ndim}})).net.stn.rotation_bound == pytest.approx(math.pi / 4)
     with pytest.raises(ConfigError, match="model.stn_max_rotation"):
         load_config(None, {"data": {"labels": labels}, "model": {"stn_max_rotation": 0}})
 

@@ -64,7 +64,7 @@ class STN(nn.Module):
         if not 0.0 < max_rotation <= 180.0:
             raise ValueError(f"the STN's rotation bound must be in (0, 180] degrees, got {max_rotation}")
         slope = ACTIVATIONS[activation]
-        self.max_rotation = math.radians(max_rotation)
+        self.rotation_bound = math.radians(max_rotation)  # radians
         if grid.ndim != ndim:
             raise ValueError(f"the grid {grid.size} is not {ndim}D")
         if any(s % 8 for s in grid.size):
@@ -113,7 +113,7 @@ class STN(nn.Module):
                 F.adaptive_avg_pool3d(h3, self.pool_size)
             f = self.fc(pooled.flatten(1))
             t = torch.tanh(self.translation(f)) * self.half_fov
-            angles = torch.tanh(self.rotation(f)) * self.max_rotation
+            angles = torch.tanh(self.rotation(f)) * self.rotation_bound
             log_s = torch.tanh(self.log_scale(f))
             out["A"], out["t"] = affine_trs(t, angles, log_s)
         return out
